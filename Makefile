@@ -1,0 +1,44 @@
+# edgec developer commands. `make demo` and `make test` are all a newcomer needs.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Converters must never reach the network at run time; tests and demo run offline.
+export TF_CPP_MIN_LOG_LEVEL := 2
+export TF_USE_LEGACY_KERAS  := 1
+
+DEMO_MODEL  ?= models/mobilenetv2.onnx
+DEMO_TARGET ?= tflite-arm
+
+.PHONY: setup demo test bench zoo zoo-check clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+demo: setup
+	$(BIN)/edgec build $(DEMO_MODEL) --target $(DEMO_TARGET) -o build/demo \
+		--inputs models/data/digits_eval_nchw.npz
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m edgec.bench -o build/bench.json
+
+# Regenerates the model zoo (trains on scikit-learn's digits, exports with torch / tf2onnx).
+zoo: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,zoo]'
+	$(BIN)/python models/make_zoo.py
+
+zoo-check: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,zoo]'
+	$(BIN)/python models/make_zoo.py --check
+
+clean:
+	rm -rf build .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
