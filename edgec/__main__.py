@@ -1,0 +1,3 @@
+from edgec.cli import app
+
+app(prog_name="edgec")

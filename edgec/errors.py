@@ -1,0 +1,79 @@
+"""The one family of errors a user can cause.
+
+Every message says what went wrong *and* what to do about it; the CLI prints it as one
+paragraph without a traceback and exits non-zero. Anything that is not an ``EdgecError``
+is a bug in edgec.
+"""
+
+from __future__ import annotations
+
+
+class EdgecError(Exception):
+    """Base class: a problem with the user's input, options or environment."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} {hint}")
+
+
+class ModelLoadError(EdgecError):
+    """The file is missing, unreadable, not ONNX, truncated or refers outside itself."""
+
+
+class ModelCheckError(EdgecError):
+    """The ONNX checker or shape inference rejects the model."""
+
+
+class DynamicShapeError(EdgecError):
+    """An input has a dynamic dimension and no ``--input-shape`` pins it."""
+
+
+class UnsupportedOpError(EdgecError):
+    """An operator (or an operator in a particular configuration) cannot be lowered."""
+
+    def __init__(
+        self,
+        op_type: str,
+        node_name: str,
+        *,
+        target: str | None = None,
+        reason: str = "",
+        hint: str | None = None,
+    ) -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        self.target = target
+        self.reason = reason
+        where = f" for target '{target}'" if target else ""
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"Operator {op_type} (node '{node_name}') cannot be lowered{where}{detail}.",
+            hint=hint,
+        )
+
+
+class TargetError(EdgecError):
+    """Unknown target name or a malformed target file."""
+
+
+class InputDataError(EdgecError):
+    """An ``--inputs``/``--calib`` file does not match the model's inputs."""
+
+
+class OutputError(EdgecError):
+    """The output directory cannot be created or written."""
+
+
+class VerificationError(EdgecError):
+    """The artifact does not reproduce the source model within the tolerance."""
+
+    exit_code = 3
+
+
+class InternalError(EdgecError):
+    """A pass or backend failed in a way no user input should cause: a bug in edgec."""
+
+    exit_code = 70

@@ -1,0 +1,273 @@
+"""Canonicalization: put any exporter's graph into the one form later passes expect.
+
+After :func:`canonicalize_passes` every input has a static shape, every value carries an
+inferred shape and type, constant subgraphs (including ``Shape``-derived arithmetic) are
+folded into initializers, BatchNormalization that follows a Conv/ConvTranspose/Gemm is folded
+into its weights, and Identity/Dropout and dead nodes are gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
+
+from edgec.errors import DynamicShapeError, ModelCheckError
+from edgec.graph import add_initializer, attr, constant, replace_initializer_data, sole_consumer, take_name
+from edgec.model import to_proto
+from edgec.passes.pipeline import PassOutcome
+
+InputShapes = Mapping[str, Sequence[int]]
+
+# Larger constant subgraphs are left alone: folding them would bloat the file.
+FOLD_OUTPUT_LIMIT = 1 << 22  # elements
+
+
+class FixInputShapes(ir.passes.InPlacePass):
+    """Pin dynamic input dimensions to the sizes the user gave (``--input-shape``)."""
+
+    name = "fix-input-shapes"
+
+    def __init__(self, shapes: InputShapes) -> None:
+        self.shapes = {name: tuple(int(d) for d in dims) for name, dims in shapes.items()}
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        inputs = {v.name: v for v in model.graph.inputs}
+        shapes = self._resolve_names(inputs)
+        for name, dims in shapes.items():
+            _pin_shape(inputs[name], dims)
+        return PassOutcome(model, bool(shapes), {"shapes": {k: list(v) for k, v in shapes.items()}})
+
+    def _resolve_names(self, inputs: Mapping[str, ir.Value]) -> dict[str, tuple[int, ...]]:
+        """A single unnamed shape (key "") applies to a model's only input."""
+        shapes = dict(self.shapes)
+        if "" in shapes:
+            if len(inputs) != 1:
+                raise DynamicShapeError(
+                    f"--input-shape without a name is ambiguous: the model has inputs {sorted(inputs)}.",
+                    hint="Write it as NAME=1x3x224x224.",
+                )
+            shapes[next(iter(inputs))] = shapes.pop("")
+        unknown = sorted(set(shapes) - set(inputs))
+        if unknown:
+            raise DynamicShapeError(
+                f"--input-shape names {unknown}, but the model's inputs are {sorted(inputs)}.",
+                hint="Use one of the model's input names.",
+            )
+        return shapes
+
+
+def _pin_shape(value: ir.Value, dims: tuple[int, ...]) -> None:
+    current = value.shape
+    if current is not None and current.rank() != len(dims):
+        raise DynamicShapeError(
+            f"Input '{value.name}' has rank {current.rank()} ({_fmt(current)}), "
+            f"but --input-shape gives {len(dims)} dims ({'x'.join(map(str, dims))}).",
+            hint="Give one size per dimension.",
+        )
+    if any(d <= 0 for d in dims):
+        raise DynamicShapeError(f"--input-shape for '{value.name}' has a non-positive size: {dims}.")
+    for i, d in enumerate(dims):
+        fixed = current[i] if current is not None else None
+        if isinstance(fixed, int) and fixed != d:
+            raise DynamicShapeError(
+                f"Input '{value.name}' has static size {fixed} in dim {i}, but --input-shape gives {d}.",
+                hint=f"The model's shape is {_fmt(current)}; only symbolic dims can be set.",
+            )
+    value.shape = ir.Shape(dims)
+
+
+def _fmt(shape: ir.Shape | None) -> str:
+    if shape is None:
+        return "unknown"
+    return "x".join(str(d) if isinstance(d, int) else (str(d) or "?") for d in shape.dims)
+
+
+class RequireStaticInputs(ir.passes.InPlacePass):
+    """Fail early, naming every dynamic input, instead of deep inside a backend."""
+
+    name = "require-static-inputs"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        dynamic = [v for v in model.graph.inputs if v.shape is None or not v.shape.is_static()]
+        if dynamic:
+            listed = ", ".join(f"'{v.name}' ({_fmt(v.shape)})" for v in dynamic)
+            example = " ".join(f"--input-shape {v.name}=1x..." for v in dynamic)
+            raise DynamicShapeError(
+                f"The model has inputs with dynamic dimensions: {listed}.",
+                hint=f"Pin them with {example} (one size per dimension, e.g. 1x3x224x224).",
+            )
+        return PassOutcome(model, False)
+
+
+class InferShapes(ir.passes.FunctionalPass):
+    """ONNX shape inference in strict mode; a model it rejects is reported, not ignored."""
+
+    name = "infer-shapes"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(
+                to_proto(model), check_type=True, strict_mode=True, data_prop=True
+            )
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+            raise ModelCheckError(
+                f"Shape inference failed: {str(exc).strip().splitlines()[0]}",
+                hint="The named node has inputs of incompatible shapes or types; check the export "
+                "or the sizes given with --input-shape.",
+            ) from exc
+        result = ir.serde.deserialize_model(inferred)
+        unknown = sum(1 for n in result.graph for o in n.outputs if o.shape is None)
+        return PassOutcome(result, True, {"values_without_shape": unknown})
+
+
+class FoldConstants(ir.passes.InPlacePass):
+    """Evaluate every node whose inputs are known at compile time (``Shape`` of static
+    tensors included) and store the result as an initializer."""
+
+    name = "fold-constants"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        before = model.graph.num_nodes()
+        folder = FoldConstantsPass(
+            shape_inference=True, input_size_limit=FOLD_OUTPUT_LIMIT, output_size_limit=FOLD_OUTPUT_LIMIT
+        )
+        modified = folder(model).modified
+        lifted = ir_common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        ir_common.RemoveUnusedNodesPass()(model)
+        folded = before - model.graph.num_nodes()
+        return PassOutcome(model, modified or lifted.modified, {"nodes_removed": folded})
+
+
+class FoldBatchNorm(ir.passes.InPlacePass):
+    """Fold inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
+
+    ``y = (x*W + b - mean) * s + beta`` with ``s = gamma / sqrt(var + eps)`` becomes
+    ``x*(W*s) + ((b - mean)*s + beta)``: exact up to float rounding.
+    """
+
+    name = "fold-batchnorm"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        folded = [bn.name for bn in list(model.graph) if bn.op_type == "BatchNormalization" and _fold_bn(model.graph, bn)]
+        return PassOutcome(model, bool(folded), {"folded": folded})
+
+
+def _fold_bn(graph: ir.Graph, bn: ir.Node) -> bool:
+    producer = bn.inputs[0].producer()
+    params = [constant(v) for v in bn.inputs[1:5]]
+    if (
+        producer is None
+        or producer.op_type not in _BN_FOLDERS
+        or sole_consumer(bn.inputs[0]) is not bn
+        or any(p is None for p in params)
+        or len(bn.outputs) != 1
+        or attr(bn, "training_mode", 0)
+        or not _weights_foldable(producer)
+    ):
+        return False
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    if not _BN_FOLDERS[producer.op_type](graph, producer, scale, beta - mean * scale):
+        return False
+    bn.outputs[0].replace_all_uses_with(producer.outputs[0], replace_graph_outputs=True)
+    if bn.outputs[0].is_graph_output():
+        _swap_graph_output(graph, bn.outputs[0], producer.outputs[0])
+    graph.remove(bn, safe=True)
+    return True
+
+
+def _swap_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Keep the user-visible output name when the last node of the graph is folded away."""
+    graph.outputs[list(graph.outputs).index(old)] = new
+    take_name(new, old, graph)
+
+
+def _weights_foldable(node: ir.Node) -> bool:
+    weight = node.inputs[1]
+    # A weight shared with another node cannot be rescaled for this one alone.
+    return constant(weight) is not None and len(weight.uses()) == 1 and not weight.is_graph_input()
+
+
+def _fold_into_conv(graph: ir.Graph, conv: ir.Node, scale: np.ndarray, shift: np.ndarray) -> bool:
+    weight = constant(conv.inputs[1])
+    broadcast = scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    replace_initializer_data(conv.inputs[1], (weight * broadcast).astype(weight.dtype))
+    _fold_bias(graph, conv, 2, scale, shift, weight.dtype)
+    return True
+
+
+def _fold_into_conv_transpose(graph: ir.Graph, conv: ir.Node, scale: np.ndarray, shift: np.ndarray) -> bool:
+    weight = constant(conv.inputs[1])  # [Cin, Cout/group, k...]
+    group = attr(conv, "group", 1)
+    cin, cout_g = weight.shape[:2]
+    grouped = weight.reshape((group, cin // group, cout_g) + weight.shape[2:])
+    per_group_scale = scale.reshape((group, 1, cout_g) + (1,) * (weight.ndim - 2))
+    replace_initializer_data(conv.inputs[1], (grouped * per_group_scale).reshape(weight.shape).astype(weight.dtype))
+    _fold_bias(graph, conv, 2, scale, shift, weight.dtype)
+    return True
+
+
+def _fold_into_gemm(graph: ir.Graph, gemm: ir.Node, scale: np.ndarray, shift: np.ndarray) -> bool:
+    weight = constant(gemm.inputs[1])
+    if attr(gemm, "transA", 0) or weight.ndim != 2:
+        return False
+    # alpha scales A*B only, so the rescaled weight carries the BN scale for it too.
+    beta = attr(gemm, "beta", 1.0)
+    trans_b = attr(gemm, "transB", 0)
+    scaled = weight * (scale[:, None] if trans_b else scale[None, :])
+    replace_initializer_data(gemm.inputs[1], scaled.astype(weight.dtype))
+    bias = constant(gemm.inputs[2]) if len(gemm.inputs) > 2 else None
+    if len(gemm.inputs) > 2 and bias is None:
+        return False
+    new_bias = (0.0 if bias is None else beta * bias.astype(np.float64)) * scale + shift
+    _set_bias(graph, gemm, 2, new_bias.astype(weight.dtype))
+    gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+    return True
+
+
+def _fold_bias(graph, node, index, scale, shift, dtype) -> None:
+    bias = constant(node.inputs[index]) if len(node.inputs) > index else None
+    new_bias = (0.0 if bias is None else bias.astype(np.float64)) * scale + shift
+    _set_bias(graph, node, index, new_bias.astype(dtype))
+
+
+def _set_bias(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray) -> None:
+    current = node.inputs[index] if len(node.inputs) > index else None
+    if current is not None and len(current.uses()) == 1 and current.is_initializer():
+        replace_initializer_data(current, bias)
+        return
+    value = add_initializer(graph, bias, f"{node.name or node.op_type}_bias_folded")
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, value)
+
+
+_BN_FOLDERS = {"Conv": _fold_into_conv, "ConvTranspose": _fold_into_conv_transpose, "Gemm": _fold_into_gemm}
+
+
+def cleanup_passes() -> list[ir.passes.PassBase]:
+    """Dead code, identities and ordering: run after any pass that rewires the graph."""
+    return [
+        ir_common.IdentityEliminationPass(),
+        ir_common.RemoveUnusedNodesPass(),
+        ir_common.RemoveUnusedOpsetsPass(),
+        ir_common.TopologicalSortPass(),
+    ]
+
+
+def canonicalize_passes(input_shapes: InputShapes | None = None) -> list[ir.passes.PassBase]:
+    """The passes every build starts with, in order."""
+    return [
+        FixInputShapes(input_shapes or {}),
+        RequireStaticInputs(),
+        InferShapes(),
+        FoldConstants(),
+        FoldBatchNorm(),
+        *cleanup_passes(),
+        InferShapes(),
+    ]

@@ -1,0 +1,89 @@
+"""How passes are written and composed.
+
+A pass is an ``onnx_ir`` pass (``InPlacePass`` or ``FunctionalPass``) whose ``call`` returns a
+:class:`PassOutcome`: the model, whether it changed, and a small JSON-able record of what it
+did (nodes folded, channels removed, ranks chosen, error introduced...). A :class:`Pipeline`
+runs passes in order and keeps those records; it is the only way passes compose, so a pass
+never calls another pass, the CLI or the filesystem.
+
+Example::
+
+    model, records = Pipeline([FixInputShapes({"x": (1, 3, 32, 32)}), FoldBatchNorm()])(model)
+    records[1].details  # {"folded": ["bn1", "bn2"]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import onnx_ir as ir
+
+from edgec.errors import EdgecError, InternalError
+
+
+@dataclasses.dataclass
+class PassOutcome(ir.passes.PassResult):
+    """``PassResult`` plus the record of what the pass did."""
+
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """What one pass did, as it appears in ``report.json``."""
+
+    name: str
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def pass_name(p: ir.passes.PassBase) -> str:
+    return getattr(p, "name", None) or type(p).__name__
+
+
+# Called after each pass with (record, seconds); wall time is reported to the user as
+# progress but kept out of records so reports stay deterministic.
+PassObserver = Callable[[PassRecord, float], None]
+
+
+class Pipeline:
+    """Runs passes in order, collecting a :class:`PassRecord` per pass."""
+
+    def __init__(self, passes: Sequence[ir.passes.PassBase], observer: PassObserver | None = None):
+        self.passes = list(passes)
+        self.observer = observer
+
+    def __call__(self, model: ir.Model) -> tuple[ir.Model, list[PassRecord]]:
+        records: list[PassRecord] = []
+        for p in self.passes:
+            before = model.graph.num_nodes()
+            start = time.perf_counter()
+            result = self._run_one(p, model, records)
+            model = result.model
+            details = result.details if isinstance(result, PassOutcome) else {}
+            record = PassRecord(pass_name(p), bool(result.modified), before, model.graph.num_nodes(), details)
+            records.append(record)
+            if self.observer:
+                self.observer(record, time.perf_counter() - start)
+        return model, records
+
+    @staticmethod
+    def _run_one(p: ir.passes.PassBase, model: ir.Model, done: list[PassRecord]) -> ir.passes.PassResult:
+        try:
+            return p(model)
+        except EdgecError:
+            raise
+        except Exception as exc:
+            ran = ", ".join(r.name for r in done) or "none"
+            raise InternalError(
+                f"Pass {pass_name(p)} failed ({type(exc).__name__}: {exc}); passes that ran before it: {ran}.",
+                hint="This is a bug in edgec: please report it with the model (rerun with --debug for a traceback).",
+            ) from exc

@@ -1,0 +1,92 @@
+"""Targets are data: one TOML file per target in ``targets/``.
+
+A target names a backend (which lowering and runtime to use), an architecture, a default
+precision, thread count and backend-specific runtime options. Adding a target is adding a
+file; nothing in the code branches on a target's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from edgec.errors import TargetError
+
+TARGETS_DIR = Path(os.environ.get("EDGEC_TARGETS_DIR", Path(__file__).resolve().parent.parent / "targets"))
+
+KNOWN_BACKENDS = ("tflite", "ort")
+KNOWN_ARCHS = ("arm64", "x86_64")
+KNOWN_PRECISIONS = ("fp32",)
+_TOP_LEVEL_KEYS = {"name", "description", "backend", "arch", "precision", "runtime", "verify"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    backend: str
+    arch: str
+    precision: str
+    threads: int
+    runtime: dict[str, Any]
+    tolerance: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["path"] = Path(self.path).name
+        return data
+
+
+def known_targets(directory: Path = TARGETS_DIR) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.toml") if p.stem != "devices")
+
+
+def load_target(name_or_path: str, directory: Path = TARGETS_DIR) -> Target:
+    """Load a target by name (``tflite-arm``) or by path to a ``.toml`` file."""
+    path = Path(name_or_path)
+    if path.suffix != ".toml":
+        path = directory / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(known_targets(directory)) or "none"
+        raise TargetError(
+            f"Unknown target '{name_or_path}'. Known targets: {known}.",
+            hint=f"Pick one of those, or add a TOML file to {directory}/ (see README.md, 'Adding a target').",
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TargetError(f"Target file '{path}' is not valid TOML: {exc}.") from exc
+    return _parse(data, path)
+
+
+def _parse(data: dict[str, Any], path: Path) -> Target:
+    unknown = sorted(set(data) - _TOP_LEVEL_KEYS)
+    if unknown:
+        raise TargetError(f"Target file '{path}' has unknown keys {unknown}; allowed: {sorted(_TOP_LEVEL_KEYS)}.")
+    runtime = dict(data.get("runtime", {}))
+    verify = dict(data.get("verify", {}))
+    target = Target(
+        name=str(data.get("name", path.stem)),
+        description=str(data.get("description", "")),
+        backend=_choice(data, "backend", KNOWN_BACKENDS, path),
+        arch=_choice(data, "arch", KNOWN_ARCHS, path),
+        precision=_choice(data, "precision", KNOWN_PRECISIONS, path, default="fp32"),
+        threads=int(runtime.pop("threads", 1)),
+        runtime=runtime,
+        tolerance=float(verify.get("tolerance", 1e-4)),
+        path=str(path),
+    )
+    if target.threads < 1:
+        raise TargetError(f"Target file '{path}': runtime.threads must be at least 1, not {target.threads}.")
+    return target
+
+
+def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], path: Path, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if value not in allowed:
+        raise TargetError(f"Target file '{path}': {key} must be one of {list(allowed)}, not {value!r}.")
+    return str(value)
