@@ -1,0 +1,124 @@
+"""Model summaries for ``edgec inspect`` and reports: I/O, op histogram, parameters, MACs.
+
+MACs (multiply-accumulates) are counted for the layers that dominate edge inference cost —
+convolutions and matrix products — from inferred static shapes; a layer whose shapes are
+not static gets ``None`` and is listed so the user can pin ``--input-shape``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+
+from edgec.graph import attr, constant, op_histogram, static_shape
+
+
+def _conv_macs(node: ir.Node) -> int | None:
+    out, weight = static_shape(node.outputs[0]), static_shape(node.inputs[1])
+    if out is None or weight is None:
+        return None
+    # weight [Cout, Cin/group, k...]: each output element needs Cin/group * prod(k) MACs.
+    return math.prod(out) * math.prod(weight[1:])
+
+
+def _conv_transpose_macs(node: ir.Node) -> int | None:
+    inp, weight = static_shape(node.inputs[0]), static_shape(node.inputs[1])
+    if inp is None or weight is None:
+        return None
+    # weight [Cin, Cout/group, k...]: each input element scatters into Cout/group * prod(k).
+    return math.prod(inp) * math.prod(weight[1:])
+
+
+def _gemm_macs(node: ir.Node) -> int | None:
+    out, a = static_shape(node.outputs[0]), static_shape(node.inputs[0])
+    if out is None or a is None:
+        return None
+    k = a[0] if attr(node, "transA", 0) else a[-1]
+    return math.prod(out) * k
+
+
+def _matmul_macs(node: ir.Node) -> int | None:
+    out, a = static_shape(node.outputs[0]), static_shape(node.inputs[0])
+    if out is None or a is None:
+        return None
+    return math.prod(out) * a[-1]
+
+
+# Op type → MAC counter; ops not listed cost no MACs (elementwise work is not counted).
+MAC_COUNTERS: dict[str, Callable[[ir.Node], int | None]] = {
+    "Conv": _conv_macs,
+    "ConvTranspose": _conv_transpose_macs,
+    "Gemm": _gemm_macs,
+    "MatMul": _matmul_macs,
+}
+
+
+def layer_table(graph: ir.Graph) -> list[dict[str, Any]]:
+    """One row per MAC-bearing node: name, op, output shape, parameters and MACs."""
+    rows = []
+    for node in graph:
+        counter = MAC_COUNTERS.get(node.op_type)
+        if counter is None or node.domain not in ("", "ai.onnx"):
+            continue
+        params = sum(constant(v).size for v in node.inputs[1:] if constant(v) is not None)
+        rows.append({
+            "name": node.name,
+            "op": node.op_type,
+            "output_shape": list(static_shape(node.outputs[0]) or []),
+            "params": int(params),
+            "macs": counter(node),
+        })
+    return rows
+
+
+def parameter_count(graph: ir.Graph) -> int:
+    """Elements of floating-point initializers: the model's learned parameters."""
+    return int(sum(
+        v.const_value.size for v in graph.initializers.values()
+        if v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point()
+    ))
+
+
+def _io(values) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": v.name,
+            "dtype": v.dtype.name.lower() if v.dtype is not None else None,
+            "shape": [d if isinstance(d, int) else str(d) for d in v.shape.dims] if v.shape is not None else None,
+        }
+        for v in values
+    ]
+
+
+def summarize(model: ir.Model) -> dict[str, Any]:
+    """Everything ``edgec inspect`` prints, as JSON-able data."""
+    layers = layer_table(model.graph)
+    known = [row["macs"] for row in layers if row["macs"] is not None]
+    return {
+        "inputs": _io(model.graph.inputs),
+        "outputs": _io(model.graph.outputs),
+        "opset": model.opset_imports.get("", None),
+        "producer": " ".join(filter(None, [model.producer_name, model.producer_version])) or None,
+        "nodes": model.graph.num_nodes(),
+        "op_histogram": op_histogram(model.graph),
+        "params": parameter_count(model.graph),
+        "macs": sum(known),
+        "macs_unknown_layers": [row["name"] for row in layers if row["macs"] is None],
+        "layers": layers,
+    }
+
+
+def inspect_file(path, input_shapes=None) -> dict[str, Any]:
+    """Summarize an ONNX file as given (no folding), with shapes inferred for MAC counts."""
+    from pathlib import Path
+
+    from edgec.model import load
+    from edgec.passes.canonicalize import FixInputShapes, InferShapes
+    from edgec.passes.pipeline import Pipeline
+
+    path = Path(path)
+    model, _ = Pipeline([FixInputShapes(input_shapes or {}), InferShapes()])(load(path))
+    return {"file": str(path), "size_bytes": path.stat().st_size, **summarize(model)}

@@ -1,0 +1,220 @@
+"""The ``edgec`` command line: build, verify, inspect, targets.
+
+Errors a user can cause are printed as one paragraph on stderr (no traceback) with a
+non-zero exit code; ``--debug`` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgec.errors import DynamicShapeError, EdgecError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="edgec compiles ONNX models into verified TFLite and ONNX Runtime artifacts for ARM and x86 devices.",
+)
+out = Console()
+err = Console(stderr=True)
+
+InputShapeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="Pin a dynamic input: NAME=1x3x224x224 (or just the dims for a single-input model). Repeatable."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks (for bug reports).")]
+
+
+def _handles_errors(fn):
+    """Turn EdgecError into a one-paragraph message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EdgecError as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
+    """``["x=1x3x224x224"]`` → ``{"x": (1, 3, 224, 224)}``; a bare shape gets the key ""."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs or []:
+        name, _, dims = spec.rpartition("=")
+        if not re.fullmatch(r"\d+([x,]\d+)*", dims):
+            raise DynamicShapeError(
+                f"--input-shape '{spec}' is not of the form NAME=1x3x224x224.",
+                hint="Give positive integer sizes separated by 'x'.",
+            )
+        shapes[name] = tuple(int(d) for d in re.split(r"[x,]", dims))
+    return shapes
+
+
+class ConsoleProgress:
+    """Shows each build stage with a spinner, then its wall time; passes as dim lines."""
+
+    def __init__(self, console: Console, verbose: bool):
+        self.console = console
+        self.verbose = verbose
+
+    @contextlib.contextmanager
+    def stage(self, description: str):
+        start = time.perf_counter()
+        with self.console.status(description):
+            yield
+        self.console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]", highlight=False)
+
+    def pass_done(self, record, seconds: float) -> None:
+        if self.verbose:
+            self.console.print(
+                f"  [dim]{record.name}: {record.nodes_before}→{record.nodes_after} nodes {_brief(record.details)}[/]",
+                highlight=False,
+            )
+
+
+def _brief(details: dict) -> str:
+    text = json.dumps(details, separators=(",", ":"))
+    return "" if text == "{}" else (text if len(text) < 100 else text[:97] + "...")
+
+
+@app.command()
+@_handles_errors
+def build(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `edgec targets`) or a target .toml file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact(s) and report.json.")] = Path("build"),
+    input_shape: InputShapeOpt = None,
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz (arrays keyed by input name, samples on axis 0, optional 'label') or .npy used to verify; seeded random data otherwise.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches of --inputs.")] = None,
+    tolerance: Annotated[Optional[float], typer.Option(help="Max abs error as a fraction of max |output|; overrides the target's.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for random verification inputs.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every pass.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Compile MODEL for a target, verify the artifact against MODEL, write artifacts and report.json."""
+    from edgec.build import BuildOptions
+    from edgec.build import build as run_build
+
+    options = BuildOptions(parse_input_shapes(input_shape), str(inputs) if inputs else None, max_samples, tolerance, seed)
+    result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
+    if as_json:
+        out.print_json(data=result.report)
+        return
+    _print_artifacts(result)
+    _print_verification(result.verification.to_dict())
+    out.print(f"Report: [bold]{result.report_path}[/]", highlight=False)
+
+
+def _print_artifacts(result) -> None:
+    for entry in result.report["artifacts"]:
+        out.print(f"Artifact: {result.report_path.parent / entry['file']} ({entry['size_bytes'] / 1024:.1f} KiB)", highlight=False)
+
+
+def _print_verification(v: dict) -> None:
+    table = Table(title=f"Verification ({v['inputs']['source']}; tolerance {v['tolerance']:g})", title_justify="left")
+    for col in ("output", "max abs err", "relative", "cosine", "top-1 agree", "accuracy src→art", "ok"):
+        table.add_column(col)
+    for o in v["outputs"]:
+        acc = f"{o['accuracy_source']:.4f}→{o['accuracy_artifact']:.4f}" if "accuracy_source" in o else "-"
+        agree = f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-"
+        table.add_row(o["name"], f"{o['max_abs_error']:.3g}", f"{o['relative_error']:.3g}", f"{o['cosine']:.6f}", agree, acc, "✓" if o["passed"] else "✗")
+    out.print(table)
+
+
+@app.command()
+@_handles_errors
+def verify(
+    source: Annotated[Path, typer.Argument(help="The source ONNX model.")],
+    artifact: Annotated[Path, typer.Argument(help="An artifact built from it (.tflite, .onnx or .ort).")],
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs file, as for build.")] = None,
+    max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches.")] = None,
+    tolerance: Annotated[float, typer.Option(help="Max abs error as a fraction of max |output|.")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="Seed for random inputs.")] = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run SOURCE and ARTIFACT on the same inputs and compare their outputs."""
+    from edgec.build import BuildOptions, source_runner, verify_runners
+    from edgec.runtime import open_runner
+
+    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed)
+    result = verify_runners(source_runner(source), open_runner(artifact), options, tolerance).to_dict()
+    if as_json:
+        out.print_json(data=result)
+    else:
+        _print_verification(result)
+    if not result["passed"]:
+        raise typer.Exit(3)
+
+
+@app.command()
+@_handles_errors
+def inspect(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to describe.")],
+    input_shape: InputShapeOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Inputs, outputs, op histogram, parameters, MACs per layer and file size."""
+    from edgec.analysis import inspect_file
+
+    summary = inspect_file(model, parse_input_shapes(input_shape))
+    if as_json:
+        out.print_json(data=summary)
+        return
+    _print_summary(summary)
+
+
+def _print_summary(s: dict) -> None:
+    out.print(f"[bold]{s['file']}[/] ({s['size_bytes'] / 1024:.1f} KiB, opset {s['opset']}, {s['producer'] or 'unknown producer'})", highlight=False)
+    for kind in ("inputs", "outputs"):
+        for v in s[kind]:
+            shape = "x".join(map(str, v["shape"])) if v["shape"] is not None else "?"
+            out.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']}[{shape}]", highlight=False)
+    out.print(f"Nodes {s['nodes']}, parameters {s['params']:,}, MACs {s['macs']:,}", highlight=False)
+    out.print("Ops: " + ", ".join(f"{k} {v}" for k, v in s["op_histogram"].items()), highlight=False)
+    table = Table("layer", "op", "output", "params", "MACs", title="MACs per layer", title_justify="left")
+    for row in s["layers"]:
+        macs = f"{row['macs']:,}" if row["macs"] is not None else "?"
+        table.add_row(row["name"], row["op"], "x".join(map(str, row["output_shape"])), f"{row['params']:,}", macs)
+    out.print(table)
+    if s["macs_unknown_layers"]:
+        err.print(f"[yellow]note:[/] MACs unknown for {len(s['macs_unknown_layers'])} layer(s) with dynamic shapes; pin them with --input-shape.")
+
+
+@app.command()
+@_handles_errors
+def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """List the known targets."""
+    from edgec.targets import TARGETS_DIR, known_targets, load_target
+
+    specs = [load_target(name).to_dict() for name in known_targets()]
+    if as_json:
+        out.print_json(data=specs)
+        return
+    table = Table("target", "backend", "arch", "precision", "threads", "description", title=f"Targets in {TARGETS_DIR}", title_justify="left")
+    for t in specs:
+        table.add_row(t["name"], t["backend"], t["arch"], t["precision"], str(t["threads"]), t["description"])
+    out.print(table)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m edgec`
+    sys.exit(app())

@@ -1,0 +1,41 @@
+"""Uniform runners: one interface to run an artifact with numpy inputs, whatever the runtime."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgec.errors import ModelLoadError
+from edgec.runtime.base import Runner, TensorSpec
+
+__all__ = ["Runner", "TensorSpec", "open_runner", "RUNNERS"]
+
+
+def _ort(path: Path, threads: int, options: dict) -> Runner:
+    from edgec.runtime.ort import OrtRunner
+
+    return OrtRunner(path, threads=threads, optimization=options.get("graph_optimization", "all"))
+
+
+def _litert(path: Path, threads: int, options: dict) -> Runner:
+    from edgec.runtime.litert import LiteRTRunner
+
+    return LiteRTRunner(path, threads=threads, xnnpack=options.get("xnnpack", True))
+
+
+# File suffix → runner factory. Imports are deferred: each runtime is heavy to import.
+RUNNERS = {".onnx": _ort, ".ort": _ort, ".tflite": _litert}
+
+
+def open_runner(path: str | os.PathLike[str], threads: int = 1, options: dict | None = None) -> Runner:
+    """Open an artifact with the runner its file type calls for."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"No such artifact: '{path}'.", hint="Check the path.")
+    factory = RUNNERS.get(path.suffix)
+    if factory is None:
+        raise ModelLoadError(
+            f"'{path.name}' has suffix '{path.suffix}', which no runner handles.",
+            hint=f"edgec runs {', '.join(sorted(RUNNERS))} files.",
+        )
+    return factory(path, threads, options or {})

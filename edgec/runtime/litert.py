@@ -1,0 +1,89 @@
+"""LiteRT (TensorFlow Lite) runner for ``.tflite`` files.
+
+edgec stores, inside each ``.tflite`` it writes, a small JSON metadata entry (``edgec.io``)
+mapping every source input/output name to the TFLite signature key and the axis
+permutation between the two layouts (``tflite = source.transpose(perm)``). The runner uses
+it to accept and return arrays in the source model's layout. A ``.tflite`` from elsewhere
+(no such entry) is run as it is, with its own names and layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as tfl_schema
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from edgec.errors import ModelLoadError
+from edgec.quiet import captured_stderr
+from edgec.runtime.base import Runner, TensorSpec
+
+IO_METADATA = "edgec.io"
+
+
+def read_metadata(content: bytes, name: str) -> bytes | None:
+    """The bytes of a named metadata entry of a .tflite flatbuffer, or None."""
+    model = tfl_schema.Model.GetRootAs(content, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() and entry.Name().decode() == name:
+            return model.Buffers(entry.Buffer()).DataAsNumpy().tobytes()
+    return None
+
+
+class LiteRTRunner(Runner):
+    runtime = "litert"
+
+    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, xnnpack: bool = True):
+        content = model if isinstance(model, bytes) else Path(model).read_bytes()
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        with captured_stderr() as log:
+            try:
+                self.interpreter = Interpreter(
+                    model_content=content, num_threads=threads, experimental_op_resolver_type=resolver
+                )
+                self.interpreter.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                detail = " ".join(log.read().split()) or str(exc).strip().splitlines()[0]
+                raise ModelLoadError(
+                    f"LiteRT cannot load the model: {detail}",
+                    hint="Check that the file is a complete .tflite flatbuffer built for this LiteRT version.",
+                ) from exc
+        io_map = json.loads(read_metadata(content, IO_METADATA) or b"null")
+        self._bind(io_map)
+
+    def _bind(self, io_map: dict | None) -> None:
+        """Pair source names with TFLite tensor indices and layout permutations."""
+        signature = self.interpreter.get_signature_runner()
+        in_details, out_details = signature.get_input_details(), signature.get_output_details()
+        if io_map is None:
+            io_map = {
+                "inputs": [{"name": k, "key": k} for k in in_details],
+                "outputs": [{"name": k, "key": k} for k in out_details],
+            }
+        self._in = [_Binding(e, in_details[e["key"]]) for e in io_map["inputs"]]
+        self._out = [_Binding(e, out_details[e["key"]]) for e in io_map["outputs"]]
+        self.inputs = [b.spec for b in self._in]
+        self.outputs = [b.spec for b in self._out]
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for b in self._in:
+            self.interpreter.set_tensor(b.index, np.ascontiguousarray(feeds[b.name].transpose(b.perm)))
+        self.interpreter.invoke()
+        return {b.name: self.interpreter.get_tensor(b.index).transpose(b.inverse) for b in self._out}
+
+
+class _Binding:
+    """One tensor: source name, TFLite tensor index, and the permutation between layouts."""
+
+    def __init__(self, entry: dict, details: dict):
+        self.name = entry["name"]
+        self.index = details["index"]
+        native_shape = tuple(int(d) for d in details["shape"])
+        self.perm = tuple(entry.get("perm", range(len(native_shape))))
+        self.inverse = tuple(int(i) for i in np.argsort(self.perm))
+        source_shape = tuple(native_shape[i] for i in self.inverse)
+        self.spec = TensorSpec(self.name, source_shape, np.dtype(details["dtype"]))

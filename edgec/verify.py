@@ -1,0 +1,241 @@
+"""Verification: run the source model and the artifact on the same inputs and compare.
+
+Inputs are seeded random tensors or the user's ``.npz``/``.npy`` file (arrays keyed by input
+name, samples stacked on the first axis, optional ``label`` array). Per output the report
+gives max abs error, error relative to the largest reference magnitude, mean abs error and
+cosine similarity; for classifier-shaped outputs ([batch, classes]) also top-1 agreement and,
+with labels, the accuracy of both models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgec.errors import InputDataError
+from edgec.runtime import Runner, TensorSpec
+
+Sample = dict[str, np.ndarray]
+LABEL_KEYS = ("label", "labels")
+DEFAULT_RANDOM_SAMPLES = 4
+
+
+@dataclasses.dataclass
+class InputSet:
+    """Batches ready to feed, with where they came from and optional labels per sample."""
+
+    batches: list[Sample]
+    source: str
+    labels: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "batches": len(self.batches), "labeled": self.labels is not None}
+
+
+def random_inputs(specs: Sequence[TensorSpec], seed: int = 0, count: int = DEFAULT_RANDOM_SAMPLES) -> InputSet:
+    """Seeded standard-normal floats (integers in [0, 2), booleans at random) per input."""
+    rng = np.random.default_rng(seed)
+    batches = [{s.name: _random_array(rng, s) for s in specs} for _ in range(count)]
+    return InputSet(batches, f"random (seed {seed}, {count} batches)")
+
+
+def _random_array(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
+    shape = _static(spec)
+    if np.issubdtype(spec.dtype, np.floating):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype == np.bool_:
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 2, size=shape).astype(spec.dtype)
+
+
+def _static(spec: TensorSpec) -> tuple[int, ...]:
+    if not all(isinstance(d, int) for d in spec.shape):
+        raise InputDataError(f"Input '{spec.name}' has a dynamic shape {list(spec.shape)}; cannot make data for it.")
+    return tuple(spec.shape)
+
+
+def load_inputs(path: str | os.PathLike[str], specs: Sequence[TensorSpec], limit: int | None = None) -> InputSet:
+    """Read an ``.npz`` (keyed by input name) or ``.npy`` (single-input models) file."""
+    arrays = _read_arrays(Path(path), specs)
+    labels = next((np.asarray(arrays.pop(k)) for k in LABEL_KEYS if k in arrays), None)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise InputDataError(
+            f"'{path}' has no array for input(s) {missing}; it holds {sorted(arrays)}.",
+            hint=f"Save one array per model input, keyed by name: {[s.name for s in specs]}.",
+        )
+    stacks = {s.name: _as_stack(arrays[s.name], s, path) for s in specs}
+    counts = {len(v) for v in stacks.values()}
+    if len(counts) != 1:
+        raise InputDataError(f"Arrays in '{path}' hold different numbers of samples: { {k: len(v) for k, v in stacks.items()} }.")
+    count = counts.pop()
+    if labels is not None and len(labels) != count * _batch(specs[0]):
+        raise InputDataError(f"'{path}' has {len(labels)} labels for {count * _batch(specs[0])} samples.")
+    if limit is not None:
+        count = min(count, limit)
+        labels = None if labels is None else labels[: count * _batch(specs[0])]
+    batches = [{name: stack[i] for name, stack in stacks.items()} for i in range(count)]
+    return InputSet(batches, f"file {Path(path).name} ({count} batches)", labels)
+
+
+def _read_arrays(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise InputDataError(f"No such inputs file: '{path}'.")
+    try:
+        if path.suffix == ".npy":
+            if len(specs) != 1:
+                raise InputDataError(
+                    f"A .npy file holds one array, but the model has {len(specs)} inputs.",
+                    hint="Use an .npz keyed by input name.",
+                )
+            return {specs[0].name: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputDataError(f"Cannot read '{path}' as numpy data: {exc}.", hint="Save it with numpy.savez.") from exc
+
+
+def _batch(spec: TensorSpec) -> int:
+    return int(spec.shape[0]) if spec.shape and isinstance(spec.shape[0], int) else 1
+
+
+def _as_stack(array: np.ndarray, spec: TensorSpec, path) -> np.ndarray:
+    """Split [N, ...] samples into batches shaped like the input (dropping a partial batch)."""
+    shape = _static(spec)
+    if array.dtype.kind not in "fiub" or (array.dtype.kind == "f") != (np.dtype(spec.dtype).kind == "f"):
+        raise InputDataError(f"Array '{spec.name}' in '{path}' has dtype {array.dtype}; the input needs {spec.dtype}.")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputDataError(f"Array '{spec.name}' in '{path}' contains NaN or infinite values.")
+    if tuple(array.shape) == shape:
+        return array[None].astype(spec.dtype)
+    if tuple(array.shape[1:]) != shape[1:] or len(array) == 0:
+        raise InputDataError(
+            f"Array '{spec.name}' in '{path}' has shape {list(array.shape)}; expected [N, {', '.join(map(str, shape[1:]))}] "
+            f"(samples stacked on the first axis) for input shape {list(shape)}."
+        )
+    batch = shape[0]
+    usable = len(array) - len(array) % batch
+    if usable == 0:
+        raise InputDataError(f"Array '{spec.name}' in '{path}' has {len(array)} samples, fewer than one batch of {batch}.")
+    return array[:usable].reshape((usable // batch,) + shape).astype(spec.dtype)
+
+
+@dataclasses.dataclass
+class OutputComparison:
+    name: str
+    shape: list[int]
+    max_abs_error: float
+    max_abs_reference: float
+    relative_error: float
+    mean_abs_error: float
+    cosine: float
+    passed: bool
+    top1_agreement: float | None = None
+    accuracy_source: float | None = None
+    accuracy_artifact: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class Verification:
+    passed: bool
+    tolerance: float
+    inputs: dict[str, Any]
+    source_runtime: str
+    artifact_runtime: str
+    outputs: list[OutputComparison]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["outputs"] = [o.to_dict() for o in self.outputs]
+        return data
+
+    def worst(self) -> OutputComparison:
+        return max(self.outputs, key=lambda o: o.relative_error)
+
+
+def compare(source: Runner, artifact: Runner, inputs: InputSet, tolerance: float) -> Verification:
+    """Run both models on every batch and compare each output."""
+    _check_signatures(source, artifact)
+    ref = _run_all(source, inputs.batches)
+    got = _run_all(artifact, inputs.batches)
+    outputs = [_compare_output(name, ref[name], got[name], inputs.labels, tolerance) for name in ref]
+    return Verification(
+        passed=all(o.passed for o in outputs),
+        tolerance=tolerance,
+        inputs=inputs.to_dict(),
+        source_runtime=source.runtime,
+        artifact_runtime=artifact.runtime,
+        outputs=outputs,
+    )
+
+
+def _check_signatures(source: Runner, artifact: Runner) -> None:
+    for side in ("inputs", "outputs"):
+        want = {s.name: tuple(s.shape) for s in getattr(source, side)}
+        have = {s.name: tuple(s.shape) for s in getattr(artifact, side)}
+        if set(want) != set(have):
+            raise InputDataError(
+                f"The artifact's {side} {sorted(have)} do not match the source model's {sorted(want)}.",
+                hint="Verify an artifact against the model it was built from.",
+            )
+
+
+def _run_all(runner: Runner, batches: list[Sample]) -> dict[str, np.ndarray]:
+    results = [runner.run(b) for b in batches]
+    return {name: np.stack([r[name] for r in results]) for name in results[0]}
+
+
+def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, tolerance: float) -> OutputComparison:
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    if ref64.shape != got64.shape:
+        return OutputComparison(name, list(ref.shape[1:]), float("inf"), _max_abs(ref64), float("inf"), float("inf"), 0.0, False)
+    diff = np.abs(ref64 - got64)
+    max_err = float(diff.max()) if diff.size else 0.0
+    if not np.isfinite(got64).all() or not np.isfinite(ref64).all():
+        max_err = float("inf")
+    scale = _max_abs(ref64)
+    relative = max_err / scale if scale > 0 else max_err
+    comparison = OutputComparison(
+        name=name,
+        shape=list(ref.shape[1:]),
+        max_abs_error=max_err,
+        max_abs_reference=scale,
+        relative_error=relative,
+        mean_abs_error=float(diff.mean()) if diff.size else 0.0,
+        cosine=_cosine(ref64, got64),
+        passed=relative <= tolerance,
+    )
+    _add_classification(comparison, ref64, got64, labels)
+    return comparison
+
+
+def _add_classification(c: OutputComparison, ref: np.ndarray, got: np.ndarray, labels) -> None:
+    """Top-1 metrics for outputs shaped [batches, batch, classes]."""
+    if ref.ndim != 3 or ref.shape[-1] < 2:
+        return
+    ref_top, got_top = ref.argmax(-1).reshape(-1), got.argmax(-1).reshape(-1)
+    c.top1_agreement = float((ref_top == got_top).mean())
+    if labels is not None and len(labels) == len(ref_top) and int(labels.max()) < ref.shape[-1]:
+        c.accuracy_source = float((ref_top == labels).mean())
+        c.accuracy_artifact = float((got_top == labels).mean())
+
+
+def _max_abs(a: np.ndarray) -> float:
+    return float(np.abs(a).max()) if a.size else 0.0
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(-1), b.reshape(-1)
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    if denom == 0:
+        return 1.0 if np.array_equal(a, b) else 0.0
+    return float(np.dot(a, b) / denom)
