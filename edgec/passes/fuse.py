@@ -1,0 +1,101 @@
+"""Fusion: recognize multi-node spellings of one function and replace them with one node.
+
+Exporters write GELU as ``x * 0.5 * (1 + erf(x / sqrt(2)))`` (in several association orders);
+backends with a GELU kernel (TFLite) run it as one op, and backends without an ERF kernel
+could not run the spelled-out form at all. The fused node lives in the ``edgec`` domain
+because the standard ``Gelu`` op needs opset 20, and raising a model's opset would change the
+meaning of its other ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx_ir as ir
+from onnx_ir.passes import common as ir_common
+
+from edgec.graph import constant, sole_consumer, take_name
+from edgec.passes.pipeline import PassOutcome
+
+FUSED_DOMAIN = "edgec"
+
+
+def _split_scalar(node: ir.Node | None, op_type: str) -> tuple[ir.Value, float] | None:
+    """For ``op(v, c)``/``op(c, v)`` with scalar constant c: (v, c)."""
+    if node is None or node.op_type != op_type or len(node.inputs) != 2:
+        return None
+    for data_index in (0, 1):
+        c = constant(node.inputs[1 - data_index])
+        if c is not None and c.size == 1 and constant(node.inputs[data_index]) is None:
+            if op_type == "Div" and data_index == 1:
+                return None  # c / v is not a scaling of v
+            return node.inputs[data_index], float(c.reshape(-1)[0])
+    return None
+
+
+def _near(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-4 * abs(b)
+
+
+def _erf_argument(erf: ir.Node) -> ir.Value | None:
+    """x when the Erf reads x / sqrt(2) (as a Div or a Mul)."""
+    producer = erf.inputs[0].producer()
+    div = _split_scalar(producer, "Div")
+    if div and _near(div[1], math.sqrt(2)):
+        return div[0]
+    mul = _split_scalar(producer, "Mul")
+    if mul and _near(mul[1], 1 / math.sqrt(2)):
+        return mul[0]
+    return None
+
+
+def _gelu_output(x: ir.Value, one_plus_erf: ir.Value) -> ir.Node | None:
+    """The node computing ``x * 0.5 * one_plus_erf``, in any of the usual association orders."""
+    mul = sole_consumer(one_plus_erf)
+    if mul is None or mul.op_type != "Mul":
+        return None
+    other = mul.inputs[1] if mul.inputs[0] is one_plus_erf else mul.inputs[0]
+    half = _split_scalar(other.producer(), "Mul")
+    if half and half[0] is x and _near(half[1], 0.5):
+        return mul  # (x * 0.5) * (1 + erf)
+    after = sole_consumer(mul.outputs[0])
+    if other is x:
+        scaled = _split_scalar(after, "Mul")
+        return after if scaled and _near(scaled[1], 0.5) else None  # (x * (1 + erf)) * 0.5
+    c = constant(other)
+    if c is not None and c.size == 1 and _near(float(c.reshape(-1)[0]), 0.5) and after is not None and after.op_type == "Mul":
+        return after if x in after.inputs else None  # x * ((1 + erf) * 0.5)
+    return None
+
+
+def _fuse_gelu(graph: ir.Graph, erf: ir.Node) -> bool:
+    x = _erf_argument(erf)
+    add = _split_scalar(sole_consumer(erf.outputs[0]), "Add")
+    if x is None or add is None or not _near(add[1], 1.0):
+        return False
+    out_node = _gelu_output(x, sole_consumer(erf.outputs[0]).outputs[0])
+    if out_node is None:
+        return False
+    gelu = ir.node("Gelu", [x], domain=FUSED_DOMAIN, name=f"{erf.name}_gelu")
+    result = gelu.outputs[0]
+    result.dtype, result.shape = out_node.outputs[0].dtype, out_node.outputs[0].shape
+    graph.insert_after(out_node, gelu)
+    old = out_node.outputs[0]
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    if result.is_graph_output():
+        take_name(result, old, graph)
+    return True
+
+
+class FuseGelu(ir.passes.InPlacePass):
+    """``x * 0.5 * (1 + erf(x / sqrt 2))`` → ``edgec::Gelu(x)`` (exact GELU)."""
+
+    name = "fuse-gelu"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        fused = [n.name for n in list(model.graph) if n.op_type == "Erf" and n.graph is not None and _fuse_gelu(model.graph, n)]
+        if fused:
+            model.opset_imports.setdefault(FUSED_DOMAIN, 1)
+            ir_common.RemoveUnusedNodesPass()(model)
+        return PassOutcome(model, bool(fused), {"fused": len(fused)})
+
