@@ -1,0 +1,122 @@
+"""Elementwise math with numpy-style broadcasting.
+
+Two same-shaped tensors use Keras merge layers (Add, Multiply, ...); anything involving a
+constant or broadcasting uses the TF op, which tf_keras records as a layer of its own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx_ir as ir
+import tensorflow as tf
+import tf_keras as keras
+
+from edgec.lower.tflite.context import is_tensor, tf_dtype
+from edgec.lower.tflite.registry import rule
+
+
+def _binary(ctx, a, b, layer_cls, tf_fn):
+    if layer_cls is not None and is_tensor(a) and is_tensor(b) and tuple(a.shape) == tuple(b.shape):
+        return layer_cls(name=ctx.name())([a, b])
+    return tf_fn(a, b)
+
+
+def _const_as(value, like):
+    """Constants take the tensor's dtype (ONNX and TF agree on types; numpy scalars may not)."""
+    if isinstance(value, np.ndarray) and is_tensor(like):
+        return value.astype(like.dtype.as_numpy_dtype)
+    return value
+
+
+def _broadcast_rule(op_type: str, layer_cls, tf_fn):
+    @rule(op_type)
+    def lower(ctx, a, b):
+        return _binary(ctx, _const_as(a, b), _const_as(b, a), layer_cls, tf_fn)
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+_broadcast_rule("Add", keras.layers.Add, tf.math.add)
+_broadcast_rule("Sub", keras.layers.Subtract, tf.math.subtract)
+_broadcast_rule("Mul", keras.layers.Multiply, tf.math.multiply)
+_broadcast_rule("Div", None, tf.math.divide)
+_broadcast_rule("Equal", None, tf.math.equal)
+_broadcast_rule("Less", None, tf.math.less)
+_broadcast_rule("LessOrEqual", None, tf.math.less_equal)
+_broadcast_rule("Greater", None, tf.math.greater)
+_broadcast_rule("GreaterOrEqual", None, tf.math.greater_equal)
+_broadcast_rule("And", None, tf.math.logical_and)
+_broadcast_rule("Or", None, tf.math.logical_or)
+
+
+def _variadic_rule(op_type: str, layer_cls, tf_fn):
+    @rule(op_type)
+    def lower(ctx, *inputs):
+        return functools.reduce(lambda a, b: _binary(ctx, _const_as(a, b), _const_as(b, a), layer_cls, tf_fn), inputs)
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+_variadic_rule("Max", keras.layers.Maximum, tf.math.maximum)
+_variadic_rule("Min", keras.layers.Minimum, tf.math.minimum)
+_variadic_rule("Sum", keras.layers.Add, tf.math.add)
+
+
+@rule("Mean")
+def mean(ctx, *inputs):
+    total = functools.reduce(lambda a, b: _binary(ctx, a, b, keras.layers.Add, tf.math.add), inputs)
+    return total * (1.0 / len(inputs))
+
+
+@rule("Pow")
+def pow_(ctx, base, exponent):
+    if isinstance(exponent, np.ndarray) and exponent.size == 1:
+        e = float(exponent.reshape(-1)[0])
+        if e == 2.0:
+            return tf.math.square(base)
+        if e == 0.5:
+            return tf.math.sqrt(base)
+        if e == 1.0:
+            return base
+    return tf.math.pow(base, _const_as(exponent, base))
+
+
+def _unary_rule(op_type: str, tf_fn):
+    @rule(op_type)
+    def lower(ctx, x):
+        return tf_fn(x)
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+for _op, _fn in {
+    "Sqrt": tf.math.sqrt, "Exp": tf.math.exp, "Log": tf.math.log, "Abs": tf.math.abs, "Neg": tf.math.negative,
+    "Floor": tf.math.floor, "Ceil": tf.math.ceil, "Sin": tf.math.sin, "Cos": tf.math.cos, "Sign": tf.math.sign,
+    "Not": tf.math.logical_not, "Round": tf.math.round,
+}.items():
+    _unary_rule(_op, _fn)
+
+
+@rule("Reciprocal")
+def reciprocal(ctx, x):
+    return 1.0 / x
+
+
+@rule("Where")
+def where(ctx, condition, a, b):
+    return tf.where(condition, _const_as(a, b), _const_as(b, a))
+
+
+@rule("Cast")
+def cast(ctx, x, *, saturate=1, to):
+    return tf.cast(x, tf_dtype(ir.DataType(to)))
+
+
+@rule("Identity")
+def identity(ctx, x):
+    return x

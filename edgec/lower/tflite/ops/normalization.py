@@ -1,0 +1,83 @@
+"""Softmax family, LayerNormalization and reductions."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from edgec.graph import normalize_axes
+from edgec.lower.tflite.registry import rule
+
+
+@rule("Softmax")
+def softmax(ctx, x, *, axis=-1):
+    return keras.layers.Softmax(axis=axis, name=ctx.name())(x)
+
+
+@rule("LogSoftmax")
+def log_softmax(ctx, x, *, axis=-1):
+    return tf.nn.log_softmax(x, axis=axis)
+
+
+@rule("LayerNormalization")
+def layer_normalization(ctx, x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+    rank = len(ctx.in_shape(0))
+    axes = list(range(normalize_axes([axis], rank)[0], rank))
+    gamma = ctx.require_constant(scale, "scale")
+    beta = np.zeros_like(gamma) if bias is None else ctx.require_constant(bias, "bias")
+    normalized_shape = ctx.in_shape(0)[axes[0]:]
+    layer = keras.layers.LayerNormalization(axis=axes, epsilon=epsilon, name=ctx.name())
+    y = layer(x)
+    layer.set_weights([np.broadcast_to(gamma, normalized_shape).astype(np.float32),
+                       np.broadcast_to(beta, normalized_shape).astype(np.float32)])
+    return y
+
+
+def _axes(ctx, axes_input, axes_attr, rank):
+    axes = axes_attr if axes_input is None else ctx.require_constant(axes_input, "axes").tolist()
+    return normalize_axes(axes, rank) if axes else None
+
+
+_REDUCERS = {
+    "ReduceMean": tf.math.reduce_mean,
+    "ReduceSum": tf.math.reduce_sum,
+    "ReduceMax": tf.math.reduce_max,
+    "ReduceMin": tf.math.reduce_min,
+    "ReduceProd": tf.math.reduce_prod,
+    "ReduceSumSquare": lambda x, axis, keepdims: tf.math.reduce_sum(tf.math.square(x), axis=axis, keepdims=keepdims),
+    "ReduceL2": lambda x, axis, keepdims: tf.math.sqrt(
+        tf.math.reduce_sum(tf.math.square(x), axis=axis, keepdims=keepdims)),
+}
+
+
+def _reduce_rule(op_type: str, fn):
+    @rule(op_type)
+    def lower(ctx, x, axes_input=None, *, axes=None, keepdims=1, noop_with_empty_axes=0):
+        chosen = _axes(ctx, axes_input, axes, len(ctx.in_shape(0)))
+        if chosen is None and noop_with_empty_axes:
+            return x
+        return fn(x, axis=chosen, keepdims=bool(keepdims))
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+for _op, _fn in _REDUCERS.items():
+    _reduce_rule(_op, _fn)
+
+
+def _arg_rule(op_type: str, fn):
+    @rule(op_type)
+    def lower(ctx, x, *, axis=0, keepdims=1, select_last_index=0):
+        if select_last_index:
+            ctx.unsupported("select_last_index=1")
+        y = fn(x, axis=axis, output_type=tf.int64)
+        return tf.expand_dims(y, axis) if keepdims else y
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+_arg_rule("ArgMax", tf.math.argmax)
+_arg_rule("ArgMin", tf.math.argmin)
