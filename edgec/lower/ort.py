@@ -22,6 +22,7 @@ from edgec.targets import Target
 
 FORMATS = ("onnx", "ort")
 _NO_KERNEL = re.compile(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
 def lower(model: ir.Model, target: Target, stem: str) -> Lowered:
@@ -29,7 +30,7 @@ def lower(model: ir.Model, target: Target, stem: str) -> Lowered:
     formats = list(target.runtime.get("formats", FORMATS))
     _check_options(target, level, formats)
     source = to_bytes(model)
-    files = {f"{stem}.{fmt}": _optimize(source, level, fmt, target) for fmt in formats}
+    files = {f"{stem}.{fmt}": _optimize(source, level, fmt, target, model) for fmt in formats}
     primary = f"{stem}.onnx" if "onnx" in formats else f"{stem}.{formats[0]}"
     return Lowered(files, primary, {"graph_optimization": level, "formats": formats})
 
@@ -43,7 +44,7 @@ def _check_options(target: Target, level: str, formats: list[str]) -> None:
         raise TargetError(f"Target '{target.name}': formats must be a non-empty subset of {list(FORMATS)}, not {formats}.")
 
 
-def _optimize(source: bytes, level: str, fmt: str, target: Target) -> bytes:
+def _optimize(source: bytes, level: str, fmt: str, target: Target, model: ir.Model) -> bytes:
     """Let ORT optimize the model and save it in ``fmt``; return the saved bytes."""
     with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
         path = Path(tmp) / f"model.{fmt}"
@@ -54,21 +55,24 @@ def _optimize(source: bytes, level: str, fmt: str, target: Target) -> bytes:
         try:
             ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises NotImplemented/Fail from C++
-            raise _explain(exc, target) from exc
+            raise _explain(exc, target, model) from exc
         return path.read_bytes()
 
 
-def _explain(exc: Exception, target: Target) -> Exception:
+def _explain(exc: Exception, target: Target, model: ir.Model) -> Exception:
+    """Turn ORT's session errors into messages that name the op and node."""
+    hint = "Replace the operator in the exporter, or export with a different opset."
     match = _NO_KERNEL.search(str(exc))
     if match:
         op, version, node = match.groups()
-        return UnsupportedOpError(
-            op,
-            node,
-            target=target.name,
-            reason=f"ONNX Runtime's CPU provider has no kernel for {op} at opset {version}",
-            hint="Replace the operator in the exporter, or choose another opset.",
-        )
+        reason = f"ONNX Runtime's CPU provider has no kernel for {op} at opset {version}"
+        return UnsupportedOpError(op, node, target=target.name, reason=reason, hint=hint)
+    match = _UNKNOWN_OP.search(str(exc))
+    if match:
+        domain, op, _ = match.groups()
+        node = next((n.name for n in model.graph if n.op_type == op and n.domain == domain), "?")
+        reason = f"ONNX Runtime does not know the op {domain + '::' if domain else ''}{op}"
+        return UnsupportedOpError(op, node, target=target.name, reason=reason, hint=hint)
     return TargetError(
         f"ONNX Runtime could not build the model for '{target.name}': {str(exc).strip().splitlines()[0]}"
     )

@@ -32,8 +32,8 @@ class Resize2D(keras.layers.Layer):
         self.half_pixel_centers = bool(half_pixel_centers)
 
     def call(self, x):
-        fn = tf.compat.v1.image.resize_nearest_neighbor if self.method == "nearest" else tf.compat.v1.image.resize_bilinear
-        return fn(x, self.size, align_corners=self.align_corners, half_pixel_centers=self.half_pixel_centers)
+        op = tf.raw_ops.ResizeNearestNeighbor if self.method == "nearest" else tf.raw_ops.ResizeBilinear
+        return op(images=x, size=self.size, align_corners=self.align_corners, half_pixel_centers=self.half_pixel_centers)
 
     def get_config(self):
         return {**super().get_config(), "size": self.size, "method": self.method,

@@ -1,0 +1,188 @@
+"""Every error a user can cause: a one-paragraph message, a non-zero exit, no traceback, and
+no artifact left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from helpers import GraphBuilder, listing, save
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from edgec.cli import app
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def _assert_clean_failure(result, out_dir, *fragments: str, code: int = 2):
+    text = result.output
+    assert result.exit_code == code, text
+    assert "Traceback" not in text
+    assert "error:" in text
+    for fragment in fragments:
+        assert fragment in " ".join(text.split()), f"{fragment!r} not in {text!r}"
+    assert listing(out_dir) == []
+
+
+def _tiny_model() -> onnx.ModelProto:
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    return g.model({"x": [1, 4]}, {y: [1, 4]})
+
+
+def test_missing_file(tmp_path):
+    _assert_clean_failure(_cli("build", str(tmp_path / "nope.onnx"), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "No such file")
+
+
+def test_not_onnx(tmp_path):
+    path = tmp_path / "notes.onnx"
+    path.write_text("this is a text file, not a model\n")
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "notes.onnx", "ONNX")
+
+
+def test_truncated_file(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Gemm", ["x", g.weight(64, 64)])
+    data = g.model({"x": [1, 64]}, {y: [1, 64]}).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: len(data) // 2])
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "cut.onnx", "truncated")
+
+
+def test_model_failing_the_checker(tmp_path):
+    graph = helper.make_graph([helper.make_node("Relu", ["undefined"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "bad.onnx"
+    onnx.save(model, path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "ONNX checker rejected", "undefined")
+
+
+def test_unsupported_op_names_op_node_target_and_suggests_ort(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Det", ["x"], name="determinant")
+    path = save(g.model({"x": [1, 3, 3]}, {y: [1]}), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "Operator Det", "node 'determinant'", "tflite-arm", "ort-arm")
+
+
+def test_op_unknown_to_onnx_runtime(tmp_path):
+    graph = helper.make_graph([helper.make_node("Foo", ["x"], ["y"], domain="acme", name="foo1")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("acme", 1)])
+    model.ir_version = 8
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "Foo", "node 'foo1'", "ort-x86")
+
+
+def test_dynamic_input_without_shape(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    path = save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "dynamic dimensions", "'x' (batchx3x8x8)", "--input-shape x=")
+
+
+def test_dynamic_input_with_shape_builds(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    path = save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+    result = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--input-shape", "x=2x3x8x8")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_input_shape_contradicting_a_static_dim(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--input-shape", "x=1x5"),
+                          tmp_path / "out", "static size 4 in dim 1")
+
+
+def test_malformed_input_shape(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--input-shape", "x=1xfour"),
+                          tmp_path / "out", "NAME=1x3x224x224")
+
+
+def test_unknown_target_lists_known_ones(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-riscv", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "Unknown target 'tflite-riscv'", "ort-arm, ort-x86, tflite-arm, tflite-x86")
+
+
+def test_unwritable_output_directory(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = _cli("build", str(path), "-t", "ort-x86", "-o", str(blocker / "out"))
+    assert result.exit_code == 2
+    assert "Cannot write to output directory" in result.output and "Traceback" not in result.output
+    assert not (blocker.parent / "out").exists()
+
+
+def test_failed_verification_writes_nothing(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1])
+    path = save(g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]}), tmp_path)
+    result = _cli("build", str(path), "-t", "tflite-x86", "-o", str(tmp_path / "out"), "--tolerance", "0")
+    _assert_clean_failure(result, tmp_path / "out", "does not match the source model", "nothing was written", code=3)
+
+
+def test_failed_build_keeps_previous_artifacts_untouched(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    out = tmp_path / "out"
+    assert _cli("build", str(path), "-t", "ort-x86", "-o", str(out)).exit_code == 0
+    before = {p: (out / p).read_bytes() for p in listing(out)}
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    assert _cli("build", str(bad), "-t", "ort-x86", "-o", str(out)).exit_code == 2
+    assert {p: (out / p).read_bytes() for p in listing(out)} == before
+
+
+def test_inputs_file_with_wrong_names(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    np.savez(tmp_path / "data.npz", image=np.zeros((3, 4), np.float32))
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--inputs", str(tmp_path / "data.npz")),
+                          tmp_path / "out", "no array for input(s) ['x']", "image")
+
+
+def test_external_data_outside_model_folder_is_refused(tmp_path):
+    model = _tiny_model()
+    weight = onnx.numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    weight.data_location = TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../etc/passwd")
+    model.graph.initializer.append(weight)
+    path = tmp_path / "hostile.onnx"
+    path.write_bytes(model.SerializeToString())
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "outside the model's folder")
+
+
+@pytest.mark.parametrize("argv", [["inspect", "missing.onnx"], ["verify", "missing.onnx", "missing.tflite"]])
+def test_other_commands_report_errors_the_same_way(tmp_path, argv):
+    result = _cli(*[str(tmp_path / a) if a.endswith((".onnx", ".tflite")) else a for a in argv])
+    assert result.exit_code == 2 and "error:" in result.output and "Traceback" not in result.output
+
+
+def test_real_process_exit_code_and_stderr(tmp_path):
+    """The installed console script behaves the same: message on stderr, exit code 2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgec", "build", str(tmp_path / "nope.onnx"), "-t", "ort-x86", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2
+    assert "No such file" in proc.stderr and "Traceback" not in proc.stderr
