@@ -174,17 +174,12 @@ def _fold_bn(graph: ir.Graph, bn: ir.Node) -> bool:
     scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
     if not _BN_FOLDERS[producer.op_type](graph, producer, scale, beta - mean * scale):
         return False
+    was_output = bn.outputs[0].is_graph_output()
     bn.outputs[0].replace_all_uses_with(producer.outputs[0], replace_graph_outputs=True)
-    if bn.outputs[0].is_graph_output():
-        _swap_graph_output(graph, bn.outputs[0], producer.outputs[0])
+    if was_output:  # the user-visible output keeps its name
+        take_name(producer.outputs[0], bn.outputs[0], graph)
     graph.remove(bn, safe=True)
     return True
-
-
-def _swap_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Keep the user-visible output name when the last node of the graph is folded away."""
-    graph.outputs[list(graph.outputs).index(old)] = new
-    take_name(new, old, graph)
 
 
 def _weights_foldable(node: ir.Node) -> bool:

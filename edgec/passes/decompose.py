@@ -34,8 +34,9 @@ def _decompose_batchnorm(graph: ir.Graph, bn: ir.Node) -> bool:
         value.dtype, value.shape = x.dtype, x.shape
     graph.insert_before(bn, [mul, add])
     out = bn.outputs[0]
+    was_output = out.is_graph_output()
     out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
-    if add.outputs[0].is_graph_output():
+    if was_output:
         take_name(add.outputs[0], out, graph)
     graph.remove(bn, safe=True)
     return True

@@ -81,8 +81,9 @@ def _fuse_gelu(graph: ir.Graph, erf: ir.Node) -> bool:
     result.dtype, result.shape = out_node.outputs[0].dtype, out_node.outputs[0].shape
     graph.insert_after(out_node, gelu)
     old = out_node.outputs[0]
+    was_output = old.is_graph_output()
     old.replace_all_uses_with(result, replace_graph_outputs=True)
-    if result.is_graph_output():
+    if was_output:
         take_name(result, old, graph)
     return True
 

@@ -1,0 +1,157 @@
+"""Verification inputs and metrics, runners' layout handling, inspect's MAC counts,
+determinism of builds, and target files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import GraphBuilder, save
+from typer.testing import CliRunner
+
+from edgec.analysis import inspect_file
+from edgec.build import BuildOptions, build
+from edgec.cli import app
+from edgec.errors import InputDataError, TargetError
+from edgec.runtime import TensorSpec, open_runner
+from edgec.targets import known_targets, load_target
+from edgec.verify import load_inputs, random_inputs
+
+SPEC = [TensorSpec("x", (2, 3), np.dtype(np.float32))]
+
+
+def test_inputs_are_grouped_into_batches_with_labels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.arange(30, dtype=np.float32).reshape(10, 3), label=np.arange(10))
+    inputs = load_inputs(tmp_path / "d.npz", SPEC)
+    assert len(inputs.batches) == 5 and inputs.batches[1]["x"].shape == (2, 3)
+    assert inputs.labels.tolist() == list(range(10))
+
+
+def test_a_partial_last_batch_is_dropped(tmp_path):
+    np.save(tmp_path / "d.npy", np.zeros((5, 3), np.float32))
+    assert len(load_inputs(tmp_path / "d.npy", SPEC).batches) == 2
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"x": np.zeros((4, 5), np.float32)}, "expected \\[N, 3\\]"),
+    ({"x": np.full((4, 3), np.nan, np.float32)}, "NaN"),
+    ({"x": np.zeros((4, 3), np.int64)}, "dtype int64"),
+    ({"y": np.zeros((4, 3), np.float32)}, "no array for input"),
+    ({"x": np.zeros((0, 3), np.float32)}, "expected|fewer than one batch"),
+    ({"x": np.zeros((4, 3), np.float32), "label": np.zeros(3)}, "3 labels for 4 samples"),
+])
+def test_bad_inputs_files_are_explained(tmp_path, data, message):
+    np.savez(tmp_path / "d.npz", **data)
+    with pytest.raises(InputDataError, match=message):
+        load_inputs(tmp_path / "d.npz", SPEC)
+
+
+def test_unreadable_inputs_file(tmp_path):
+    (tmp_path / "d.npz").write_text("not numpy")
+    with pytest.raises(InputDataError, match="Cannot read"):
+        load_inputs(tmp_path / "d.npz", SPEC)
+
+
+def test_random_inputs_are_seeded():
+    a, b = random_inputs(SPEC, seed=7), random_inputs(SPEC, seed=7)
+    assert all(np.array_equal(x["x"], y["x"]) for x, y in zip(a.batches, b.batches))
+    assert not np.array_equal(a.batches[0]["x"], random_inputs(SPEC, seed=8).batches[0]["x"])
+
+
+def _classifier(tmp_path):
+    g = GraphBuilder()
+    c = g.op("Relu", [g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1])])
+    y = g.op("Gemm", [g.op("Flatten", [c]), g.weight(256, 5)])
+    return save(g.model({"x": [1, 3, 8, 8]}, {y: [1, 5]}), tmp_path)
+
+
+def test_tflite_runner_speaks_the_source_layout(tmp_path):
+    path = _classifier(tmp_path)
+    build(path, "tflite-arm", tmp_path / "out")
+    runner = open_runner(tmp_path / "out" / "model.tflite")
+    assert [(s.name, s.shape) for s in runner.inputs] == [("x", (1, 3, 8, 8))]
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    want = open_runner(path).run({"x": x})
+    got = runner.run({"x": x})
+    np.testing.assert_allclose(got[next(iter(want))], next(iter(want.values())), rtol=1e-4, atol=1e-5)
+
+
+def test_labels_give_accuracy_of_both_models(tmp_path):
+    path = _classifier(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "eval.npz", x=rng.standard_normal((6, 3, 8, 8)).astype(np.float32), label=rng.integers(0, 5, 6))
+    result = build(path, "ort-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "eval.npz")))
+    out = result.verification.outputs[0]
+    assert out.top1_agreement == 1.0
+    assert out.accuracy_source == out.accuracy_artifact is not None
+
+
+def test_verify_command(tmp_path):
+    path = _classifier(tmp_path)
+    build(path, "tflite-x86", tmp_path / "out")
+    result = CliRunner().invoke(app, ["verify", str(path), str(tmp_path / "out" / "model.tflite"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["passed"] is True
+
+
+def test_builds_are_deterministic(tmp_path):
+    path = _classifier(tmp_path)
+    for target in ("tflite-arm", "ort-x86"):
+        first = build(path, target, tmp_path / f"{target}-a")
+        second = build(path, target, tmp_path / f"{target}-b")
+        for a, b in zip(first.artifacts, second.artifacts):
+            assert a.read_bytes() == b.read_bytes(), a.name
+        assert first.report_path.read_bytes() == second.report_path.read_bytes()
+
+
+def test_report_records_passes_io_and_artifacts(tmp_path):
+    report = build(_classifier(tmp_path), "tflite-arm", tmp_path / "out").report
+    assert report["status"] == "ok" and report["target"]["name"] == "tflite-arm"
+    assert report["model"]["inputs"][0]["shape"] == [1, 3, 8, 8]  # the source's view, not the lowered one
+    assert {"fold-constants", "fold-batchnorm"} <= {p["name"] for p in report["passes"]}
+    assert report["lowering"]["io"]["inputs"][0]["perm"] == [0, 2, 3, 1]
+    assert report["artifacts"][0]["file"] == "model.tflite"
+
+
+def test_inspect_counts_macs_per_layer(tmp_path):
+    g = GraphBuilder()
+    c = g.op("Conv", ["x", g.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1], strides=[2, 2], name="conv")
+    d = g.op("Conv", [c, g.weight(8, 1, 3, 3)], pads=[1, 1, 1, 1], group=8, name="dw")
+    y = g.op("Gemm", [g.op("Flatten", [d]), g.weight(128, 10)], name="fc")
+    summary = inspect_file(save(g.model({"x": ["n", 3, 8, 8]}, {y: ["n", 10]}), tmp_path), {"x": (1, 3, 8, 8)})
+    macs = {row["name"]: row["macs"] for row in summary["layers"]}
+    assert macs == {"conv": 8 * 4 * 4 * 3 * 9, "dw": 8 * 4 * 4 * 9, "fc": 10 * 128}
+    assert summary["macs"] == sum(macs.values())
+    assert summary["params"] == 8 * 27 + 8 * 9 + 1280
+    assert summary["op_histogram"] == {"Conv": 2, "Flatten": 1, "Gemm": 1}
+
+
+def test_inspect_cli_json(tmp_path):
+    result = CliRunner().invoke(app, ["inspect", str(_classifier(tmp_path)), "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["size_bytes"] > 0 and data["macs"] > 0
+
+
+def test_the_four_targets_ship(repo):
+    assert known_targets() == ["ort-arm", "ort-x86", "tflite-arm", "tflite-x86"]
+    assert {load_target(t).arch for t in known_targets()} == {"arm64", "x86_64"}
+
+
+def test_a_target_file_is_validated(tmp_path):
+    (tmp_path / "t.toml").write_text('name = "t"\nbackend = "tflite"\narch = "riscv"\n')
+    with pytest.raises(TargetError, match="arch must be one of"):
+        load_target(str(tmp_path / "t.toml"))
+    (tmp_path / "u.toml").write_text('name = "u"\nbackend = "ort"\narch = "x86_64"\nthreds = 2\n')
+    with pytest.raises(TargetError, match="unknown keys \\['threds'\\]"):
+        load_target(str(tmp_path / "u.toml"))
+
+
+def test_a_new_target_is_just_a_file(tmp_path):
+    (tmp_path / "ort-x86-1t.toml").write_text(
+        'name = "ort-x86-1t"\nbackend = "ort"\narch = "x86_64"\n[runtime]\nthreads = 1\ngraph_optimization = "basic"\nformats = ["onnx"]\n')
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    result = build(save(g.model({"x": [1, 4]}, {y: [1, 4]}), tmp_path), str(tmp_path / "ort-x86-1t.toml"), tmp_path / "out")
+    assert [p.name for p in result.artifacts] == ["model.onnx"]
