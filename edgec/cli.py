@@ -130,12 +130,12 @@ def _print_artifacts(result) -> None:
 
 def _print_verification(v: dict) -> None:
     table = Table(title=f"Verification ({v['inputs']['source']}; tolerance {v['tolerance']:g})", title_justify="left")
-    for col in ("output", "max abs err", "relative", "cosine", "top-1 agree", "accuracy src→art", "ok"):
-        table.add_column(col)
+    for col in ("output", "max err", "rel err", "cosine", "top-1 agree", "acc src→art", "ok"):
+        table.add_column(col, no_wrap=True)
     for o in v["outputs"]:
-        acc = f"{o['accuracy_source']:.4f}→{o['accuracy_artifact']:.4f}" if "accuracy_source" in o else "-"
-        agree = f"{o['top1_agreement']:.4f}" if "top1_agreement" in o else "-"
-        table.add_row(o["name"], f"{o['max_abs_error']:.3g}", f"{o['relative_error']:.3g}", f"{o['cosine']:.6f}", agree, acc, "✓" if o["passed"] else "✗")
+        acc = f"{o['accuracy_source']:.3f}→{o['accuracy_artifact']:.3f}" if "accuracy_source" in o else "-"
+        agree = f"{o['top1_agreement']:.3f}" if "top1_agreement" in o else "-"
+        table.add_row(o["name"], f"{o['max_abs_error']:.2g}", f"{o['relative_error']:.2g}", f"{o['cosine']:.6f}", agree, acc, "✓" if o["passed"] else "✗")
     out.print(table)
 
 
