@@ -1,0 +1,109 @@
+"""The zoo, end to end: every model builds for every target in fp32 and matches its source
+within 1e-4 × max|output|; trained classifiers' fp32 artifacts reproduce the held-out
+accuracy recorded in models/zoo.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import onnx
+import pytest
+from conftest import REPO
+
+from edgec.build import BuildOptions, build
+from edgec.lower.tflite.convert import op_histogram
+from edgec.targets import known_targets, load_target
+
+ZOO = json.loads((REPO / "models" / "zoo.json").read_text())
+BY_NAME = {e["name"]: e for e in ZOO}
+TARGETS = known_targets()
+
+
+def _path(entry):
+    return REPO / "models" / entry["file"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_zoo_model_builds_and_verifies(name, target, tmp_path):
+    entry = BY_NAME[name]
+    options = BuildOptions(inputs=str(REPO / entry["eval_data"]) if entry["eval_data"] else None)
+    result = build(_path(entry), target, tmp_path / "out", options)
+    verification = result.verification
+    assert verification.passed
+    for output in verification.outputs:
+        assert output.max_abs_error <= 1e-4 * output.max_abs_reference, output
+    if entry["task"] == "classification":
+        recorded = entry["metrics"]["top1"]
+        logits = verification.outputs[0]
+        assert logits.accuracy_source == pytest.approx(recorded, abs=1e-6)
+        assert logits.accuracy_artifact == pytest.approx(recorded, abs=1e-6)
+    if "original_tflite" in entry and load_target(target).backend == "tflite":
+        _assert_no_worse_than_original(entry, next(p for p in result.artifacts if p.suffix == ".tflite"))
+
+
+# Ops that only exist because of a layout change or a converter's bookkeeping.
+LAYOUT_OPS = ("TRANSPOSE", "RESHAPE", "PAD")
+
+
+def _assert_no_worse_than_original(entry, artifact):
+    """A TFLite model that went TFLite -> ONNX -> edgec -> TFLite comes back without the
+    Transposes tf2onnx put around every conv: no more layout ops than the original and
+    the same number of compute ops."""
+    original = op_histogram((REPO / "models" / entry["original_tflite"]).read_bytes())
+    lowered = op_histogram(artifact.read_bytes())
+    for op in LAYOUT_OPS:
+        assert lowered.get(op, 0) <= original.get(op, 0), (op, lowered, original)
+    for op in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+        assert lowered.get(op, 0) == original.get(op, 0), (op, lowered, original)
+
+
+def test_zoo_files_match_their_records():
+    for entry in ZOO:
+        content = _path(entry).read_bytes()
+        assert hashlib.sha256(content).hexdigest() == entry["sha256"], entry["name"]
+        assert len(content) < 5 * 2**20
+
+
+def test_classifiers_are_trained_on_real_data():
+    classifiers = [e for e in ZOO if e["task"] == "classification"]
+    assert len(classifiers) >= 6
+    for entry in classifiers:
+        assert entry["metrics"]["n"] == 600 and entry["metrics"]["top1"] >= 0.95, entry["name"]
+        assert (REPO / entry["eval_data"]).is_file() and (REPO / entry["calib_data"]).is_file()
+
+
+# Patterns each architecture is in the zoo for (op types that must appear in its ONNX).
+EXPECTED_OPS = {
+    "mobilenetv2": {"Conv", "BatchNormalization", "Clip", "Add", "GlobalAveragePool", "Gemm"},
+    "resnet": {"Conv", "BatchNormalization", "Add", "Relu", "MaxPool", "Gemm"},
+    "mobilenetv3": {"HardSwish", "HardSigmoid", "Sigmoid", "Mul", "GlobalAveragePool"},
+    "unet": {"ConvTranspose", "Resize", "Concat", "MaxPool"},
+    "vgg": {"Flatten", "Gemm", "MaxPool", "BatchNormalization"},
+    "mlp": {"Gemm", "Relu"},
+    "transformer": {"MatMul", "LayerNormalization", "Softmax", "Erf", "Transpose", "Reshape"},
+    "keras_cnn": {"Transpose", "Pad", "PRelu", "Clip", "Conv"},
+    "blazeface": {"Transpose", "Pad", "Conv", "Concat"},
+    "face_landmark": {"PRelu", "Pad", "Conv"},
+    "selfie_segmentation": {"Transpose", "HardSwish", "Resize", "ConvTranspose"},
+    "palm_detection": {"PRelu", "Resize", "Concat"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_OPS))
+def test_zoo_model_has_its_patterns(name):
+    ops = {n.op_type for n in onnx.load(_path(BY_NAME[name])).graph.node}
+    assert EXPECTED_OPS[name] <= ops, EXPECTED_OPS[name] - ops
+
+
+def test_keras_model_reaches_onnx_nhwc():
+    entry = BY_NAME["keras_cnn"]
+    assert entry["inputs"][0]["shape"] == [1, 32, 32, 1] and entry["exporter"] == "tf2onnx-keras"
+
+
+def test_a_pretrained_production_model_is_included():
+    pretrained = [e for e in ZOO if e["exporter"] == "tf2onnx-tflite"]
+    assert pretrained
+    for entry in pretrained:
+        assert (REPO / "models" / entry["original_tflite"]).is_file()
