@@ -27,8 +27,13 @@ def captured_stderr() -> Iterator[IO[str]]:
 
 
 def import_tensorflow():
-    """Import TensorFlow without its start-up log lines (harmless CUDA probes on CPU hosts)."""
+    """Import TensorFlow without its start-up log lines (harmless CUDA probes on CPU hosts).
+
+    Listing devices runs the CUDA probe now, muted, instead of at the first layer built.
+    """
     with captured_stderr():
         import tensorflow
+
+        tensorflow.config.list_physical_devices()
 
     return tensorflow
