@@ -89,18 +89,20 @@ def test_op_unknown_to_onnx_runtime(tmp_path):
                           tmp_path / "out", "Foo", "node 'foo1'", "ort-x86")
 
 
-def test_dynamic_input_without_shape(tmp_path):
+def _dynamic_batch_model(tmp_path):
     g = GraphBuilder()
     y = g.op("Relu", ["x"])
-    path = save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+    return save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+
+
+def test_dynamic_input_without_shape(tmp_path):
+    path = _dynamic_batch_model(tmp_path)
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
                           tmp_path / "out", "dynamic dimensions", "'x' (batchx3x8x8)", "--input-shape x=")
 
 
 def test_dynamic_input_with_shape_builds(tmp_path):
-    g = GraphBuilder()
-    y = g.op("Relu", ["x"])
-    path = save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+    path = _dynamic_batch_model(tmp_path)
     result = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--input-shape", "x=2x3x8x8")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "report.json").is_file()
