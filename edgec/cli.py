@@ -12,6 +12,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import DynamicShapeError, EdgecError
+from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -35,6 +36,8 @@ InputShapeOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks (for bug reports).")]
+ToleranceOpt = Annotated[Optional[float], typer.Option(help="Max abs error as a fraction of max |output|; overrides the target's (fp32 default 1e-4).")]
+MinCosineOpt = Annotated[Optional[float], typer.Option(help="Minimum cosine similarity of each output to the source's; overrides the target's (int8 default 0.98).")]
 
 
 def _handles_errors(fn):
@@ -103,7 +106,12 @@ def build(
     input_shape: InputShapeOpt = None,
     inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz (arrays keyed by input name, samples on axis 0, optional 'label') or .npy used to verify; seeded random data otherwise.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches of --inputs.")] = None,
-    tolerance: Annotated[Optional[float], typer.Option(help="Max abs error as a fraction of max |output|; overrides the target's.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (full-integer); the target's default otherwise.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="int8 calibration samples: .npz keyed by input name, or .npy for one input (samples on axis 0).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibrate on at most this many batches of --calib.")] = 128,
+    int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 artifacts take and return int8 tensors (default: float I/O).")] = False,
+    tolerance: ToleranceOpt = None,
+    min_cosine: MinCosineOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random verification inputs.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every pass.")] = False,
     as_json: JsonOpt = False,
@@ -113,8 +121,17 @@ def build(
     from edgec.build import BuildOptions
     from edgec.build import build as run_build
 
-    options = BuildOptions(parse_input_shapes(input_shape), str(inputs) if inputs else None, max_samples, tolerance, seed)
-    result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
+    options = BuildOptions(
+        input_shapes=parse_input_shapes(input_shape), inputs=str(inputs) if inputs else None, max_samples=max_samples,
+        tolerance=tolerance, min_cosine=min_cosine, seed=seed, precision=precision,
+        calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EdgecWarning)
+        result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
+    for warning in caught:
+        if issubclass(warning.category, EdgecWarning):
+            err.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(data=result.report)
         return
@@ -129,7 +146,8 @@ def _print_artifacts(result) -> None:
 
 
 def _print_verification(v: dict) -> None:
-    table = Table(title=f"Verification ({v['inputs']['source']}; tolerance {v['tolerance']:g})", title_justify="left")
+    required = ", ".join(f"{k} {val:g}" for k, val in v["criterion"].items())
+    table = Table(title=f"Verification ({v['inputs']['source']}; {required})", title_justify="left")
     for col in ("output", "max err", "rel err", "cosine", "top-1 agree", "acc src→art", "ok"):
         table.add_column(col, no_wrap=True)
     for o in v["outputs"]:
@@ -146,7 +164,8 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="An artifact built from it (.tflite, .onnx or .ort).")],
     inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs file, as for build.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches.")] = None,
-    tolerance: Annotated[float, typer.Option(help="Max abs error as a fraction of max |output|.")] = 1e-4,
+    tolerance: ToleranceOpt = None,
+    min_cosine: MinCosineOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random inputs.")] = 0,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -154,9 +173,13 @@ def verify(
     """Run SOURCE and ARTIFACT on the same inputs and compare their outputs."""
     from edgec.build import BuildOptions, source_runner, verify_runners
     from edgec.runtime import open_runner
+    from edgec.verify import Criterion
 
     options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed)
-    result = verify_runners(source_runner(source), open_runner(artifact), options, tolerance).to_dict()
+    if tolerance is None and min_cosine is None:
+        tolerance = 1e-4
+    criterion = Criterion(tolerance, min_cosine)
+    result = verify_runners(source_runner(source), open_runner(artifact), options, criterion).to_dict()
     if as_json:
         out.print_json(data=result)
     else:

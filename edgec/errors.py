@@ -19,6 +19,10 @@ class EdgecError(Exception):
         super().__init__(message if hint is None else f"{message} {hint}")
 
 
+class EdgecWarning(UserWarning):
+    """Something a user should know that does not stop the build (e.g. random calibration)."""
+
+
 class ModelLoadError(EdgecError):
     """The file is missing, unreadable, not ONNX, truncated or refers outside itself."""
 

@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from edgec.errors import TargetError
+from edgec.verify import Criterion
 
 TARGETS_DIR = Path(os.environ.get("EDGEC_TARGETS_DIR", Path(__file__).resolve().parent.parent / "targets"))
 
 KNOWN_BACKENDS = ("tflite", "ort")
 KNOWN_ARCHS = ("arm64", "x86_64")
-KNOWN_PRECISIONS = ("fp32",)
+KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
+# What verification demands of each precision unless a target's [verify.<precision>] says otherwise.
+DEFAULT_CRITERIA = {
+    "fp32": Criterion(tolerance=1e-4),
+    "fp16": Criterion(tolerance=1e-2),
+    "int8": Criterion(min_cosine=0.98),
+}
 _TOP_LEVEL_KEYS = {"name", "description", "backend", "arch", "precision", "runtime", "verify"}
 
 
@@ -32,11 +39,12 @@ class Target:
     precision: str
     threads: int
     runtime: dict[str, Any]
-    tolerance: float
+    criteria: dict[str, Criterion]
     path: str
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["criteria"] = {p: c.to_dict() for p, c in self.criteria.items()}
         data["path"] = Path(self.path).name
         return data
 
@@ -77,12 +85,25 @@ def _parse(data: dict[str, Any], path: Path) -> Target:
         precision=_choice(data, "precision", KNOWN_PRECISIONS, path, default="fp32"),
         threads=int(runtime.pop("threads", 1)),
         runtime=runtime,
-        tolerance=float(verify.get("tolerance", 1e-4)),
+        criteria=_criteria(verify, path),
         path=str(path),
     )
     if target.threads < 1:
         raise TargetError(f"Target file '{path}': runtime.threads must be at least 1, not {target.threads}.")
     return target
+
+
+def _criteria(verify: dict[str, Any], path: Path) -> dict[str, Criterion]:
+    """``[verify]`` holds the fp32 criterion; ``[verify.fp16]``/``[verify.int8]`` the others."""
+    tables = {"fp32": {k: v for k, v in verify.items() if k not in KNOWN_PRECISIONS}}
+    tables.update({p: v for p, v in verify.items() if p in KNOWN_PRECISIONS})
+    criteria = dict(DEFAULT_CRITERIA)
+    for precision, table in tables.items():
+        allowed = {f.name for f in dataclasses.fields(Criterion)}
+        if not isinstance(table, dict) or set(table) - allowed:
+            raise TargetError(f"Target file '{path}': [verify] entries for {precision} may only set {sorted(allowed)}.")
+        criteria[precision] = dataclasses.replace(DEFAULT_CRITERIA[precision], **{k: float(v) for k, v in table.items()})
+    return criteria
 
 
 def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], path: Path, default: str | None = None) -> str:

@@ -126,6 +126,31 @@ def _as_stack(array: np.ndarray, spec: TensorSpec, path) -> np.ndarray:
     return array[:usable].reshape((usable // batch,) + shape).astype(spec.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class Criterion:
+    """When an artifact's output counts as the source's.
+
+    fp32 artifacts must match almost exactly (max abs error relative to max |output|);
+    int8 ones cannot, so they are held to a direction match (cosine) over all samples, and
+    their top-1 agreement and accuracy are reported beside it.
+    """
+
+    tolerance: float | None = None
+    min_cosine: float | None = None
+
+    def accepts(self, c: OutputComparison) -> bool:
+        within = self.tolerance is None or c.relative_error <= self.tolerance
+        return within and (self.min_cosine is None or c.cosine >= self.min_cosine)
+
+    def describe(self) -> str:
+        parts = [f"rel err ≤ {self.tolerance:g}"] if self.tolerance is not None else []
+        parts += [f"cosine ≥ {self.min_cosine:g}"] if self.min_cosine is not None else []
+        return ", ".join(parts) or "none"
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclasses.dataclass
 class OutputComparison:
     name: str
@@ -147,7 +172,7 @@ class OutputComparison:
 @dataclasses.dataclass
 class Verification:
     passed: bool
-    tolerance: float
+    criterion: Criterion
     inputs: dict[str, Any]
     source_runtime: str
     artifact_runtime: str
@@ -155,6 +180,7 @@ class Verification:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        data["criterion"] = self.criterion.to_dict()
         data["outputs"] = [o.to_dict() for o in self.outputs]
         return data
 
@@ -162,15 +188,15 @@ class Verification:
         return max(self.outputs, key=lambda o: o.relative_error)
 
 
-def compare(source: Runner, artifact: Runner, inputs: InputSet, tolerance: float) -> Verification:
+def compare(source: Runner, artifact: Runner, inputs: InputSet, criterion: Criterion) -> Verification:
     """Run both models on every batch and compare each output."""
     _check_signatures(source, artifact)
     ref = _run_all(source, inputs.batches)
     got = _run_all(artifact, inputs.batches)
-    outputs = [_compare_output(name, ref[name], got[name], inputs.labels, tolerance) for name in ref]
+    outputs = [_compare_output(name, ref[name], got[name], inputs.labels, criterion) for name in ref]
     return Verification(
         passed=all(o.passed for o in outputs),
-        tolerance=tolerance,
+        criterion=criterion,
         inputs=inputs.to_dict(),
         source_runtime=source.runtime,
         artifact_runtime=artifact.runtime,
@@ -194,7 +220,7 @@ def _run_all(runner: Runner, batches: list[Sample]) -> dict[str, np.ndarray]:
     return {name: np.stack([r[name] for r in results]) for name in results[0]}
 
 
-def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, tolerance: float) -> OutputComparison:
+def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, criterion: Criterion) -> OutputComparison:
     ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
     if ref64.shape != got64.shape:
         return OutputComparison(name, list(ref.shape[1:]), float("inf"), _max_abs(ref64), float("inf"), float("inf"), 0.0, False)
@@ -212,8 +238,9 @@ def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, toleran
         relative_error=relative,
         mean_abs_error=float(diff.mean()) if diff.size else 0.0,
         cosine=_cosine(ref64, got64),
-        passed=relative <= tolerance,
+        passed=False,
     )
+    comparison.passed = criterion.accepts(comparison)
     _add_classification(comparison, ref64, got64, labels)
     return comparison
 

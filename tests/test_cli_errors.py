@@ -188,3 +188,20 @@ def test_real_process_exit_code_and_stderr(tmp_path):
     )
     assert proc.returncode == 2
     assert "No such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("target", "precision", "fragment"), [
+    ("ort-x86", "int8", "Backend 'ort' (target 'ort-x86') cannot build int8 yet"),
+    ("tflite-arm", "int4", "cannot build int4"),
+])
+def test_precision_the_backend_cannot_build(tmp_path, target, precision, fragment):
+    path = save(_tiny_model(), tmp_path)
+    result = _cli("build", str(path), "-t", target, "-o", str(tmp_path / "out"), "--precision", precision)
+    _assert_clean_failure(result, tmp_path / "out", fragment, "it builds")
+
+
+def test_int8_without_calibration_data_warns(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    result = _cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), "--precision", "int8", "--json")
+    assert result.exit_code == 0, result.output
+    assert "warning: Quantizing with random calibration inputs" in " ".join(result.output.split())

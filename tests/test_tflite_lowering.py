@@ -9,6 +9,7 @@ import pytest
 from helpers import GraphBuilder, save
 
 from edgec.build import BuildOptions, build
+from edgec.errors import EdgecWarning
 from edgec.lower.tflite import to_keras
 from edgec.lower.tflite.registry import supported_ops
 
@@ -254,3 +255,37 @@ def test_unsupported_resize_mode_is_reported(tmp_path):
     with pytest.raises(UnsupportedOpError, match="mode 'cubic'") as info:
         lower(image_model(g, y, [1, 4, 16, 16]), tmp_path)
     assert info.value.node_name == "bicubic_up"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pattern_lowers_to_int8(name, tmp_path):
+    """Full-integer where TFLite has int8 kernels; every output keeps its direction (cosine).
+
+    0.95 rather than the int8 default 0.98: these are random-weight graphs calibrated on
+    random data, and an int8 Q·Kᵀ of random attention weights lands at ~0.965.
+    """
+    path = save(CASES[name](GraphBuilder()), tmp_path)
+    options = BuildOptions(seed=3, precision="int8", calib_samples=64, min_cosine=0.95)
+    with pytest.warns(EdgecWarning, match="random calibration"):
+        result = build(path, "tflite-arm", tmp_path / "out", options)
+    assert result.report["calibration"]["real_data"] is False
+    assert all(o.cosine >= 0.95 for o in result.verification.outputs), result.verification.to_dict()
+    lowering = result.report["lowering"]
+    assert not set(lowering["float_ops"]) & {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}, lowering["float_ops"]
+
+
+def test_int8_io_artifact_takes_int8_and_runs_in_source_terms(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Relu", [conv(g, "x", 3, 8)])
+    path = save(image_model(g, y, [1, 8, 8, 8]), tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    options = BuildOptions(precision="int8", calib=str(calib), int8_io=True)
+    result = build(path, "tflite-x86", tmp_path / "out", options)
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(result.artifacts[0]))
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert result.report["calibration"]["real_data"] is True and not result.report["lowering"]["float_ops"]
+    assert result.verification.outputs[0].cosine >= 0.99

@@ -39,7 +39,16 @@ def test_zoo_model_builds_and_verifies(name, target, tmp_path):
         logits = verification.outputs[0]
         assert logits.accuracy_source == pytest.approx(recorded, abs=1e-6)
         assert logits.accuracy_artifact == pytest.approx(recorded, abs=1e-6)
-    if "original_tflite" in entry and load_target(target).backend == "tflite":
+    if load_target(target).backend == "tflite":
+        _assert_layout_is_native(entry, result)
+
+
+def _assert_layout_is_native(entry, result):
+    """Conv nets lower without a single Transpose; TFLite round trips add no layout ops."""
+    ops = result.report["lowering"]["tflite_ops"]
+    if entry["name"] != "transformer":  # its attention heads transpose in any layout
+        assert "TRANSPOSE" not in ops, ops
+    if "original_tflite" in entry:
         _assert_no_worse_than_original(entry, next(p for p in result.artifacts if p.suffix == ".tflite"))
 
 
@@ -107,3 +116,22 @@ def test_a_pretrained_production_model_is_included():
     assert pretrained
     for entry in pretrained:
         assert (REPO / "models" / entry["original_tflite"]).is_file()
+
+
+WITH_CALIBRATION = sorted(e["name"] for e in ZOO if e["calib_data"])
+
+
+@pytest.mark.parametrize("name", WITH_CALIBRATION)
+def test_zoo_model_builds_full_integer_tflite(name, tmp_path):
+    """int8 with the zoo's calibration split: conv/fc in int8, held-out top-1 within 1 point."""
+    entry = BY_NAME[name]
+    options = BuildOptions(inputs=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]), precision="int8")
+    result = build(_path(entry), "tflite-arm", tmp_path / "out", options)
+    lowering = result.report["lowering"]
+    assert result.report["calibration"]["real_data"] is True
+    assert {"CONV_2D", "FULLY_CONNECTED"} & set(lowering["tflite_ops"])
+    assert not {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL"} & set(lowering["float_ops"])
+    output = result.verification.outputs[0]
+    assert output.cosine >= 0.98
+    if entry["task"] == "classification":
+        assert output.accuracy_artifact >= output.accuracy_source - 0.01, (output.accuracy_source, output.accuracy_artifact)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import TargetError
@@ -28,23 +29,38 @@ class Lowered:
 
 
 @dataclasses.dataclass(frozen=True)
+class LowerOptions:
+    """What a backend needs besides the model and target.
+
+    ``calibration`` holds samples in the source model's layout, keyed by input name
+    (the build loads them; backends never touch files).
+    """
+
+    precision: str = "fp32"
+    calibration: Sequence[dict[str, np.ndarray]] = ()
+    int8_io: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
 class Backend:
     module: str
     runtime_options: frozenset[str]
+    precisions: frozenset[str]
 
-    def lower(self, model: ir.Model, target: Target, stem: str) -> Lowered:
-        fn: Callable[[ir.Model, Target, str], Lowered] = importlib.import_module(self.module).lower
-        return fn(model, target, stem)
+    def lower(self, model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
+        fn: Callable[[ir.Model, Target, str, LowerOptions], Lowered] = importlib.import_module(self.module).lower
+        return fn(model, target, stem, options)
 
 
-# Backend name (as written in targets/*.toml) → module with `lower(model, target, stem)`.
+# Backend name (as written in targets/*.toml) → module with `lower(model, target, stem, options)`.
 BACKENDS = {
-    "ort": Backend("edgec.lower.ort", frozenset({"graph_optimization", "formats"})),
-    "tflite": Backend("edgec.lower.tflite", frozenset({"xnnpack"})),
+    "ort": Backend("edgec.lower.ort", frozenset({"graph_optimization", "formats"}), frozenset({"fp32"})),
+    "tflite": Backend("edgec.lower.tflite", frozenset({"xnnpack"}), frozenset({"fp32", "fp16", "int8"})),
 }
 
 
-def lower(model: ir.Model, target: Target, stem: str = "model") -> Lowered:
+def lower(model: ir.Model, target: Target, stem: str = "model", options: LowerOptions | None = None) -> Lowered:
+    options = options or LowerOptions(precision=target.precision)
     backend = BACKENDS[target.backend]
     unknown = sorted(set(target.runtime) - backend.runtime_options)
     if unknown:
@@ -52,5 +68,11 @@ def lower(model: ir.Model, target: Target, stem: str = "model") -> Lowered:
             f"Target '{target.name}' sets runtime options {unknown} that backend '{target.backend}' "
             f"does not know; it accepts {sorted(backend.runtime_options | {'threads'})}."
         )
+    if options.precision not in backend.precisions:
+        raise TargetError(
+            f"Backend '{target.backend}' (target '{target.name}') cannot build {options.precision} yet; "
+            f"it builds {sorted(backend.precisions)}.",
+            hint="Pick another precision, or a target whose backend supports it (see `edgec targets`).",
+        )
     # Backends rewrite the graph (layout, fusion); the caller's model stays as it was.
-    return backend.lower(model.clone(), target, stem)
+    return backend.lower(model.clone(), target, stem, options)

@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from edgec.errors import TargetError, UnsupportedOpError
-from edgec.lower import Lowered
+from edgec.lower import Lowered, LowerOptions
 from edgec.model import to_bytes
 from edgec.runtime.ort import GRAPH_OPTIMIZATION_LEVELS, session_options
 from edgec.targets import Target
@@ -25,7 +25,8 @@ _NO_KERNEL = re.compile(r"implementation for (\w+)\((\d+)\) node with name '([^'
 _UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
-def lower(model: ir.Model, target: Target, stem: str) -> Lowered:
+def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
+    """fp32 only for now (``BACKENDS`` declares it), so ``options`` carries nothing used here."""
     level = target.runtime.get("graph_optimization", "extended")
     formats = list(target.runtime.get("formats", FORMATS))
     _check_options(target, level, formats)

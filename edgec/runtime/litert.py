@@ -71,13 +71,14 @@ class LiteRTRunner(Runner):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for b in self._in:
-            self.interpreter.set_tensor(b.index, np.ascontiguousarray(feeds[b.name].transpose(b.perm)))
+            self.interpreter.set_tensor(b.index, b.quantize(np.ascontiguousarray(feeds[b.name].transpose(b.perm))))
         self.interpreter.invoke()
-        return {b.name: self.interpreter.get_tensor(b.index).transpose(b.inverse) for b in self._out}
+        return {b.name: b.dequantize(self.interpreter.get_tensor(b.index)).transpose(b.inverse) for b in self._out}
 
 
 class _Binding:
-    """One tensor: source name, TFLite tensor index, and the permutation between layouts."""
+    """One tensor: source name, TFLite tensor index, the permutation between layouts and,
+    for edgec's int8-I/O models, the quantization that maps it to the source's float values."""
 
     def __init__(self, entry: dict, details: dict):
         self.name = entry["name"]
@@ -86,4 +87,21 @@ class _Binding:
         self.perm = tuple(entry.get("perm", range(len(native_shape))))
         self.inverse = tuple(int(i) for i in np.argsort(self.perm))
         source_shape = tuple(native_shape[i] for i in self.inverse)
-        self.spec = TensorSpec(self.name, source_shape, np.dtype(details["dtype"]))
+        self.native_dtype = np.dtype(details["dtype"])
+        self.scale, self.zero_point = details["quantization"]
+        # Only edgec's own files (with a perm entry) promise float semantics at the boundary.
+        self.quantized = "perm" in entry and self.native_dtype.kind in "iu" and self.scale > 0
+        dtype = np.dtype(np.float32) if self.quantized else self.native_dtype
+        self.spec = TensorSpec(self.name, source_shape, dtype)
+
+    def quantize(self, array: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return array
+        info = np.iinfo(self.native_dtype)
+        q = np.round(array / self.scale) + self.zero_point
+        return np.clip(q, info.min, info.max).astype(self.native_dtype)
+
+    def dequantize(self, array: np.ndarray) -> np.ndarray:
+        if not self.quantized:
+            return array
+        return ((array.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)

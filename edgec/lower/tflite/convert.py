@@ -8,6 +8,8 @@ fetches nothing.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Sequence
 
 import flatbuffers
 import numpy as np
@@ -22,12 +24,37 @@ from edgec.quiet import captured_stderr
 _FILE_IDENTIFIER = b"TFL3"
 
 
-def keras_to_tflite(model: keras.Model, target: str) -> bytes:
+def keras_to_tflite(
+    model: keras.Model,
+    target: str,
+    precision: str = "fp32",
+    representative: Sequence[list[np.ndarray]] = (),
+    int8_io: bool = False,
+) -> bytes:
+    """Convert with TFLite's converter: fp32; fp16 weights; or full-integer int8.
+
+    int8 is the converter's post-training full-integer quantization (per-channel int8
+    weights, per-tensor int8 activations calibrated by min/max on ``representative``, which
+    holds one list of Keras-ordered, Keras-layout input arrays per sample). Ops without an
+    int8 kernel stay float (see ``float_op_histogram``); I/O stays float unless ``int8_io``.
+    """
     logging.getLogger("absl").setLevel(logging.ERROR)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif precision == "int8":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: iter(representative)
+        # int8 kernels first; an op with none stays float between (de)quantize ops.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        if int8_io:
+            converter.inference_input_type = converter.inference_output_type = tf.int8
     try:
-        with captured_stderr():  # the converter logs every MLIR pass to fd 2
+        with captured_stderr(), warnings.catch_warnings():  # the converter logs every MLIR pass to fd 2
+            # Emitted by the converter's own intermediate float pass during int8 calibration.
+            warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
             return converter.convert()
     except Exception as exc:  # ConverterError and friends carry MLIR diagnostics
         raise UnsupportedOpError(
@@ -62,15 +89,37 @@ _BUILTIN_NAMES = {v: k for k, v in vars(tfl_schema.BuiltinOperator).items() if n
 
 def op_histogram(content: bytes) -> dict[str, int]:
     """Count the operators of a .tflite's main subgraph by builtin name."""
+    return _count(op for op, _ in _operators(content))
+
+
+def float_op_histogram(content: bytes) -> dict[str, int]:
+    """Count the operators that compute in float (their first output is float32 or float16).
+
+    After full-integer quantization only the I/O (DE)QUANTIZE ops and ops the runtime has
+    no int8 kernel for are left here.
+    """
+    floats = (tfl_schema.TensorType.FLOAT32, tfl_schema.TensorType.FLOAT16)
+    return _count(op for op, output_type in _operators(content) if output_type in floats and op != "DEQUANTIZE")
+
+
+def _operators(content: bytes) -> list[tuple[str, int]]:
+    """(builtin name, first output's tensor type) for each op of the main subgraph."""
     model = tfl_schema.Model.GetRootAs(content, 0)
     codes = []
     for i in range(model.OperatorCodesLength()):
         code = model.OperatorCodes(i)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         codes.append(_BUILTIN_NAMES.get(builtin, f"CUSTOM:{code.CustomCode()}"))
-    counts: dict[str, int] = {}
     graph = model.Subgraphs(0)
+    ops = []
     for i in range(graph.OperatorsLength()):
-        name = codes[graph.Operators(i).OpcodeIndex()]
+        op = graph.Operators(i)
+        ops.append((codes[op.OpcodeIndex()], graph.Tensors(op.Outputs(0)).Type()))
+    return ops
+
+
+def _count(names) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in names:
         counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))

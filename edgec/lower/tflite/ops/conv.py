@@ -15,8 +15,6 @@ from edgec.lower.tflite.registry import rule
 from edgec.passes.layout import CL_DOMAIN
 
 # Float32 lowest: padding value under which a max pool never picks the pad.
-_MAX_POOL_PAD = float(np.finfo(np.float32).min)
-
 _LAYERS = {
     1: {"conv": keras.layers.Conv1D, "depthwise": keras.layers.DepthwiseConv1D, "transpose": keras.layers.Conv1DTranspose,
         "zero_pad": keras.layers.ZeroPadding1D, "crop": keras.layers.Cropping1D, "max": keras.layers.MaxPool1D,
@@ -40,22 +38,33 @@ def _geometry(ctx, kernel_shape, strides, dilations):
     return spatial_in, spatial_out, list(kernel_shape), list(strides or [1] * n), list(dilations or [1] * n)
 
 
-def _pad_input(ctx, x, pads, layers_, value: float = 0.0):
-    """Pad explicitly; zero padding as a Keras layer, other values as a TF pad."""
-    if value == 0.0:
-        return layers_["zero_pad"](_spec(pads), name=ctx.name("_pad"))(x)
-    paddings = [[0, 0], *[list(p) for p in pads], [0, 0]]
-    return tf.pad(x, paddings, constant_values=value)
+def _zero_pad(ctx, x, pads, layers_):
+    return layers_["zero_pad"](_spec(pads), name=ctx.name("_pad"))(x)
 
 
-def _padded(ctx, x, auto_pad, pads, geometry, layers_, pad_value: float = 0.0):
+def _edge_pad(ctx, x, pads, layers_):
+    """Replicate border values outwards, one row/column per step (SYMMETRIC mirror pad).
+
+    For undilated max pooling this is exact: every window that reads a pad position also
+    reads the border value it copies. Unlike padding with -FLT_MAX it keeps the tensor's
+    range, which int8 calibration needs.
+    """
+    remaining = [list(p) for p in pads]
+    while any(max(p) > 0 for p in remaining):
+        step = [[min(before, 1), min(after, 1)] for before, after in remaining]
+        x = tf.pad(x, [[0, 0], *step, [0, 0]], mode="SYMMETRIC")
+        remaining = [[before - b, after - a] for (before, after), (b, a) in zip(remaining, step)]
+    return x
+
+
+def _padded(ctx, x, auto_pad, pads, geometry, layers_, pad=_zero_pad):
     """(input, keras padding): pads that Keras cannot express are applied explicitly."""
     spatial_in, spatial_out, kernel, strides, dilations = geometry
     per_axis = onnx_pads(auto_pad, pads, spatial_in, spatial_out, kernel, strides, dilations)
     padding = keras_padding(per_axis, spatial_in, kernel, strides, dilations)
     if padding is not None:
         return x, padding
-    return _pad_input(ctx, x, per_axis, layers_, pad_value), "valid"
+    return pad(ctx, x, per_axis, layers_), "valid"
 
 
 @rule("Conv", domain=CL_DOMAIN)
@@ -132,7 +141,7 @@ def max_pool(ctx, x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_s
     if max(geometry[4]) > 1:
         ctx.unsupported("dilated max pooling")
     layers_ = _layers(ctx, len(ctx.in_shape(0)))
-    x, padding = _padded(ctx, x, auto_pad, pads, geometry, layers_, pad_value=_MAX_POOL_PAD)
+    x, padding = _padded(ctx, x, auto_pad, pads, geometry, layers_, pad=_edge_pad)
     return layers_["max"](geometry[2], strides=geometry[3], padding=padding, name=ctx.name())(x)
 
 
@@ -147,7 +156,7 @@ def average_pool(ctx, x, *, auto_pad="NOTSET", ceil_mode=0, count_include_pad=0,
     padding = keras_padding(per_axis, spatial_in, kernel, strides_, dilations_)
     if padding == "valid" or (padding == "same" and not count_include_pad):
         return layers_["avg"](kernel, strides=strides_, padding=padding, name=ctx.name())(x)
-    padded = _pad_input(ctx, x, per_axis, layers_)
+    padded = _zero_pad(ctx, x, per_axis, layers_)
     y = layers_["avg"](kernel, strides=strides_, padding="valid", name=ctx.name())(padded)
     if count_include_pad:
         return y
