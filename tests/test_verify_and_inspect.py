@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import REPO
 from helpers import GraphBuilder, save
 from typer.testing import CliRunner
 
@@ -155,3 +156,12 @@ def test_a_new_target_is_just_a_file(tmp_path):
     y = g.op("Relu", ["x"])
     result = build(save(g.model({"x": [1, 4]}, {y: [1, 4]}), tmp_path), str(tmp_path / "ort-x86-1t.toml"), tmp_path / "out")
     assert [p.name for p in result.artifacts] == ["model.onnx"]
+
+
+def test_litert_runner_reads_a_tflite_without_signatures():
+    """MediaPipe's production files predate signatures; the runner binds tensors by name."""
+    runner = open_runner(REPO / "models" / "pretrained" / "hand_recrop.tflite")
+    assert [s.name for s in runner.inputs] and [s.name for s in runner.outputs]
+    (spec,) = runner.inputs
+    out = runner.run({spec.name: np.zeros(spec.shape, spec.dtype)})
+    assert set(out) == {s.name for s in runner.outputs}

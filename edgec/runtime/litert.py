@@ -57,8 +57,7 @@ class LiteRTRunner(Runner):
 
     def _bind(self, io_map: dict | None) -> None:
         """Pair source names with TFLite tensor indices and layout permutations."""
-        signature = self.interpreter.get_signature_runner()
-        in_details, out_details = signature.get_input_details(), signature.get_output_details()
+        in_details, out_details = self._details()
         if io_map is None:
             io_map = {
                 "inputs": [{"name": k, "key": k} for k in in_details],
@@ -68,6 +67,15 @@ class LiteRTRunner(Runner):
         self._out = [_Binding(e, out_details[e["key"]]) for e in io_map["outputs"]]
         self.inputs = [b.spec for b in self._in]
         self.outputs = [b.spec for b in self._out]
+
+    def _details(self) -> tuple[dict[str, dict], dict[str, dict]]:
+        """Input/output tensor details keyed by signature key, or by tensor name for files
+        written without a signature (older converters, e.g. MediaPipe's models)."""
+        if self.interpreter.get_signature_list():
+            signature = self.interpreter.get_signature_runner()
+            return signature.get_input_details(), signature.get_output_details()
+        return ({d["name"]: d for d in self.interpreter.get_input_details()},
+                {d["name"]: d for d in self.interpreter.get_output_details()})
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for b in self._in:
