@@ -289,3 +289,18 @@ def test_int8_io_artifact_takes_int8_and_runs_in_source_terms(tmp_path):
     assert interpreter.get_output_details()[0]["dtype"] == np.int8
     assert result.report["calibration"]["real_data"] is True and not result.report["lowering"]["float_ops"]
     assert result.verification.outputs[0].cosine >= 0.99
+
+
+def test_fp16_artifact_stores_half_weights_and_verifies(tmp_path):
+    g = GraphBuilder()
+    y = conv(g, g.op("Relu", [conv(g, "x", 3, 16)]), 16, 8)
+    path = save(image_model(g, y, [1, 8, 8, 8]), tmp_path)
+    fp32 = build(path, "tflite-arm", tmp_path / "fp32", BuildOptions())
+    fp16 = build(path, "tflite-arm", tmp_path / "fp16", BuildOptions(precision="fp16"))
+    from ai_edge_litert.interpreter import Interpreter
+
+    types = {t["dtype"] for t in Interpreter(model_path=str(fp16.artifacts[0])).get_tensor_details()}
+    assert np.float16 in types
+    assert fp16.artifacts[0].stat().st_size < fp32.artifacts[0].stat().st_size
+    assert fp16.report["verification"]["criterion"] == {"tolerance": 1e-2}
+    assert fp16.verification.passed
