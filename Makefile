@@ -27,7 +27,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Installs the `compare` extra (onnx2tf) so the benchmark can measure edgec against it.
 bench: setup
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,compare]'
 	$(BIN)/python -m edgec.bench -o build/bench.json
 
 # Regenerates the model zoo (trains on scikit-learn's digits, exports with torch / tf2onnx).

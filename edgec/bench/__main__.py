@@ -1,0 +1,3 @@
+from edgec.bench import main
+
+raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""The benchmark's bookkeeping (not its timings: those are only read as same-run ratios)."""
+
+from __future__ import annotations
+
+from edgec.bench import Bench, _converted, compare
+from edgec.runtime.litert import LiteRTRunner
+from conftest import REPO
+
+
+def test_round_trip_row_compares_the_original_tflite_with_edgecs(tmp_path):
+    bench = Bench(tmp_path, runs=2)
+    entry = next(e for e in bench.zoo if e["name"] == "hand_recrop")
+    row = bench.round_trip_row(entry)
+    assert set(row["latency_ms"]) == {"original", "edgec"}
+    assert row["edgec_vs_original"] > 0
+    assert (tmp_path / "hand_recrop" / "tflite-x86-fp32" / "hand_recrop.tflite").is_file()
+    assert len(bench.built) == 1  # a second section asking for the same build reuses it
+    bench.round_trip_row(entry)
+    assert len(bench.built) == 1
+
+
+def test_compare_alternates_rounds_and_keeps_the_quietest():
+    runner = LiteRTRunner(REPO / "models" / "pretrained" / "hand_recrop.tflite", threads=1)
+    result = compare({"a": runner}, runs=2, rounds=3)
+    assert len(result["a"]["round_medians_ms"]) == 3
+    assert result["a"]["best_median_ms"] == min(result["a"]["round_medians_ms"])
+
+
+def test_a_model_converts_only_if_every_row_of_it_did():
+    rows = [{"model": "a", "converts": True}, {"model": "a", "converts": False}, {"model": "b", "converts": True}]
+    assert _converted(rows) == "1/2"
