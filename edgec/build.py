@@ -21,6 +21,7 @@ import onnx_ir as ir
 from edgec import __version__
 from edgec.analysis import summarize
 from edgec.errors import EdgecWarning, VerificationError
+from edgec.images import ImagePreprocess
 from edgec.lower import Lowered, LowerOptions, lower
 from edgec.model import load, load_proto
 from edgec.outputs import OutputDir
@@ -61,6 +62,7 @@ class BuildOptions:
     calib: str | None = None  # .npz/.npy calibration samples for int8; random (with a warning) when None
     calib_samples: int = 128
     int8_io: bool = False  # int8 artifacts take and return int8 tensors instead of float
+    images: ImagePreprocess = ImagePreprocess()  # how image folders given as inputs/calib become tensors
 
 
 RANDOM_CALIBRATION_WARNING = (
@@ -132,7 +134,7 @@ def _calibration(model: ir.Model, precision: str, options: BuildOptions) -> Inpu
         return InputSet([], "none")
     specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
     if options.calib:
-        return load_inputs(options.calib, specs, limit=options.calib_samples)
+        return load_inputs(options.calib, specs, limit=options.calib_samples, images=options.images)
     warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=4)
     # seed + 1: a different stream from the random verification inputs.
     return random_inputs(specs, seed=options.seed + 1, count=options.calib_samples)
@@ -171,7 +173,7 @@ def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, crit
 def _inputs(artifact: Runner, options: BuildOptions) -> InputSet:
     # The artifact's specs are static and named as in the source, so data is made from them.
     if options.inputs:
-        return load_inputs(options.inputs, artifact.inputs, limit=options.max_samples)
+        return load_inputs(options.inputs, artifact.inputs, limit=options.max_samples, images=options.images)
     return random_inputs(artifact.inputs, seed=options.seed)
 
 
@@ -201,6 +203,7 @@ def _report(path, target, model, records, lowered, verification, options) -> dic
             "input_shapes": {k: list(v) for k, v in options.input_shapes.items()},
             "seed": options.seed,
             "int8_io": options.int8_io,
+            "images": dataclasses.asdict(options.images),
         },
         "model": summarize(model),
         "passes": [r.to_dict() for r in records],

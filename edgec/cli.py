@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning
+from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning, InputDataError
 
 app = typer.Typer(
     add_completion=False,
@@ -36,6 +36,9 @@ InputShapeOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks (for bug reports).")]
+ImageRangeOpt = Annotated[Optional[str], typer.Option(help="Image folders: pixel values 0..255 map onto LO,HI (default 0,1).")]
+ImageMeanOpt = Annotated[Optional[str], typer.Option(help="Image folders: per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")]
+ImageStdOpt = Annotated[Optional[str], typer.Option(help="Image folders: per-channel std divided by after the mean, e.g. 0.229,0.224,0.225.")]
 ToleranceOpt = Annotated[Optional[float], typer.Option(help="Max abs error as a fraction of max |output|; overrides the target's (fp32 default 1e-4).")]
 MinCosineOpt = Annotated[Optional[float], typer.Option(help="Minimum cosine similarity of each output to the source's; overrides the target's (int8 default 0.98).")]
 
@@ -68,6 +71,23 @@ def parse_input_shapes(specs: list[str] | None) -> dict[str, tuple[int, ...]]:
             )
         shapes[name] = tuple(int(d) for d in re.split(r"[x,]", dims))
     return shapes
+
+
+def parse_image_preprocess(value_range: str | None, mean: str | None, std: str | None):
+    """``--image-range/--image-mean/--image-std`` → ImagePreprocess."""
+    from edgec.images import ImagePreprocess
+
+    low_high = _floats(value_range, "--image-range") if value_range else (0.0, 1.0)
+    if len(low_high) != 2:
+        raise InputDataError(f"--image-range takes two numbers LO,HI, not '{value_range}'.")
+    return ImagePreprocess(low_high, _floats(mean, "--image-mean"), _floats(std, "--image-std"))
+
+
+def _floats(text: str | None, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",")) if text else ()
+    except ValueError:
+        raise InputDataError(f"{option} takes comma-separated numbers, not '{text}'.") from None
 
 
 class ConsoleProgress:
@@ -104,14 +124,17 @@ def build(
     target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `edgec targets`) or a target .toml file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact(s) and report.json.")] = Path("build"),
     input_shape: InputShapeOpt = None,
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz (arrays keyed by input name, samples on axis 0, optional 'label') or .npy used to verify; seeded random data otherwise.")] = None,
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help=".npz (arrays keyed by input name, samples on axis 0, optional 'label'), .npy, or a folder of images used to verify; seeded random data otherwise.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches of --inputs.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, fp16 or int8 (full-integer); the target's default otherwise.")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="int8 calibration samples: .npz keyed by input name, or .npy for one input (samples on axis 0).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="int8 calibration samples: .npz keyed by input name, .npy for one input (samples on axis 0), or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibrate on at most this many batches of --calib.")] = 128,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 artifacts take and return int8 tensors (default: float I/O).")] = False,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
+    image_range: ImageRangeOpt = None,
+    image_mean: ImageMeanOpt = None,
+    image_std: ImageStdOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random verification inputs.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every pass.")] = False,
     as_json: JsonOpt = False,
@@ -125,6 +148,7 @@ def build(
         input_shapes=parse_input_shapes(input_shape), inputs=str(inputs) if inputs else None, max_samples=max_samples,
         tolerance=tolerance, min_cosine=min_cosine, seed=seed, precision=precision,
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
+        images=parse_image_preprocess(image_range, image_mean, image_std),
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgecWarning)
@@ -166,6 +190,9 @@ def verify(
     max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches.")] = None,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
+    image_range: ImageRangeOpt = None,
+    image_mean: ImageMeanOpt = None,
+    image_std: ImageStdOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random inputs.")] = 0,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -175,7 +202,8 @@ def verify(
     from edgec.runtime import open_runner
     from edgec.verify import Criterion
 
-    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed)
+    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed,
+                           images=parse_image_preprocess(image_range, image_mean, image_std))
     if tolerance is None and min_cosine is None:
         tolerance = 1e-4
     criterion = Criterion(tolerance, min_cosine)

@@ -1,7 +1,7 @@
 """Verification: run the source model and the artifact on the same inputs and compare.
 
-Inputs are seeded random tensors or the user's ``.npz``/``.npy`` file (arrays keyed by input
-name, samples stacked on the first axis, optional ``label`` array). Per output the report
+Inputs are seeded random tensors, the user's ``.npz``/``.npy`` file (arrays keyed by input
+name, samples stacked on the first axis, optional ``label`` array) or a folder of images. Per output the report
 gives max abs error, error relative to the largest reference magnitude, mean abs error and
 cosine similarity; for classifier-shaped outputs ([batch, classes]) also top-1 agreement and,
 with labels, the accuracy of both models.
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgec.errors import InputDataError
+from edgec.images import ImagePreprocess, read_image_folder
 from edgec.runtime import Runner, TensorSpec
 
 Sample = dict[str, np.ndarray]
@@ -60,9 +61,16 @@ def _static(spec: TensorSpec) -> tuple[int, ...]:
     return tuple(spec.shape)
 
 
-def load_inputs(path: str | os.PathLike[str], specs: Sequence[TensorSpec], limit: int | None = None) -> InputSet:
-    """Read an ``.npz`` (keyed by input name) or ``.npy`` (single-input models) file."""
-    arrays = _read_arrays(Path(path), specs)
+def load_inputs(
+    path: str | os.PathLike[str],
+    specs: Sequence[TensorSpec],
+    limit: int | None = None,
+    images: ImagePreprocess = ImagePreprocess(),
+) -> InputSet:
+    """Read an ``.npz`` (keyed by input name), an ``.npy`` (single-input models), or a folder
+    of images (single image-input models, preprocessed by ``images``)."""
+    path = Path(path)
+    arrays = read_image_folder(path, list(specs), images) if path.is_dir() else _read_arrays(path, specs)
     labels = next((np.asarray(arrays.pop(k)) for k in LABEL_KEYS if k in arrays), None)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:

@@ -165,3 +165,69 @@ def test_litert_runner_reads_a_tflite_without_signatures():
     (spec,) = runner.inputs
     out = runner.run({spec.name: np.zeros(spec.shape, spec.dtype)})
     assert set(out) == {s.name for s in runner.outputs}
+
+
+def _image_folder(tmp_path, count=3):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(count):
+        pixels = np.zeros((20, 30, 3), np.uint8)
+        pixels[:, 15:] = 255  # black left half, white right half: extremes survive resizing
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 12), (1, 8, 12, 3)])
+def test_image_folder_is_resized_scaled_and_laid_out_like_the_input(tmp_path, shape):
+    from edgec.images import ImagePreprocess
+
+    spec = [TensorSpec("img", shape, np.dtype(np.float32))]
+    inputs = load_inputs(_image_folder(tmp_path), spec, images=ImagePreprocess((-1.0, 1.0)))
+    assert len(inputs.batches) == 3
+    batch = inputs.batches[0]["img"]
+    assert batch.shape == shape and batch.dtype == np.float32
+    assert batch.min() == pytest.approx(-1.0) and batch.max() == pytest.approx(1.0)
+
+
+def test_image_folder_mean_and_std_apply_per_channel(tmp_path):
+    from edgec.images import ImagePreprocess
+
+    spec = [TensorSpec("img", (1, 3, 4, 4), np.dtype(np.float32))]
+    folder = _image_folder(tmp_path, count=1)
+    plain = load_inputs(folder, spec).batches[0]["img"]
+    normalized = load_inputs(folder, spec, images=ImagePreprocess((0.0, 1.0), (0.5, 0.4, 0.3), (0.2, 0.2, 0.1))).batches[0]["img"]
+    expected = (plain - np.array([0.5, 0.4, 0.3], np.float32)[:, None, None]) / np.array([0.2, 0.2, 0.1], np.float32)[:, None, None]
+    np.testing.assert_allclose(normalized, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("specs", "message"), [
+    ([TensorSpec("a", (1, 3, 8, 8), np.dtype(np.float32)), TensorSpec("b", (1, 3, 8, 8), np.dtype(np.float32))], "one float image input"),
+    ([TensorSpec("tokens", (1, 8, 16), np.dtype(np.float32))], "one float image input"),
+])
+def test_image_folder_refuses_models_without_one_image_input(tmp_path, specs, message):
+    with pytest.raises(InputDataError, match=message):
+        load_inputs(_image_folder(tmp_path), specs)
+
+
+def test_image_folder_errors_name_the_problem(tmp_path):
+    spec = [TensorSpec("img", (1, 3, 8, 8), np.dtype(np.float32))]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputDataError, match="holds no images"):
+        load_inputs(empty, spec)
+    folder = _image_folder(tmp_path)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(InputDataError, match="Cannot read image .*broken.jpg"):
+        load_inputs(folder, spec)
+
+
+def test_cli_rejects_a_malformed_image_range(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    path = save(g.model({"x": [1, 3, 4, 4]}, {y: [1, 3, 4, 4]}), tmp_path)
+    result = CliRunner().invoke(app, ["build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--image-range", "0"])
+    assert result.exit_code == 2 and "--image-range takes two numbers" in result.output
+    assert not (tmp_path / "out").exists()
