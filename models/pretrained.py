@@ -10,10 +10,7 @@ Fetching the wheel is the only network use in the zoo, and happens only in ``mak
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,31 +22,17 @@ from ai_edge_litert.interpreter import Interpreter
 from tf2onnx_fixes import convert_tflite
 
 WHEEL = "mediapipe==0.10.14"
-# zoo name → (path inside the wheel, task)
+# zoo name → (path inside the wheel, task, input value range of an RGB image). The ranges are
+# those MediaPipe's graphs feed (ImageToTensorCalculator's output_tensor_float_range):
+# [-1, 1] for the face detector, [0, 1] for the others.
 # (pose_detection is left out: tf2onnx mis-reads its weights.)
 MODELS = {
-    "blazeface": ("mediapipe/modules/face_detection/face_detection_short_range.tflite", "detection"),
-    "face_landmark": ("mediapipe/modules/face_landmark/face_landmark.tflite", "landmarks"),
-    "selfie_segmentation": ("mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite", "segmentation"),
-    "hand_recrop": ("mediapipe/modules/holistic_landmark/hand_recrop.tflite", "landmarks"),
-    "palm_detection": ("mediapipe/modules/palm_detection/palm_detection_lite.tflite", "detection"),
+    "blazeface": ("mediapipe/modules/face_detection/face_detection_short_range.tflite", "detection", (-1.0, 1.0)),
+    "face_landmark": ("mediapipe/modules/face_landmark/face_landmark.tflite", "landmarks", (0.0, 1.0)),
+    "selfie_segmentation": ("mediapipe/modules/selfie_segmentation/selfie_segmentation.tflite", "segmentation", (0.0, 1.0)),
+    "hand_recrop": ("mediapipe/modules/holistic_landmark/hand_recrop.tflite", "landmarks", (0.0, 1.0)),
+    "palm_detection": ("mediapipe/modules/palm_detection/palm_detection_lite.tflite", "detection", (0.0, 1.0)),
 }
-
-
-def fetch_wheel(cache: Path) -> Path:
-    cache.mkdir(parents=True, exist_ok=True)
-    found = sorted(cache.glob("mediapipe-0.10.14-*.whl"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--python-version", "3.11", "--platform", "manylinux_2_17_x86_64", "-d", str(cache), WHEEL],
-                       check=True)
-        found = sorted(cache.glob("mediapipe-0.10.14-*.whl"))
-    return found[0]
-
-
-def extract(wheel: Path, member: str) -> bytes:
-    with zipfile.ZipFile(wheel) as archive:
-        return archive.read(member)
 
 
 def convert(tflite: bytes) -> bytes:
