@@ -11,7 +11,9 @@ import onnx
 import pytest
 from conftest import REPO
 
-from edgec.build import BuildOptions, build
+from edgec.build import BuildOptions, build, source_runner, verify_runners
+from edgec.runtime import open_runner
+from edgec.verify import Criterion
 from edgec.errors import EdgecWarning
 from edgec.images import ImagePreprocess
 from edgec.lower.tflite.convert import op_histogram
@@ -36,11 +38,12 @@ def _options(entry, **more):
 @pytest.mark.parametrize("name", sorted(BY_NAME))
 def test_zoo_model_builds_and_verifies(name, target, tmp_path):
     entry = BY_NAME[name]
-    result = build(_path(entry), target, tmp_path / "out", _options(entry))
+    tolerance = _tolerance(entry, target)
+    result = build(_path(entry), target, tmp_path / "out", _options(entry, tolerance=tolerance))
     verification = result.verification
     assert verification.passed
     for output in verification.outputs:
-        assert output.max_abs_error <= 1e-4 * output.max_abs_reference, output
+        assert output.max_abs_error <= tolerance * output.max_abs_reference, output
     if entry["task"] == "classification":
         recorded = entry["metrics"]["top1"]
         logits = verification.outputs[0]
@@ -48,6 +51,18 @@ def test_zoo_model_builds_and_verifies(name, target, tmp_path):
         assert logits.accuracy_artifact == pytest.approx(recorded, abs=1e-6)
     if load_target(target).backend == "tflite":
         _assert_layout_is_native(entry, result)
+
+
+def _tolerance(entry, target):
+    """1e-4, or for a production model on TFLite the disagreement of Google's own .tflite with
+    ONNX Runtime on the same photos, if larger: that much is XNNPACK's float arithmetic
+    (selfie_segmentation's mask reaches 1.9e-4 there, bit for bit what edgec's file gives)."""
+    if "original_tflite" not in entry or load_target(target).backend != "tflite":
+        return 1e-4
+    original = open_runner(REPO / "models" / entry["original_tflite"], threads=1)
+    options = _options(entry)
+    baseline = verify_runners(source_runner(_path(entry)), original, options, Criterion(tolerance=1.0))
+    return max(1e-4, 1.01 * max(o.relative_error for o in baseline.outputs))
 
 
 def _assert_layout_is_native(entry, result):
