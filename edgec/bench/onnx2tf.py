@@ -54,8 +54,10 @@ def convert(model: Path, out_dir: Path, calib: dict[str, Path] | None = None) ->
 
 
 def _last_error(log: str) -> str:
-    lines = [line.strip() for line in log.splitlines() if "Error" in line or "error" in line]
-    return (lines[-1] if lines else log.strip().splitlines()[-1] if log.strip() else "failed")[:300]
+    """The last line that names an error (onnx2tf prints its traceback last), else the last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["failed"])[-1][:300]
 
 
 def _cut_network() -> None:
