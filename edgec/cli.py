@@ -200,13 +200,13 @@ def verify(
     """Run SOURCE and ARTIFACT on the same inputs and compare their outputs."""
     from edgec.build import BuildOptions, source_runner, verify_runners
     from edgec.runtime import open_runner
+    from edgec.targets import DEFAULT_CRITERIA
     from edgec.verify import Criterion
 
     options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed,
                            images=parse_image_preprocess(image_range, image_mean, image_std))
-    if tolerance is None and min_cosine is None:
-        tolerance = 1e-4
-    criterion = Criterion(tolerance, min_cosine)
+    given = tolerance is not None or min_cosine is not None
+    criterion = Criterion(tolerance, min_cosine) if given else DEFAULT_CRITERIA["fp32"]
     result = verify_runners(source_runner(source), open_runner(artifact), options, criterion).to_dict()
     if as_json:
         out.print_json(data=result)
