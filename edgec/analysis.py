@@ -56,6 +56,42 @@ MAC_COUNTERS: dict[str, Callable[[ir.Node], int | None]] = {
 }
 
 
+# Ops found only in quantized models, in ai.onnx or com.microsoft (matched in any domain).
+QUANTIZED_OPS = frozenset({
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
+    "QGemm", "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM",
+    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "MulInteger", "ReduceSumInteger",
+    "GatherBlockQuantized", "QuantizeWithOrder", "DequantizeWithOrder", "QuantizeBFP", "DequantizeBFP",
+})
+QUANTIZED_PREFIXES = ("QLinear", "QOrdered")  # QLinearConv, QLinearAdd, ..., QOrderedMatMul, ...
+INTEGER_WEIGHTS = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4})
+
+
+def quantized_nodes(model: ir.Model) -> list[str]:
+    """Names of the nodes (subgraphs included) that show the model is already quantized:
+    quantize/dequantize and integer ops, or a MAC-bearing op with an 8/4-bit constant weight."""
+    return [
+        node.name or f"{node.op_type} #{i}"
+        for i, node in enumerate(model.graph.all_nodes())
+        if node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES) or _integer_weight(node)
+    ]
+
+
+def _integer_weight(node: ir.Node) -> bool:
+    return node.op_type in MAC_COUNTERS and any(_constant_dtype(v) in INTEGER_WEIGHTS for v in node.inputs[:2])
+
+
+def _constant_dtype(value: ir.Value | None) -> ir.DataType | None:
+    """The dtype of an initializer or a Constant node's tensor; None for computed values."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.dtype
+    producer = value.producer()
+    tensor = producer.attributes.get("value") if producer is not None and producer.op_type == "Constant" else None
+    return tensor.value.dtype if tensor is not None and tensor.type == ir.AttributeType.TENSOR else None
+
+
 def layer_table(graph: ir.Graph) -> list[dict[str, Any]]:
     """One row per MAC-bearing node: name, op, output shape, parameters and MACs."""
     rows = []

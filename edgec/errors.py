@@ -67,6 +67,10 @@ class InputDataError(EdgecError):
     """An ``--inputs``/``--calib`` file does not match the model's inputs."""
 
 
+class QuantizationError(EdgecError):
+    """int8 quantization cannot be done as asked (e.g. the model is already quantized)."""
+
+
 class OutputError(EdgecError):
     """The output directory cannot be created or written."""
 

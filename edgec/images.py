@@ -40,14 +40,15 @@ class ImagePreprocess:
 def read_image_folder(folder: Path, specs: list[TensorSpec], preprocess: ImagePreprocess) -> dict[str, np.ndarray]:
     """``{input name: [N, *sample shape]}`` for the one image input of the model."""
     spec = _image_input(folder, specs)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputDataError(f"'{folder}' holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    files = _image_files(folder)
     channels_first = spec.shape[1] in (1, 3)
     channels = spec.shape[1] if channels_first else spec.shape[-1]
     height, width = spec.shape[2:4] if channels_first else spec.shape[1:3]
     if {len(preprocess.mean), len(preprocess.std)} - {0, channels}:
-        raise InputDataError(f"Image mean/std must give {channels} values (one per channel) for input '{spec.name}'.")
+        raise InputDataError(
+            f"Image mean/std must give {channels} values (one per channel) for input '{spec.name}'.",
+            hint=f"Pass {channels} comma-separated numbers, or none.",
+        )
     images = np.stack([_decode(path, width, height, channels) for path in files])  # N, H, W, C
     samples = preprocess.apply(images)
     if channels_first:
@@ -55,14 +56,28 @@ def read_image_folder(folder: Path, specs: list[TensorSpec], preprocess: ImagePr
     return {spec.name: np.ascontiguousarray(samples, dtype=spec.dtype)}
 
 
+def _image_files(folder: Path) -> list[Path]:
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if not files:
+        names = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+        what = f"has no {'/'.join(IMAGE_SUFFIXES)} file, only: {names}" if entries else "is empty"
+        raise InputDataError(
+            f"'{folder}' holds no images: it {what}.",
+            hint=f"Put {', '.join(IMAGE_SUFFIXES)} images directly in the folder (subfolders are not searched).",
+        )
+    return files
+
+
 def _image_input(folder: Path, specs: list[TensorSpec]) -> TensorSpec:
     def is_image(s: TensorSpec) -> bool:
-        return len(s.shape) == 4 and (s.shape[1] in (1, 3) or s.shape[-1] in (1, 3)) and np.dtype(s.dtype).kind == "f"
+        sized = len(s.shape) == 4 and all(isinstance(d, int) for d in s.shape[1:])
+        return sized and (s.shape[1] in (1, 3) or s.shape[-1] in (1, 3)) and np.dtype(s.dtype).kind == "f"
 
     if len(specs) != 1 or not is_image(specs[0]):
         raise InputDataError(
-            f"An image folder ('{folder}') can feed only a model with one float image input "
-            f"([N,C,H,W] or [N,H,W,C], C = 1 or 3); this one has {[(s.name, list(s.shape)) for s in specs]}.",
+            f"An image folder ('{folder}') can feed only a model with one float image input of static size "
+            f"([N,C,H,W] or [N,H,W,C], C = 1 or 3); this one has {[(s.name, list(s.shape), str(s.dtype)) for s in specs]}.",
             hint="Save the inputs as an .npz keyed by input name instead.",
         )
     return specs[0]
@@ -73,6 +88,9 @@ def _decode(path: Path, width: int, height: int, channels: int) -> np.ndarray:
         with Image.open(path) as image:
             image = image.convert("RGB" if channels == 3 else "L").resize((width, height), Image.BILINEAR)
             pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputDataError(f"Cannot read image '{path}': {exc}.") from exc
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputDataError(
+            f"Cannot read image '{path}': {exc}.",
+            hint=f"Remove or replace the file; readable formats are {', '.join(IMAGE_SUFFIXES)}.",
+        ) from exc
     return pixels.reshape(height, width, channels)

@@ -10,9 +10,10 @@ with labels, the accuracy of both models.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +73,20 @@ def load_inputs(
     path = Path(path)
     arrays = read_image_folder(path, list(specs), images) if path.is_dir() else _read_arrays(path, specs)
     labels = next((np.asarray(arrays.pop(k)) for k in LABEL_KEYS if k in arrays), None)
-    missing = [s.name for s in specs if s.name not in arrays]
-    if missing:
-        raise InputDataError(
-            f"'{path}' has no array for input(s) {missing}; it holds {sorted(arrays)}.",
-            hint=f"Save one array per model input, keyed by name: {[s.name for s in specs]}.",
-        )
-    stacks = {s.name: _as_stack(arrays[s.name], s, path) for s in specs}
+    _check_names(arrays, specs, f"'{path}'")
+    stacks = {s.name: _as_stack(arrays[s.name], s, f"'{path}'") for s in specs}
     counts = {len(v) for v in stacks.values()}
     if len(counts) != 1:
-        raise InputDataError(f"Arrays in '{path}' hold different numbers of samples: { {k: len(v) for k, v in stacks.items()} }.")
+        raise InputDataError(
+            f"Arrays in '{path}' hold different numbers of batches: { {k: len(v) for k, v in stacks.items()} }.",
+            hint="Stack the same number of samples for every input.",
+        )
     count = counts.pop()
     if labels is not None and len(labels) != count * _batch(specs[0]):
-        raise InputDataError(f"'{path}' has {len(labels)} labels for {count * _batch(specs[0])} samples.")
+        raise InputDataError(
+            f"'{path}' has {len(labels)} labels for {count * _batch(specs[0])} samples.",
+            hint="Save one label per sample (a partial last batch is dropped), or no 'label' array.",
+        )
     if limit is not None:
         count = min(count, limit)
         labels = None if labels is None else labels[: count * _batch(specs[0])]
@@ -92,46 +94,168 @@ def load_inputs(
     return InputSet(batches, f"file {Path(path).name} ({count} batches)", labels)
 
 
+def load_calibration(
+    source: str | os.PathLike[str] | Callable[[], Iterable[Sample | np.ndarray]],
+    specs: Sequence[TensorSpec],
+    limit: int | None = None,
+    images: ImagePreprocess = ImagePreprocess(),
+) -> InputSet:
+    """Calibration batches from a path (see ``load_inputs``) or from a callable that returns
+    an iterable of samples: each a dict keyed by input name (or a bare array when the model
+    has one input), shaped like the input, batch axis included. At most ``limit`` samples
+    are drawn. Exceptions raised by the callable itself propagate unchanged."""
+    if isinstance(source, (str, os.PathLike)):
+        return load_inputs(source, specs, limit=limit, images=images)
+    if not callable(source):
+        raise InputDataError(
+            f"A calibration source must be a path or a callable returning samples, not {type(source).__name__}.",
+            hint="Pass a function instead, e.g. `lambda: samples` for a list of samples.",
+        )
+    name = getattr(source, "__name__", type(source).__name__)
+    samples = itertools.islice(_samples_of(source, name), limit)
+    batches = [_check_sample(x, specs, f"sample {i} of calibration callable '{name}'") for i, x in enumerate(samples)]
+    if not batches:
+        raise InputDataError(
+            f"Calibration callable '{name}' returned no samples.",
+            hint="Return (or yield) at least one sample; a generator can be iterated only once.",
+        )
+    return InputSet(batches, f"callable {name} ({len(batches)} batches)")
+
+
+def _samples_of(source: Callable[[], Any], name: str) -> Iterable[Any]:
+    result = source()
+    if isinstance(result, (Mapping, np.ndarray, str, bytes)) or not isinstance(result, Iterable):
+        raise InputDataError(
+            f"Calibration callable '{name}' returned a {type(result).__name__}, not an iterable of samples.",
+            hint="Return a list of samples or yield them one at a time, e.g. `yield {'input': batch}`.",
+        )
+    return result
+
+
+def _check_sample(sample: Any, specs: Sequence[TensorSpec], where: str) -> Sample:
+    """One calibration sample as a batch: every input present, shaped, typed and finite."""
+    if not isinstance(sample, Mapping):
+        if len(specs) != 1:
+            raise InputDataError(
+                f"Each sample must be a dict keyed by input name, since the model has {len(specs)} inputs; "
+                f"{where} is a {type(sample).__name__}.",
+                hint=f"Make each sample a dict keyed by input name: {[s.name for s in specs]}.",
+            )
+        sample = {specs[0].name: sample}
+    _check_names(sample, specs, where)
+    return {s.name: _one_batch(np.asarray(sample[s.name]), s, where) for s in specs}
+
+
+def _check_names(arrays: Mapping[str, Any], specs: Sequence[TensorSpec], where: str) -> None:
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        held = sorted(map(str, arrays)) or "no arrays"
+        raise InputDataError(
+            f"{where[0].upper()}{where[1:]} has no array for input(s) {missing}; it holds {held}, "
+            f"and the model's inputs are {_describe(specs)}.",
+            hint=f"Key one array per model input by its name: {[s.name for s in specs]}.",
+        )
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"'{s.name}' {list(s.shape)} {np.dtype(s.dtype)}" for s in specs)
+
+
 def _read_arrays(path: Path, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
     if not path.is_file():
-        raise InputDataError(f"No such inputs file: '{path}'.")
+        raise InputDataError(
+            f"No such inputs file or folder: '{path}'.",
+            hint="Give an .npz keyed by input name, an .npy (one-input models) or a folder of images.",
+        )
     try:
-        if path.suffix == ".npy":
-            if len(specs) != 1:
-                raise InputDataError(
-                    f"A .npy file holds one array, but the model has {len(specs)} inputs.",
-                    hint="Use an .npz keyed by input name.",
-                )
-            return {specs[0].name: np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return {_single_input(path, specs): data}
+        with data:
             return {k: data[k] for k in data.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputDataError(f"Cannot read '{path}' as numpy data: {exc}.", hint="Save it with numpy.savez.") from exc
+        raise InputDataError(
+            f"Cannot read '{path}' as numpy data: {exc}.",
+            hint="Save it with numpy.savez (keyed by input name) or numpy.save (one-input models).",
+        ) from exc
+
+
+def _single_input(path: Path, specs: Sequence[TensorSpec]) -> str:
+    if len(specs) != 1:
+        raise InputDataError(
+            f"'{path}' holds one bare array (.npy), but the model has {len(specs)} inputs: {_describe(specs)}.",
+            hint="Use an .npz keyed by input name.",
+        )
+    return specs[0].name
 
 
 def _batch(spec: TensorSpec) -> int:
     return int(spec.shape[0]) if spec.shape and isinstance(spec.shape[0], int) else 1
 
 
-def _as_stack(array: np.ndarray, spec: TensorSpec, path) -> np.ndarray:
+def _as_stack(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
     """Split [N, ...] samples into batches shaped like the input (dropping a partial batch)."""
     shape = _static(spec)
-    if array.dtype.kind not in "fiub" or (array.dtype.kind == "f") != (np.dtype(spec.dtype).kind == "f"):
-        raise InputDataError(f"Array '{spec.name}' in '{path}' has dtype {array.dtype}; the input needs {spec.dtype}.")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise InputDataError(f"Array '{spec.name}' in '{path}' contains NaN or infinite values.")
+    _check_values(array, spec, where)
     if tuple(array.shape) == shape:
         return array[None].astype(spec.dtype)
-    if tuple(array.shape[1:]) != shape[1:] or len(array) == 0:
+    per_sample = ", ".join(map(str, shape[1:]))
+    if array.ndim != len(shape) or tuple(array.shape[1:]) != shape[1:]:
+        raise _shape_error(array, spec, where, f"expected [N, {per_sample}] (N samples of shape "
+                           f"{list(shape[1:])}, stacked on the first axis) or exactly the input shape {list(shape)}")
+    if len(array) == 0:
         raise InputDataError(
-            f"Array '{spec.name}' in '{path}' has shape {list(array.shape)}; expected [N, {', '.join(map(str, shape[1:]))}] "
-            f"(samples stacked on the first axis) for input shape {list(shape)}."
+            f"Array '{spec.name}' in {where} holds zero samples (shape {list(array.shape)}); "
+            f"expected [N, {per_sample}] with N ≥ 1.",
+            hint="Save at least one sample per input.",
         )
     batch = shape[0]
     usable = len(array) - len(array) % batch
     if usable == 0:
-        raise InputDataError(f"Array '{spec.name}' in '{path}' has {len(array)} samples, fewer than one batch of {batch}.")
+        raise InputDataError(
+            f"Array '{spec.name}' in {where} has {len(array)} samples, fewer than one batch of {batch}.",
+            hint=f"Save at least {batch} samples (the input's batch size).",
+        )
     return array[:usable].reshape((usable // batch,) + shape).astype(spec.dtype)
+
+
+def _one_batch(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
+    shape = _static(spec)
+    _check_values(array, spec, where)
+    if tuple(array.shape) != shape:
+        raise _shape_error(array, spec, where, f"expected exactly the input shape {list(shape)} "
+                           f"(batch axis included; one sample is {list(shape[1:])})")
+    return np.ascontiguousarray(array, dtype=spec.dtype)
+
+
+def _shape_error(array: np.ndarray, spec: TensorSpec, where: str, expected: str) -> InputDataError:
+    shape = tuple(spec.shape)
+    if tuple(array.shape) == shape[1:]:
+        hint = "It looks like one sample without the batch axis: add it with array[None]."
+    else:
+        hint = "Resize or reshape the data to the model input (check the layout, NCHW vs NHWC, and the size)."
+    return InputDataError(f"Array '{spec.name}' in {where} has shape {list(array.shape)}; {expected}.", hint=hint)
+
+
+def _check_values(array: np.ndarray, spec: TensorSpec, where: str) -> None:
+    """The array's dtype can feed the input without changing meaning, and floats are finite."""
+    want = np.dtype(spec.dtype)
+    if array.dtype.kind not in "fiub" or (array.dtype.kind == "f") != (want.kind == "f"):
+        kind = "floating-point" if want.kind == "f" else "integer" if want.kind in "iu" else "boolean"
+        hint = f"Convert it to {want} before saving, e.g. array.astype(np.{want.name})"
+        if want.kind == "f" and array.dtype.kind in "iub":
+            hint += ", after the model's preprocessing (raw 0-255 pixels usually need scaling)"
+        raise InputDataError(
+            f"Array '{spec.name}' in {where} has dtype {array.dtype}; input '{spec.name}' needs {kind} values ({want}).",
+            hint=hint + ".",
+        )
+    if array.dtype.kind == "f":
+        nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+        if nan or inf:
+            raise InputDataError(
+                f"Array '{spec.name}' in {where} contains {nan} NaN and {inf} infinite value(s) out of {array.size}.",
+                hint="Fix or drop those samples (often a division by zero in preprocessing); edgec uses data as given.",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,9 +323,7 @@ class Verification:
 def compare(source: Runner, artifact: Runner, inputs: InputSet, criterion: Criterion) -> Verification:
     """Run both models on every batch and compare each output."""
     _check_signatures(source, artifact)
-    ref = _run_all(source, inputs.batches)
-    got = _run_all(artifact, inputs.batches)
-    outputs = [_compare_output(name, ref[name], got[name], inputs.labels, criterion) for name in ref]
+    outputs = compare_outputs(run_all(source, inputs.batches), run_all(artifact, inputs.batches), inputs.labels, criterion)
     return Verification(
         passed=all(o.passed for o in outputs),
         criterion=criterion,
@@ -223,7 +345,15 @@ def _check_signatures(source: Runner, artifact: Runner) -> None:
             )
 
 
-def _run_all(runner: Runner, batches: list[Sample]) -> dict[str, np.ndarray]:
+def compare_outputs(
+    ref: dict[str, np.ndarray], got: dict[str, np.ndarray], labels: np.ndarray | None, criterion: Criterion
+) -> list[OutputComparison]:
+    """Compare stacked outputs (``run_all``'s) name by name; ``labels`` give accuracy."""
+    return [_compare_output(name, ref[name], got[name], labels, criterion) for name in ref]
+
+
+def run_all(runner: Runner, batches: Sequence[Sample]) -> dict[str, np.ndarray]:
+    """Every output of ``runner`` on every batch, stacked on a new first axis."""
     results = [runner.run(b) for b in batches]
     return {name: np.stack([r[name] for r in results]) for name in results[0]}
 
