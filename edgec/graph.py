@@ -117,3 +117,14 @@ def op_histogram(graph: ir.Graph) -> dict[str, int]:
         key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def set_bias(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray) -> None:
+    """Give ``node`` a new constant bias input, in place when no other node shares it."""
+    current = node.inputs[index] if len(node.inputs) > index else None
+    if current is not None and current.is_initializer() and len(current.uses()) == 1:
+        replace_initializer_data(current, bias)
+        return
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, add_initializer(graph, bias, f"{node.name or node.op_type}_bias"))

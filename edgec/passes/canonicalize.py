@@ -17,7 +17,7 @@ from onnx_ir.passes import common as ir_common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from edgec.errors import DynamicShapeError, ModelCheckError
-from edgec.graph import add_initializer, attr, constant, replace_initializer_data, sole_consumer, take_name
+from edgec.graph import attr, constant, replace_initializer_data, set_bias, sole_consumer, take_name
 from edgec.model import to_proto
 from edgec.passes.pipeline import PassOutcome
 
@@ -220,7 +220,7 @@ def _fold_into_gemm(graph: ir.Graph, gemm: ir.Node, scale: np.ndarray, shift: np
     if len(gemm.inputs) > 2 and bias is None:
         return False
     new_bias = (0.0 if bias is None else beta * bias.astype(np.float64)) * scale + shift
-    _set_bias(graph, gemm, 2, new_bias.astype(weight.dtype))
+    set_bias(graph, gemm, 2, new_bias.astype(weight.dtype))
     gemm.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
     return True
 
@@ -228,18 +228,7 @@ def _fold_into_gemm(graph: ir.Graph, gemm: ir.Node, scale: np.ndarray, shift: np
 def _fold_bias(graph, node, index, scale, shift, dtype) -> None:
     bias = constant(node.inputs[index]) if len(node.inputs) > index else None
     new_bias = (0.0 if bias is None else bias.astype(np.float64)) * scale + shift
-    _set_bias(graph, node, index, new_bias.astype(dtype))
-
-
-def _set_bias(graph: ir.Graph, node: ir.Node, index: int, bias: np.ndarray) -> None:
-    current = node.inputs[index] if len(node.inputs) > index else None
-    if current is not None and len(current.uses()) == 1 and current.is_initializer():
-        replace_initializer_data(current, bias)
-        return
-    value = add_initializer(graph, bias, f"{node.name or node.op_type}_bias_folded")
-    if len(node.inputs) <= index:
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, value)
+    set_bias(graph, node, index, new_bias.astype(dtype))
 
 
 _BN_FOLDERS = {"Conv": _fold_into_conv, "ConvTranspose": _fold_into_conv_transpose, "Gemm": _fold_into_gemm}

@@ -1,0 +1,210 @@
+"""Cross-layer equalization: balance per-channel weight ranges before int8 quantization.
+
+Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias Correction"
+(AIMET's ``cross_layer_equalization`` is the reference implementation). A layer whose output
+channels have very different weight ranges loses most of them to a per-tensor int8 scale.
+Between two layers joined through a positive-homogeneous activation (``f(s·x) = s·f(x)`` for
+``s > 0``: Relu, LeakyRelu, PRelu, or none) channel ``i`` can be divided by ``s_i`` in the
+first layer and multiplied back in the second without changing the function; choosing
+``s_i = sqrt(r1_i · r2_i) / r2_i`` gives both layers the range ``sqrt(r1_i · r2_i)``.
+
+Layers are Conv (grouped and depthwise included) and Gemm with constant weights used by
+nothing else. A depthwise conv's input and output channels coincide, so in conv → dw → conv
+it is the consumer of one pair and the producer of the next; equalizing pairs in turn until
+the scales settle reaches AIMET's closed-form three-layer solution (all three ranges equal to
+the cube root of their product), and also balances longer chains of ordinary convs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.graph import attr, constant, input_or_attr, replace_initializer_data, set_bias, sole_consumer, take_name
+from edgec.passes.pipeline import PassOutcome
+from edgec.weights import weight_from_view, weight_view
+
+LAYER_OPS = ("Conv", "Gemm")
+HOMOGENEOUS_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu")
+# A sweep whose scales all lie within this factor of 1 (in log terms) ends the iteration.
+CONVERGED_LOG_SCALE = 1e-4
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A layer's parameters in float64 while the scales are searched."""
+
+    node: ir.Node
+    view: np.ndarray  # see weight_view
+    bias: np.ndarray | None  # last axis = output channels
+
+    def out_ranges(self) -> np.ndarray:
+        return np.abs(self.view).max(axis=(2, 3)).reshape(-1)
+
+    def in_ranges(self) -> np.ndarray:
+        return np.abs(self.view).max(axis=(1, 3)).reshape(-1)
+
+    def divide_outputs(self, scale: np.ndarray) -> None:
+        self.view = self.view / scale.reshape(self.view.shape[0], -1, 1, 1)
+        if self.bias is not None:
+            self.bias = np.broadcast_to(self.bias, self.bias.shape[:-1] + scale.shape) / scale
+
+    def multiply_inputs(self, scale: np.ndarray) -> None:
+        self.view = self.view * scale.reshape(self.view.shape[0], 1, -1, 1)
+
+
+@dataclasses.dataclass
+class _Link:
+    producer: _Layer
+    consumer: _Layer
+    clip: ir.Node | None  # a ReLU6 between them, to become Relu
+
+
+class CrossLayerEqualization(ir.passes.InPlacePass):
+    """Rescale channels between consecutive Conv/Gemm layers so their weight ranges match.
+
+    Exact (fp32, up to rounding) except with ``relu6_to_relu=True``: ReLU6 (``Clip(0, 6)``)
+    is not scale-equivariant, so as in AIMET it is replaced by Relu between equalized layers,
+    which *changes the function* wherever an activation exceeded 6. The record lists each one.
+
+    Record: ``pairs`` ([producer, consumer] node names), ``iterations`` and ``converged``,
+    ``replaced_clips``, and ``range_spread_before``/``_after`` (see :func:`_mean_spread`).
+    """
+
+    name = "cross-layer-equalization"
+
+    def __init__(self, relu6_to_relu: bool = False, max_iterations: int = 20) -> None:
+        """``max_iterations`` caps the sweeps over all pairs; a sweep changing no scale by
+        more than 0.01% ends them earlier."""
+        self.relu6_to_relu = relu6_to_relu
+        self.max_iterations = max_iterations
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        links = _find_links(model.graph, self.relu6_to_relu)
+        layers = list({id(layer.node): layer for link in links for layer in (link.producer, link.consumer)}.values())
+        before = _mean_spread(layers)
+        iterations, converged = 0, not links
+        while not converged and iterations < self.max_iterations:
+            iterations += 1
+            converged = max(_equalize(link) for link in links) < CONVERGED_LOG_SCALE
+        for layer in layers:
+            _write_back(model.graph, layer)
+        replaced = [_clip_to_relu(model.graph, link.clip) for link in links if link.clip is not None]
+        return PassOutcome(model, bool(links), {
+            "pairs": [[link.producer.node.name, link.consumer.node.name] for link in links],
+            "iterations": iterations,
+            "converged": converged,
+            "replaced_clips": replaced,
+            "range_spread_before": before,
+            "range_spread_after": _mean_spread(layers),
+        })
+
+
+def _find_links(graph: ir.Graph, relu6_to_relu: bool) -> list[_Link]:
+    """Every producer → (activation) → consumer pair, in graph order."""
+    layers: dict[int, _Layer] = {}
+
+    def layer(node: ir.Node) -> _Layer:
+        return layers.setdefault(id(node), _load_layer(node))
+
+    links = []
+    for node in graph:
+        found = _next_layer(node, relu6_to_relu) if _scalable(node) else None
+        if found is None:
+            continue
+        link = _Link(layer(node), layer(found[0]), found[1])
+        if link.producer.out_ranges().shape == link.consumer.in_ranges().shape:
+            links.append(link)
+    return links
+
+
+def _next_layer(node: ir.Node, relu6_to_relu: bool) -> tuple[ir.Node, ir.Node | None] | None:
+    """The layer ``node`` alone feeds, directly or through one activation read by nothing
+    else, and the ReLU6 on the way if there is one to replace."""
+    value = node.outputs[0]
+    between = sole_consumer(value)
+    clip = between if between is not None and relu6_to_relu and _is_relu6(between) else None
+    if between is not None and between.inputs[0] is value and (_is_onnx(between, *HOMOGENEOUS_ACTIVATIONS) or clip is not None):
+        value = between.outputs[0]
+    consumer = sole_consumer(value)
+    if consumer is None or not _scalable(consumer) or consumer.inputs[0] is not value:
+        return None
+    return consumer, clip
+
+
+def _is_onnx(node: ir.Node, *op_types: str) -> bool:
+    return node.op_type in op_types and node.domain in ("", "ai.onnx")
+
+
+def _scalable(node: ir.Node) -> bool:
+    """A Conv, or a Gemm reading its input untransposed (channels last), whose weight is a
+    constant no other node uses and whose bias, if any, is a constant."""
+    if not _is_onnx(node, *LAYER_OPS) or len(node.inputs) < 2:
+        return False
+    weight, bias = node.inputs[1], (node.inputs[2] if len(node.inputs) > 2 else None)
+    if constant(weight) is None or len(weight.uses()) != 1 or weight.is_graph_input():
+        return False
+    if bias is not None and constant(bias) is None:
+        return False
+    return node.op_type == "Conv" or (constant(weight).ndim == 2 and not attr(node, "transA", 0))
+
+
+def _is_relu6(node: ir.Node) -> bool:
+    if not _is_onnx(node, "Clip"):
+        return False
+    low, high = input_or_attr(node, 1, "min"), input_or_attr(node, 2, "max")
+    return low == 0 and high == 6
+
+
+def _load_layer(node: ir.Node) -> _Layer:
+    weight = constant(node.inputs[1]).astype(np.float64)
+    bias = constant(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return _Layer(node, weight_view(node, weight), None if bias is None else bias.astype(np.float64))
+
+
+def _equalize(link: _Link) -> float:
+    """Equalize one pair's shared channels; returns the largest |log scale| applied."""
+    r1, r2 = link.producer.out_ranges(), link.consumer.in_ranges()
+    # A channel with an all-zero side has nothing to balance (AIMET leaves it at 1 too).
+    usable = (r1 > 0) & (r2 > 0)
+    scale = np.where(usable, np.sqrt(r1 * r2) / np.where(usable, r2, 1.0), 1.0)
+    link.producer.divide_outputs(scale)
+    link.consumer.multiply_inputs(scale)
+    return float(np.abs(np.log(scale)).max())
+
+
+def _write_back(graph: ir.Graph, layer: _Layer) -> None:
+    original = constant(layer.node.inputs[1])
+    weight = weight_from_view(layer.node, layer.view, original.shape)
+    replace_initializer_data(layer.node.inputs[1], weight.astype(original.dtype))
+    if layer.bias is not None:
+        set_bias(graph, layer.node, 2, layer.bias.astype(original.dtype))
+
+
+def _clip_to_relu(graph: ir.Graph, clip: ir.Node) -> str:
+    old, bounds = clip.outputs[0], [v for v in clip.inputs[1:] if v is not None]
+    relu = ir.node("Relu", [clip.inputs[0]], name=f"{clip.name}_relu")
+    relu.outputs[0].dtype, relu.outputs[0].shape = old.dtype, old.shape
+    graph.insert_before(clip, relu)
+    old.replace_all_uses_with(relu.outputs[0])
+    take_name(relu.outputs[0], old, graph)
+    graph.remove(clip, safe=True)
+    for bound in bounds:  # the 0 and 6, unless something else reads them
+        if bound.is_initializer() and not bound.uses() and not bound.is_graph_output():
+            graph.initializers.pop(bound.name)
+    return clip.name
+
+
+def _mean_spread(layers: list[_Layer]) -> float | None:
+    """Mean over layers of (largest / median output-channel weight range): how far the widest
+    channel outgrows a typical one. The median, not the minimum, so that a dead channel
+    (range near zero) does not swamp the figure."""
+    spreads = []
+    for layer in layers:
+        ranges = layer.out_ranges()
+        ranges = ranges[ranges > 0]
+        if ranges.size:
+            spreads.append(ranges.max() / np.median(ranges))
+    return round(float(np.mean(spreads)), 4) if spreads else None
