@@ -10,28 +10,33 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import platform
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import onnx_ir as ir
 
 from edgec import __version__
-from edgec.analysis import summarize
-from edgec.errors import EdgecWarning, VerificationError
+from edgec.analysis import quantized_nodes, summarize
+from edgec.errors import EdgecWarning, QuantizationError, VerificationError
 from edgec.images import ImagePreprocess
 from edgec.lower import Lowered, LowerOptions, lower
 from edgec.model import load, load_proto
 from edgec.outputs import OutputDir
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
+from edgec.passes.bias_correction import BiasCorrection
+from edgec.passes.equalize import CrossLayerEqualization
+from edgec.passes.quantize import AccuracyGoal, QuantScheme
+from edgec.profile import compare_latency
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
 from edgec.targets import Target, load_target
-from edgec.verify import Criterion, InputSet, Verification, compare, load_inputs, random_inputs
+from edgec.verify import Criterion, InputSet, Verification, compare, load_calibration, load_inputs, random_inputs
 
 
 class Progress(Protocol):
@@ -59,12 +64,21 @@ class BuildOptions:
     min_cosine: float | None = None  # overrides the target's minimum cosine
     seed: int = 0
     precision: str | None = None  # fp32 / fp16 / int8; the target's when None
-    calib: str | None = None  # .npz/.npy calibration samples for int8; random (with a warning) when None
+    # int8 calibration: .npz/.npy file, image folder, or a callable returning samples; random (with a warning) when None
+    calib: str | Callable[[], Iterable[Any]] | None = None
     calib_samples: int = 128
     int8_io: bool = False  # int8 artifacts take and return int8 tensors instead of float
     images: ImagePreprocess = ImagePreprocess()  # how image folders given as inputs/calib become tensors
+    calib_method: str | None = None  # minmax / percentile / entropy; the target's when None
+    max_drop: float | None = None  # int8: largest top-1 drop (fraction) allowed on labeled calibration data
+    keep_float: Sequence[str] = ()  # node names int8 builds must keep in float
+    speed_check: bool = True  # int8: measure against fp32 on this host and ship the faster
+    equalize: bool = True  # int8: cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
+    equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
+    bias_correction: bool = True  # int8: cancel the mean output shift of weight rounding
 
 
+INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
 RANDOM_CALIBRATION_WARNING = (
     "Quantizing with random calibration inputs: activation ranges will not match real data "
     "and accuracy may suffer. Pass --calib with real samples."
@@ -103,17 +117,21 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
         model = load(path)
     model, records = canonicalize(model, options.input_shapes, progress)
     precision = options.precision or target.precision
-    calibration = _calibration(model, precision, options)
-    with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
-        lowered = lower(model, target, path.stem, LowerOptions(precision, calibration.batches, options.int8_io))
+    extra: dict[str, Any] = {}
+    if precision == "int8":
+        lowered, more, extra = _lower_int8(model, path.stem, target, options, progress)
+        records += more
+        precision = extra.get("speed_check", {}).get("shipped", precision)
+    else:
+        with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
+            lowered = lower(model, target, path.stem, LowerOptions(precision))
     with progress.stage("Verifying against the source model"):
         verification = verify_bytes(path, lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification)
     report = _report(path, target, model, records, lowered, verification, options)
     report["precision"] = precision
-    if precision == "int8":  # the flag that says whether the ranges came from real data
-        report["calibration"] = {**calibration.to_dict(), "real_data": options.calib is not None}
+    report.update(extra)
     files = dict(lowered.files)
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
@@ -128,16 +146,108 @@ def canonicalize(
         return Pipeline(canonicalize_passes(input_shapes), observer=progress.pass_done)(model)
 
 
-def _calibration(model: ir.Model, precision: str, options: BuildOptions) -> InputSet:
+def _lower_int8(model: ir.Model, stem: str, target: Target, options: BuildOptions, progress: Progress):
+    """Calibrate, recover accuracy, quantize and lower; keep fp32 instead if int8 is slower here.
+
+    Returns the lowered artifact, the records of the accuracy-recovery passes, and report
+    entries (calibration source, speed check).
+    """
+    _refuse_quantized(model)
+    calibration = _calibration(model, options)
+    extra: dict[str, Any] = {
+        "calibration": {**calibration.to_dict(), "real_data": options.calib is not None},
+        "int8_options": {k: getattr(options, k) for k in INT8_OPTIONS},
+    }
+    recovered, records = recover_accuracy(model, calibration, target.quantize, options, progress)
+    with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
+        lowered = lower(recovered, target, stem, _int8_options(target, calibration, options))
+    if options.speed_check:
+        with progress.stage("Timing int8 against fp32 on this host"):
+            lowered, extra["speed_check"] = choose_faster(model, target, stem, lowered)
+    return lowered, records, extra
+
+
+def _refuse_quantized(model: ir.Model) -> None:
+    quantized = quantized_nodes(model)
+    if quantized:
+        raise QuantizationError(
+            f"The model is already quantized ({len(quantized)} quantized nodes, e.g. {quantized[:3]}); "
+            "edgec quantizes float models.",
+            hint="Give edgec the float model the quantized one was made from, or build this one with --precision fp32.",
+        )
+
+
+def _calibration(model: ir.Model, options: BuildOptions) -> InputSet:
     """int8 calibration samples from ``--calib``, or seeded random ones with a warning."""
-    if precision != "int8":
-        return InputSet([], "none")
     specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
     if options.calib:
-        return load_inputs(options.calib, specs, limit=options.calib_samples, images=options.images)
-    warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=4)
+        return load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images)
+    warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=5)
     # seed + 1: a different stream from the random verification inputs.
     return random_inputs(specs, seed=options.seed + 1, count=options.calib_samples)
+
+
+def recover_accuracy(
+    model: ir.Model, calibration: InputSet, scheme: QuantScheme, options: BuildOptions, progress: Progress | None = None
+) -> tuple[ir.Model, list[PassRecord]]:
+    """The float-to-float passes that make a model quantize better (on a copy of ``model``):
+    cross-layer equalization, then bias correction for the scheme's weight rounding."""
+    passes: list[ir.passes.PassBase] = []
+    if options.equalize:
+        passes.append(CrossLayerEqualization(relu6_to_relu=options.equalize_relu6))
+    if options.bias_correction:
+        passes.append(BiasCorrection(calibration.batches, scheme.weight_qmax, scheme.per_channel))
+    progress = progress or SilentProgress()
+    with progress.stage("Preparing for int8 (cross-layer equalization, bias correction)"):
+        return Pipeline(passes, observer=progress.pass_done)(model.clone())
+
+
+def _int8_options(target: Target, calibration: InputSet, options: BuildOptions) -> LowerOptions:
+    scheme = target.quantize
+    if options.calib_method:
+        scheme = dataclasses.replace(scheme, method=options.calib_method)
+    goal = AccuracyGoal(_with_headroom(criterion(target, "int8", options).min_cosine), options.max_drop)
+    return LowerOptions("int8", calibration, options.int8_io, scheme, goal, tuple(options.keep_float))
+
+
+def _with_headroom(min_cosine: float | None) -> float:
+    """The cosine the precision search demands on calibration data: three quarters of the
+    way from the verification criterion to 1, since held-out data will not match as well
+    (half-way left blazeface and palm_detection at 0.989-0.990 on held-out photos)."""
+    return 0.0 if min_cosine is None else 1.0 - (1.0 - min_cosine) / 4
+
+
+def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered) -> tuple[Lowered, dict[str, Any]]:
+    """Keep the int8 artifact only if it runs faster than fp32 here; say which and why.
+
+    Timing needs the target's CPU: on another architecture the int8 artifact is kept and
+    the report says the check was not possible.
+    """
+    if platform.machine() != target.arch:
+        return int8, {"shipped": "int8", "measured": False, "reason": f"this host is {platform.machine()}, the target {target.arch}"}
+    fp32 = lower(model, target, stem, LowerOptions("fp32"))
+    with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
+        runners = {name: _open(Path(tmp) / name, lowered, target, target.threads) for name, lowered in (("fp32", fp32), ("int8", int8))}
+        latency = compare_latency(runners, runs=20, rounds=3)
+    fp32_ms, int8_ms = (latency[k]["best_median_ms"] for k in ("fp32", "int8"))
+    decision = {"measured": True, "fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "threads": target.threads}
+    if int8_ms < fp32_ms:
+        return int8, {"shipped": "int8", **decision}
+    warnings.warn(
+        f"The int8 artifact is not faster than fp32 on this host ({int8_ms:.3g} ms vs {fp32_ms:.3g} ms, "
+        f"{target.threads} threads), so the fp32 artifact was built instead. Pass --no-speed-check to ship int8 anyway.",
+        EdgecWarning,
+        stacklevel=3,
+    )
+    return fp32, {"shipped": "fp32", **decision}
+
+
+def _open(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
+    """A runner on the primary artifact, written to a scratch ``directory``."""
+    directory.mkdir(exist_ok=True)
+    path = directory / lowered.primary
+    path.write_bytes(lowered.files[lowered.primary])
+    return open_runner(path, threads=threads, options=target.runtime)
 
 
 def criterion(target: Target, precision: str, options: BuildOptions) -> Criterion:
@@ -153,9 +263,7 @@ def criterion(target: Target, precision: str, options: BuildOptions) -> Criterio
 def verify_bytes(source: Path, lowered: Lowered, target: Target, options: BuildOptions, criterion: Criterion) -> Verification:
     """Write the primary artifact to a scratch file and compare it with the source model."""
     with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
-        artifact_path = Path(tmp) / lowered.primary
-        artifact_path.write_bytes(lowered.files[lowered.primary])
-        artifact = open_runner(artifact_path, threads=1, options=target.runtime)
+        artifact = _open(Path(tmp), lowered, target, threads=1)
         return verify_runners(source_runner(source), artifact, options, criterion)
 
 

@@ -130,6 +130,13 @@ def build(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="int8 calibration samples: .npz keyed by input name, .npy for one input (samples on axis 0), or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibrate on at most this many batches of --calib.")] = 128,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 artifacts take and return int8 tensors (default: float I/O).")] = False,
+    calib_method: Annotated[Optional[str], typer.Option(help="int8 activation ranges: minmax, percentile or entropy (the target's default otherwise).")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="int8: largest top-1 accuracy drop (0.01 = one point) on labeled --calib data; the most sensitive layers stay float until it holds.")] = None,
+    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="int8: keep this node in float. Repeatable.")] = None,
+    speed_check: Annotated[bool, typer.Option(help="int8: time it against fp32 on this host (same arch as the target) and ship fp32 if int8 is not faster.")] = True,
+    equalize: Annotated[bool, typer.Option(help="int8: cross-layer equalization across Relu/PRelu/LeakyRelu (exact).")] = True,
+    equalize_relu6: Annotated[bool, typer.Option("--equalize-relu6", help="int8: equalize across ReLU6 too, replacing it by Relu (changes the model slightly; AIMET's default).")] = False,
+    bias_correction: Annotated[bool, typer.Option(help="int8: correct biases for the mean shift weight rounding causes.")] = True,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,
@@ -148,7 +155,9 @@ def build(
         input_shapes=parse_input_shapes(input_shape), inputs=str(inputs) if inputs else None, max_samples=max_samples,
         tolerance=tolerance, min_cosine=min_cosine, seed=seed, precision=precision,
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
-        images=parse_image_preprocess(image_range, image_mean, image_std),
+        images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
+        max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, equalize=equalize,
+        equalize_relu6=equalize_relu6, bias_correction=bias_correction,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgecWarning)

@@ -13,7 +13,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from edgec.errors import TargetError
+from edgec.errors import QuantizationError, TargetError
+from edgec.passes.quantize import QuantScheme
 from edgec.verify import Criterion
 
 TARGETS_DIR = Path(os.environ.get("EDGEC_TARGETS_DIR", Path(__file__).resolve().parent.parent / "targets"))
@@ -27,7 +28,7 @@ DEFAULT_CRITERIA = {
     "fp16": Criterion(tolerance=1e-2),
     "int8": Criterion(min_cosine=0.98),
 }
-_TOP_LEVEL_KEYS = {"name", "description", "backend", "arch", "precision", "runtime", "verify"}
+_TOP_LEVEL_KEYS = {"name", "description", "backend", "arch", "precision", "runtime", "verify", "quantize"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +42,13 @@ class Target:
     runtime: dict[str, Any]
     criteria: dict[str, Criterion]
     path: str
+    quantize: QuantScheme = QuantScheme()
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["criteria"] = {p: c.to_dict() for p, c in self.criteria.items()}
         data["path"] = Path(self.path).name
+        data["quantize"] = self.quantize.to_dict()
         return data
 
 
@@ -87,6 +90,7 @@ def _parse(data: dict[str, Any], path: Path) -> Target:
         runtime=runtime,
         criteria=_criteria(verify, path),
         path=str(path),
+        quantize=_quantize(data.get("quantize", {}), path),
     )
     if target.threads < 1:
         raise TargetError(f"Target file '{path}': runtime.threads must be at least 1, not {target.threads}.")
@@ -104,6 +108,16 @@ def _criteria(verify: dict[str, Any], path: Path) -> dict[str, Criterion]:
             raise TargetError(f"Target file '{path}': [verify] entries for {precision} may only set {sorted(allowed)}.")
         criteria[precision] = dataclasses.replace(DEFAULT_CRITERIA[precision], **{k: float(v) for k, v in table.items()})
     return criteria
+
+
+def _quantize(table: Any, path: Path) -> QuantScheme:
+    """``[quantize]``: the int8 scheme this target's runtime runs fast (see QuantScheme)."""
+    if not isinstance(table, dict):
+        raise TargetError(f"Target file '{path}': [quantize] must be a table.")
+    try:
+        return QuantScheme.from_table(table)
+    except QuantizationError as exc:
+        raise TargetError(f"Target file '{path}': {exc.message}", hint=exc.hint) from exc
 
 
 def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], path: Path, default: str | None = None) -> str:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from edgec.bench import Bench, _converted, compare
+from edgec.bench import Bench, _converted
+from edgec.profile import compare_latency
 from edgec.runtime.litert import LiteRTRunner
 from conftest import REPO
 
@@ -19,9 +20,9 @@ def test_round_trip_row_compares_the_original_tflite_with_edgecs(tmp_path):
     assert len(bench.built) == 1
 
 
-def test_compare_alternates_rounds_and_keeps_the_quietest():
+def test_compare_latency_alternates_rounds_and_keeps_the_quietest():
     runner = LiteRTRunner(REPO / "models" / "pretrained" / "hand_recrop.tflite", threads=1)
-    result = compare({"a": runner}, runs=2, rounds=3)
+    result = compare_latency({"a": runner}, runs=2, rounds=3)
     assert len(result["a"]["round_medians_ms"]) == 3
     assert result["a"]["best_median_ms"] == min(result["a"]["round_medians_ms"])
 

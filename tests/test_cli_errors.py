@@ -191,7 +191,7 @@ def test_real_process_exit_code_and_stderr(tmp_path):
 
 
 @pytest.mark.parametrize(("target", "precision", "fragment"), [
-    ("ort-x86", "int8", "Backend 'ort' (target 'ort-x86') cannot build int8 yet"),
+    ("ort-x86", "fp16", "Backend 'ort' (target 'ort-x86') cannot build fp16 yet"),
     ("tflite-arm", "int4", "cannot build int4"),
 ])
 def test_precision_the_backend_cannot_build(tmp_path, target, precision, fragment):

@@ -280,7 +280,7 @@ def test_int8_io_artifact_takes_int8_and_runs_in_source_terms(tmp_path):
     path = save(image_model(g, y, [1, 8, 8, 8]), tmp_path)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
-    options = BuildOptions(precision="int8", calib=str(calib), int8_io=True)
+    options = BuildOptions(precision="int8", calib=str(calib), int8_io=True, speed_check=False)
     result = build(path, "tflite-x86", tmp_path / "out", options)
     from ai_edge_litert.interpreter import Interpreter
 

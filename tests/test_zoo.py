@@ -182,3 +182,26 @@ def test_real_photos_calibrate_better_than_random_data(tmp_path):
         random = build(_path(entry), "tflite-arm", tmp_path / "random",
                        _options(entry, precision="int8", min_cosine=0.0)).verification.outputs[0].cosine
     assert photos > random + 0.1, (photos, random)
+
+
+ORT_TARGETS = [t for t in TARGETS if load_target(t).backend == "ort"]
+MAC_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@pytest.mark.parametrize("target", ORT_TARGETS)
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_zoo_model_builds_int8_for_onnx_runtime(name, target, tmp_path):
+    """QDQ int8 from the zoo's calibration data: every output keeps cosine ≥ 0.99 on held-out
+    data (the target's criterion), classifiers lose at most one point of top-1."""
+    entry = BY_NAME[name]
+    classifier = entry["task"] == "classification"
+    options = _options(entry, calib=str(REPO / entry["calib_data"]), precision="int8", speed_check=False,
+                       max_drop=0.01 if classifier else None)
+    result = build(_path(entry), target, tmp_path / "out", options)
+    quantization = result.report["lowering"]["quantization"]
+    assert sum(quantization["quantized_ops"].get(op, 0) for op in MAC_OPS) > 0, quantization["quantized_ops"]
+    assert result.verification.passed
+    assert min(o.cosine for o in result.verification.outputs) >= 0.99
+    if classifier:
+        output = result.verification.outputs[0]
+        assert output.accuracy_artifact >= output.accuracy_source - 0.01, (output.accuracy_source, output.accuracy_artifact)

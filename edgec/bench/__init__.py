@@ -5,7 +5,12 @@ Sections of the JSON:
 * ``results``: every zoo model × target in fp32: build time, artifact sizes, and the
   single-thread latency of the source model in ONNX Runtime next to the artifact's.
 * ``tflite_int8``: zoo models with a calibration split, edgec's fp32 vs full-integer int8
-  TFLite: latency, size, held-out accuracy.
+  TFLite: latency, size, held-out accuracy, XNNPACK partitions and the op types kept float
+  so XNNPACK runs the int8 graph in one piece.
+* ``ort_int8``: the same for ONNX Runtime on x86 (QDQ, u8 activations / 7-bit s8 weights),
+  with the tensors the precision search kept float.
+* ``int8_recovery``: MobileNetV2 in int8 with and without cross-layer equalization and
+  bias correction, on both runtimes: held-out cosine, mean error and top-1.
 * ``round_trip``: production ``.tflite`` files taken through tf2onnx to ONNX and back
   through edgec, against the original file.
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
@@ -35,32 +40,22 @@ from edgec.bench import onnx2tf
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
-from edgec.profile import measure
+from edgec.profile import compare_latency
 from edgec.report import versions
-from edgec.runtime import Runner, open_runner
+from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
 from edgec.runtime.ort import OrtRunner
 from edgec.targets import known_targets
-from edgec.verify import random_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
-
-
-def compare(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:
-    """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each.
-
-    ``best_median_ms`` (the lowest round median) is what ratios use: on a shared, noisy
-    machine, interference only ever adds time, so the quietest round is the truest one.
-    Each runner gets seeded random data shaped for its own inputs (a foreign .tflite has its
-    own input names and layout).
-    """
-    feeds = {name: random_inputs(r.inputs, count=1).batches[0] for name, r in runners.items()}
-    medians: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            medians[name].append(measure(runner, feeds[name], runs=runs).median_ms)
-    return {name: {"best_median_ms": min(m), "round_medians_ms": m} for name, m in medians.items()}
+ORT_TARGET = "ort-x86"
+RECOVERY_VARIANTS = {
+    "neither": {"equalize": False, "bias_correction": False},
+    "equalization": {"equalize": True, "equalize_relu6": True, "bias_correction": False},
+    "bias_correction": {"equalize": False, "bias_correction": True},
+    "both": {"equalize": True, "equalize_relu6": True, "bias_correction": True},
+}
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -106,7 +101,7 @@ class Bench:
             return {"model": entry["name"], "target": target, "converts": False, "error": str(exc)}
         artifact = open_runner(result.artifacts[0], threads=1, options=result.report["target"]["runtime"])
         source = OrtRunner(self.source(entry), threads=1, optimization="all")
-        latency = compare({"source_onnxruntime": source, "artifact": artifact}, self.runs)
+        latency = compare_latency({"source_onnxruntime": source, "artifact": artifact}, self.runs)
         return {
             "model": entry["name"],
             "target": target,
@@ -119,15 +114,28 @@ class Bench:
             "speedup_vs_source": _ratio(latency, "source_onnxruntime", "artifact"),
         }
 
-    def edgec_int8(self, entry: dict) -> BuildResult:
+    def edgec_int8(self, entry: dict, target: str = TFLITE_TARGET, variant: str = "int8", **options) -> BuildResult:
+        """int8 on the whole held-out split, with no pass/fail bar and no speed check: the
+        rows record cosine, accuracy and latency whatever they are."""
         data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]),
                 "images": ImagePreprocess(tuple(entry.get("input_range", (0.0, 1.0))))}
-        # The whole held-out split, and no pass/fail bar: the row records the cosine and accuracy.
-        return self.build(entry, TFLITE_TARGET, "int8", precision="int8", max_samples=None, min_cosine=0.0, **data)[0]
+        return self.build(entry, target, variant, precision="int8", max_samples=None, min_cosine=0.0,
+                          speed_check=False, **data, **options)[0]
 
     def int8_row(self, entry: dict) -> dict:
-        fp32, int8 = self.build(entry, TFLITE_TARGET)[0], self.edgec_int8(entry)
-        latency = compare({"fp32": _tflite(fp32.artifacts[0]), "int8": _tflite(int8.artifacts[0])}, self.runs)
+        row = self._int8_comparison(entry, TFLITE_TARGET, _tflite)
+        lowering = self.edgec_int8(entry).report["lowering"]
+        return {**row, "float_ops": lowering["float_ops"], "kept_float_for_xnnpack": lowering["kept_float_for_xnnpack"],
+                "placement": lowering["placement"]}
+
+    def ort_int8_row(self, entry: dict) -> dict:
+        row = self._int8_comparison(entry, ORT_TARGET, lambda path: OrtRunner(path, threads=1))
+        quantization = self.edgec_int8(entry, ORT_TARGET).report["lowering"]["quantization"]
+        return {**row, "kept_float": len(quantization["kept_float"]), "quantized_ops": quantization["quantized_ops"]}
+
+    def _int8_comparison(self, entry: dict, target: str, runner) -> dict:
+        fp32, int8 = self.build(entry, target)[0], self.edgec_int8(entry, target)
+        latency = compare_latency({"fp32": runner(fp32.artifacts[0]), "int8": runner(int8.artifacts[0])}, self.runs)
         output = int8.verification.outputs[0]
         return {
             "model": entry["name"],
@@ -136,13 +144,21 @@ class Bench:
             "int8_speedup": _ratio(latency, "fp32", "int8"),
             "min_cosine": min(o.cosine for o in int8.verification.outputs),
             "accuracy": {"fp32_source": output.accuracy_source, "int8": output.accuracy_artifact},
-            "float_ops": int8.report["lowering"]["float_ops"],
         }
+
+    def recovery_row(self, entry: dict, target: str) -> dict:
+        """int8 error with each accuracy-recovery pass on or off (same calibration)."""
+        variants = {}
+        for name, options in RECOVERY_VARIANTS.items():
+            output = self.edgec_int8(entry, target, f"int8-{name}", **options).verification.outputs[0]
+            variants[name] = {"cosine": round(output.cosine, 6), "mean_abs_error": round(output.mean_abs_error, 5),
+                              "top1": output.accuracy_artifact, "top1_agreement": output.top1_agreement}
+        return {"model": entry["name"], "target": target, "variants": variants}
 
     def round_trip_row(self, entry: dict) -> dict:
         edgec_fp32 = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
         original = REPO / "models" / entry["original_tflite"]
-        latency = compare({"original": _tflite(original), "edgec": _tflite(edgec_fp32)}, self.runs)
+        latency = compare_latency({"original": _tflite(original), "edgec": _tflite(edgec_fp32)}, self.runs)
         return {
             "model": entry["name"],
             "latency_ms": latency,
@@ -155,11 +171,11 @@ class Bench:
         row: dict = {"model": entry["name"], "converts": "fp32" in produced, "error": error}
         if "fp32" in produced:
             edgec = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
-            latency = compare({"edgec": _tflite(edgec), "onnx2tf": _tflite(produced["fp32"])}, self.runs)
+            latency = compare_latency({"edgec": _tflite(edgec), "onnx2tf": _tflite(produced["fp32"])}, self.runs)
             row["fp32"] = {"latency_ms": latency, "edgec_vs_onnx2tf": _ratio(latency, "edgec", "onnx2tf")}
         if "int8" in produced:
             edgec = self.edgec_int8(entry).artifacts[0]
-            latency = compare({"edgec": _tflite(edgec), "onnx2tf": _tflite(produced["int8"])}, self.runs)
+            latency = compare_latency({"edgec": _tflite(edgec), "onnx2tf": _tflite(produced["int8"])}, self.runs)
             row["int8"] = {"latency_ms": latency, "edgec_vs_onnx2tf": _ratio(latency, "edgec", "onnx2tf")}
         return row
 
@@ -189,6 +205,7 @@ def _summary(report: dict) -> dict:
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
         "round_trip_worst": max(trips) if trips else None,
         "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["tflite_int8"]]),
+        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["ort_int8"]]),
         "edgec_converts": _converted(report["results"]),
     }
     if report["onnx2tf"] is not None:
@@ -211,7 +228,7 @@ def _converted(rows: list[dict]) -> str:
 
 def _print_row(section: str, row: dict) -> None:
     brief = {k: v.get("edgec_vs_onnx2tf", v) if isinstance(v, dict) else v for k, v in row.items()
-             if k not in ("latency_ms", "artifacts", "size_bytes", "float_ops")}
+             if k not in ("latency_ms", "artifacts", "size_bytes", "float_ops", "placement")}
     print(f"[{section}] {json.dumps(brief, default=str)[:200]}", flush=True)
 
 
@@ -221,10 +238,13 @@ def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
     sections = {
         "results": [(e, t) for e in chosen for t in targets],
         "tflite_int8": [(e,) for e in chosen if e.get("calib_data")],
+        "ort_int8": [(e,) for e in chosen if e.get("calib_data")],
+        "int8_recovery": [(e, t) for e in chosen if e["name"] == "mobilenetv2" for t in (ORT_TARGET, TFLITE_TARGET)],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
-    makers = {"results": bench.target_row, "tflite_int8": bench.int8_row,
+    makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
+              "int8_recovery": bench.recovery_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
         if jobs is None:

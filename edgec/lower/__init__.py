@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import TargetError
+from edgec.passes.quantize import AccuracyGoal, QuantScheme
 from edgec.targets import Target
+from edgec.verify import InputSet
 
 
 @dataclasses.dataclass
@@ -33,12 +34,17 @@ class LowerOptions:
     """What a backend needs besides the model and target.
 
     ``calibration`` holds samples in the source model's layout, keyed by input name
-    (the build loads them; backends never touch files).
+    (the build loads them; backends never touch files). For int8, ``scheme`` is the
+    target's quantization scheme with the user's overrides, and ``goal`` what the int8
+    model must keep (None: quantize everything the scheme allows).
     """
 
     precision: str = "fp32"
-    calibration: Sequence[dict[str, np.ndarray]] = ()
+    calibration: InputSet = dataclasses.field(default_factory=lambda: InputSet([], "none"))
     int8_io: bool = False
+    scheme: QuantScheme = QuantScheme()
+    goal: AccuracyGoal | None = None
+    keep_float: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +60,7 @@ class Backend:
 
 # Backend name (as written in targets/*.toml) → module with `lower(model, target, stem, options)`.
 BACKENDS = {
-    "ort": Backend("edgec.lower.ort", frozenset({"graph_optimization", "formats"}), frozenset({"fp32"})),
+    "ort": Backend("edgec.lower.ort", frozenset({"graph_optimization", "formats"}), frozenset({"fp32", "int8"})),
     "tflite": Backend("edgec.lower.tflite", frozenset({"xnnpack"}), frozenset({"fp32", "fp16", "int8"})),
 }
 

@@ -3,6 +3,8 @@
 ONNX Runtime applies its graph optimizations (fusions, constant folding, and at level "all"
 its machine-specific layouts) once at build time and saves the result, so the device loads
 an already-optimized graph. The ``.ort`` format is what ORT's minimal/mobile builds load.
+int8 is the QDQ graph of ``edgec.passes.quantize`` in the target's scheme; ORT fuses each
+DequantizeLinear → op → QuantizeLinear group into its integer kernel when it loads it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import onnxruntime as ort
 from edgec.errors import TargetError, UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
 from edgec.model import to_bytes
+from edgec.passes.pipeline import Pipeline
+from edgec.passes.quantize import QuantizeStatic
 from edgec.runtime.ort import GRAPH_OPTIMIZATION_LEVELS, session_options
 from edgec.targets import Target
 
@@ -26,14 +30,18 @@ _UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered functio
 
 
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
-    """fp32 only for now (``BACKENDS`` declares it), so ``options`` carries nothing used here."""
     level = target.runtime.get("graph_optimization", "extended")
     formats = list(target.runtime.get("formats", FORMATS))
     _check_options(target, level, formats)
+    details: dict = {"graph_optimization": level, "formats": formats}
+    if options.precision == "int8":
+        quantize = QuantizeStatic(options.calibration, options.scheme, options.goal, options.keep_float, optimization=level)
+        model, records = Pipeline([quantize])(model)
+        details["quantization"] = records[0].details
     source = to_bytes(model)
     files = {f"{stem}.{fmt}": _optimize(source, level, fmt, target, model) for fmt in formats}
     primary = f"{stem}.onnx" if "onnx" in formats else f"{stem}.{formats[0]}"
-    return Lowered(files, primary, {"graph_optimization": level, "formats": formats})
+    return Lowered(files, primary, details)
 
 
 def _check_options(target: Target, level: str, formats: list[str]) -> None:

@@ -1,5 +1,5 @@
 """Latency measurement of artifacts (the device profiler builds on this)."""
 
-from edgec.profile.timing import LatencyStats, measure
+from edgec.profile.timing import LatencyStats, compare_latency, measure
 
-__all__ = ["LatencyStats", "measure"]
+__all__ = ["LatencyStats", "compare_latency", "measure"]

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edgec.runtime import Runner
+from edgec.verify import random_inputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,3 +44,19 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
     t = np.array(times)
     return LatencyStats(len(t), float(t.min()), float(np.median(t)), float(t.mean()),
                         float(np.percentile(t, 90)), float(np.percentile(t, 99)), float(t.std()))
+
+
+def compare_latency(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:
+    """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each.
+
+    ``best_median_ms`` (the lowest round median) is what ratios use: on a shared, noisy
+    machine, interference only ever adds time, so the quietest round is the truest one.
+    Each runner gets seeded random data shaped for its own inputs (a foreign .tflite has its
+    own input names and layout).
+    """
+    feeds = {name: random_inputs(r.inputs, count=1).batches[0] for name, r in runners.items()}
+    medians: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            medians[name].append(measure(runner, feeds[name], runs=runs).median_ms)
+    return {name: {"best_median_ms": min(m), "round_medians_ms": m} for name, m in medians.items()}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl_schema
@@ -54,6 +55,16 @@ class LiteRTRunner(Runner):
                 ) from exc
         io_map = json.loads(read_metadata(content, IO_METADATA) or b"null")
         self._bind(io_map)
+
+    def placement(self) -> dict[str, Any]:
+        """How the runtime placed the graph: delegate (XNNPACK) partitions, and the ops left
+        outside them by op type (run by TFLite's reference kernels, between partitions)."""
+        ops = self.interpreter._get_ops_details()  # the only API that shows delegation
+        delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+        outside: dict[str, int] = {}
+        for op in _outside_delegates(ops, delegates, {d["index"] for d in self.interpreter.get_output_details()}):
+            outside[op["op_name"]] = outside.get(op["op_name"], 0) + 1
+        return {"delegate_partitions": len(delegates), "outside_delegate": dict(sorted(outside.items()))}
 
     def _bind(self, io_map: dict | None) -> None:
         """Pair source names with TFLite tensor indices and layout permutations."""
@@ -113,3 +124,30 @@ class _Binding:
         if not self.quantized:
             return array
         return ((array.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
+
+
+def _outside_delegates(ops: list[dict], delegates: list[dict], graph_outputs: set[int]) -> list[dict]:
+    """The original ops a delegate did not take.
+
+    LiteRT lists the replaced ops beside the DELEGATE nodes, so they are told apart by data
+    flow: an op outside every partition produces a tensor no delegate produces, which a
+    delegate, the graph's outputs or another outside op reads. (Ops inside a partition
+    produce either partition outputs or tensors nothing outside the partition sees.)
+    """
+    originals = [op for op in ops if op["op_name"] != "DELEGATE"]
+    if not delegates:
+        return originals
+    produced = {int(t) for op in delegates for t in op["outputs"]}
+    read = {int(t) for op in delegates for t in op["inputs"]} | graph_outputs
+    outside: dict[int, dict] = {}
+    while True:
+        found = [op for op in originals if op["index"] not in outside and _leaves(op, produced, read)]
+        if not found:
+            return list(outside.values())
+        outside.update((op["index"], op) for op in found)
+        read |= {int(t) for op in found for t in op["inputs"]}
+
+
+def _leaves(op: dict, produced: set[int], read: set[int]) -> bool:
+    outputs = {int(t) for t in op["outputs"]}
+    return not outputs & produced and bool(outputs & read)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import flatbuffers
 import numpy as np
 import tensorflow as tf
+from tensorflow.lite.python import convert as tf_convert
 import tf_keras as keras
 from ai_edge_litert import schema_py_generated as tfl_schema
 
@@ -29,15 +30,11 @@ def keras_to_tflite(
     target: str,
     precision: str = "fp32",
     representative: Sequence[list[np.ndarray]] = (),
-    int8_io: bool = False,
 ) -> bytes:
-    """Convert with TFLite's converter: fp32; fp16 weights; or full-integer int8.
-
-    int8 is the converter's post-training full-integer quantization (per-channel int8
-    weights, per-tensor int8 activations calibrated by min/max on ``representative``, which
-    holds one list of Keras-ordered, Keras-layout input arrays per sample). Ops without an
-    int8 kernel stay float (see ``float_op_histogram``); I/O stays float unless ``int8_io``.
-    """
+    """Convert with TFLite's converter: fp32; fp16 weights; or, for int8, the *calibrated*
+    float model (activation ranges recorded from ``representative``, one list of
+    Keras-ordered, Keras-layout input arrays per sample) that ``quantize_calibrated`` turns
+    into int8 as often as needed without calibrating again."""
     logging.getLogger("absl").setLevel(logging.ERROR)
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -47,18 +44,35 @@ def keras_to_tflite(
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = lambda: iter(representative)
-        # int8 kernels first; an op with none stays float between (de)quantize ops.
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-        if int8_io:
-            converter.inference_input_type = converter.inference_output_type = tf.int8
+        converter._experimental_calibrate_only = True  # the converter's own split between the two steps
+    return _converted(converter.convert, model.name, target)
+
+
+def quantize_calibrated(calibrated: bytes, target: str, int8_io: bool = False, float_ops: Sequence[str] = ()) -> bytes:
+    """Full-integer int8 from a calibrated model, as the converter does it after calibrating.
+
+    Per-channel int8 weights, per-tensor int8 activations. Ops without an int8 kernel, and
+    the op types in ``float_ops``, stay float between (de)quantize ops; I/O stays float
+    unless ``int8_io``.
+    """
+    io_type = tf.int8 if int8_io else tf.float32
+    return _converted(
+        lambda: tf_convert.mlir_quantize(
+            calibrated, input_data_type=io_type, output_data_type=io_type, denylisted_ops=list(float_ops)
+        ),
+        "calibrated model", target,
+    )
+
+
+def _converted(convert, name: str, target: str) -> bytes:
     try:
         with captured_stderr(), warnings.catch_warnings():  # the converter logs every MLIR pass to fd 2
             # Emitted by the converter's own intermediate float pass during int8 calibration.
             warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
-            return converter.convert()
+            return convert()
     except Exception as exc:  # ConverterError and friends carry MLIR diagnostics
         raise UnsupportedOpError(
-            "?", model.name, target=target,
+            "?", name, target=target,
             reason=f"the TFLite converter rejected the lowered model: {_diagnostic(exc)}",
             hint=ORT_HINT,
         ) from exc

@@ -1,0 +1,177 @@
+"""int8 quantization on the ONNX graph: schemes from targets, sensitivity-guided mixed
+precision, output heads, already-quantized models, the speed check and calibration sources."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+from helpers import GraphBuilder, save
+from typer.testing import CliRunner
+
+from edgec.build import BuildOptions, build
+from edgec.cli import app
+from edgec.errors import QuantizationError, TargetError
+from edgec.model import load
+from edgec.passes.quantize import AccuracyGoal, QuantizeStatic, QuantScheme, rank_candidates, calibrate
+from edgec.targets import load_target
+from edgec.verify import random_inputs
+from edgec.runtime import TensorSpec
+
+
+def conv(g: GraphBuilder, x: str, cin: int, cout: int, weight=None, name=None) -> str:
+    w = g.const(weight) if weight is not None else g.weight(cout, cin, 3, 3)
+    return g.op("Conv", [x, w, g.const(np.zeros(cout, np.float32))], pads=[1, 1, 1, 1], name=name)
+
+
+def outlier_model() -> onnx.ModelProto:
+    """conv0 → relu → convA → relu → convB → relu → head. convA's channel 0 is 1000× the
+    others and convB ignores it, so one int8 scale for convA's output wipes out everything
+    the model computes: the one tensor a mixed-precision search must keep float."""
+    g = GraphBuilder(seed=1)
+    a_weight = g.rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.3
+    a_weight[0] *= 1000
+    b_weight = g.rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.3
+    b_weight[:, 0] = 0
+    y = g.op("Relu", [conv(g, "x", 3, 8, name="conv0")])
+    y = g.op("Relu", [conv(g, y, 8, 8, a_weight, name="convA")])
+    y = g.op("Relu", [conv(g, y, 8, 8, b_weight, name="convB")])
+    y = conv(g, y, 8, 4, name="head")
+    return g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]})
+
+
+def _calibration(count=16):
+    return random_inputs([TensorSpec("x", (1, 3, 8, 8), np.dtype(np.float32))], seed=5, count=count)
+
+
+def _ir(model: onnx.ModelProto, tmp_path):
+    return load(save(model, tmp_path))
+
+
+def test_scheme_comes_from_the_target_file():
+    x86, arm = load_target("ort-x86").quantize, load_target("ort-arm").quantize
+    assert (x86.activations, x86.weights, x86.reduce_range) == ("uint8", "int8", True)
+    assert (arm.activations, arm.weights) == ("int8", "int8")
+    assert x86.weight_qmax == 64 and arm.weight_qmax == 127
+
+
+@pytest.mark.parametrize(("table", "fragment"), [
+    ({"activations": "int4"}, "activations must be one of"),
+    ({"method": "median"}, "Unknown calibration method"),
+    ({"percentile": 120}, "percentile"),
+    ({"per_chanel": True}, "Unknown [quantize] keys ['per_chanel']"),
+])
+def test_bad_quantize_table_is_a_target_error(tmp_path, table, fragment):
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in table.items())
+    path = tmp_path / "t.toml"
+    path.write_text(f'name = "t"\nbackend = "ort"\narch = "x86_64"\n[quantize]\n{lines}\n')
+    with pytest.raises(TargetError, match="t.toml") as info:
+        load_target(str(path))
+    assert fragment in str(info.value)
+
+
+def test_full_quantization_keeps_output_heads_float(tmp_path):
+    result = QuantizeStatic(_calibration(), QuantScheme())(_ir(outlier_model(), tmp_path))
+    assert result.details["output_heads"] == ["head"]
+    assert result.details["quantized_ops"]["Conv"] == 3
+    ops = [n.op_type for n in result.model.graph]
+    assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= 3
+
+
+def test_sensitivity_ranks_the_outlier_tensor_first(tmp_path):
+    proto = outlier_model()
+    scheme = QuantScheme()
+    ranking = rank_candidates(proto, calibrate(proto, _calibration().batches, scheme), scheme, _calibration(4))
+    convA_output = next(n.output[0] for n in proto.graph.node if n.name == "convA")
+    assert ranking[0].tensor == convA_output, [(c.tensor, round(c.damage, 3)) for c in ranking[:4]]
+    assert ranking[0].damage > 10 * ranking[-1].damage
+
+
+def test_mixed_precision_keeps_only_what_the_goal_needs_float(tmp_path):
+    model = _ir(outlier_model(), tmp_path)
+    plain = QuantizeStatic(_calibration(), QuantScheme(), goal=AccuracyGoal(0.0))(model.clone())
+    assert plain.details["search"][0]["passed"] and plain.details["kept_float"] == []
+    worst = min(plain.details["search"][0]["cosine"].values())
+    assert worst < 0.9, "the outlier model must be wrecked by full int8 for this test to mean anything"
+    mixed = QuantizeStatic(_calibration(), QuantScheme(), goal=AccuracyGoal(0.995))(model.clone())
+    final = mixed.details["search"][-1] if mixed.details["search"][-1]["passed"] else next(
+        s for s in reversed(mixed.details["search"]) if s["passed"])
+    assert min(final["cosine"].values()) >= 0.995
+    assert "convA" in mixed.details["kept_float"]
+    assert mixed.details["quantized_ops"].get("Conv", 0) >= 1  # conv0 (at least) stays int8
+
+
+def test_unknown_keep_float_name_is_an_error(tmp_path):
+    with pytest.raises(QuantizationError, match="nope"):
+        QuantizeStatic(_calibration(), QuantScheme(), exclude=["nope"])(_ir(outlier_model(), tmp_path))
+
+
+def test_callable_calibration_and_int8_onnx_runtime_build(tmp_path):
+    """A Python callable as calibration source; the artifact is QDQ-quantized and the report
+    records the scheme, the search and the calibration source."""
+    path = save(outlier_model(), tmp_path)
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for _ in range(8):
+            yield {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)}
+
+    options = BuildOptions(precision="int8", calib=samples, speed_check=False)
+    result = build(path, "ort-x86", tmp_path / "out", options)
+    assert result.report["calibration"]["source"].startswith("callable samples")
+    quantization = result.report["lowering"]["quantization"]
+    assert quantization["scheme"]["activations"] == "uint8" and quantization["scheme"]["reduce_range"] is True
+    assert "convA" in quantization["kept_float"]
+    artifact = onnx.load(result.artifacts[0])
+    assert any(n.op_type in ("QLinearConv", "QuantizeLinear") for n in artifact.graph.node)
+    assert result.verification.passed
+
+
+def test_speed_check_ships_the_faster_artifact_and_says_so(tmp_path):
+    """Whichever wins on this host, the report's decision matches the artifact shipped."""
+    path = save(outlier_model(), tmp_path)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    result = build(path, "ort-x86", tmp_path / "out", BuildOptions(precision="int8", calib=str(calib)))
+    decision = result.report["speed_check"]
+    assert decision["measured"] is True and decision["shipped"] == result.report["precision"]
+    assert (decision["int8_ms"] < decision["fp32_ms"]) == (decision["shipped"] == "int8")
+    quantized = any(n.op_type.startswith("QLinear") or n.op_type == "QuantizeLinear"
+                    for n in onnx.load(result.artifacts[0]).graph.node)
+    assert quantized == (decision["shipped"] == "int8")
+
+
+def test_speed_check_is_skipped_for_another_architecture(tmp_path):
+    path = save(outlier_model(), tmp_path)
+    with pytest.warns(UserWarning, match="random calibration"):
+        result = build(path, "ort-arm", tmp_path / "out", BuildOptions(precision="int8", min_cosine=0.0))
+    assert result.report["speed_check"]["measured"] is False
+    assert result.report["precision"] == "int8"
+
+
+def test_already_quantized_model_is_refused(tmp_path):
+    path = save(outlier_model(), tmp_path)
+    with pytest.warns(UserWarning, match="random calibration"):
+        first = build(path, "ort-x86", tmp_path / "q", BuildOptions(precision="int8", speed_check=False, min_cosine=0.0))
+    quantized = first.artifacts[0]
+    result = CliRunner().invoke(app, ["build", str(quantized), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--precision", "int8"])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "already quantized" in text and "float model" in text and "Traceback" not in text
+
+
+def test_bias_correction_reduces_int8_error_on_mobilenetv2(tmp_path):
+    """With and without bias correction, same calibration: ORT's 7-bit weights shift each
+    layer's mean output, and correcting it lowers the int8 error on held-out digits."""
+    entry = REPO / "models" / "mobilenetv2.onnx"
+    data = dict(inputs=str(REPO / "models/data/digits_eval_nchw.npz"), calib=str(REPO / "models/data/digits_calib_nchw.npz"),
+                precision="int8", speed_check=False, equalize=False)
+    plain = build(entry, "ort-x86", tmp_path / "plain", BuildOptions(**data, bias_correction=False))
+    corrected = build(entry, "ort-x86", tmp_path / "bc", BuildOptions(**data, bias_correction=True))
+    before, after = plain.verification.outputs[0], corrected.verification.outputs[0]
+    assert after.mean_abs_error < 0.8 * before.mean_abs_error, (before.mean_abs_error, after.mean_abs_error)
+    assert after.cosine > before.cosine
+    assert any(r["name"] == "bias-correction" for r in corrected.report["passes"])
