@@ -375,7 +375,7 @@ def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, criteri
         max_abs_reference=scale,
         relative_error=relative,
         mean_abs_error=float(diff.mean()) if diff.size else 0.0,
-        cosine=_cosine(ref64, got64),
+        cosine=cosine(ref64, got64),
         passed=False,
     )
     comparison.passed = criterion.accepts(comparison)
@@ -398,7 +398,8 @@ def _max_abs(a: np.ndarray) -> float:
     return float(np.abs(a).max()) if a.size else 0.0
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine similarity of two arrays as flat vectors (1 for two zero arrays)."""
     a, b = a.reshape(-1), b.reshape(-1)
     denom = np.linalg.norm(a) * np.linalg.norm(b)
     if denom == 0:

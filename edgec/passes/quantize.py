@@ -30,8 +30,8 @@ from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.passes.pipeline import PassOutcome
 from edgec.quiet import captured_stderr
-from edgec.runtime.ort import OrtRunner
-from edgec.verify import Criterion, InputSet, OutputComparison, compare_outputs, run_all
+from edgec.runtime.ort import OrtRunner, session_options
+from edgec.verify import Criterion, InputSet, OutputComparison, compare_outputs, cosine, run_all
 from edgec.weights import quantize_dequantize, weight_from_view, weight_view
 
 CALIBRATION_METHODS = {
@@ -394,7 +394,7 @@ class _Probe:
             constant = onnx.helper.make_node("Constant", [], [f"{tensor}__q"], value=onnx.numpy_helper.from_array(quantized))
             inserted[tensor] = self._switch(probe, tensor, [constant])
         _insert_after_producers(probe.graph, inserted)
-        self.session = ort.InferenceSession(probe.SerializeToString(), _quiet_options(), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(probe.SerializeToString(), session_options(0), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in model.graph.output]
         self.off = {name: np.zeros((), np.bool_) for name in self.switches.values()}
         self.reference: list | None = None
@@ -420,7 +420,7 @@ class _Probe:
         if self.reference is None:
             self.reference = self._run(samples, {})
         quantized = self._run(samples, {self.switches[tensor]: np.ones((), np.bool_)})
-        return max(1.0 - _cosine(a, b) for a, b in zip(self.reference, quantized))
+        return max(1.0 - cosine(a, b) for a, b in zip(self.reference, quantized, strict=True))
 
     def _run(self, samples: InputSet, on: dict[str, np.ndarray]) -> list[np.ndarray]:
         runs = [self.session.run(self.outputs, {**dict(batch), **self.off, **on}) for batch in samples.batches]
@@ -450,17 +450,6 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, list[onn
         ordered += [new for output in node.output for new in inserted.get(output, [])]
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    denom = float(np.linalg.norm(a) * np.linalg.norm(b))
-    return float(a @ b) / denom if denom else float(np.array_equal(a, b))
-
-
-def _quiet_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return options
 
 
 def _count_quantized(model: onnx.ModelProto, scheme: QuantScheme) -> dict[str, int]:
