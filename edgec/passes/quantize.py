@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.passes.pipeline import PassOutcome
 from edgec.quiet import captured_stderr
+from edgec.runtime import Runner
 from edgec.runtime.ort import OrtRunner, session_options
 from edgec.verify import Criterion, InputSet, OutputComparison, compare_outputs, cosine, run_all
 from edgec.weights import quantize_dequantize, weight_from_view, weight_view
@@ -172,15 +173,24 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         _check_names(source, self.exclude)
         heads = [] if self.quantize_outputs else output_heads(source)
         ranges = calibrate(source, self.calibration.batches, self.scheme)
-        search = _Search(source, ranges, self.scheme, self.check, (*self.exclude, *heads), self.optimization)
-        kept_float, steps = search.run(self.goal)
-        quantized = search.quantize(kept_float)
+        shaped, always = with_shapes(source), {*self.exclude, *heads}
+
+        def quantize(keep: set[str]) -> onnx.ModelProto:
+            return to_qdq(shaped, ranges, self.scheme, sorted(keep | always))
+
+        def runner(keep: set[str]) -> Runner:
+            return OrtRunner(quantize(keep).SerializeToString(), threads=1, optimization=self.optimization)
+
+        reference = run_all(OrtRunner(source.SerializeToString(), threads=1, optimization="disabled"), self.check.batches)
+        search = PrecisionSearch(reference, self.check, runner)
+        kept_float = set() if self.goal is None else search.run(self.goal, rank_candidates(source, ranges, self.scheme, self.check))
+        quantized = quantize(kept_float)
         details = {
             "scheme": self.scheme.to_dict(),
             "calibration_batches": len(self.calibration.batches),
             "goal": None if self.goal is None else dataclasses.asdict(self.goal),
             "output_heads": heads,
-            "search": steps,
+            "search": search.steps,
             "kept_float": sorted(kept_float),
             "quantized_ops": _count_quantized(quantized, self.scheme),
         }
@@ -264,63 +274,56 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return load_model_with_shape_infer(path)
 
 
-class _Search:
-    """Finds the shortest prefix of the sensitivity ranking that, kept float, meets the goal."""
+class PrecisionSearch:
+    """Finds the shortest prefix of a sensitivity ranking that, kept float, meets the goal.
 
-    def __init__(self, model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, check: InputSet,
-                 exclude: Sequence[str], optimization: str):
-        self.model, self.ranges, self.scheme, self.check = model, ranges, scheme, check
-        self.exclude, self.optimization = tuple(exclude), optimization
-        self.shaped = with_shapes(model)
-        reference = OrtRunner(model.SerializeToString(), threads=1, optimization="disabled")
-        self.reference = run_all(reference, check.batches)
+    Backend-independent: ``make_runner`` builds and opens the int8 artifact that keeps a
+    given set of nodes float (QDQ in ONNX Runtime, or a .tflite), and ``reference`` holds
+    the float model's outputs on ``check`` (``run_all``'s form).
+    """
 
-    def quantize(self, keep_float: Sequence[str]) -> onnx.ModelProto:
-        return to_qdq(self.shaped, self.ranges, self.scheme, sorted(set(keep_float) | set(self.exclude)))
+    def __init__(self, reference: dict[str, np.ndarray], check: InputSet, make_runner: Callable[[set[str]], Runner]):
+        self.reference, self.check, self.make_runner = reference, check, make_runner
+        self.steps: list[dict[str, Any]] = []
 
-    def run(self, goal: AccuracyGoal | None) -> tuple[set[str], list[dict[str, Any]]]:
-        if goal is None:
-            return set(), []
-        steps: list[dict[str, Any]] = []
-        ranking = rank_candidates(self.model, self.ranges, self.scheme, _head(self.check, SENSITIVITY_SAMPLES))
-        good = self._first_passing(goal, ranking, steps)
+    def run(self, goal: AccuracyGoal, ranking: list[_Candidate]) -> set[str]:
+        good = self._first_passing(goal, ranking)
         if good is None:
             raise QuantizationError(
                 f"No int8 form of this model meets the accuracy goal (cosine ≥ {goal.min_cosine:g} per output"
                 f"{'' if goal.max_top1_drop is None else f', top-1 drop ≤ {goal.max_top1_drop:g}'}) even with "
-                f"all {len(ranking)} sensitive tensors kept float.",
+                f"all {len(ranking)} sensitive tensors kept float (cosine then: {self.steps[-1]['cosine']}).",
                 hint="Check the calibration data (real samples, right preprocessing), relax --min-cosine/--max-drop, or build fp32.",
             )
-        return _nodes(ranking[:good]), steps
+        return _nodes(ranking[:good])
 
-    def _first_passing(self, goal: AccuracyGoal, ranking: list[_Candidate], steps: list) -> int | None:
+    def _first_passing(self, goal: AccuracyGoal, ranking: list[_Candidate]) -> int | None:
         """Smallest k (doubling, then bisection) such that keeping ranking[:k] float passes."""
         failed, k = -1, 0
         while k <= len(ranking):
-            if self._passes(goal, ranking, k, steps):
-                return self._bisect(goal, ranking, failed, k, steps)
+            if self._passes(goal, ranking, k):
+                return self._bisect(goal, ranking, failed, k)
             failed, k = k, max(1, 2 * k)
             if failed == len(ranking):
                 return None
             k = min(k, len(ranking))
         return None
 
-    def _bisect(self, goal: AccuracyGoal, ranking: list[_Candidate], failed: int, good: int, steps: list) -> int:
+    def _bisect(self, goal: AccuracyGoal, ranking: list[_Candidate], failed: int, good: int) -> int:
         """Narrow down to within an eighth of ``good``: a few more float tensors cost less than more checks."""
         while good - failed > max(1, good // 8):
             middle = (failed + good) // 2
-            if self._passes(goal, ranking, middle, steps):
+            if self._passes(goal, ranking, middle):
                 good = middle
             else:
                 failed = middle
         return good
 
-    def _passes(self, goal: AccuracyGoal, ranking: list[_Candidate], k: int, steps: list) -> bool:
-        keep = _nodes(ranking[:k])
-        runner = OrtRunner(self.quantize(sorted(keep)).SerializeToString(), threads=1, optimization=self.optimization)
+    def _passes(self, goal: AccuracyGoal, ranking: list[_Candidate], k: int) -> bool:
+        runner = self.make_runner(_nodes(ranking[:k]))
         outputs = compare_outputs(self.reference, run_all(runner, self.check.batches), self.check.labels, Criterion())
         passed = goal.met_by(outputs)
-        steps.append({
+        self.steps.append({
             "kept_float_tensors": k,
             "cosine": {o.name: round(o.cosine, 5) for o in outputs},
             "top1_drop": {o.name: round(o.accuracy_source - o.accuracy_artifact, 5) for o in outputs if o.accuracy_source is not None},
@@ -336,12 +339,13 @@ def _nodes(candidates: Sequence[_Candidate]) -> set[str]:
 def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet) -> list[_Candidate]:
     """Tensors by how far quantizing each one *alone* moves the model's outputs, worst first.
 
-    A probe copy of the model fake-quantizes every candidate behind its own switch (a graph
-    input multiplying the quantization error), so one session measures every tensor's
+    A probe copy of the model fake-quantizes every candidate behind its own switch (an If
+    on a boolean graph input), so one session measures every tensor's
     end-to-end effect: AIMET's per-layer sensitivity without a model per layer. An
     activation is spared by keeping its producer and consumers float; a weight by keeping
-    its layer float.
+    its layer float. The first ``SENSITIVITY_SAMPLES`` batches of ``samples`` are used.
     """
+    samples = _head(samples, SENSITIVITY_SAMPLES)
     quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
     outputs = {o.name for o in model.graph.output}
     activations = sorted({t for n in quantizable for t in [*n.input, *n.output]} & set(ranges.data) - outputs)
