@@ -175,3 +175,15 @@ def test_bias_correction_reduces_int8_error_on_mobilenetv2(tmp_path):
     assert after.mean_abs_error < 0.8 * before.mean_abs_error, (before.mean_abs_error, after.mean_abs_error)
     assert after.cosine > before.cosine
     assert any(r["name"] == "bias-correction" for r in corrected.report["passes"])
+
+
+def test_bias_correction_is_kept_only_when_it_measures_better(tmp_path):
+    """By default both variants are lowered and measured; the report says which won and why."""
+    options = BuildOptions(calib=str(REPO / "models/data/digits_calib_nchw.npz"), precision="int8", speed_check=False,
+                           inputs=str(REPO / "models/data/digits_eval_nchw.npz"))
+    result = build(REPO / "models" / "mobilenetv2.onnx", "ort-x86", tmp_path / "out", options)
+    decision = result.report["recovery"]["bias_correction"]
+    errors = decision["int8_error"]
+    assert decision["applied"] == (errors["with"] < errors["without"])
+    assert decision["applied"] == any(r["name"] == "bias-correction" for r in result.report["passes"])
+    assert result.report["recovery"]["equalization"] == {"applied": False}  # per-channel weights
