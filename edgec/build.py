@@ -247,15 +247,23 @@ def _int8_options(target: Target, calibration: InputSet, options: BuildOptions) 
     scheme = target.quantize
     if options.calib_method:
         scheme = dataclasses.replace(scheme, method=options.calib_method)
-    goal = AccuracyGoal(_with_headroom(criterion(target, "int8", options).min_cosine), options.max_drop)
-    return LowerOptions("int8", calibration, options.int8_io, scheme, goal, tuple(options.keep_float))
+    return LowerOptions("int8", calibration, options.int8_io, scheme, _goal(target, options), tuple(options.keep_float))
 
 
-def _with_headroom(min_cosine: float | None) -> float:
+def _goal(target: Target, options: BuildOptions) -> AccuracyGoal | None:
+    """What the precision search aims at; None (everything int8) when nothing is required
+    (``--min-cosine 0`` and no ``--max-drop``)."""
+    min_cosine = criterion(target, "int8", options).min_cosine or 0.0
+    if min_cosine <= 0 and options.max_drop is None:
+        return None
+    return AccuracyGoal(_with_headroom(min_cosine), options.max_drop)
+
+
+def _with_headroom(min_cosine: float) -> float:
     """The cosine the precision search demands on calibration data: three quarters of the
     way from the verification criterion to 1, since held-out data will not match as well
     (half-way left blazeface and palm_detection at 0.989-0.990 on held-out photos)."""
-    return 0.0 if min_cosine is None else 1.0 - (1.0 - min_cosine) / 4
+    return 0.0 if min_cosine <= 0 else 1.0 - (1.0 - min_cosine) / 4
 
 
 def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered) -> tuple[Lowered, dict[str, Any]]:

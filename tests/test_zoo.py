@@ -151,35 +151,40 @@ def _int8(entry, out, **more):
     options = _options(entry, calib=str(REPO / entry["calib_data"]), precision="int8", bias_correction=True, **more)
     result = build(_path(entry), "tflite-arm", out, options)
     assert result.report["calibration"]["real_data"] is True
-    assert not INT8_KERNEL_OPS & set(result.report["lowering"]["float_ops"]), result.report["lowering"]["float_ops"]
+    lowering = result.report["lowering"]
+    # Whatever XNNPACK leaves outside is float (its float limits, as in the fp32 file), never int8.
+    assert set(lowering["placement"]["outside_delegate"]) <= set(lowering["float_ops"]), lowering
     return result
 
 
 @pytest.mark.parametrize("name", DIGITS)
 def test_zoo_model_builds_full_integer_tflite(name, tmp_path):
-    """int8 with the zoo's calibration split: conv/fc in int8, no int8 op left outside XNNPACK
-    (ops it has no int8 kernel for, e.g. PRelu, kept float), held-out top-1 within 1 point."""
+    """int8 with the zoo's calibration split: conv/fc in int8 wherever all-int8 meets the
+    accuracy goal, no int8 op left outside XNNPACK (ops it has no int8 kernel for, e.g.
+    PRelu, kept float), held-out top-1 within 1 point."""
     entry = BY_NAME[name]
     result = _int8(entry, tmp_path / "out")
     lowering = result.report["lowering"]
-    # Whatever XNNPACK leaves outside is float (its float limits, as in the fp32 file), never int8.
-    assert set(lowering["placement"]["outside_delegate"]) <= set(lowering["float_ops"]), lowering
+    all_int8_met_goal = lowering["search"][0]["passed"]
+    if all_int8_met_goal:
+        assert lowering["kept_float"] == 0 and not INT8_KERNEL_OPS & set(lowering["float_ops"]), lowering["float_ops"]
+    # Conv nets meet the search goal fully in int8; the transformer's int8 attention (cosine
+    # 0.993 on held-out digits) does not reach the 0.995 the search asks, so some ops stay float.
+    assert all_int8_met_goal or name == "transformer", lowering["search"]
     output = result.verification.outputs[0]
     assert output.cosine >= 0.98
     if entry["task"] == "classification":
         assert output.accuracy_artifact >= output.accuracy_source - 0.01, (output.accuracy_source, output.accuracy_artifact)
 
 
-# Lowest output cosine on the held-out photos, measured when this test was written. The
-# segmentation mask needs per-layer precision choices on TFLite (ORT has them) before it
-# reaches the 0.98 the others do.
-PHOTO_INT8_FLOOR = {"blazeface": 0.98, "face_landmark": 0.98, "hand_recrop": 0.98, "palm_detection": 0.98, "selfie_segmentation": 0.89}
-
-
 @pytest.mark.parametrize("name", PHOTO_MODELS)
-def test_production_model_builds_full_integer_tflite_from_photos(name, tmp_path):
-    result = _int8(BY_NAME[name], tmp_path / "out", min_cosine=PHOTO_INT8_FLOOR[name])
-    assert min(o.cosine for o in result.verification.outputs) >= PHOTO_INT8_FLOOR[name]
+def test_production_model_builds_int8_tflite_from_photos(name, tmp_path):
+    """The int8 default criterion (every output cosine ≥ 0.98 on held-out photos) holds for
+    every production model: the precision search keeps float the ops it takes (selfie's mask
+    needs most of them; the others few or none)."""
+    result = _int8(BY_NAME[name], tmp_path / "out")
+    assert result.verification.passed
+    assert min(o.cosine for o in result.verification.outputs) >= 0.98
 
 
 def test_real_photos_calibrate_better_than_random_data(tmp_path):

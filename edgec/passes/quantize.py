@@ -124,7 +124,7 @@ class AccuracyGoal:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Candidate:
+class Candidate:
     """A tensor, how far quantizing it alone moves the outputs, and the nodes kept float to spare it."""
 
     tensor: str
@@ -164,7 +164,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         self.scheme = scheme
         self.goal = goal
         self.exclude = tuple(exclude)
-        self.check = _head(calibration, check_samples)
+        self.check = head(calibration, check_samples)
         self.optimization = optimization
         self.quantize_outputs = quantize_outputs
 
@@ -197,7 +197,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         return PassOutcome(ir.serde.deserialize_model(quantized), True, details)
 
 
-def _head(inputs: InputSet, count: int) -> InputSet:
+def head(inputs: InputSet, count: int) -> InputSet:
     """The first ``count`` batches (and their labels) of ``inputs``."""
     batches = inputs.batches[:count]
     labels = inputs.labels
@@ -286,7 +286,7 @@ class PrecisionSearch:
         self.reference, self.check, self.make_runner = reference, check, make_runner
         self.steps: list[dict[str, Any]] = []
 
-    def run(self, goal: AccuracyGoal, ranking: list[_Candidate]) -> set[str]:
+    def run(self, goal: AccuracyGoal, ranking: list[Candidate]) -> set[str]:
         good = self._first_passing(goal, ranking)
         if good is None:
             raise QuantizationError(
@@ -297,7 +297,7 @@ class PrecisionSearch:
             )
         return _nodes(ranking[:good])
 
-    def _first_passing(self, goal: AccuracyGoal, ranking: list[_Candidate]) -> int | None:
+    def _first_passing(self, goal: AccuracyGoal, ranking: list[Candidate]) -> int | None:
         """Smallest k (doubling, then bisection) such that keeping ranking[:k] float passes."""
         failed, k = -1, 0
         while k <= len(ranking):
@@ -309,7 +309,7 @@ class PrecisionSearch:
             k = min(k, len(ranking))
         return None
 
-    def _bisect(self, goal: AccuracyGoal, ranking: list[_Candidate], failed: int, good: int) -> int:
+    def _bisect(self, goal: AccuracyGoal, ranking: list[Candidate], failed: int, good: int) -> int:
         """Narrow down to within an eighth of ``good``: a few more float tensors cost less than more checks."""
         while good - failed > max(1, good // 8):
             middle = (failed + good) // 2
@@ -319,7 +319,7 @@ class PrecisionSearch:
                 failed = middle
         return good
 
-    def _passes(self, goal: AccuracyGoal, ranking: list[_Candidate], k: int) -> bool:
+    def _passes(self, goal: AccuracyGoal, ranking: list[Candidate], k: int) -> bool:
         runner = self.make_runner(_nodes(ranking[:k]))
         outputs = compare_outputs(self.reference, run_all(runner, self.check.batches), self.check.labels, Criterion())
         passed = goal.met_by(outputs)
@@ -332,11 +332,11 @@ class PrecisionSearch:
         return passed
 
 
-def _nodes(candidates: Sequence[_Candidate]) -> set[str]:
+def _nodes(candidates: Sequence[Candidate]) -> set[str]:
     return {node for c in candidates for node in c.nodes}
 
 
-def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet) -> list[_Candidate]:
+def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet) -> list[Candidate]:
     """Tensors by how far quantizing each one *alone* moves the model's outputs, worst first.
 
     A probe copy of the model fake-quantizes every candidate behind its own switch (an If
@@ -345,7 +345,7 @@ def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantSc
     activation is spared by keeping its producer and consumers float; a weight by keeping
     its layer float. The first ``SENSITIVITY_SAMPLES`` batches of ``samples`` are used.
     """
-    samples = _head(samples, SENSITIVITY_SAMPLES)
+    samples = head(samples, SENSITIVITY_SAMPLES)
     quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
     outputs = {o.name for o in model.graph.output}
     activations = sorted({t for n in quantizable for t in [*n.input, *n.output]} & set(ranges.data) - outputs)
@@ -353,10 +353,10 @@ def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantSc
     probe = _Probe(model, {t: _activation_grid(ranges, t, scheme) for t in activations}, weights)
     names = {n.name for n in quantizable}
     candidates = [
-        _Candidate(t, probe.damage(t, samples), tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)))
+        Candidate(t, probe.damage(t, samples), tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)))
         for t in activations
     ]
-    candidates += [_Candidate(w, probe.damage(w, samples), (node,)) for w, (node, _) in weights.items() if node in names]
+    candidates += [Candidate(w, probe.damage(w, samples), (node,)) for w, (node, _) in weights.items() if node in names]
     return sorted(candidates, key=lambda c: (-c.damage, c.tensor))
 
 

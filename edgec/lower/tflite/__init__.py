@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from edgec.quiet import import_tensorflow
@@ -19,18 +20,24 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 # ruff: noqa: E402
 
 from edgec.lower import Lowered, LowerOptions
-from edgec.lower.tflite.convert import add_metadata, float_op_histogram, keras_to_tflite, op_histogram, quantize_calibrated
+from edgec.lower.tflite.convert import add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, quantize_calibrated
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
 from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import Pipeline
+from edgec.model import to_bytes
+from edgec.passes.quantize import Candidate, PrecisionSearch, calibrate, head, rank_candidates
+from edgec.runtime import Runner
 from edgec.runtime.litert import IO_METADATA, LiteRTRunner
+from edgec.runtime.ort import OrtRunner
+from edgec.verify import run_all
 from edgec.targets import Target
 
 __all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
 
+CHECK_BATCHES = 24  # calibration batches the precision search checks the .tflite on
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
 # Never kept float: the MAC kernels int8 is for, and the float↔int8 conversions at the edges.
 ALWAYS_INT8 = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV", "QUANTIZE", "DEQUANTIZE"}
@@ -42,6 +49,7 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list]:
 
 
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
+    source = to_bytes(model) if options.precision == "int8" else b""  # the float reference for int8 checks
     model, records = prepare(model)
     keras_lowering = to_keras(model, target.name)
     io = keras_lowering.io
@@ -49,8 +57,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     content = keras_to_tflite(keras_lowering.model, target.name, options.precision, representative)
     details: dict = {}
     if options.precision == "int8":
-        content, details = _int8(content, target, options)
-    content = add_metadata(content, IO_METADATA, json.dumps(io, sort_keys=True).encode())
+        content, details = _Int8(content, target, options, keras_lowering).build(source)
+    content = _with_io(content, io)
     details = {
         "precision": options.precision,
         "passes": [r.to_dict() for r in records],
@@ -62,28 +70,77 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     return Lowered({f"{stem}.tflite": content}, f"{stem}.tflite", details)
 
 
-def _int8(calibrated: bytes, target: Target, options: LowerOptions) -> tuple[bytes, dict]:
-    """Quantize, then keep float every op type XNNPACK would leave out of its int8 graph
-    (except the MAC kernels, which are what int8 is for).
+def _with_io(content: bytes, io: dict) -> bytes:
+    return add_metadata(content, IO_METADATA, json.dumps(io, sort_keys=True).encode())
 
-    An op XNNPACK cannot run in int8 (PRELU, HARD_SWISH, LOGISTIC... depending on the
-    version) splits the model into partitions with reference kernels between them, which
-    made int8 up to 7× slower than fp32 here. Which ops those are is measured by loading
-    the file in LiteRT, not listed by hand; as float ops XNNPACK runs them inside one graph.
+
+class _Int8:
+    """Full-integer TFLite from a calibrated model, and which ops stay float.
+
+    Op types XNNPACK would leave out of its int8 graph stay float (except the MAC kernels,
+    which are what int8 is for): an op XNNPACK cannot run in int8 (PRELU, HARD_SWISH...
+    depending on the version) splits the model into partitions with reference kernels
+    between them, which made int8 up to 7× slower than fp32 here. Which ops those are is
+    measured by loading the file in LiteRT, not listed by hand. With an accuracy goal, the
+    most sensitive ops also stay float, as few as meet it (``PrecisionSearch``).
     """
-    kept: set[str] = set()
-    content = quantize_calibrated(calibrated, target.name, options.int8_io)
-    for _ in range(MAX_PLACEMENT_ROUNDS):
-        left_out = set(_placement(content)["outside_delegate"]) - ALWAYS_INT8 - kept
-        if not target.runtime.get("xnnpack", True) or not left_out:
-            break
-        kept |= left_out
-        content = quantize_calibrated(calibrated, target.name, options.int8_io, sorted(kept))
-    return content, {
-        "float_ops": float_op_histogram(content),
-        "kept_float_for_xnnpack": sorted(kept),
-        "placement": _placement(content),
-    }
+
+    def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: KerasLowering):
+        self.calibrated, self.target, self.options, self.lowering = calibrated, target, options, lowering
+
+    def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
+        return quantize_calibrated(self.calibrated, self.target.name, self.options.int8_io, sorted(float_ops), sorted(float_nodes))
+
+    def build(self, source: bytes) -> tuple[bytes, dict]:
+        float_ops = self._xnnpack_float_ops()
+        kept, steps = self._search(source, float_ops) if self.options.goal else (set(), [])
+        content = self.quantize(float_ops, kept)
+        return content, {
+            "float_ops": float_op_histogram(content),
+            "kept_float_for_xnnpack": sorted(float_ops),
+            "kept_float": len(kept),
+            "search": steps,
+            "placement": _placement(content),
+        }
+
+    def _xnnpack_float_ops(self) -> set[str]:
+        kept: set[str] = set()
+        for _ in range(MAX_PLACEMENT_ROUNDS):
+            left_out = set(_placement(self.quantize(kept))["outside_delegate"]) - ALWAYS_INT8 - kept
+            if not self.target.runtime.get("xnnpack", True) or not left_out:
+                break
+            kept |= left_out
+        return kept
+
+    def _search(self, source: bytes, float_ops: set[str]) -> tuple[set[str], list]:
+        """Rank on the source-layout float model (ORT runs it), check the .tflite itself."""
+        check = head(self.options.calibration, CHECK_BATCHES)
+        proto = onnx.load_from_string(source)
+        ranges = calibrate(proto, check.batches, self.options.scheme)
+        reference = run_all(OrtRunner(source, threads=1, optimization="disabled"), check.batches)
+
+        def runner(keep: set[str]) -> Runner:
+            content = _with_io(self.quantize(float_ops, keep), self.lowering.io)
+            return LiteRTRunner(content, threads=1, xnnpack=self.target.runtime.get("xnnpack", True))
+
+        search = PrecisionSearch(reference, check, runner)
+        return search.run(self.options.goal, self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))), search.steps
+
+    def _op_ranking(self, ranking: list[Candidate]) -> list[Candidate]:
+        """The ONNX ranking in TFLite op names: each candidate's nodes → the Keras layers
+        they became → the ops whose names carry them. Ops no candidate reaches come last,
+        so the longest prefix keeps everything float and the search always ends."""
+        names = op_names(self.calibrated)
+        taken: set[str] = set()
+        ops_ranking = []
+        for candidate in ranking:
+            marks = [f"/{layer}/" for node in candidate.nodes for layer in self.lowering.layers.get(node, [])]
+            ops = {name for name in names if name not in taken and any(mark in name for mark in marks)}
+            if ops:
+                ops_ranking.append(Candidate(candidate.tensor, candidate.damage, tuple(sorted(ops))))
+                taken |= ops
+        rest = tuple(sorted(set(names) - taken))
+        return ops_ranking + ([Candidate("(unmapped ops)", 0.0, rest)] if rest else [])
 
 
 def _placement(content: bytes) -> dict:

@@ -48,20 +48,31 @@ def keras_to_tflite(
     return _converted(converter.convert, model.name, target)
 
 
-def quantize_calibrated(calibrated: bytes, target: str, int8_io: bool = False, float_ops: Sequence[str] = ()) -> bytes:
+def quantize_calibrated(
+    calibrated: bytes, target: str, int8_io: bool = False, float_ops: Sequence[str] = (), float_nodes: Sequence[str] = ()
+) -> bytes:
     """Full-integer int8 from a calibrated model, as the converter does it after calibrating.
 
-    Per-channel int8 weights, per-tensor int8 activations. Ops without an int8 kernel, and
-    the op types in ``float_ops``, stay float between (de)quantize ops; I/O stays float
-    unless ``int8_io``.
+    Per-channel int8 weights, per-tensor int8 activations. Ops without an int8 kernel, the
+    op types in ``float_ops`` and the ops named in ``float_nodes`` (``op_names``) stay float
+    between (de)quantize ops; I/O stays float unless ``int8_io``.
     """
     io_type = tf.int8 if int8_io else tf.float32
     return _converted(
         lambda: tf_convert.mlir_quantize(
-            calibrated, input_data_type=io_type, output_data_type=io_type, denylisted_ops=list(float_ops)
+            calibrated, input_data_type=io_type, output_data_type=io_type, denylisted_ops=list(float_ops),
+            denylisted_nodes=list(float_nodes),
         ),
         "calibrated model", target,
     )
+
+
+def op_names(content: bytes) -> list[str]:
+    """The names the quantizer knows the ops of a .tflite by: their first output tensor's
+    name, which the converter builds from the Keras layers fused into the op
+    (``<model>/<layer>/<tf op>;...``)."""
+    graph = tfl_schema.Model.GetRootAs(content, 0).Subgraphs(0)
+    return [graph.Tensors(graph.Operators(i).Outputs(0)).Name().decode() for i in range(graph.OperatorsLength())]
 
 
 def _converted(convert, name: str, target: str) -> bytes:

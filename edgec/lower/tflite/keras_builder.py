@@ -21,17 +21,19 @@ from onnx.reference import ReferenceEvaluator
 from edgec.errors import EdgecError, UnsupportedOpError
 from edgec.graph import attr, constant
 from edgec.lower.tflite import ops  # noqa: F401  (registers the rules)
-from edgec.lower.tflite.context import ORT_HINT, NodeContext, sanitize, tf_dtype
+from edgec.lower.tflite.context import ORT_HINT, NodeContext, is_tensor, sanitize, tf_dtype
 from edgec.lower.tflite.registry import lookup, unexpected_arguments
 from edgec.passes.layout import LAYOUT_PERM
 
 
 @dataclasses.dataclass
 class KerasLowering:
-    """The Keras model and how its inputs/outputs relate to the source model's."""
+    """The Keras model, how its inputs/outputs relate to the source model's, and which
+    Keras layers each ONNX node became (for per-layer precision choices)."""
 
     model: keras.Model
     io: dict[str, list[dict[str, Any]]]
+    layers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 def to_keras(model: ir.Model, target: str = "tflite") -> KerasLowering:
@@ -48,6 +50,7 @@ class _Builder:
         self.model = model
         self.target = target
         self.names: set[str] = set()
+        self.layers: dict[str, list[str]] = {}
         self.tensors: dict[ir.Value, Any] = {}
 
     def build(self) -> KerasLowering:
@@ -58,7 +61,7 @@ class _Builder:
         outputs = [self._output(v) for v in graph.outputs]
         keras_model = keras.Model(inputs=[t for t, _ in inputs], outputs=[t for t, _ in outputs], name=sanitize(graph.name or "edgec"))
         io = {"inputs": [entry for _, entry in inputs], "outputs": [entry for _, entry in outputs]}
-        return KerasLowering(keras_model, io)
+        return KerasLowering(keras_model, io, self.layers)
 
     def _unique(self, name: str) -> str:
         base, i = sanitize(name), 1
@@ -112,11 +115,30 @@ class _Builder:
         if problem:
             ctx.unsupported(f"inputs or attributes its TFLite rule does not handle ({problem})")
         try:
-            return fn(ctx, *args, **attributes)
+            result = fn(ctx, *args, **attributes)
         except EdgecError:
             raise
         except (ValueError, TypeError, tf.errors.OpError) as exc:
             ctx.unsupported(f"TensorFlow rejected it: {str(exc).splitlines()[0]}")
+        self.layers[node.name] = _layers_between(args, result)
+        return result
+
+
+def _layers_between(args: list, result: Any) -> list[str]:
+    """Names of the Keras layers a rule created: walk back from its results to its inputs
+    (real layers and the TFOpLambda layers tf ops become alike)."""
+    stop = {id(a) for a in args}
+    stack = [r for r in (result if isinstance(result, (tuple, list)) else (result,)) if is_tensor(r)]
+    names: set[str] = set()
+    while stack:
+        tensor = stack.pop()
+        history = getattr(tensor, "_keras_history", None)
+        if id(tensor) in stop or history is None or isinstance(history.layer, keras.layers.InputLayer):
+            continue
+        if history.layer.name not in names:
+            names.add(history.layer.name)
+            stack.extend(history.layer._inbound_nodes[history.node_index].keras_inputs)
+    return sorted(names)
 
 
 def _io_entry(value: ir.Value, key: str) -> dict[str, Any]:
