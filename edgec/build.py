@@ -176,24 +176,30 @@ def _most_accurate(source: ir.Model, variants: list[tuple[ir.Model, list[PassRec
                    lower_options: LowerOptions, progress: Progress) -> tuple[Lowered, list[PassRecord], dict[str, float]]:
     """Lower each variant to int8 and keep the one whose outputs stay closest to ``source``
     on calibration data (1 − cosine, averaged over outputs), measured with the target's
-    runtime. Variants are compared fully quantized; the winner then gets the precision search."""
+    runtime. Variants are compared fully quantized; the winner then gets the precision search
+    (without a goal, the artifact already lowered is the answer)."""
+    if len(variants) == 1:
+        with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
+            return lower(variants[0][0], target, stem, lower_options), variants[0][1], {}
     plain = dataclasses.replace(lower_options, goal=None)
-    errors: list[float] = []
-    for variant, _ in variants if len(variants) > 1 else ():
-        with progress.stage(f"Measuring int8 error of recovery variant {len(errors) + 1}/{len(variants)}"):
-            errors.append(_int8_error(source, lower(variant, target, stem, plain), target, lower_options.calibration))
-    best = min(range(len(variants)), key=lambda i: (errors[i], i)) if errors else 0
-    model, records = variants[best]
-    with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
-        return lower(model, target, stem, lower_options), records, {f"variant_{i}": round(e, 6) for i, e in enumerate(errors)}
+    batches = lower_options.calibration.batches[:RECOVERY_CHECK_BATCHES]
+    reference = run_all(OrtRunner(to_bytes(source), threads=1, optimization="disabled"), batches)
+    candidates = []
+    for i, (variant, records) in enumerate(variants):
+        with progress.stage(f"Measuring int8 error of recovery variant {i + 1}/{len(variants)}"):
+            lowered = lower(variant, target, stem, plain)
+            candidates.append((_int8_error(reference, lowered, target, batches), i, lowered, variant, records))
+    _, _, lowered, model, records = min(candidates, key=lambda c: c[:2])
+    if lower_options.goal is not None:
+        with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
+            lowered = lower(model, target, stem, lower_options)
+    return lowered, records, {f"variant_{c[1]}": round(c[0], 6) for c in candidates}
 
 
-def _int8_error(source: ir.Model, lowered: Lowered, target: Target, calibration: InputSet) -> float:
-    batches = calibration.batches[:RECOVERY_CHECK_BATCHES]
+def _int8_error(reference: dict[str, np.ndarray], lowered: Lowered, target: Target, batches: list) -> float:
     with tempfile.TemporaryDirectory(prefix="edgec-check-") as tmp:
         got = run_all(_open(Path(tmp), lowered, target, threads=1), batches)
-    ref = run_all(OrtRunner(to_bytes(source), threads=1, optimization="disabled"), batches)
-    return float(np.mean([1.0 - cosine(ref[name], got[name]) for name in ref]))
+    return float(np.mean([1.0 - cosine(reference[name], got[name]) for name in reference]))
 
 
 def _refuse_quantized(model: ir.Model) -> None:
