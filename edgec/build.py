@@ -32,7 +32,7 @@ from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
-from edgec.passes.quantize import AccuracyGoal, QuantScheme
+from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import compare_latency
 from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
@@ -84,7 +84,6 @@ class BuildOptions:
     recipe: Sequence[Step] = ()
 
 
-RECOVERY_CHECK_BATCHES = 24  # calibration batches bias correction's benefit is measured on
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
 RANDOM_CALIBRATION_WARNING = (
     "Calibrating with random inputs: activation ranges and statistics will not match real data, "
@@ -126,22 +125,23 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     precision = options.precision or target.precision
     # Loaded on first use, once: only data-aware passes and int8 need it.
     calibration = functools.cache(functools.partial(_calibration, model, options))
-    reference, extra, compressed = source_runner(path), {}, {}
+    reference, extra, compressed = None, {}, {}  # the reference is the source file unless compressed
     if options.recipe:
-        model, more, extra["compression"] = compress(model, options.recipe, calibration, reference, options, progress)
+        model, more, extra["compression"] = compress(model, options.recipe, calibration, source_runner(path), options, progress)
         records += more
         reference = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         compressed[f"{path.stem}.compressed.onnx"] = to_bytes(model)
     if precision == "int8":
         lowered, more, int8 = _lower_int8(model, path.stem, target, calibration(), options, progress)
-        records += more
         extra.update(int8)
         precision = int8.get("speed_check", {}).get("shipped", precision)
+        if precision == "int8":  # a shipped fp32 artifact is lowered without the recovery passes
+            records += more
     else:
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             lowered = lower(model, target, path.stem, LowerOptions(precision))
     with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
-        verification = verify_bytes(reference, lowered, target, options, criterion(target, precision, options))
+        verification = verify_bytes(reference or source_runner(path), lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification)
     report = _report(path, target, model, records, lowered, verification, options)
@@ -215,7 +215,7 @@ def _most_accurate(source: ir.Model, variants: list[tuple[ir.Model, list[PassRec
         with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
             return lower(variants[0][0], target, stem, lower_options), variants[0][1], {}
     plain = dataclasses.replace(lower_options, goal=None)
-    batches = lower_options.calibration.batches[:RECOVERY_CHECK_BATCHES]
+    batches = lower_options.calibration.batches[:CHECK_BATCHES]
     reference = run_all(OrtRunner(to_bytes(source), threads=1, optimization="disabled"), batches)
     candidates = []
     for i, (variant, records) in enumerate(variants):
