@@ -27,6 +27,7 @@ import onnx_ir as ir
 
 from edgec.errors import RecipeError
 from edgec.passes.equalize import CrossLayerEqualization
+from edgec.passes.factorize import Factorize, FactorizeOptions
 from edgec.verify import InputSet
 
 
@@ -76,8 +77,14 @@ def _equalize(options: Mapping[str, Any], calibration: Calibration) -> ir.passes
     return CrossLayerEqualization(settings.relu6_to_relu, settings.max_iterations)
 
 
+def _factorize(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(FactorizeOptions, options, "factorize")
+    return Factorize(settings, calibration().batches[: settings.samples] if settings.data_aware else None)
+
+
 FAMILIES: dict[str, StepFactory] = {
     "equalize": _equalize,
+    "factorize": _factorize,
 }
 
 

@@ -1,0 +1,660 @@
+"""Factorization: replace a large layer by a chain of thin ones that compute nearly the same.
+
+Per layer (Conv with ``group`` 1, Gemm, MatMul with a constant 2-D weight), three methods:
+
+* ``svd`` — Gemm/MatMul and 1x1 Conv: truncated SVD, ``W ≈ B·A``: ``in → r → out``; the
+  first layer keeps the conv's stride and pads.
+* ``tucker2`` — KxK Conv: 1x1 (Cin→r1), KxK core (r1→r2, with the conv's stride, pads and
+  dilations), 1x1 (r2→Cout); HOSVD of the two channel modes (Kim et al. 2016).
+* ``spatial`` — KxK Conv: Kx1 (Cin→r) then 1xK (r→Cout) (Jaderberg et al. 2014): the SVD of
+  the weight arranged as ``[(Cin·Kh), (Kw·Cout)]``; the vertical stride/pads/dilation go on
+  the first layer, the horizontal ones on the second.
+
+The bias stays on the last layer. Every method's result is ``W_r = B·M``: ``M`` maps an
+input patch (the layer's im2col row) to the features feeding the last layer and ``B`` is
+that last layer. So one error measures them all: ``ε² = tr(ΔW C ΔWᵀ) / tr(W C Wᵀ)``, the
+relative squared output error of the layer for inputs with second moment ``C`` — the
+calibration patches' when data is given, the identity otherwise (then ``ε`` is the relative
+weight error). "Retained energy" is ``1 − ε²``: for ``svd`` without data, the usual share
+of the squared singular values kept.
+
+**Data-aware** (calibration data): ``svd`` takes the SVD of ``W·C^½`` (the best rank-r
+layer for those inputs), ``tucker2``/``spatial`` refit ``B`` by least squares against the
+original layer's outputs. The plain and the data-aware factors are both measured on the
+calibration patches and the better is kept, so data-aware is never worse there.
+
+**Rank selection.** A layer's candidates are each applicable method at ranks that are
+multiples of ``round_to`` and cost fewer MACs than the layer (a layer with none is skipped).
+``rank``: that rank everywhere (``auto``: svd for 1x1 and matrices, tucker2 with r1 = r2
+for KxK). ``energy``: the cheapest candidate keeping that energy. ``layer_reduction``: the
+most accurate candidate saving that share of the layer's MACs. ``mac_reduction``: one
+energy for every layer, the highest that brings the model's MACs down by that share, found
+by bisection. A shared energy spreads the relative error evenly; a greedy "least error per
+MAC saved" across layers would compare errors whose effect on the model's output differs
+from layer to layer, and it is not monotone, while total MACs fall monotonically with the
+energy. ``method=auto`` lets all applicable methods compete in each choice, so a layer gets
+whichever has the lower error at the same MACs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.activations import activations
+from edgec.analysis import layer_table
+from edgec.errors import RecipeError
+from edgec.graph import add_initializer, attr, constant, static_shape, take_name
+from edgec.passes.layers import LayerSelection, select_layers
+from edgec.passes.pipeline import PassOutcome
+from edgec.refit import least_squares, patches
+from edgec.verify import Sample
+from edgec.weights import weight_view
+
+METHODS = ("auto", "svd", "tucker2", "spatial")
+FACTORIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizeOptions:
+    """How much to factorize (exactly one of ``rank``, ``energy``, ``layer_reduction``,
+    ``mac_reduction``), with which method, and on which layers."""
+
+    method: str = "auto"
+    rank: int | None = None
+    energy: float | None = None
+    layer_reduction: float | None = None
+    mac_reduction: float | None = None
+    round_to: int = 4
+    data_aware: bool = True
+    samples: int = 32
+    op_types: Sequence[str] = ()
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+
+    def __post_init__(self) -> None:
+        amounts = {k: getattr(self, k) for k in ("rank", "energy", "layer_reduction", "mac_reduction")}
+        given = [k for k, v in amounts.items() if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of rank, energy, layer_reduction, mac_reduction (got {', '.join(given) or 'none'})")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
+            raise ValueError(f"rank must be a positive integer, not {self.rank!r}")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], not {self.energy}")
+        for key in ("layer_reduction", "mac_reduction"):
+            value = amounts[key]
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"{key} must be in [0, 1), not {value}")
+        if not isinstance(self.round_to, int) or self.round_to < 1:
+            raise ValueError(f"round_to must be a positive integer, not {self.round_to!r}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"samples must be a positive integer, not {self.samples!r}")
+
+    @property
+    def selection(self) -> LayerSelection:
+        return LayerSelection(tuple(self.op_types), tuple(self.include), tuple(self.exclude))
+
+
+# ---------------------------------------------------------------------------------------
+# Layers as weights, shapes and input statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class InputMoments:
+    """The second moment ``C`` of a layer's im2col rows, as square roots: ``root`` with
+    ``root·rootᵀ = C`` (symmetric; a relative ridge keeps it invertible) and its inverse."""
+
+    root: np.ndarray
+    inverse_root: np.ndarray
+
+    @classmethod
+    def of(cls, moment: np.ndarray, ridge: float = 1e-8) -> InputMoments:
+        values, vectors = np.linalg.eigh(moment)
+        values = np.maximum(values, 0) + ridge * max(values.mean(), 1e-30)
+        return cls((vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layer:
+    """A layer to factorize: its weight as ``[out, in, kh, kw]`` (matrices as 1x1, Gemm's
+    alpha folded in), its static input and output shapes and, with calibration data, the
+    moments of its input rows. The decompositions' SVDs are computed once per layer."""
+
+    node: ir.Node
+    weight: np.ndarray
+    x_shape: tuple[int, ...]
+    y_shape: tuple[int, ...]
+    inputs: InputMoments | None = None
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """``[out, in·kh·kw]``, columns in im2col order (what :func:`patches` rows hold)."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    @property
+    def pointwise(self) -> bool:
+        return self.weight.shape[2:] == (1, 1)
+
+    @property
+    def positions(self) -> int:
+        """Output positions: batch × spatial (or leading) dimensions."""
+        return math.prod(self.y_shape) // self.weight.shape[0]
+
+    @property
+    def macs(self) -> int:
+        return self.positions * self.matrix.size
+
+    def seen(self, matrix: np.ndarray) -> np.ndarray:
+        """``matrix·C^½``: a weight as the calibration inputs see it (itself without data)."""
+        return matrix if self.inputs is None else matrix @ self.inputs.root
+
+    @functools.cached_property
+    def seen_weight(self) -> np.ndarray:
+        return self.seen(self.matrix)
+
+    def squared_error(self, seen_approximation: np.ndarray) -> float:
+        """``ε²`` of an approximation given as :meth:`seen` would show it."""
+        reference = max(float(np.sum(self.seen_weight ** 2)), 1e-300)
+        return float(np.sum((self.seen_weight - seen_approximation) ** 2)) / reference
+
+    @functools.cached_property
+    def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(self.matrix, full_matrices=False)
+
+    @functools.cached_property
+    def whitened_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.linalg.svd(self.seen_weight, full_matrices=False)
+
+    @functools.cached_property
+    def arranged_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SVD of the kernel as ``[(in, kh), (kw, out)]``: spatial separation's matrix."""
+        out, inp, kh, kw = self.weight.shape
+        return np.linalg.svd(self.weight.transpose(1, 2, 3, 0).reshape(inp * kh, kw * out), full_matrices=False)
+
+    @functools.cached_property
+    def channel_modes(self) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """HOSVD of the input and output channel modes: (left singular vectors, values) each."""
+        out, inp = self.weight.shape[:2]
+        u_in, s_in, _ = np.linalg.svd(self.weight.transpose(1, 0, 2, 3).reshape(inp, -1), full_matrices=False)
+        return (u_in, s_in), self.svd[:2]
+
+
+def _layer(node: ir.Node) -> Layer | str:
+    """The node as a :class:`Layer`, or why it cannot be factorized."""
+    weight = constant(node.inputs[1])
+    x_shape, y_shape = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if weight is None:
+        return "weight is not a constant"
+    if x_shape is None or y_shape is None:
+        return "shapes are not static"
+    if node.op_type == "Conv":
+        if attr(node, "group", 1) != 1:
+            return "grouped or depthwise convolution"
+        if weight.ndim != 4:
+            return "not a 2-D convolution"
+        if attr(node, "auto_pad", "NOTSET") != "NOTSET":
+            return "auto_pad is set"
+        return Layer(node, weight.astype(np.float64), x_shape, y_shape)
+    if weight.ndim != 2:
+        return "weight is not a matrix"
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
+        return "transA is set"
+    matrix = weight_view(node, weight.astype(np.float64))[0, :, :, 0] * attr(node, "alpha", 1.0)
+    return Layer(node, matrix[:, :, None, None], x_shape, y_shape)
+
+
+def _with_input_moments(model: ir.Model, layers: Sequence[Layer], batches: Sequence[Sample]) -> list[Layer]:
+    """``layers`` with the second moment of their im2col rows over ``batches``."""
+    sums = [0.0] * len(layers)
+    rows = [0] * len(layers)
+    for values in activations(model, [layer.node.inputs[0] for layer in layers], batches):
+        for i, layer in enumerate(layers):
+            x = patches(layer.node, values[layer.node.inputs[0].name]).astype(np.float64)
+            sums[i] = sums[i] + x.T @ x
+            rows[i] += x.shape[0]
+    return [dataclasses.replace(layer, inputs=InputMoments.of(total / n)) for layer, total, n in zip(layers, sums, rows)]
+
+
+# ---------------------------------------------------------------------------------------
+# Decompositions: each gives the chain's weights as conv kernels [out, in, kh, kw]
+
+
+@dataclasses.dataclass(frozen=True)
+class Factors:
+    """The leading layers' kernels and the last layer as a matrix ``B`` (``[out, m]``)."""
+
+    leading: tuple[np.ndarray, ...]
+    last: np.ndarray
+    last_kernel: tuple[int, int]
+
+    def kernels(self) -> list[np.ndarray]:
+        out = self.last.shape[0]
+        return [*self.leading, self.last.reshape(out, -1, *self.last_kernel)]
+
+
+def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-r factors with the singular values shared evenly (balanced ranges for int8)."""
+    root = np.sqrt(s[:r])
+    return u[:, :r] * root, root[:, None] * vt[:r]
+
+
+def _svd(layer: Layer, ranks: tuple[int, ...]) -> Factors:
+    b, a = _split(*layer.svd, ranks[0])
+    return Factors((a[:, :, None, None],), b, (1, 1))
+
+
+def _svd_whitened(layer: Layer, ranks: tuple[int, ...]) -> Factors:
+    """The best rank-r layer for the calibration inputs: the SVD of ``W·C^½``."""
+    b, a = _split(*layer.whitened_svd, ranks[0])
+    return Factors(((a @ layer.inputs.inverse_root)[:, :, None, None],), b, (1, 1))
+
+
+def _tucker2(layer: Layer, ranks: tuple[int, ...]) -> Factors:
+    r_in, r_out = ranks
+    (u_in, _), (u_out, _) = layer.channel_modes
+    u_in, u_out = u_in[:, :r_in], u_out[:, :r_out]
+    core = np.einsum("oikl,or,is->rskl", layer.weight, u_out, u_in, optimize=True)
+    return Factors((u_in.T[:, :, None, None], core), u_out, (1, 1))
+
+
+def _spatial(layer: Layer, ranks: tuple[int, ...]) -> Factors:
+    out, inp, kh, kw = layer.weight.shape
+    r = ranks[0]
+    vertical, horizontal = _split(*layer.arranged_svd, r)  # [(c,i), k] and [k, (j,o)]
+    first = vertical.T.reshape(r, inp, kh, 1)
+    last = horizontal.reshape(r, kw, out).transpose(2, 0, 1).reshape(out, r * kw)  # B[o, k·kw + j]
+    return Factors((first,), last, (1, kw))
+
+
+def _patch_map(factors: Factors, kernel: tuple[int, int]) -> np.ndarray:
+    """``M`` (``[m, in·kh·kw]``): what the leading layers compute from one input patch."""
+    leading = factors.leading
+    if factors.last_kernel != (1, 1):  # spatial: feature (k, j) is the vertical filter k at column j
+        first = leading[0][:, :, :, 0]  # [r, in, kh]
+        kw = kernel[1]
+        return np.einsum("kci,jJ->kjciJ", first, np.eye(kw)).reshape(first.shape[0] * kw, -1)
+    composed = leading[0][:, :, 0, 0]  # [r1, in]: a 1x1 (svd's first layer, tucker's first)
+    if len(leading) == 1:
+        return composed
+    core = leading[1]  # tucker: core[r2, r1, kh, kw] after the 1x1
+    return np.einsum("rskl,si->rikl", core, composed).reshape(core.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """Factors for one (method, ranks), their ``ε²``, and with calibration data both
+    candidates' ``ε²`` (``plain``, ``data_aware``); ``factors`` is the better of the two."""
+
+    factors: Factors
+    error: float
+    errors: dict[str, float]
+
+
+def _fit(layer: Layer, method: str, ranks: tuple[int, ...]) -> Fit:
+    """Plain factors, and with data the data-aware ones (svd: whitened; others: the last
+    layer refit by least squares against the original layer's outputs, in square-root form
+    ``min ‖C^½ Mᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
+    plain = DECOMPOSITIONS[method].factor(layer, ranks)
+    features = layer.seen(_patch_map(plain, layer.weight.shape[2:]))
+    plain_error = layer.squared_error(plain.last @ features)
+    if layer.inputs is None:
+        return Fit(plain, plain_error, {})
+    if method == "svd":
+        aware = _svd_whitened(layer, ranks)
+        aware_error = layer.squared_error(aware.last @ layer.seen(_patch_map(aware, (1, 1))))
+    else:
+        aware = dataclasses.replace(plain, last=least_squares(features.T, layer.seen_weight.T).T)
+        aware_error = layer.squared_error(aware.last @ features)
+    errors = {"plain": plain_error, "data_aware": aware_error}
+    return Fit(aware if aware_error <= plain_error else plain, min(plain_error, aware_error), errors)
+
+
+# ---------------------------------------------------------------------------------------
+# Methods: where each applies, its candidate ranks and MACs, and how its layers are wired
+
+MAX_TRIED_RANKS = 24  # per method and layer: rank steps widen (in multiples of round_to) beyond
+
+
+def _rank_steps(full: int, step: int) -> list[int]:
+    step *= max(1, math.ceil(full / (step * MAX_TRIED_RANKS)))
+    return sorted({min(k, full) for k in range(step, full + step, step)})
+
+
+def _cumulative_energy(values: np.ndarray) -> np.ndarray:
+    energy = np.cumsum(values ** 2)
+    return energy / max(energy[-1], 1e-300)
+
+
+def _svd_full(layer: Layer) -> tuple[int, ...]:
+    return (min(layer.matrix.shape),)
+
+
+def _spatial_full(layer: Layer) -> tuple[int, ...]:
+    out, inp, kh, kw = layer.weight.shape
+    return (min(inp * kh, kw * out),)
+
+
+def _tucker2_full(layer: Layer) -> tuple[int, ...]:
+    return layer.weight.shape[1], layer.weight.shape[0]
+
+
+def _single_ranks(full: Callable[[Layer], tuple[int, ...]]) -> Callable[[Layer, int], list[tuple[int, ...]]]:
+    return lambda layer, step: [(r,) for r in _rank_steps(full(layer)[0], step)]
+
+
+def _tucker2_ranks(layer: Layer, step: int) -> list[tuple[int, ...]]:
+    """(r_in, r_out) pairs keeping the same energy in both channel modes, one pair per
+    energy level at which either mode's rank steps up."""
+    modes = []
+    for (_, values), size in zip(layer.channel_modes, layer.weight.shape[1::-1]):
+        steps = _rank_steps(size, step)
+        energy = _cumulative_energy(values)  # of min(size, rest) values: beyond that, all of it
+        modes.append((steps, energy[np.minimum(steps, len(energy)) - 1]))
+    levels = sorted({float(e) for _, energies in modes for e in energies})
+    pairs = {tuple(steps[int(np.argmax(energies >= level - 1e-12))] for steps, energies in modes) for level in levels}
+    return sorted(pairs)
+
+
+def _svd_macs(layer: Layer, ranks: tuple[int, ...]) -> int:
+    out, inp = layer.matrix.shape
+    return layer.positions * ranks[0] * (inp + out)
+
+
+def _tucker2_macs(layer: Layer, ranks: tuple[int, ...]) -> int:
+    out, inp, kh, kw = layer.weight.shape
+    r_in, r_out = ranks
+    input_positions = math.prod(layer.x_shape) // inp
+    return input_positions * inp * r_in + layer.positions * (r_in * kh * kw * r_out + r_out * out)
+
+
+def _spatial_macs(layer: Layer, ranks: tuple[int, ...]) -> int:
+    out, inp, kh, kw = layer.weight.shape
+    batch, _, _, width = layer.x_shape
+    vertical_positions = batch * layer.y_shape[2] * width  # output rows × every input column
+    return vertical_positions * inp * kh * ranks[0] + layer.positions * ranks[0] * kw * out
+
+
+def _conv_geometry(node: ir.Node) -> dict[str, list[int]]:
+    return {"strides": attr(node, "strides", [1, 1]), "pads": attr(node, "pads", [0, 0, 0, 0]),
+            "dilations": attr(node, "dilations", [1, 1])}
+
+
+def _svd_wiring(node: ir.Node) -> list[dict[str, list[int]]]:
+    geometry = _conv_geometry(node)
+    return [{"strides": geometry["strides"], "pads": geometry["pads"]}, {}]
+
+
+def _tucker2_wiring(node: ir.Node) -> list[dict[str, list[int]]]:
+    return [{}, _conv_geometry(node), {}]
+
+
+def _spatial_wiring(node: ir.Node) -> list[dict[str, list[int]]]:
+    """Vertical stride/pads/dilation on the Kx1 layer, horizontal ones on the 1xK."""
+    (sh, sw), (top, left, bottom, right), (dh, dw) = _conv_geometry(node).values()
+    return [{"strides": [sh, 1], "pads": [top, 0, bottom, 0], "dilations": [dh, 1]},
+            {"strides": [1, sw], "pads": [0, left, 0, right], "dilations": [1, dw]}]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    applies: Callable[[Layer], bool]
+    full_ranks: Callable[[Layer], tuple[int, ...]]  # exact at these ranks
+    ranks: Callable[[Layer, int], list[tuple[int, ...]]]
+    factor: Callable[[Layer, tuple[int, ...]], Factors]
+    macs: Callable[[Layer, tuple[int, ...]], int]
+    wiring: Callable[[ir.Node], list[dict[str, list[int]]]]  # conv attributes per new layer
+
+
+DECOMPOSITIONS: dict[str, Method] = {
+    "svd": Method(lambda layer: layer.pointwise, _svd_full, _single_ranks(_svd_full), _svd, _svd_macs, _svd_wiring),
+    "tucker2": Method(lambda layer: not layer.pointwise, _tucker2_full, _tucker2_ranks, _tucker2, _tucker2_macs,
+                      _tucker2_wiring),
+    "spatial": Method(lambda layer: not layer.pointwise, _spatial_full, _single_ranks(_spatial_full), _spatial,
+                      _spatial_macs, _spatial_wiring),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Rank selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    method: str
+    ranks: tuple[int, ...]
+    macs: int
+    error: float  # ε², squared relative output (or, without data, weight) error
+
+
+def _methods_for(layer: Layer, method: str) -> list[str]:
+    names = list(DECOMPOSITIONS) if method == "auto" else [method]
+    return [m for m in names if DECOMPOSITIONS[m].applies(layer)]
+
+
+def _fixed_ranks(method: str, layer: Layer, rank: int) -> tuple[int, ...]:
+    return tuple(min(rank, full) for full in DECOMPOSITIONS[method].full_ranks(layer))
+
+
+def _candidates(layer: Layer, settings: FactorizeOptions) -> list[Candidate]:
+    """Every (method, ranks) cheaper than the layer, with its error."""
+    if settings.rank is not None:
+        name = "svd" if layer.pointwise else "tucker2"
+        options = [(m, _fixed_ranks(m, layer, settings.rank)) for m in _methods_for(layer, settings.method)
+                   if settings.method != "auto" or m == name]
+    else:
+        options = [(m, r) for m in _methods_for(layer, settings.method) for r in DECOMPOSITIONS[m].ranks(layer, settings.round_to)]
+    candidates = []
+    for method, ranks in options:
+        macs = DECOMPOSITIONS[method].macs(layer, ranks)
+        if macs < layer.macs:
+            candidates.append(Candidate(method, ranks, macs, _fit(layer, method, ranks).error))
+    return candidates
+
+
+def _cheapest(candidates: Sequence[Candidate], max_error: float) -> Candidate | None:
+    fitting = [c for c in candidates if c.error <= max_error + 1e-12]
+    return min(fitting, key=lambda c: (c.macs, c.error), default=None)
+
+
+def _most_accurate(candidates: Sequence[Candidate], max_macs: float) -> Candidate | None:
+    fitting = [c for c in candidates if c.macs <= max_macs]
+    return min(fitting, key=lambda c: (c.error, c.macs), default=None)
+
+
+def _choose(layers: Sequence[Layer], candidates: Mapping[str, list[Candidate]], settings: FactorizeOptions,
+            model_macs: int) -> tuple[dict[str, Candidate | None], dict[str, Any]]:
+    """The candidate per layer (None: left as is) and what the choice was."""
+    if settings.rank is not None:
+        return {name: (c[0] if c else None) for name, c in candidates.items()}, {"rank": settings.rank}
+    if settings.energy is not None:
+        return {name: _cheapest(c, 1 - settings.energy) for name, c in candidates.items()}, {"energy": settings.energy}
+    if settings.layer_reduction is not None:
+        macs = {layer.node.name: layer.macs for layer in layers}
+        return ({name: _most_accurate(c, (1 - settings.layer_reduction) * macs[name]) for name, c in candidates.items()},
+                {"layer_reduction": settings.layer_reduction})
+    return _within_budget(layers, candidates, settings.mac_reduction, model_macs)
+
+
+def _within_budget(layers: Sequence[Layer], candidates: Mapping[str, list[Candidate]], reduction: float,
+                   model_macs: int) -> tuple[dict[str, Candidate | None], dict[str, Any]]:
+    """The smallest shared error bound (highest energy) whose choices bring the model's MACs
+    to ``(1 − reduction)`` of ``model_macs``; bisection over the candidates' errors."""
+    original = {layer.node.name: layer.macs for layer in layers}
+
+    def choice(bound: float) -> dict[str, Candidate | None]:
+        return {name: _cheapest(c, bound) for name, c in candidates.items()}
+
+    def total(chosen: Mapping[str, Candidate | None]) -> int:
+        return model_macs - sum(original[n] - c.macs for n, c in chosen.items() if c is not None)
+
+    budget = (1 - reduction) * model_macs
+    bounds = sorted({c.error for cs in candidates.values() for c in cs} | {0.0})
+    if total(choice(bounds[-1])) > budget:
+        reachable = 1 - total(choice(bounds[-1])) / model_macs
+        raise RecipeError(
+            f"Factorization cannot remove {reduction:.1%} of the model's MACs: the layers it may factorize "
+            f"allow at most {reachable:.1%} (grouped/depthwise convs and other ops are left as they are).",
+            hint="Ask for a smaller mac_reduction, lower round_to, or allow more layers/methods.",
+        )
+    low, high = 0, len(bounds) - 1  # total(choice(bounds[high])) fits the budget
+    while low < high:
+        middle = (low + high) // 2
+        if total(choice(bounds[middle])) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    return choice(bounds[high]), {"mac_reduction": reduction, "energy": _rounded(1 - bounds[high])}
+
+
+# ---------------------------------------------------------------------------------------
+# Graph rewrite
+
+
+def _conv_output_shape(x_shape: Sequence[int], out: int, kernel: Sequence[int], wiring: Mapping[str, list[int]]) -> list[int]:
+    strides, pads, dilations = (wiring.get(k, d) for k, d in (("strides", [1, 1]), ("pads", [0, 0, 0, 0]), ("dilations", [1, 1])))
+    spatial = [(size + pads[i] + pads[i + 2] - dilations[i] * (kernel[i] - 1) - 1) // strides[i] + 1
+               for i, size in enumerate(x_shape[2:])]
+    return [x_shape[0], out, *spatial]
+
+
+def _conv_chain(graph: ir.Graph, layer: Layer, method: str, kernels: Sequence[np.ndarray]) -> list[ir.Node]:
+    node, dtype = layer.node, constant(layer.node.inputs[1]).dtype
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    x, shape, nodes = node.inputs[0], list(layer.x_shape), []
+    for i, (kernel, wiring) in enumerate(zip(kernels, DECOMPOSITIONS[method].wiring(node))):
+        name = f"{node.name}_{method}{i}"
+        weight = add_initializer(graph, kernel.astype(dtype), f"{name}_weight")
+        inputs = [x, weight] + ([bias] if bias is not None and i == len(kernels) - 1 else [])
+        attributes = {k: ir.AttrInt64s(k, v) for k, v in wiring.items()}
+        new = ir.node("Conv", inputs, attributes=attributes, name=name)
+        shape = _conv_output_shape(shape, kernel.shape[0], kernel.shape[2:], wiring)
+        new.outputs[0].dtype, new.outputs[0].shape = x.dtype, ir.Shape(shape)
+        nodes.append(new)
+        x = new.outputs[0]
+    return nodes
+
+
+def _matrix_chain(graph: ir.Graph, layer: Layer, kernels: Sequence[np.ndarray]) -> list[ir.Node]:
+    """MatMul → MatMul, or Gemm → Gemm with the bias (and beta) on the second."""
+    node, dtype = layer.node, constant(layer.node.inputs[1]).dtype
+    x, nodes = node.inputs[0], []
+    for i, kernel in enumerate(kernels):
+        name = f"{node.name}_svd{i}"
+        weight = add_initializer(graph, kernel[:, :, 0, 0].T.astype(dtype), f"{name}_weight")  # [in, out]
+        inputs, attributes = [x, weight], {}
+        if node.op_type == "Gemm" and i == len(kernels) - 1 and len(node.inputs) > 2 and node.inputs[2] is not None:
+            inputs.append(node.inputs[2])
+            attributes["beta"] = ir.AttrFloat32("beta", attr(node, "beta", 1.0))
+        new = ir.node(node.op_type, inputs, attributes=attributes, name=name)
+        new.outputs[0].dtype = x.dtype
+        new.outputs[0].shape = ir.Shape([*layer.x_shape[:-1], kernel.shape[0]])
+        nodes.append(new)
+        x = new.outputs[0]
+    return nodes
+
+
+def _replace(graph: ir.Graph, layer: Layer, method: str, factors: Factors) -> list[str]:
+    """Put the chain in the layer's place; the last output takes the layer's output name."""
+    kernels = factors.kernels()
+    nodes = _conv_chain(graph, layer, method, kernels) if layer.node.op_type == "Conv" else _matrix_chain(graph, layer, kernels)
+    graph.insert_before(layer.node, nodes)
+    old, new = layer.node.outputs[0], nodes[-1].outputs[0]
+    new.shape = old.shape
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    take_name(new, old, graph)
+    graph.remove(layer.node, safe=True)
+    return [n.name for n in nodes]
+
+
+# ---------------------------------------------------------------------------------------
+# The pass
+
+
+def _rounded(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+class Factorize(ir.passes.InPlacePass):
+    """Low-rank factorization of the selected Conv/Gemm/MatMul layers (see the module).
+
+    ``calibration``: samples keyed by graph input name for data-aware factors and output
+    errors; None factorizes from the weights alone.
+
+    Record: the choice (``energy``, ``rank``...), ``samples``, per factorized layer the
+    ``method``, ``ranks``, ``macs`` before/after, ``weight_error`` (relative), the relative
+    ``output_error`` on the calibration data of the plain and the data-aware factors and
+    which was ``kept``, the new ``nodes``; and ``skipped`` (layer → why).
+    """
+
+    name = "factorize"
+
+    def __init__(self, settings: FactorizeOptions, calibration: Sequence[Sample] | None = None) -> None:
+        self.settings = settings
+        self.calibration = calibration
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        layers, skipped = self._layers(model.graph)
+        if self.calibration and layers:
+            layers = _with_input_moments(model, layers, self.calibration)
+        candidates = {layer.node.name: _candidates(layer, self.settings) for layer in layers}
+        model_macs = sum(row["macs"] or 0 for row in layer_table(model.graph))
+        chosen, choice = _choose(layers, candidates, self.settings, model_macs)
+        factorized = {}
+        for layer in layers:
+            candidate = chosen[layer.node.name]
+            if candidate is None:
+                skipped[layer.node.name] = _why_unchosen(candidates[layer.node.name])
+                continue
+            factorized[layer.node.name] = _factorize(model.graph, layer, candidate)
+        return PassOutcome(model, bool(factorized), {
+            **choice,
+            "method": self.settings.method,
+            "samples": len(self.calibration) if self.calibration else 0,
+            "layers": factorized,
+            "skipped": skipped,
+        })
+
+    def _layers(self, graph: ir.Graph) -> tuple[list[Layer], dict[str, str]]:
+        candidates = [n for n in graph if n.op_type in FACTORIZED_OPS and n.domain in ("", "ai.onnx")]
+        layers, skipped = [], {}
+        for node in select_layers(candidates, self.settings.selection, self.name):
+            layer = _layer(node)
+            if isinstance(layer, str):
+                skipped[node.name] = layer
+            elif not _methods_for(layer, self.settings.method):
+                skipped[node.name] = f"method {self.settings.method} does not apply to a {'1x1' if layer.pointwise else 'KxK'} layer"
+            else:
+                layers.append(layer)
+        return layers, skipped
+
+
+
+def _factorize(graph: ir.Graph, layer: Layer, candidate: Candidate) -> dict[str, Any]:
+    """Replace ``layer`` by the candidate's chain and say what it cost."""
+    fit = _fit(layer, candidate.method, candidate.ranks)
+    approximation = fit.factors.last @ _patch_map(fit.factors, layer.weight.shape[2:])
+    record = {
+        "method": candidate.method,
+        "ranks": list(candidate.ranks),
+        "macs": {"before": layer.macs, "after": candidate.macs},
+        "weight_error": _rounded(np.linalg.norm(layer.matrix - approximation) / max(np.linalg.norm(layer.matrix), 1e-300)),
+    }
+    if fit.errors:
+        record["output_error"] = {k: _rounded(math.sqrt(v)) for k, v in fit.errors.items()}
+        record["kept"] = min(fit.errors, key=lambda k: (fit.errors[k], k != "data_aware"))
+    record["nodes"] = _replace(graph, layer, candidate.method, fit.factors)
+    return record
+
+
+def _why_unchosen(candidates: Sequence[Candidate]) -> str:
+    if not candidates:
+        return "no rank costs fewer MACs than the layer"
+    return "no rank meets the energy or MAC goal with fewer MACs than the layer"
