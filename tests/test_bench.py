@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from edgec.bench import Bench, _converted
 from edgec.profile import compare_latency
 from edgec.runtime.litert import LiteRTRunner
@@ -30,3 +32,12 @@ def test_compare_latency_alternates_rounds_and_keeps_the_quietest():
 def test_a_model_converts_only_if_every_row_of_it_did():
     rows = [{"model": "a", "converts": True}, {"model": "a", "converts": False}, {"model": "b", "converts": True}]
     assert _converted(rows) == "1/2"
+
+
+def test_factorization_row_reports_accuracy_and_latency_of_both_fits(tmp_path):
+    bench = Bench(tmp_path, runs=2)
+    row = bench.factorization_row(next(e for e in bench.zoo if e["name"] == "mlp"))
+    assert set(row["latency_ms"]) == {"unfactorized", "plain", "data_aware"}
+    assert min(row["mac_reduction"].values()) >= 0.3
+    assert row["top1"]["source"] == pytest.approx(next(e for e in bench.zoo if e["name"] == "mlp")["metrics"]["top1"], abs=1e-6)
+    assert row["top1"]["data_aware"] >= row["top1"]["plain"]
