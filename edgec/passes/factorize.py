@@ -18,10 +18,14 @@ calibration patches' when data is given, the identity otherwise (then ``ε`` is 
 weight error). "Retained energy" is ``1 − ε²``: for ``svd`` without data, the usual share
 of the squared singular values kept.
 
-**Data-aware** (calibration data): ``svd`` takes the SVD of ``W·C^½`` (the best rank-r
-layer for those inputs), ``tucker2``/``spatial`` refit ``B`` by least squares against the
-original layer's outputs. The plain and the data-aware factors are both measured on the
-calibration patches and the better is kept, so data-aware is never worse there.
+**Data-aware** (calibration data): ranks are chosen with ``C`` from the original model's
+inputs; ``svd`` takes the SVD of ``W·C^½`` (the best rank-r layer for those inputs),
+``tucker2``/``spatial`` refit ``B`` by least squares against the original layer's outputs.
+The final fit goes through the layers in graph order and uses the inputs that reach each
+layer in the model factorized so far, fitted to the original layer's outputs on the
+original inputs, so it also absorbs the error of the layers before it. The plain and the
+data-aware factors are both measured on those rows and the better is kept, so data-aware
+is never worse there.
 
 **Rank selection.** A layer's candidates are each applicable method at ranks that are
 multiples of ``round_to`` and cost fewer MACs than the layer (a layer with none is skipped).
@@ -47,10 +51,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgec.activations import activations
+from edgec.activations import activations, capture
 from edgec.analysis import layer_table
 from edgec.errors import RecipeError
 from edgec.graph import add_initializer, attr, constant, static_shape, take_name
+from edgec.model import to_proto
 from edgec.passes.layers import LayerSelection, select_layers
 from edgec.passes.pipeline import PassOutcome
 from edgec.refit import least_squares, patches
@@ -589,9 +594,10 @@ class Factorize(ir.passes.InPlacePass):
     errors; None factorizes from the weights alone.
 
     Record: the choice (``energy``, ``rank``...), ``samples``, per factorized layer the
-    ``method``, ``ranks``, ``macs`` before/after, ``weight_error`` (relative), the relative
-    ``output_error`` on the calibration data of the plain and the data-aware factors and
-    which was ``kept``, the new ``nodes``; and ``skipped`` (layer → why).
+    ``method``, ``ranks``, ``macs`` before/after, ``weight_error`` (relative), with data the
+    relative ``output_error`` of the plain and the data-aware factors (on the calibration
+    rows reaching the layer in the factorized model, against the original layer's outputs)
+    and which was ``kept``, the new ``nodes``; and ``skipped`` (layer → why).
     """
 
     name = "factorize"
@@ -607,13 +613,11 @@ class Factorize(ir.passes.InPlacePass):
         candidates = {layer.node.name: _candidates(layer, self.settings) for layer in layers}
         model_macs = sum(row["macs"] or 0 for row in layer_table(model.graph))
         chosen, choice = _choose(layers, candidates, self.settings, model_macs)
-        factorized = {}
         for layer in layers:
-            candidate = chosen[layer.node.name]
-            if candidate is None:
+            if chosen[layer.node.name] is None:
                 skipped[layer.node.name] = _why_unchosen(candidates[layer.node.name])
-                continue
-            factorized[layer.node.name] = _factorize(model.graph, layer, candidate)
+        todo = [(layer, chosen[layer.node.name]) for layer in layers if chosen[layer.node.name] is not None]
+        factorized = _factorize_in_order(model, todo, self.calibration)
         return PassOutcome(model, bool(factorized), {
             **choice,
             "method": self.settings.method,
@@ -637,9 +641,53 @@ class Factorize(ir.passes.InPlacePass):
 
 
 
-def _factorize(graph: ir.Graph, layer: Layer, candidate: Candidate) -> dict[str, Any]:
-    """Replace ``layer`` by the candidate's chain and say what it cost."""
-    fit = _fit(layer, candidate.method, candidate.ranks)
+def _factorize_in_order(model: ir.Model, todo: Sequence[tuple[Layer, Candidate]],
+                        calibration: Sequence[Sample] | None) -> dict[str, dict[str, Any]]:
+    """Replace each layer by its candidate's chain, in graph order.
+
+    With data, each layer's final fit sees the inputs that reach it in the model as
+    factorized so far and is fitted to the original layer's outputs (on the original
+    inputs), so it also corrects the error the layers before it left (Zhang et al. 2016,
+    "asymmetric reconstruction")."""
+    original = ir.serde.deserialize_model(to_proto(model)) if calibration else None
+    originals = {node.name: node for node in original.graph} if original else {}
+    records = {}
+    for layer, candidate in todo:
+        if calibration:
+            reached = _rows(model, layer.node, calibration)
+            wanted = _rows(original, originals[layer.node.name], calibration) @ layer.matrix.T
+            fit = _asymmetric_fit(layer, candidate, reached, wanted)
+        else:
+            fit = _fit(layer, candidate.method, candidate.ranks)
+        records[layer.node.name] = _record(layer, candidate, fit)
+        records[layer.node.name]["nodes"] = _replace(model.graph, layer, candidate.method, fit.factors)
+    return records
+
+
+def _rows(model: ir.Model, node: ir.Node, calibration: Sequence[Sample]) -> np.ndarray:
+    """The node's input on the calibration samples as im2col rows (float64)."""
+    value = node.inputs[0]
+    return patches(node, capture(model, [value], calibration)[value.name]).astype(np.float64)
+
+
+def _asymmetric_fit(layer: Layer, candidate: Candidate, reached: np.ndarray, wanted: np.ndarray) -> Fit:
+    """The candidate's plain factors, and data-aware ones fitted on the rows that reach the
+    layer (svd: whitened by their moments) with the last layer refit to map them onto the
+    original outputs ``wanted``; ``ε²`` of both measured on those rows."""
+    method, ranks = candidate.method, candidate.ranks
+    seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached)))
+    plain = DECOMPOSITIONS[method].factor(layer, ranks)
+    start = _svd_whitened(seen, ranks) if method == "svd" else plain
+    features = reached @ _patch_map(start, layer.weight.shape[2:]).T
+    aware = dataclasses.replace(start, last=least_squares(features, wanted).T)
+    reference = max(float(np.sum(wanted ** 2)), 1e-300)
+    plain_output = reached @ (plain.last @ _patch_map(plain, layer.weight.shape[2:])).T
+    errors = {"plain": float(np.sum((plain_output - wanted) ** 2)) / reference,
+              "data_aware": float(np.sum((features @ aware.last.T - wanted) ** 2)) / reference}
+    return Fit(aware if errors["data_aware"] <= errors["plain"] else plain, min(errors.values()), errors)
+
+
+def _record(layer: Layer, candidate: Candidate, fit: Fit) -> dict[str, Any]:
     approximation = fit.factors.last @ _patch_map(fit.factors, layer.weight.shape[2:])
     record = {
         "method": candidate.method,
@@ -650,7 +698,6 @@ def _factorize(graph: ir.Graph, layer: Layer, candidate: Candidate) -> dict[str,
     if fit.errors:
         record["output_error"] = {k: _rounded(math.sqrt(v)) for k, v in fit.errors.items()}
         record["kept"] = min(fit.errors, key=lambda k: (fit.errors[k], k != "data_aware"))
-    record["nodes"] = _replace(graph, layer, candidate.method, fit.factors)
     return record
 
 
