@@ -250,3 +250,9 @@ def test_factorized_model_quantizes_to_int8(tmp_path):
     assert result.verification.passed
     quantized = result.report["lowering"]["quantization"]["quantized_ops"]
     assert quantized.get("Conv", 0) + quantized.get("Gemm", 0) > 0, quantized
+
+
+def test_factorization_is_deterministic():
+    proto = _net()
+    first, second = (to_proto(_factorize(proto, _samples(), mac_reduction=0.3).model).SerializeToString() for _ in range(2))
+    assert first == second

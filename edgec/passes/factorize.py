@@ -650,12 +650,13 @@ def _factorize_in_order(model: ir.Model, todo: Sequence[tuple[Layer, Candidate]]
     inputs), so it also corrects the error the layers before it left (Zhang et al. 2016,
     "asymmetric reconstruction")."""
     original = ir.serde.deserialize_model(to_proto(model)) if calibration else None
-    originals = {node.name: node for node in original.graph} if original else {}
+    # The copy's nodes by position: names need not be unique.
+    twin = dict(zip(map(id, model.graph), original.graph)) if original else {}
     records = {}
     for layer, candidate in todo:
         if calibration:
             reached = _rows(model, layer.node, calibration)
-            wanted = _rows(original, originals[layer.node.name], calibration) @ layer.matrix.T
+            wanted = _rows(original, twin[id(layer.node)], calibration) @ layer.matrix.T
             fit = _asymmetric_fit(layer, candidate, reached, wanted)
         else:
             fit = _fit(layer, candidate.method, candidate.ranks)
