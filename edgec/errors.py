@@ -75,6 +75,10 @@ class OutputError(EdgecError):
     """The output directory cannot be created or written."""
 
 
+class DeviceError(EdgecError):
+    """A device to profile on is unknown, unreachable or cannot run the artifact."""
+
+
 class VerificationError(EdgecError):
     """The artifact does not reproduce the source model within the tolerance."""
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -25,9 +25,18 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     std_ms: float
+    samples_ms: tuple[float, ...] = ()  # every timed run, in order, for distributions
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
+        t = np.asarray(samples_ms, dtype=np.float64)
+        return cls(len(t), float(t.min()), float(np.median(t)), float(t.mean()), float(np.percentile(t, 90)),
+                   float(np.percentile(t, 99)), float(t.std()), tuple(float(v) for v in t))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The ``latency_ms`` entry of a profile measurement (edgec/profile/schema.py)."""
+        return {"runs": self.runs, "min": self.min_ms, "median": self.median_ms, "mean": self.mean_ms,
+                "p90": self.p90_ms, "p99": self.p99_ms, "std": self.std_ms, "samples": list(self.samples_ms)}
 
 
 def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 50,
@@ -41,9 +50,7 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
         start = time.perf_counter()
         runner.run(feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    t = np.array(times)
-    return LatencyStats(len(t), float(t.min()), float(np.median(t)), float(t.mean()),
-                        float(np.percentile(t, 90)), float(np.percentile(t, 99)), float(t.std()))
+    return LatencyStats.from_samples(times)
 
 
 def compare_latency(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:

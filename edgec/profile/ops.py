@@ -1,0 +1,133 @@
+"""Per-op breakdown: where an inference's time goes, by op type and by node.
+
+Each runtime's own profiler gives kernel times per node and run; this module turns them into
+one shape (the ``ops`` entry of a measurement, see edgec/profile/schema.py)::
+
+    {"method": "...", "runs": 20, "resolution_us": 1, "rounding_bound_ms": 0.03,
+     "total_ms": 1.84,                  # sum over nodes of their median time per inference
+     "end_to_end_median_ms": 1.97,      # the measurement's median, for comparison
+     "unaccounted_ms": 0.13, "unaccounted_share": 0.066,   # framework overhead between ops
+     "profiled_run_median_ms": 2.1,     # median wall time of the profiled runs, as their profiler saw it
+     "profiled_coverage": 0.88,         # total_ms / profiled_run_median_ms
+     "by_type": [{"op": "Conv", "ms": 1.2, "share": 0.65, "nodes": 12}, ...],
+     "top_nodes": [{"node": "/conv1/Conv", "op": "Conv", "ms": 0.3, "share": 0.16}, ...],
+     "note": "..."}
+
+Where a runtime cannot profile ops, the entry is ``{"unavailable": "<why>"}``.
+The profiled runs happen in a second session with the profiler on; only their op times are
+used, against the end-to-end median of the unprofiled runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOP_NODES = 20
+WARMUP = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """Every time one node ran in the profiled inferences, in microseconds."""
+
+    node: str
+    op: str
+    durations_us: list[float]
+
+    def per_run_ms(self, runs: int) -> float:
+        """The median duration times how often the node runs per inference: the median, not
+        the mean, so a run preempted by another process on a shared machine does not count."""
+        return float(np.median(self.durations_us)) * len(self.durations_us) / runs / 1e3
+
+
+@dataclasses.dataclass(frozen=True)
+class Profiled:
+    """What a runtime's profiler reported."""
+
+    times: list[OpTime]
+    runs: int
+    method: str
+    run_ms: list[float]  # wall time of each profiled run as the profiler saw it
+    note: str = ""
+
+
+def operator_breakdown(path: Path, threads: int, feeds: Mapping[str, np.ndarray], median_ms: float, runs: int = 20) -> dict[str, Any]:
+    """Profile ``runs`` inferences of the artifact with its runtime's profiler and summarize
+    them beside the end-to-end ``median_ms``."""
+    if path.suffix == ".tflite":
+        from edgec.profile.litert_ops import ProfilerUnavailable, profile_litert
+
+        try:
+            profiled = profile_litert(path, threads, runs, WARMUP)
+        except ProfilerUnavailable as exc:
+            return {"unavailable": str(exc)}
+    else:
+        profiled = profile_ort(path, threads, feeds, runs)
+    return summarize(profiled, median_ms)
+
+
+def profile_ort(path: Path, threads: int, feeds: Mapping[str, np.ndarray], runs: int) -> Profiled:
+    """ONNX Runtime's profiler (SessionOptions.enable_profiling): a Chrome trace with one
+    ``<node>_kernel_time`` event per node and run, inside ``model_run`` events."""
+    from edgec.runtime.ort import OrtRunner
+
+    with tempfile.TemporaryDirectory(prefix="edgec-ort-profile-") as tmp:
+        runner = OrtRunner(path, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
+        for _ in range(WARMUP + runs):
+            runner.run(feeds)
+        events = json.loads(Path(runner.session.end_profiling()).read_text())
+    model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[WARMUP:]
+    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs]
+    durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and _inside(e["ts"], windows):
+            durations[(e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", "?"))].append(e["dur"])
+    times = [OpTime(node, op, us) for (node, op), us in durations.items()]
+    return Profiled(times, len(model_runs), "onnxruntime profiler (SessionOptions.enable_profiling): kernel time per node",
+                    [e["dur"] / 1e3 for e in model_runs])
+
+
+def _inside(ts: float, windows: list[tuple[float, float]]) -> bool:
+    return any(start <= ts <= end for start, end in windows)
+
+
+def summarize(profiled: Profiled, median_ms: float) -> dict[str, Any]:
+    """Per-inference times by op type and top nodes, and the share no op accounts for."""
+    runs = max(profiled.runs, 1)
+    per_node = sorted(((t.node, t.op, t.per_run_ms(runs)) for t in profiled.times), key=lambda n: (-n[2], n[0]))
+    total = sum(ms for _, _, ms in per_node)
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for _, op, ms in per_node:
+        by_type[op].append(ms)
+    types = sorted(by_type.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    profiled_run_ms = float(np.median(profiled.run_ms)) if profiled.run_ms else None
+    return {
+        "method": profiled.method,
+        "runs": profiled.runs,
+        "resolution_us": 1,
+        # Profilers report whole microseconds: ops shorter than that can hide up to this much.
+        "rounding_bound_ms": sum(len(t.durations_us) for t in profiled.times) / runs / 1e3,
+        "total_ms": total,
+        "end_to_end_median_ms": median_ms,
+        "unaccounted_ms": median_ms - total,
+        "unaccounted_share": (median_ms - total) / median_ms if median_ms > 0 else None,
+        # The same comparison inside the profiled runs themselves (immune to load changing between sessions).
+        "profiled_run_median_ms": profiled_run_ms,
+        "profiled_coverage": total / profiled_run_ms if profiled_run_ms else None,
+        "by_type": [{"op": op, "ms": sum(t), "share": _share(sum(t), total), "nodes": len(t)} for op, t in types],
+        "top_nodes": [{"node": node, "op": op, "ms": ms, "share": _share(ms, total)} for node, op, ms in per_node[:TOP_NODES]],
+        "note": profiled.note,
+    }
+
+
+def _share(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
