@@ -32,7 +32,7 @@ from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import AccuracyGoal, QuantScheme
-from edgec.profile import compare_latency
+from edgec.profile import ProfileSettings, compare_latency, find_device, profile
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
@@ -78,6 +78,8 @@ class BuildOptions:
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
+    profile_device: str | None = None  # profile the artifact on this device (report "profile" + report.html)
+    profile_settings: ProfileSettings | None = None  # how; the target's threads and defaults otherwise
 
 
 RECOVERY_CHECK_BATCHES = 24  # calibration batches bias correction's benefit is measured on
@@ -107,6 +109,8 @@ def build(
     options = options or BuildOptions()
     progress = progress or SilentProgress()
     target = target if isinstance(target, Target) else load_target(target)
+    if options.profile_device:
+        find_device(options.profile_device)  # an unknown device fails before the build
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
@@ -136,9 +140,25 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     report["precision"] = precision
     report.update(extra)
     files = dict(lowered.files)
+    if options.profile_device:
+        with progress.stage(f"Profiling {lowered.primary} on {options.profile_device}"):
+            report["profile"], files["report.html"] = _profile(lowered, target, options, out.path)
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
+
+
+def _profile(lowered: Lowered, target: Target, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """Measure the primary artifact on the asked device: the measurement and its report.html."""
+    from edgec.report.profile import profile_report, render_html
+
+    settings = options.profile_settings or ProfileSettings(threads=target.threads, seed=options.seed)
+    with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
+        path = Path(tmp) / lowered.primary
+        path.write_bytes(lowered.files[lowered.primary])
+        measurement = profile(path, find_device(options.profile_device), settings)
+    measurement["artifact"]["path"] = str(out_dir / lowered.primary)
+    return measurement, render_html(profile_report([measurement], settings)).encode()
 
 
 def canonicalize(
