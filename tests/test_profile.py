@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from edgec.build import build
 from edgec.cli import app
 from edgec.profile import SCHEMA, ProfileSettings, profile
-from edgec.profile.ops import OpTime, Profiled, summarize
+from edgec.profile.ops import Profiled, ProfiledRun, summarize
 from edgec.report.profile import profile_report, render_html
 
 FEW_RUNS = ["--runs", "5", "--warmup", "2", "--threads", "1"]
@@ -90,13 +90,17 @@ def test_ops_breakdown_adds_up_inside_each_profiled_run(artifacts):
         assert ops["by_type"][0]["op"] in ("Conv", "Convolution (NHWC, F32) IGEMM")  # a ResNet is its convolutions
 
 
-def test_summary_uses_each_nodes_median_so_a_preempted_run_does_not_count():
-    times = [OpTime("conv1", "Conv", [100, 100, 100, 5000]), OpTime("relu1", "Relu", [10, 10, 10, 10])]
-    ops = summarize(Profiled(times, 4, "test", [0.115, 0.115, 0.115, 5.015]), median_ms=0.12)
-    assert ops["total_ms"] == pytest.approx(0.11)
-    assert ops["by_type"][0] == {"op": "Conv", "ms": pytest.approx(0.1), "share": pytest.approx(0.1 / 0.11), "nodes": 1}
-    assert ops["unaccounted_share"] == pytest.approx(0.01 / 0.12)
-    assert ops["profiled_coverage"] == pytest.approx(0.11 / 0.115)
+def test_summary_describes_a_typical_run_not_a_preempted_one():
+    runs = [ProfiledRun(wall, {("conv1", "Conv"): conv, ("relu1", "Relu"): 10.0})
+            for wall, conv in ((120, 100), (125, 105), (118, 98), (5120, 5100))]
+    ops = summarize(Profiled(runs, "test"), median_ms=0.125)
+    # the middle two runs by wall time: 120 µs and 125 µs
+    assert ops["runs"] == 4 and ops["typical_runs"] == 2
+    assert ops["total_ms"] == pytest.approx(0.1125)
+    assert ops["by_type"][0] == {"op": "Conv", "ms": pytest.approx(0.1025), "share": pytest.approx(0.1025 / 0.1125), "nodes": 1}
+    assert ops["unaccounted_share"] == pytest.approx((0.125 - 0.1125) / 0.125)
+    assert ops["profiled_coverage"] == pytest.approx(0.1125 / 0.1225)
+    assert ops["rounding_bound_ms"] == pytest.approx(0.002)
 
 
 def test_report_html_is_deterministic(artifacts):

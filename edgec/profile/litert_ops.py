@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from edgec.profile.ops import OpTime, Profiled
+from edgec.profile.ops import Profiled, ProfiledRun
 
 ABI_VERSION = "2.1.0"
 _HW_CPU = 1
@@ -65,9 +64,8 @@ def profile_litert(path: Path, threads: int, runs: int, warmup: int, seed: int =
         for _ in range(warmup):
             model.run()
         events = model.profile(runs)
-    invokes = [elapsed / 1e3 for tag, kind, _, elapsed in events if kind == _DEFAULT and tag == "Invoke"]
-    return Profiled(_op_times(events), runs, "LiteRT profiler (CompiledModel API with runtime option enable_profiling, "
-                    "XNNPACK on CPU): time per executed operator", invokes, _NOTE)
+    return Profiled(_runs(events), "LiteRT profiler (CompiledModel API with runtime option enable_profiling, "
+                    "XNNPACK on CPU): time per executed operator", _NOTE)
 
 
 _NOTE = ("XNNPACK runs most of a TFLite graph as delegate nodes; rows are XNNPACK's own operators (one may cover a "
@@ -76,16 +74,19 @@ _NOTE = ("XNNPACK runs most of a TFLite graph as delegate nodes; rows are XNNPAC
          "microseconds, so ops far below 1 us round down.")
 
 
-def _op_times(events: list[tuple[str, int, int, int]]) -> list[OpTime]:
-    """Sum ``(tag, type, metadata1, elapsed_us)`` events per node; a delegate node's own event
-    is dropped when the delegate reported the operators inside it (else it would count twice)."""
-    inner = any(kind != _OPERATOR for _, kind, _, _ in events)
-    durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+def _runs(events: list[tuple[str, int, int, int]]) -> list[ProfiledRun]:
+    """Group ``(tag, type, metadata1, elapsed_us)`` events into runs: each run's "Invoke"
+    event comes first and its ops follow (XNNPACK's carry no timestamps, only their order).
+    A delegate node's own event is dropped when the delegate reported the operators inside
+    it, else it would count twice."""
+    inner = any(kind in (_DELEGATE_OPERATOR, _DELEGATE_PROFILED_OPERATOR) for _, kind, _, _ in events)
+    runs: list[ProfiledRun] = []
     for tag, kind, index, elapsed in events:
-        if kind not in _OP_EVENTS or (inner and kind == _OPERATOR and "delegate" in tag.lower()):
-            continue
-        durations[(f"{tag} #{index}", tag)].append(elapsed)
-    return [OpTime(node, op, us) for (node, op), us in durations.items()]
+        if kind == _DEFAULT and tag == "Invoke":
+            runs.append(ProfiledRun(elapsed))
+        elif runs and kind in _OP_EVENTS and not (inner and kind == _OPERATOR and "delegate" in tag.lower()):
+            runs[-1].add(f"{tag} #{index}", tag, elapsed)
+    return runs
 
 
 class _CompiledModel:

@@ -3,12 +3,12 @@
 Each runtime's own profiler gives kernel times per node and run; this module turns them into
 one shape (the ``ops`` entry of a measurement, see edgec/profile/schema.py)::
 
-    {"method": "...", "runs": 20, "resolution_us": 1, "rounding_bound_ms": 0.03,
-     "total_ms": 1.84,                  # sum over nodes of their median time per inference
+    {"method": "...", "runs": 50, "typical_runs": 26, "resolution_us": 1, "rounding_bound_ms": 0.03,
+     "total_ms": 1.84,                  # op times of a typical profiled run (see typical_runs)
      "end_to_end_median_ms": 1.97,      # the measurement's median, for comparison
      "unaccounted_ms": 0.13, "unaccounted_share": 0.066,   # framework overhead between ops
-     "profiled_run_median_ms": 2.1,     # median wall time of the profiled runs, as their profiler saw it
-     "profiled_coverage": 0.88,         # total_ms / profiled_run_median_ms
+     "profiled_run_ms": 2.1,            # wall time of those typical runs, as their profiler saw it
+     "profiled_coverage": 0.88,         # total_ms / profiled_run_ms: ops' share inside those runs
      "by_type": [{"op": "Conv", "ms": 1.2, "share": 0.65, "nodes": 12}, ...],
      "top_nodes": [{"node": "/conv1/Conv", "op": "Conv", "ms": 0.3, "share": 0.16}, ...],
      "note": "..."}
@@ -20,6 +20,7 @@ used, against the end-to-end median of the unprofiled runs.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import os
@@ -35,28 +36,23 @@ TOP_NODES = 20
 WARMUP = 3
 
 
-@dataclasses.dataclass(frozen=True)
-class OpTime:
-    """Every time one node ran in the profiled inferences, in microseconds."""
+@dataclasses.dataclass
+class ProfiledRun:
+    """One profiled inference: its wall time and each node's time, in microseconds."""
 
-    node: str
-    op: str
-    durations_us: list[float]
+    wall_us: float
+    op_us: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)  # (node, op type) → time
 
-    def per_run_ms(self, runs: int) -> float:
-        """The median duration times how often the node runs per inference: the median, not
-        the mean, so a run preempted by another process on a shared machine does not count."""
-        return float(np.median(self.durations_us)) * len(self.durations_us) / runs / 1e3
+    def add(self, node: str, op: str, us: float) -> None:
+        self.op_us[(node, op)] = self.op_us.get((node, op), 0.0) + us
 
 
 @dataclasses.dataclass(frozen=True)
 class Profiled:
     """What a runtime's profiler reported."""
 
-    times: list[OpTime]
-    runs: int
+    runs: list[ProfiledRun]
     method: str
-    run_ms: list[float]  # wall time of each profiled run as the profiler saw it
     note: str = ""
 
 
@@ -86,43 +82,55 @@ def profile_ort(path: Path, threads: int, feeds: Mapping[str, np.ndarray], runs:
             runner.run(feeds)
         events = json.loads(Path(runner.session.end_profiling()).read_text())
     model_runs = sorted((e for e in events if e.get("name") == "model_run"), key=lambda e: e["ts"])[WARMUP:]
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs]
-    durations: dict[tuple[str, str], list[float]] = defaultdict(list)
+    runs = [ProfiledRun(e["dur"]) for e in model_runs]
+    starts = [e["ts"] for e in model_runs]
     for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and _inside(e["ts"], windows):
-            durations[(e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", "?"))].append(e["dur"])
-    times = [OpTime(node, op, us) for (node, op), us in durations.items()]
-    return Profiled(times, len(model_runs), "onnxruntime profiler (SessionOptions.enable_profiling): kernel time per node",
-                    [e["dur"] / 1e3 for e in model_runs])
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[0]:
+            run = runs[bisect.bisect_right(starts, e["ts"]) - 1]
+            run.add(e["name"].removesuffix("_kernel_time"), e["args"].get("op_name", "?"), e["dur"])
+    return Profiled(runs, "onnxruntime profiler (SessionOptions.enable_profiling): kernel time per node")
 
 
-def _inside(ts: float, windows: list[tuple[float, float]]) -> bool:
-    return any(start <= ts <= end for start, end in windows)
+def typical_runs(runs: list[ProfiledRun]) -> list[ProfiledRun]:
+    """The runs between the 25th and 75th percentile of wall time.
+
+    On a shared machine some runs are preempted: they make the mean run slower than the
+    median one. The ops of these middle runs add up to a run like the end-to-end median,
+    and their mean still counts the gaps between ops, which a per-op median would not.
+    """
+    ordered = sorted(runs, key=lambda r: r.wall_us)
+    low = len(ordered) // 4
+    return ordered[low:max(len(ordered) - low, low + 1)]
 
 
 def summarize(profiled: Profiled, median_ms: float) -> dict[str, Any]:
     """Per-inference times by op type and top nodes, and the share no op accounts for."""
-    runs = max(profiled.runs, 1)
-    per_node = sorted(((t.node, t.op, t.per_run_ms(runs)) for t in profiled.times), key=lambda n: (-n[2], n[0]))
+    runs = typical_runs(profiled.runs)
+    node_us: dict[tuple[str, str], float] = defaultdict(float)
+    for run in runs:
+        for key, us in run.op_us.items():
+            node_us[key] += us
+    per_node = sorted(((node, op, us / len(runs) / 1e3) for (node, op), us in node_us.items()), key=lambda n: (-n[2], n[0]))
     total = sum(ms for _, _, ms in per_node)
     by_type: dict[str, list[float]] = defaultdict(list)
     for _, op, ms in per_node:
         by_type[op].append(ms)
     types = sorted(by_type.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
-    profiled_run_ms = float(np.median(profiled.run_ms)) if profiled.run_ms else None
+    profiled_run_ms = sum(r.wall_us for r in runs) / len(runs) / 1e3
     return {
         "method": profiled.method,
-        "runs": profiled.runs,
+        "runs": len(profiled.runs),
+        "typical_runs": len(runs),
         "resolution_us": 1,
         # Profilers report whole microseconds: ops shorter than that can hide up to this much.
-        "rounding_bound_ms": sum(len(t.durations_us) for t in profiled.times) / runs / 1e3,
+        "rounding_bound_ms": len(node_us) / 1e3,
         "total_ms": total,
         "end_to_end_median_ms": median_ms,
         "unaccounted_ms": median_ms - total,
         "unaccounted_share": (median_ms - total) / median_ms if median_ms > 0 else None,
         # The same comparison inside the profiled runs themselves (immune to load changing between sessions).
-        "profiled_run_median_ms": profiled_run_ms,
-        "profiled_coverage": total / profiled_run_ms if profiled_run_ms else None,
+        "profiled_run_ms": profiled_run_ms,
+        "profiled_coverage": total / profiled_run_ms if profiled_run_ms > 0 else None,
         "by_type": [{"op": op, "ms": sum(t), "share": _share(sum(t), total), "nodes": len(t)} for op, t in types],
         "top_nodes": [{"node": node, "op": op, "ms": ms, "share": _share(ms, total)} for node, op, ms in per_node[:TOP_NODES]],
         "note": profiled.note,
