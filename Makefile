@@ -10,7 +10,14 @@ export TF_USE_LEGACY_KERAS  := 1
 DEMO_MODEL  ?= models/mobilenetv2.onnx
 DEMO_TARGET ?= tflite-arm
 
-.PHONY: setup demo test bench zoo zoo-check clean
+# make deploy: build (which verifies) → profile on DEVICE → artifact + reports into DEPLOY_DIR.
+MODEL      ?= $(DEMO_MODEL)
+TARGET     ?= tflite-x86
+DEVICE     ?= local
+DEPLOY_DIR ?= deploy
+DEPLOY_BUILD := build/deploy/$(basename $(notdir $(MODEL)))-$(TARGET)
+
+.PHONY: setup demo test bench zoo zoo-check deploy clean
 
 setup: $(STAMP)
 
@@ -40,6 +47,12 @@ zoo: setup
 zoo-check: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,zoo]'
 	$(BIN)/python models/make_zoo.py --check
+
+deploy: setup
+	$(BIN)/edgec build $(MODEL) --target $(TARGET) -o $(DEPLOY_BUILD) --profile $(DEVICE)
+	mkdir -p $(DEPLOY_DIR)
+	cp $(DEPLOY_BUILD)/* $(DEPLOY_DIR)/
+	@echo "Deployed to $(DEPLOY_DIR)/: $$(ls $(DEPLOY_DIR) | tr '\n' ' ')"
 
 clean:
 	rm -rf build .pytest_cache
