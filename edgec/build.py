@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import platform
@@ -31,8 +32,9 @@ from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
-from edgec.passes.quantize import AccuracyGoal, QuantScheme
+from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import ProfileSettings, compare_latency, find_device, profile
+from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
@@ -78,15 +80,16 @@ class BuildOptions:
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
+    # Compression passes run after canonicalization (pruning, factorization...; see edgec.recipe)
+    recipe: Sequence[Step] = ()
     profile_device: str | None = None  # profile the artifact on this device (report "profile" + report.html)
     profile_settings: ProfileSettings | None = None  # how; the target's threads and defaults otherwise
 
 
-RECOVERY_CHECK_BATCHES = 24  # calibration batches bias correction's benefit is measured on
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
 RANDOM_CALIBRATION_WARNING = (
-    "Quantizing with random calibration inputs: activation ranges will not match real data "
-    "and accuracy may suffer. Pass --calib with real samples."
+    "Calibrating with random inputs: activation ranges and statistics will not match real data, "
+    "and int8 or compressed accuracy may suffer. Pass --calib with real samples."
 )
 
 
@@ -124,22 +127,31 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
         model = load(path)
     model, records = canonicalize(model, options.input_shapes, progress)
     precision = options.precision or target.precision
-    extra: dict[str, Any] = {}
-    if precision == "int8":
-        lowered, more, extra = _lower_int8(model, path.stem, target, options, progress)
+    # Loaded on first use, once: only data-aware passes and int8 need it.
+    calibration = functools.cache(functools.partial(_calibration, model, options))
+    reference, extra, compressed = None, {}, {}  # the reference is the source file unless compressed
+    if options.recipe:
+        model, more, extra["compression"] = compress(model, options.recipe, calibration, source_runner(path), options, progress)
         records += more
-        precision = extra.get("speed_check", {}).get("shipped", precision)
+        reference = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
+        compressed[f"{path.stem}.compressed.onnx"] = to_bytes(model)
+    if precision == "int8":
+        lowered, more, int8 = _lower_int8(model, path.stem, target, calibration(), options, progress)
+        extra.update(int8)
+        precision = int8.get("speed_check", {}).get("shipped", precision)
+        if precision == "int8":  # a shipped fp32 artifact is lowered without the recovery passes
+            records += more
     else:
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             lowered = lower(model, target, path.stem, LowerOptions(precision))
-    with progress.stage("Verifying against the source model"):
-        verification = verify_bytes(path, lowered, target, options, criterion(target, precision, options))
+    with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
+        verification = verify_bytes(reference or source_runner(path), lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification)
     report = _report(path, target, model, records, lowered, verification, options)
     report["precision"] = precision
     report.update(extra)
-    files = dict(lowered.files)
+    files = {**lowered.files, **compressed}
     if options.profile_device:
         with progress.stage(f"Profiling {lowered.primary} on {options.profile_device}"):
             report["profile"], files["report.html"] = _profile(lowered, target, options, out.path)
@@ -169,14 +181,35 @@ def canonicalize(
         return Pipeline(canonicalize_passes(input_shapes), observer=progress.pass_done)(model)
 
 
-def _lower_int8(model: ir.Model, stem: str, target: Target, options: BuildOptions, progress: Progress):
-    """Calibrate, recover accuracy, quantize and lower; keep fp32 instead if int8 is slower here.
+def compress(model: ir.Model, steps: Sequence[Step], calibration: Callable[[], InputSet], source: Runner, options: BuildOptions,
+             progress: Progress) -> tuple[ir.Model, list[PassRecord], dict[str, Any]]:
+    """Run the recipe's passes and measure what they cost: MACs and parameters before and
+    after, and how far the compressed model's outputs moved from the source's on the
+    verification inputs (the artifact is then verified against the compressed model)."""
+    before = summarize(model)
+    with progress.stage(f"Compressing ({', '.join(s.name for s in steps)})"):
+        model, records = Pipeline(make_passes(steps, calibration), progress.pass_done)(model)
+    after = summarize(model)
+    with progress.stage("Measuring the compressed model against the source"):
+        compressed = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
+        error = compare(source, compressed, _inputs(compressed, options), Criterion())
+    return model, records, {
+        "steps": [s.to_dict() for s in steps],
+        "macs": {"before": before["macs"], "after": after["macs"]},
+        "params": {"before": before["params"], "after": after["params"]},
+        "mac_reduction": round(1 - after["macs"] / before["macs"], 6) if before["macs"] else 0.0,
+        "vs_source": error.to_dict(),
+    }
+
+
+def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet, options: BuildOptions,
+                progress: Progress):
+    """Recover accuracy, quantize and lower; keep fp32 instead if int8 is slower here.
 
     Returns the lowered artifact, the records of the accuracy-recovery passes, and report
     entries (calibration source, recovery decisions, speed check).
     """
     _refuse_quantized(model)
-    calibration = _calibration(model, options)
     extra: dict[str, Any] = {
         "calibration": {**calibration.to_dict(), "real_data": options.calib is not None},
         "int8_options": {k: getattr(options, k) for k in INT8_OPTIONS},
@@ -202,7 +235,7 @@ def _most_accurate(source: ir.Model, variants: list[tuple[ir.Model, list[PassRec
         with progress.stage(f"Quantizing and lowering for {target.name} ({target.backend}, int8)"):
             return lower(variants[0][0], target, stem, lower_options), variants[0][1], {}
     plain = dataclasses.replace(lower_options, goal=None)
-    batches = lower_options.calibration.batches[:RECOVERY_CHECK_BATCHES]
+    batches = lower_options.calibration.batches[:CHECK_BATCHES]
     reference = run_all(OrtRunner(to_bytes(source), threads=1, optimization="disabled"), batches)
     candidates = []
     for i, (variant, records) in enumerate(variants):
@@ -335,11 +368,11 @@ def criterion(target: Target, precision: str, options: BuildOptions) -> Criterio
     return chosen
 
 
-def verify_bytes(source: Path, lowered: Lowered, target: Target, options: BuildOptions, criterion: Criterion) -> Verification:
-    """Write the primary artifact to a scratch file and compare it with the source model."""
+def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: BuildOptions, criterion: Criterion) -> Verification:
+    """Write the primary artifact to a scratch file and compare it with the reference model."""
     with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
         artifact = _open(Path(tmp), lowered, target, threads=1)
-        return verify_runners(source_runner(source), artifact, options, criterion)
+        return verify_runners(reference, artifact, options, criterion)
 
 
 def source_runner(path: Path) -> Runner:

@@ -137,6 +137,7 @@ def build(
     equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="int8: cross-layer equalization across Relu/PRelu/LeakyRelu (exact); default: only for per-tensor weight schemes.")] = None,
     equalize_relu6: Annotated[bool, typer.Option("--equalize-relu6", help="int8: equalize across ReLU6 too, replacing it by Relu (changes the model slightly; AIMET's default).")] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="int8: correct biases for the mean shift weight rounding causes; default: when it lowers the simulated int8 error on --calib data.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of [[step]] tables (pass = \"...\" plus options), run after canonicalization; the artifact is verified against the compressed model.")] = None,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,
@@ -158,7 +159,8 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, equalize=equalize,
-        equalize_relu6=equalize_relu6, bias_correction=bias_correction, profile_device=profile_device,
+        equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe),
+        profile_device=profile_device,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgecWarning)
@@ -170,10 +172,30 @@ def build(
         out.print_json(data=result.report)
         return
     _print_artifacts(result)
+    _print_compression(result.report.get("compression"))
     _print_verification(result.verification.to_dict())
     if "profile" in result.report:
         _print_profile([result.report["profile"]])
     out.print(f"Report: [bold]{result.report_path}[/]", highlight=False)
+
+
+def compose_recipe(recipe_file: Path | None) -> list:
+    """The build's compression steps: the recipe file's, in file order."""
+    from edgec.recipe import load_recipe
+
+    return load_recipe(recipe_file) if recipe_file else []
+
+
+def _print_compression(compression: dict | None) -> None:
+    if not compression:
+        return
+    macs, params = compression["macs"], compression["params"]
+    out.print(f"Compressed: MACs {macs['before']:,} → {macs['after']:,} ({compression['mac_reduction']:.1%} fewer), "
+              f"parameters {params['before']:,} → {params['after']:,}", highlight=False)
+    for o in compression["vs_source"]["outputs"]:
+        agree = f", top-1 agreement {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""
+        acc = f", accuracy {o['accuracy_source']:.3f} → {o['accuracy_artifact']:.3f}" if "accuracy_source" in o else ""
+        out.print(f"  vs source, output {o['name']}: cosine {o['cosine']:.5f}{agree}{acc}", highlight=False)
 
 
 def _print_artifacts(result) -> None:

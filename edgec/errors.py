@@ -89,3 +89,7 @@ class InternalError(EdgecError):
     """A pass or backend failed in a way no user input should cause: a bug in edgec."""
 
     exit_code = 70
+
+
+class RecipeError(EdgecError):
+    """A compression recipe or --prune/--factorize option is malformed or asks the impossible."""

@@ -204,4 +204,4 @@ def test_int8_without_calibration_data_warns(tmp_path):
     path = save(_tiny_model(), tmp_path)
     result = _cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), "--precision", "int8", "--json")
     assert result.exit_code == 0, result.output
-    assert "warning: Quantizing with random calibration inputs" in " ".join(result.output.split())
+    assert "warning: Calibrating with random inputs" in " ".join(result.output.split())

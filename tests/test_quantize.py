@@ -146,7 +146,7 @@ def test_speed_check_ships_the_faster_artifact_and_says_so(tmp_path):
 
 def test_speed_check_is_skipped_for_another_architecture(tmp_path):
     path = save(outlier_model(), tmp_path)
-    with pytest.warns(UserWarning, match="random calibration"):
+    with pytest.warns(UserWarning, match="Calibrating with random inputs"):
         result = build(path, "ort-arm", tmp_path / "out", BuildOptions(precision="int8", min_cosine=0.0))
     assert result.report["speed_check"]["measured"] is False
     assert result.report["precision"] == "int8"
@@ -154,7 +154,7 @@ def test_speed_check_is_skipped_for_another_architecture(tmp_path):
 
 def test_already_quantized_model_is_refused(tmp_path):
     path = save(outlier_model(), tmp_path)
-    with pytest.warns(UserWarning, match="random calibration"):
+    with pytest.warns(UserWarning, match="Calibrating with random inputs"):
         first = build(path, "ort-x86", tmp_path / "q", BuildOptions(precision="int8", speed_check=False, min_cosine=0.0))
     quantized = first.artifacts[0]
     result = CliRunner().invoke(app, ["build", str(quantized), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--precision", "int8"])

@@ -267,7 +267,7 @@ def test_pattern_lowers_to_int8(name, tmp_path):
     path = save(CASES[name](GraphBuilder()), tmp_path)
     # min_cosine 0: no precision search, so every op with an int8 kernel is int8; the bar is checked below.
     options = BuildOptions(seed=3, precision="int8", calib_samples=64, min_cosine=0.0)
-    with pytest.warns(EdgecWarning, match="random calibration"):
+    with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
         result = build(path, "tflite-arm", tmp_path / "out", options)
     assert result.report["calibration"]["real_data"] is False
     assert all(o.cosine >= 0.95 for o in result.verification.outputs), result.verification.to_dict()

@@ -190,7 +190,7 @@ def test_production_model_builds_int8_tflite_from_photos(name, tmp_path):
 def test_real_photos_calibrate_better_than_random_data(tmp_path):
     entry = BY_NAME["selfie_segmentation"]
     photos = _int8(entry, tmp_path / "photos", min_cosine=0.0).verification.outputs[0].cosine
-    with pytest.warns(EdgecWarning, match="random calibration"):
+    with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
         random = build(_path(entry), "tflite-arm", tmp_path / "random",
                        _options(entry, precision="int8", min_cosine=0.0, bias_correction=True)).verification.outputs[0].cosine
     assert photos > random + 0.1, (photos, random)

@@ -14,19 +14,16 @@ fp32; quantization comes later.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 
+from edgec.activations import activations
 from edgec.graph import attr, constant, set_bias, sole_consumer
-from edgec.model import to_proto
-from edgec.weights import quantize_dequantize, weight_view
 from edgec.passes.pipeline import PassOutcome
-from edgec.runtime.ort import OrtRunner
-
-Sample = Mapping[str, np.ndarray]
+from edgec.verify import Sample
+from edgec.weights import quantize_dequantize, weight_view
 CORRECTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -117,20 +114,12 @@ def _input_key(node: ir.Node) -> tuple[str, int]:
 
 
 def _input_means(model: ir.Model, layers: list[ir.Node], calibration: Sequence[Sample]) -> dict[tuple[str, int], np.ndarray]:
-    """Per-channel mean of each layer input over all samples, from one fp32 run per sample
-    of a copy of the model with those inputs exposed as outputs."""
+    """Per-channel mean of each layer input over all samples."""
     if not layers:
         return {}
-    proto = to_proto(model)
-    exposed = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
-    for value in {node.inputs[0].name: node.inputs[0] for node in layers}.values():
-        if value.name not in exposed:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(value.name, value.dtype, None))
-    runner = OrtRunner(proto.SerializeToString(), optimization="disabled")
     keys = {_input_key(node) for node in layers}
     sums = dict.fromkeys(keys, 0.0)
-    for sample in calibration:
-        values = {**sample, **runner.run(sample)}
+    for values in activations(model, [node.inputs[0] for node in layers], calibration):
         for name, axis in keys:
             x = np.moveaxis(np.asarray(values[name], np.float64), axis, 0)
             sums[name, axis] = sums[name, axis] + x.reshape(x.shape[0], -1).mean(axis=1)

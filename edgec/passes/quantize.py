@@ -132,6 +132,11 @@ class Candidate:
     nodes: tuple[str, ...]
 
 
+# Calibration batches int8 accuracy is checked on (precision search, recovery variants): the
+# checks run the artifact once per candidate, so they use a prefix, not all samples.
+CHECK_BATCHES = 24
+
+
 class QuantizeStatic(ir.passes.FunctionalPass):
     """Static int8 quantization to QDQ, keeping float the fewest tensors that meet ``goal``.
 
@@ -153,7 +158,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         scheme: QuantScheme = QuantScheme(),
         goal: AccuracyGoal | None = None,
         exclude: Sequence[str] = (),
-        check_samples: int = 24,
+        check_samples: int = CHECK_BATCHES,
         optimization: str = "all",
         quantize_outputs: bool = False,
     ) -> None:

@@ -28,7 +28,7 @@ from edgec.passes.fuse import FuseGelu
 from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import Pipeline
 from edgec.model import to_bytes
-from edgec.passes.quantize import Candidate, PrecisionSearch, calibrate, head, rank_candidates
+from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, calibrate, head, rank_candidates
 from edgec.runtime import Runner
 from edgec.runtime.litert import IO_METADATA, LiteRTRunner
 from edgec.runtime.ort import OrtRunner
@@ -37,7 +37,6 @@ from edgec.targets import Target
 
 __all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
 
-CHECK_BATCHES = 24  # calibration batches the precision search checks the .tflite on
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
 # Never kept float: the MAC kernels int8 is for, and the float↔int8 conversions at the edges.
 ALWAYS_INT8 = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV", "QUANTIZE", "DEQUANTIZE"}

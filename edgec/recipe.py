@@ -1,0 +1,147 @@
+"""Compression recipes: which float-to-float passes run between canonicalization and lowering.
+
+A recipe is data — an ordered list of steps, each a pass family and its options — so the
+same compression reads the same from the command line, a file and the Python API::
+
+    --factorize mac_reduction=0.3,method=tucker2        # CLI: one step per option
+    [[step]]                                            # recipe.toml
+    pass = "factorize"
+    mac_reduction = 0.3
+    Step("factorize", {"mac_reduction": 0.3})           # API
+
+Each family registers a factory that turns (options, calibration data) into an onnx_ir pass;
+:func:`make_passes` is the only place that knows the families, so passes stay unaware of
+each other and of where their options came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import onnx_ir as ir
+
+from edgec.errors import RecipeError
+from edgec.passes.equalize import CrossLayerEqualization
+from edgec.verify import InputSet
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One pass of a recipe: the family's name and its options (validated by the family)."""
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pass": self.name, **self.options}
+
+
+# A family's factory: options (already parsed from TOML or key=value text) and a function
+# giving calibration samples (real, or seeded random with a warning; loaded only if called,
+# so data-free steps never warn) → the pass to run.
+Calibration = Callable[[], InputSet]
+StepFactory = Callable[[Mapping[str, Any], Calibration], ir.passes.PassBase]
+
+Options = TypeVar("Options")
+
+
+def options_from(cls: type[Options], options: Mapping[str, Any], step: str) -> Options:
+    """Build the dataclass ``cls`` from recipe options, naming unknown keys and bad values."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise RecipeError(
+            f"Step '{step}' has no option(s) {', '.join(unknown)}.",
+            hint=f"Its options are: {', '.join(sorted(known))}.",
+        )
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"Step '{step}': {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _EqualizeOptions:
+    relu6_to_relu: bool = False
+    max_iterations: int = 20
+
+
+def _equalize(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(_EqualizeOptions, options, "equalize")
+    return CrossLayerEqualization(settings.relu6_to_relu, settings.max_iterations)
+
+
+FAMILIES: dict[str, StepFactory] = {
+    "equalize": _equalize,
+}
+
+
+def make_passes(steps: Sequence[Step], calibration: Calibration) -> list[ir.passes.PassBase]:
+    """The passes of ``steps``, in order; unknown families are an error that lists the known."""
+    passes = []
+    for step in steps:
+        factory = FAMILIES.get(step.name)
+        if factory is None:
+            raise RecipeError(
+                f"Unknown compression step '{step.name}'.",
+                hint=f"Known steps: {', '.join(sorted(FAMILIES))}.",
+            )
+        passes.append(factory(step.options, calibration))
+    return passes
+
+
+# A comma outside quotes and brackets: "a=1,b=[2,3],c='x,y'" splits into three pairs.
+_TOP_LEVEL_COMMA = re.compile(r""",(?=(?:[^'"]*['"][^'"]*['"])*[^'"]*$)(?![^\[]*\])""")
+
+
+def parse_step(name: str, text: str) -> Step:
+    """``parse_step("prune", "rate=0.3,exclude=['fc']")`` → ``Step("prune", {...})``.
+
+    Values are TOML literals (numbers, booleans, quoted strings, [lists]); a bare word that
+    is not one is taken as a string, so ``method=svd`` works without quotes.
+    """
+    options: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in _TOP_LEVEL_COMMA.split(text.strip()))):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--{name} '{text}': '{pair}' is not of the form key=value.",
+                              hint=f"Example: --{name} key=value,other=1.5")
+        options[key.strip()] = _literal(raw.strip())
+    return Step(name, options)
+
+
+def _literal(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def load_recipe(path: str | Path) -> list[Step]:
+    """Steps from a TOML file of ``[[step]]`` tables, each with ``pass = "<family>"``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise RecipeError(f"Cannot read recipe '{path}': {exc.strerror}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"Recipe '{path}' is not valid TOML: {exc}.") from None
+    steps = data.get("step")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        raise RecipeError(f"Recipe '{path}' has no [[step]] tables.",
+                          hint='Write one [[step]] table per pass, each with pass = "<name>".')
+    return [_step_from_table(table, path, i) for i, table in enumerate(steps, 1)]
+
+
+def _step_from_table(table: dict[str, Any], path: Path, index: int) -> Step:
+    options = dict(table)
+    name = options.pop("pass", None)
+    if not isinstance(name, str):
+        raise RecipeError(f"Recipe '{path}', step {index}: missing pass = \"<name>\".",
+                          hint=f"Known steps: {', '.join(sorted(FAMILIES))}.")
+    return Step(name, options)
