@@ -109,6 +109,20 @@ def test_report_html_is_deterministic(artifacts):
     assert render_html(report) == render_html(report)
 
 
+def test_report_marks_emulated_wall_times_and_compares_their_cost(artifacts):
+    """Emulated devices come from another transport; their measurements have this shape."""
+    local = profile(artifacts[1], "local", ProfileSettings(warmup=1, runs=3, threads=1, ops=False))
+    emulated = [
+        {**local, "device": {"name": "a76-emu", "kind": "emulated", "arch": "aarch64", "cpu": "cortex-a76", "emulated": True},
+         "artifact": {**local["artifact"], "path": f"/variants/{name}/resnet.ort"}, "cost": {"instructions": count}}
+        for name, count in (("fp32", 3_000_000), ("int8", 1_000_000))
+    ]
+    page = render_html(profile_report([local, *emulated], ProfileSettings()))
+    assert page.count('<tr class="emulated">') == 2 and "a76-emu" in page
+    assert 'id="cost"' in page and "instructions 3,000,000" in page and "instructions 1,000,000" in page
+    assert "fp32/resnet.ort" in page and "int8/resnet.ort" in page
+
+
 def test_build_with_profile_puts_the_measurement_in_its_outputs(tmp_path):
     result = _cli("build", str(REPO / "models" / "mlp.onnx"), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--profile", "local")
     assert result.exit_code == 0, result.output

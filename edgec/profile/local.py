@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import resource
 import time
 from collections.abc import Iterator
 from importlib import metadata
@@ -125,8 +126,6 @@ class PeakMemory:
         if self.method.startswith("VmHWM"):
             self.peak_mb = _status_mb("VmHWM")
         else:
-            import resource
-
             self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def to_dict(self) -> dict[str, Any]:
