@@ -6,6 +6,7 @@ whatever the device; ``PROFILERS`` maps a device kind to the function that measu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,9 +20,16 @@ from edgec.runtime import artifact_path
 
 __all__ = ["PROFILERS", "SCHEMA", "LatencyStats", "ProfileSettings", "compare_latency", "find_device", "measure", "profile"]
 
+def _local(device: Any, artifact: Path, settings: ProfileSettings) -> dict[str, Any]:
+    """This machine; an inventory entry of kind local may name it and set its default threads."""
+    if settings.threads is None and getattr(device, "threads", None):
+        settings = dataclasses.replace(settings, threads=device.threads)
+    return profile_local(artifact, settings, device_name=getattr(device, "name", device))
+
+
 # Device kind → profiler(device, artifact, settings) → measurement.
 PROFILERS: dict[str, Callable[[Any, Path, ProfileSettings], dict[str, Any]]] = {
-    "local": lambda device, artifact, settings: profile_local(artifact, settings),
+    "local": _local,
 }
 
 

@@ -31,7 +31,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def profile_local(artifact_path: str | os.PathLike[str], settings: ProfileSettings) -> dict[str, Any]:
+def profile_local(artifact_path: str | os.PathLike[str], settings: ProfileSettings, device_name: str = "local") -> dict[str, Any]:
     """Measure ``artifact_path`` here; returns a measurement of edgec/profile/schema.py's shape."""
     path = Path(artifact_path)
     threads = settings.threads or len(os.sched_getaffinity(0))
@@ -52,7 +52,7 @@ def profile_local(artifact_path: str | os.PathLike[str], settings: ProfileSettin
     return {
         "schema": SCHEMA,
         "artifact": describe_artifact(path),
-        "device": local_device(),
+        "device": local_device(device_name),
         "runtime": {**_runtime(runner, threads), "pinned_cpus": cpus},
         "load_ms": load_ms,
         "first_run_ms": first_ms,
@@ -69,8 +69,8 @@ def describe_artifact(path: Path) -> dict[str, Any]:
     return {"file": path.name, "path": str(path), "size_bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
 
 
-def local_device() -> dict[str, Any]:
-    return {"name": "local", "kind": "local", "arch": platform.machine(), "cpu": _cpu_model(), "emulated": False}
+def local_device(name: str = "local") -> dict[str, Any]:
+    return {"name": name, "kind": "local", "arch": platform.machine(), "cpu": _cpu_model(), "emulated": False}
 
 
 def _cpu_model() -> str | None:
