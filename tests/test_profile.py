@@ -121,6 +121,7 @@ def test_report_marks_emulated_wall_times_and_compares_their_cost(artifacts):
     assert page.count('<tr class="emulated">') == 2 and "a76-emu" in page
     assert 'id="cost"' in page and "instructions 3,000,000" in page and "instructions 1,000,000" in page
     assert "fp32/resnet.ort" in page and "int8/resnet.ort" in page
+    assert "0.33× (instructions)" in page  # int8 ÷ fp32 on the emulated device, by cost
 
 
 def test_build_with_profile_puts_the_measurement_in_its_outputs(tmp_path):

@@ -53,7 +53,7 @@ def render_html(report: dict[str, Any], title: str = "edgec device latency repor
         title=title,
         edgec_version=report["edgec_version"],
         settings_text=_settings_text(report["settings"]),
-        rows=[_row(m, name) for m, name in zip(measurements, names)],
+        rows=[{**_row(m, name), "relative": ratio} for m, name, ratio in zip(measurements, names, _relative(measurements))],
         pinning_text="; ".join(f"{name}: {m['runtime'].get('pinned_cpus') or 'not pinned'}" for m, name in zip(measurements, names)),
         memory_text=_memory_text(measurements),
         distribution_svg=plots.latency_distribution(
@@ -94,6 +94,26 @@ def _row(m: dict[str, Any], name: str) -> dict[str, Any]:
     }
 
 
+def _relative(measurements: Sequence[dict[str, Any]]) -> list[str]:
+    """Each measurement ÷ the first on the same device: the median, or on an emulated device
+    the first cost figure (its wall time is no board's latency)."""
+    first: dict[str, dict[str, Any]] = {}
+    ratios = []
+    for m in measurements:
+        base = first.setdefault(m["device"]["name"], m)
+        key = _cost_key([base, m]) if m["device"]["emulated"] else None
+        value, reference = (m["cost"][key], base["cost"][key]) if key else (m["latency_ms"]["median"], base["latency_ms"]["median"])
+        ratios.append(f"{value / reference:.2f}×" + (f" ({key})" if key else "") if reference else "-")
+    return ratios
+
+
+def _cost_key(costed: Sequence[dict[str, Any]]) -> str | None:
+    """The first cost figure every one of ``costed`` has as a number."""
+    costs = [m.get("cost") or {} for m in costed]
+    keys = [k for k in sorted(costs[0]) if all(isinstance(c.get(k), (int, float)) for c in costs)]
+    return keys[0] if keys else None
+
+
 def _memory_text(measurements: Sequence[dict[str, Any]]) -> str:
     methods = sorted({(m.get("memory") or {}).get("method", "as reported by the device") for m in measurements})
     return "; ".join(methods)
@@ -116,12 +136,12 @@ def _grouped(values: dict[tuple[str, str], float], unit: str) -> str:
 def _cost_plot(measurements: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
     """A plot of the first numeric cost figure every costed measurement has, if any."""
     costed = [(m, name) for m, name in zip(measurements, names) if m.get("cost")]
-    keys = [k for k in sorted(costed[0][0]["cost"]) if all(isinstance(m["cost"].get(k), (int, float)) for m, _ in costed)] if costed else []
-    if not keys:
+    key = _cost_key([m for m, _ in costed]) if costed else None
+    if key is None:
         return {"cost_svg": None, "cost_caption": ""}
-    values = {(name, m["device"]["name"]): m["cost"][keys[0]] for m, name in costed}
-    caption = f"Deterministic cost ({keys[0]}) per artifact and device: what compares variants on emulated devices."
-    return {"cost_svg": _grouped(values, keys[0]), "cost_caption": caption}
+    values = {(name, m["device"]["name"]): m["cost"][key] for m, name in costed}
+    caption = f"Deterministic cost ({key}) per artifact and device: what compares variants on emulated devices."
+    return {"cost_svg": _grouped(values, key), "cost_caption": caption}
 
 
 def _ops(m: dict[str, Any], name: str) -> dict[str, Any]:
