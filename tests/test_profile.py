@@ -91,15 +91,15 @@ def test_ops_breakdown_adds_up_inside_each_profiled_run(artifacts):
 
 
 def test_summary_describes_a_typical_run_not_a_preempted_one():
-    runs = [ProfiledRun(wall, {("conv1", "Conv"): conv, ("relu1", "Relu"): 10.0})
-            for wall, conv in ((120, 100), (125, 105), (118, 98), (5120, 5100))]
+    walls = [118, 120, 121, 122, 125, 126, 127, 128, 130, 5120]  # one run preempted
+    runs = [ProfiledRun(wall, {("conv1", "Conv"): wall - 20.0, ("relu1", "Relu"): 10.0}) for wall in walls]
     ops = summarize(Profiled(runs, "test"), median_ms=0.125)
-    # the middle two runs by wall time: 120 µs and 125 µs
-    assert ops["runs"] == 4 and ops["typical_runs"] == 2
-    assert ops["total_ms"] == pytest.approx(0.1125)
-    assert ops["by_type"][0] == {"op": "Conv", "ms": pytest.approx(0.1025), "share": pytest.approx(0.1025 / 0.1125), "nodes": 1}
-    assert ops["unaccounted_share"] == pytest.approx((0.125 - 0.1125) / 0.125)
-    assert ops["profiled_coverage"] == pytest.approx(0.1125 / 0.1225)
+    # the fifth around the median by wall time: 125, 126 and 127 µs
+    assert ops["runs"] == 10 and ops["typical_runs"] == 3
+    assert ops["total_ms"] == pytest.approx(0.116)
+    assert ops["by_type"][0] == {"op": "Conv", "ms": pytest.approx(0.106), "share": pytest.approx(0.106 / 0.116), "nodes": 1}
+    assert ops["unaccounted_share"] == pytest.approx((0.125 - 0.116) / 0.125)
+    assert ops["profiled_coverage"] == pytest.approx(0.116 / 0.126)
     assert ops["rounding_bound_ms"] == pytest.approx(0.002)
 
 

@@ -92,15 +92,16 @@ def profile_ort(path: Path, threads: int, feeds: Mapping[str, np.ndarray], runs:
 
 
 def typical_runs(runs: list[ProfiledRun]) -> list[ProfiledRun]:
-    """The runs between the 25th and 75th percentile of wall time.
+    """The fifth of the runs around the median wall time (at least one).
 
-    On a shared machine some runs are preempted: they make the mean run slower than the
-    median one. The ops of these middle runs add up to a run like the end-to-end median,
-    and their mean still counts the gaps between ops, which a per-op median would not.
+    On a shared machine, bursts of other work slow some runs down, and they make the mean
+    run slower than the median one. The ops of the runs around the median add up to a run
+    comparable with the end-to-end median, and averaging them still counts the gaps between
+    ops, which a per-op median would not.
     """
     ordered = sorted(runs, key=lambda r: r.wall_us)
-    low = len(ordered) // 4
-    return ordered[low:max(len(ordered) - low, low + 1)]
+    middle, half = len(ordered) // 2, max(len(ordered) // 10, 0)
+    return ordered[max(middle - half, 0):middle + half + 1]
 
 
 def summarize(profiled: Profiled, median_ms: float) -> dict[str, Any]:
