@@ -296,20 +296,23 @@ def profile(
 
 def _print_profile(measurements: list[dict]) -> None:
     """Stats with one column per measurement (fits a terminal for a few artifacts), then top ops."""
+    from edgec.report.profile import labels
+
+    names = labels(measurements)
     table = Table("", title="Latency (ms)", title_justify="left")
-    for m in measurements:
+    for m, name in zip(measurements, names):
         device = m["device"]["name"] + (" (emulated)" if m["device"]["emulated"] else "")
-        table.add_column(f"{m['artifact']['file']}\n{device}", justify="right")
-    for name, cell in _PROFILE_ROWS:
-        table.add_row(name, *(cell(m) for m in measurements))
+        table.add_column(f"{name}\n{device}", justify="right")
+    for row, cell in _PROFILE_ROWS:
+        table.add_row(row, *(cell(m) for m in measurements))
     out.print(table)
-    for m in measurements:
+    for m, name in zip(measurements, names):
         ops = m.get("ops") or {}
         if ops.get("by_type"):
             top = ", ".join(f"{t['op']} {t['ms']:.3g} ms ({t['share'] * 100:.0f}%)" for t in ops["by_type"][:5])
-            out.print(f"Top ops, {m['artifact']['file']}: {top}", highlight=False, soft_wrap=True)
+            out.print(f"Top ops, {name}: {top}", highlight=False, soft_wrap=True)
         elif "unavailable" in ops:
-            out.print(f"No per-op breakdown for {m['artifact']['file']}: {ops['unavailable']}", highlight=False, soft_wrap=True)
+            out.print(f"No per-op breakdown for {name}: {ops['unavailable']}", highlight=False, soft_wrap=True)
 
 
 def _number(value) -> str:

@@ -1,6 +1,7 @@
 """Profile an artifact in this process, on this machine (device kind "local").
 
-Like TFLite's benchmark_model: model load + initialization is timed apart from inference,
+Like TFLite's benchmark_model: model load + initialization (not the import of the runtime's
+Python module) is timed apart from inference,
 the first inference apart from the steady state, then warm-up and timed runs; the per-op
 breakdown (edgec/profile/ops.py) runs afterwards in a second session, so its profiler's
 overhead never reaches the end-to-end numbers.
@@ -22,7 +23,7 @@ from typing import Any
 from edgec.profile.ops import operator_breakdown
 from edgec.profile.schema import SCHEMA, ProfileSettings
 from edgec.profile.timing import measure
-from edgec.runtime import Runner, open_runner
+from edgec.runtime import Runner, import_runtime, open_runner
 from edgec.verify import random_inputs
 
 # Runner.runtime → the distribution whose version the measurement records.
@@ -34,6 +35,7 @@ _STATUS = Path("/proc/self/status")
 def profile_local(artifact_path: str | os.PathLike[str], settings: ProfileSettings, device_name: str = "local") -> dict[str, Any]:
     """Measure ``artifact_path`` here; returns a measurement of edgec/profile/schema.py's shape."""
     path = Path(artifact_path)
+    import_runtime(path)
     threads = settings.threads or len(os.sched_getaffinity(0))
     with pinned(threads) as cpus:
         with PeakMemory() as memory:

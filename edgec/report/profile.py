@@ -88,10 +88,16 @@ def _row(m: dict[str, Any], name: str) -> dict[str, Any]:
         "runtime": f"{m['runtime']['name']} {m['runtime']['version']}", "threads": m["runtime"]["threads"],
         "load_ms": _ms(m.get("load_ms")), "first_run_ms": _ms(m.get("first_run_ms")),
         **{key: _ms(latency[key]) for key in ("median", "min", "mean", "p90", "p99", "std")},
-        "runs": latency["runs"], "peak_mb": _ms(m.get("peak_memory_mb")),
+        "runs": latency["runs"], "peak_mb": _peak(m),
         "ops_total": _ms(ops.get("total_ms")), "unaccounted": _percent(ops.get("unaccounted_share")),
         "cost": ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in (m.get("cost") or {}).items()) or "-",
     }
+
+
+def _peak(m: dict[str, Any]) -> str:
+    """Peak RSS, and how much of it came after loading began where the device says."""
+    peak, before = m.get("peak_memory_mb"), (m.get("memory") or {}).get("rss_before_load_mb")
+    return _ms(peak) if peak is None or before is None else f"{peak:.4g} (+{peak - before:.3g})"
 
 
 def _relative(measurements: Sequence[dict[str, Any]]) -> list[str]:

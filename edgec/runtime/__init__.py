@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 from edgec.errors import ModelLoadError
 from edgec.runtime.base import Runner, TensorSpec
 
-__all__ = ["Runner", "TensorSpec", "artifact_path", "open_runner", "RUNNERS"]
+__all__ = ["Runner", "TensorSpec", "artifact_path", "import_runtime", "open_runner", "RUNNERS"]
 
 
 def _ort(path: Path, threads: int, options: dict) -> Runner:
@@ -25,6 +26,12 @@ def _litert(path: Path, threads: int, options: dict) -> Runner:
 
 # File suffix → runner factory. Imports are deferred: each runtime is heavy to import.
 RUNNERS = {".onnx": _ort, ".ort": _ort, ".tflite": _litert}
+_MODULES = {_ort: "edgec.runtime.ort", _litert: "edgec.runtime.litert"}
+
+
+def import_runtime(path: str | os.PathLike[str]) -> None:
+    """Import the runtime ``path`` needs now, so a timed model load does not include it."""
+    importlib.import_module(_MODULES[RUNNERS[artifact_path(path).suffix]])
 
 
 def artifact_path(path: str | os.PathLike[str]) -> Path:
