@@ -103,6 +103,11 @@ def test_summary_describes_a_typical_run_not_a_preempted_one():
     assert ops["rounding_bound_ms"] == pytest.approx(0.002)
 
 
+def test_budget_stops_timing_early_and_is_recorded(artifacts):
+    latency = profile(artifacts[1], "local", ProfileSettings(warmup=1, runs=100_000, budget_s=0.05, threads=1, ops=False))["latency_ms"]
+    assert 3 <= latency["runs"] < 100_000 and latency["budget_s"] == 0.05
+
+
 def test_report_html_is_deterministic(artifacts):
     measurement = profile(artifacts[1], "local", ProfileSettings(warmup=1, runs=3, threads=1, ops=False))
     report = profile_report([measurement], ProfileSettings(warmup=1, runs=3, threads=1, ops=False))

@@ -19,6 +19,7 @@ import ctypes
 import os
 from importlib import metadata
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
@@ -100,7 +101,7 @@ class _CompiledModel:
         self.threads = threads
         self._handles: list[tuple[str, ctypes.c_void_p]] = []
 
-    def __enter__(self) -> _CompiledModel:
+    def __enter__(self) -> Self:
         try:
             self._create()
         except BaseException:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from edgec.profile.ops import operator_breakdown
 from edgec.profile.schema import SCHEMA, ProfileSettings
@@ -115,7 +115,7 @@ class PeakMemory:
     possible the lifetime peak (getrusage ru_maxrss) is reported and the method says so.
     """
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> Self:
         self.baseline_mb = _status_mb("VmRSS")
         try:
             _CLEAR_REFS.write_text("5")

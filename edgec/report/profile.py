@@ -15,8 +15,7 @@ import jinja2
 
 from edgec import __version__
 from edgec.profile.schema import ProfileSettings
-from edgec.report import versions
-from edgec.report import plots
+from edgec.report import plots, versions
 
 REPORT_SCHEMA = "edgec.profile-report/1"
 
