@@ -20,6 +20,7 @@ from edgec.runtime import artifact_path
 
 __all__ = ["PROFILERS", "SCHEMA", "LatencyStats", "ProfileSettings", "compare_latency", "find_device", "measure", "profile"]
 
+
 def _local(device: Any, artifact: Path, settings: ProfileSettings) -> dict[str, Any]:
     """This machine; an inventory entry of kind local may name it and set its default threads."""
     if settings.threads is None and getattr(device, "threads", None):
