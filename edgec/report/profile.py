@@ -158,6 +158,7 @@ def _ops(m: dict[str, Any], name: str) -> dict[str, Any]:
         **base, "unavailable": None, "total": _ms(ops["total_ms"]), "median": _ms(ops["end_to_end_median_ms"]),
         "unaccounted_ms": _ms(ops["unaccounted_ms"]), "unaccounted": _percent(ops["unaccounted_share"]),
         "negative": ops["unaccounted_ms"] < 0,
+        "profiled_run": _ms(ops.get("profiled_run_ms")), "coverage": _percent(ops.get("profiled_coverage")),
         "svg": plots.ops_by_type(ops["by_type"], ops["end_to_end_median_ms"], ops["unaccounted_ms"]),
         "top_nodes": [{**n, "ms": _ms(n["ms"]), "share": _percent(n["share"])} for n in ops["top_nodes"]],
         "method": ops["method"], "runs": ops["runs"], "note": ops.get("note", ""),
