@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ KINDS = ("local", "ssh", "emulated")
 ARCHS = ("x86_64", "aarch64")
 RUNTIMES = ("onnxruntime", "litert")
 DEFAULT_TIMEOUT_S = 600.0
+# Nothing ssh could read as an option or a second destination.
+_HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
+_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
 _COMMON_KEYS = {"kind", "description", "arch", "runtimes", "threads", "python", "timeout_s"}
 _KIND_KEYS = {
@@ -165,9 +169,14 @@ def _ssh(entry: dict[str, Any], folder: Path, where: _Where) -> SshAccess:
     port = _positive_int(entry, "port", where, 22)
     if port > 65535:
         raise where.error(f"port is {port}", hint="Give a TCP port between 1 and 65535.")
+    host, user = _string(entry, "host", where), _string(entry, "user", where)
+    if not _HOST.fullmatch(host):
+        raise where.error(f"host is {host!r}", hint="Give a host name or IP address (letters, digits, '.', '-', ':').")
+    if not _USER.fullmatch(user):
+        raise where.error(f"user is {user!r}", hint="Give a user name (letters, digits, '.', '_', '-').")
     return SshAccess(
-        host=_string(entry, "host", where),
-        user=_string(entry, "user", where),
+        host=host,
+        user=user,
         key=_path(entry, "key", folder, where),
         port=port,
         known_hosts=_path(entry, "known_hosts", folder, where) if "known_hosts" in entry else None,
