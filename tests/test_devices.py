@@ -130,3 +130,12 @@ def test_artifact_for_a_runtime_the_device_lacks_is_refused(tmp_path):
         profile_on_device(device, MLP, QUICK)
     with pytest.raises(ModelLoadError, match="does not exist"):
         profile_on_device(device, tmp_path / "gone.tflite", QUICK)
+
+
+def test_emulated_device_not_set_up_says_how(tmp_path):
+    (tmp_path / "mine.toml").write_text('[arm]\nkind = "emulated"\narch = "aarch64"\ncpu = "cortex-a76"\n'
+                                        'root = "empty"\nruntimes = ["onnxruntime"]\nthreads = 1\n')
+    device = load_devices(tmp_path / "mine.toml")["arm"]
+    with pytest.raises(DeviceError, match="make arm-emulator") as caught:
+        profile_on_device(device, MLP, QUICK)
+    assert caught.value.reason == "not_set_up"
