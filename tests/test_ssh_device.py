@@ -74,7 +74,9 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
     home = tmp_path_factory.mktemp("sshd")
-    host_key, client_key = _keygen(home / "host_key"), _keygen(home / "client_key")
+    client = home / "client files"  # a space, as in many home folders
+    client.mkdir()
+    host_key, client_key = _keygen(home / "host_key"), _keygen(client / "client_key")
     (home / "authorized_keys").write_text(Path(f"{client_key}.pub").read_text())
     remote_tmp = home / "remote_tmp"
     remote_tmp.mkdir()
@@ -94,7 +96,7 @@ PermitRootLogin prohibit-password
 SetEnv TMPDIR={remote_tmp}
 Subsystem sftp internal-sftp
 """)
-    known_hosts = home / "known_hosts"
+    known_hosts = client / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text()}")
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation folder

@@ -177,11 +177,19 @@ def _ssh(entry: dict[str, Any], folder: Path, where: _Where) -> SshAccess:
     return SshAccess(
         host=host,
         user=user,
-        key=_path(entry, "key", folder, where),
+        key=_ssh_path(entry, "key", folder, where),
         port=port,
-        known_hosts=_path(entry, "known_hosts", folder, where) if "known_hosts" in entry else None,
+        known_hosts=_ssh_path(entry, "known_hosts", folder, where) if "known_hosts" in entry else None,
         connect_timeout_s=_positive_number(entry, "connect_timeout_s", where, 10.0),
     )
+
+
+def _ssh_path(entry: dict[str, Any], key: str, folder: Path, where: _Where) -> Path:
+    path = _path(entry, key, folder, where)
+    if re.search(r'[%"]', str(path)):
+        raise where.error(f"{key} is '{path}'", hint="ssh reads '%' and '\"' in file names specially: "
+                                                    "move or rename the file.")
+    return path
 
 
 def _arch(entry: dict[str, Any], kind: str, where: _Where) -> str:

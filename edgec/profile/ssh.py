@@ -71,15 +71,16 @@ def run_ssh(device: Device, artifact: Path, settings: ProfileSettings, threads: 
 
 
 def ssh_options(access: SshAccess) -> list[str]:
-    """Options shared by ssh and scp (``-o`` only, which both take)."""
+    """Options shared by ssh and scp (``-o`` only, which both take). Paths are quoted: ssh
+    splits ``-o`` values at spaces."""
     options = {
         "BatchMode": "yes", "StrictHostKeyChecking": "yes", "IdentitiesOnly": "yes",
-        "IdentityFile": str(access.key), "User": access.user, "Port": str(access.port),
+        "IdentityFile": f'"{access.key}"', "User": access.user, "Port": str(access.port),
         "ConnectTimeout": f"{access.connect_timeout_s:.0f}", "ServerAliveInterval": "5",
         "ServerAliveCountMax": "3",
     }
     if access.known_hosts is not None:
-        options["UserKnownHostsFile"] = str(access.known_hosts)
+        options["UserKnownHostsFile"] = f'"{access.known_hosts}"'
     return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
 
 
