@@ -50,19 +50,19 @@ def test_user_file_adds_devices_and_replaces_same_name_whole(tmp_path):
     assert "emulated-a76" in devices
 
 
+SSH_BUT_HOST = 'kind = "ssh"\narch = "aarch64"\nuser = "pi"\nkey = "k"\nruntimes = ["litert"]\nthreads = 1\n'
+
+
 @pytest.mark.parametrize("entry, fragments", [
     ('kind = "telnet"', ["kind is 'telnet'", "'local', 'ssh', 'emulated'"]),
     ('kind = "local"\nruntimes = ["onnxruntime"]\nthreads = 1\ncolour = "red"', ["unknown keys ['colour']"]),
-    ('kind = "ssh"\narch = "aarch64"\nruntimes = ["litert"]\nthreads = 1\nuser = "pi"\nkey = "k"',
-     ["missing keys ['host']"]),
+    (SSH_BUT_HOST, ["missing keys ['host']"]),
     ('kind = "local"\nruntimes = ["tensorrt"]\nthreads = 1', ["runtimes is ['tensorrt']", "'onnxruntime', 'litert'"]),
     ('kind = "local"\nruntimes = ["litert"]\nthreads = 0', ["threads is 0", "at least 1"]),
     ('kind = "emulated"\narch = "aarch64"\ncpu = "cortex-a76"\nroot = "."\nruntimes = ["litert"]\nthreads = 4',
      ["threads is 4", "single-threaded"]),
-    ('kind = "ssh"\narch = "aarch64"\nhost = "-oProxyCommand=x"\nuser = "pi"\nkey = "k"\nruntimes = ["litert"]\n'
-     'threads = 1', ["host is '-oProxyCommand=x'"]),
-    ('kind = "ssh"\narch = "aarch64"\nhost = "b"\nuser = "pi"\nport = 70000\nkey = "k"\nruntimes = ["litert"]\n'
-     'threads = 1', ["port is 70000"]),
+    (SSH_BUT_HOST + 'host = "-oProxyCommand=x"', ["host is '-oProxyCommand=x'"]),
+    (SSH_BUT_HOST + 'host = "b"\nport = 70000', ["port is 70000"]),
 ])
 def test_malformed_entries_say_what_to_fix(tmp_path, entry, fragments):
     path = tmp_path / "bad.toml"
@@ -87,7 +87,7 @@ def test_runner_pins_are_the_projects_pins():
 
 def test_runner_imports_nothing_of_edgec():
     source = Path(device_runner.__file__).read_text()
-    assert not re.search(r"^\s*(from|import)\s+edgec", source, re.M)
+    assert not re.search(r"^\s*(from|import)\s+edgec", source, re.MULTILINE)
 
 
 def _run_runner(python: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -26,7 +26,14 @@ from pathlib import Path
 from edgec.errors import DeviceError
 from edgec.profile.devices import Device, Emulation
 from edgec.profile.schema import ProfileSettings
-from edgec.profile.transport import RUNNER, read_result, run_with_timeout, runner_arguments, stage, staged_name
+from edgec.profile.transport import (
+    RUNNER,
+    read_result,
+    run_with_timeout,
+    runner_arguments,
+    stage,
+    staged_name,
+)
 
 COUNT_RUNS = (1, 6)  # N1, N2: the first counted run is left out, five are counted
 GUEST_PYTHON = "usr/bin/python3"

@@ -22,8 +22,16 @@ from pathlib import Path
 from edgec.errors import DeviceError
 from edgec.profile.devices import Device, SshAccess
 from edgec.profile.schema import ProfileSettings
-from edgec.profile.transport import (RUNNER, python_of, read_result, run_with_timeout, runner_arguments,
-                                     stage, staged_name, timeout_error)
+from edgec.profile.transport import (
+    RUNNER,
+    python_of,
+    read_result,
+    run_with_timeout,
+    runner_arguments,
+    stage,
+    staged_name,
+    timeout_error,
+)
 
 _CLEANUP_TIMEOUT_S = 30.0
 _SAFE_REMOTE_DIR = re.compile(r"/[A-Za-z0-9._/-]+")
