@@ -84,12 +84,12 @@ class VerificationError(EdgecError):
 class DeviceError(EdgecError):
     """A device entry is malformed, or profiling on a device failed for a reason outside edgec.
 
-    ``reason`` says which, so callers and tests can tell them apart: ``config``,
-    ``not_set_up``, ``unreachable``, ``auth``, ``host_key``, ``runtime_missing``, ``timeout``
-    or ``failed``.
+    ``reason`` says which, so callers and tests can tell them apart: ``config`` (an unknown
+    or malformed device), ``not_set_up``, ``unreachable``, ``auth``, ``host_key``,
+    ``runtime_missing``, ``timeout`` or ``failed``.
     """
 
-    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str = "config", hint: str | None = None) -> None:
         self.reason = reason
         super().__init__(message, hint=hint)
 

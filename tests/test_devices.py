@@ -4,6 +4,7 @@ on the local device through it."""
 from __future__ import annotations
 
 import json
+import platform
 import re
 import subprocess
 import sys
@@ -99,7 +100,8 @@ def test_runner_prints_only_its_json_on_stdout(tmp_path):
     completed = _run_runner(sys.executable, str(MLP), "--warmup", "1", "--runs", "4", "--count-marker", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
     result = json.loads(completed.stdout)
-    assert set(result) == {"runtime", "load_ms", "latency_ms", "peak_memory_mb", "arch", "count"}
+    assert set(result) == {"runtime", "load_ms", "first_run_ms", "latency_ms", "peak_memory_mb", "memory", "arch", "cpu",
+                           "count"}
     latency = result["latency_ms"]
     assert latency["runs"] == 4 and latency["min"] <= latency["median"] <= latency["p99"]
     assert result["runtime"]["name"] == "onnxruntime" and result["peak_memory_mb"] > 0
@@ -117,10 +119,13 @@ def test_runner_without_numpy_says_what_to_install(tmp_path):
 def test_local_device_profile_has_the_schema_shape():
     measurement = profile_on_device(get_device("local"), MLP, QUICK)
     assert measurement["schema"] == SCHEMA
-    assert measurement["device"] == {"name": "local", "kind": "local", "arch": measurement["device"]["arch"],
-                                     "cpu": None, "emulated": False}
+    device = measurement["device"]
+    assert (device["name"], device["kind"], device["arch"], device["emulated"]) == ("local", "local", platform.machine(),
+                                                                                   False)
     assert measurement["artifact"]["file"] == "mlp.onnx" and measurement["artifact"]["size_bytes"] == MLP.stat().st_size
-    assert measurement["latency_ms"]["runs"] == 3 and measurement["cost"] is None
+    latency = measurement["latency_ms"]
+    assert latency["runs"] == len(latency["samples"]) == 3 and measurement["cost"] is None
+    assert measurement["memory"]["peak_rss_mb"] == measurement["peak_memory_mb"] > 0
 
 
 def test_artifact_for_a_runtime_the_device_lacks_is_refused(tmp_path):

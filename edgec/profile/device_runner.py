@@ -7,9 +7,10 @@ for ``.onnx``/``.ort``, ai-edge-litert with its default XNNPACK delegate for ``.
 
     python3 device_runner.py model.tflite --warmup 10 --runs 50 --threads 4 --seed 0
 
-On success stdout holds one JSON object with ``runtime``, ``load_ms``, ``latency_ms``,
-``peak_memory_mb``, ``arch`` and ``count`` (the keys of edgec's measurement this side can
-know; edgec adds the artifact and device blocks). Anything the runtimes print goes to
+On success stdout holds one JSON object with ``runtime``, ``load_ms``, ``first_run_ms``,
+``latency_ms``, ``peak_memory_mb``, ``memory``, ``arch``, ``cpu`` and ``count`` (the keys
+of edgec's measurement this side can know, timed as edgec's local profiler times them;
+edgec adds the artifact and device blocks). Anything the runtimes print goes to
 stderr. On failure stdout holds ``{"error": REASON, "message": ...}``, the message also goes
 to stderr, and the exit status is 2 (bad artifact), 3 (runtime missing) or 124 (timeout).
 
@@ -23,6 +24,7 @@ after ``N2`` of those runs by calling close() on a descriptor that cannot exist
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -151,11 +153,13 @@ def random_feeds(inputs: list, seed: int) -> dict:
     return feeds
 
 
-def time_runs(model, feeds: dict, warmup: int, runs: int, budget_s: float | None) -> dict:
-    """``runs`` timed runs after ``warmup`` (or as many as fit in ``budget_s``, at least 3)."""
-    import numpy as np
-
-    for _ in range(warmup):
+def time_runs(model, feeds: dict, warmup: int, runs: int, budget_s: float | None) -> tuple[float, dict]:
+    """The first run's time, apart; then, after the rest of ``warmup`` (which counts the
+    first run), ``runs`` timed runs or as many as fit in ``budget_s`` (at least 3)."""
+    start = time.perf_counter()
+    model.run(feeds)
+    first_ms = (time.perf_counter() - start) * 1e3
+    for _ in range(warmup - 1):
         model.run(feeds)
     times = []
     deadline = None if budget_s is None else time.perf_counter() + budget_s
@@ -163,10 +167,85 @@ def time_runs(model, feeds: dict, warmup: int, runs: int, budget_s: float | None
         start = time.perf_counter()
         model.run(feeds)
         times.append((time.perf_counter() - start) * 1e3)
-    t = np.array(times)
-    return {"warmup": warmup, "runs": len(times), "min": float(t.min()), "median": float(np.median(t)),
-            "mean": float(t.mean()), "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99)),
-            "std": float(t.std())}
+    latency = {"warmup": warmup, **summary(times)}
+    if budget_s is not None:
+        latency["budget_s"] = budget_s
+    return first_ms, latency
+
+
+def summary(samples_ms: list[float]) -> dict:
+    """The ``latency_ms`` statistics of edgec's measurement, with every sample in order."""
+    import numpy as np
+
+    t = np.asarray(samples_ms, dtype=np.float64)
+    return {"runs": len(t), "min": float(t.min()), "median": float(np.median(t)), "mean": float(t.mean()),
+            "p90": float(np.percentile(t, 90)), "p99": float(np.percentile(t, 99)), "std": float(t.std()),
+            "samples": [float(v) for v in t]}
+
+
+@contextlib.contextmanager
+def pinned(threads: int):
+    """Pin this process to ``threads`` CPUs so timings do not migrate between cores; yields
+    the CPUs, or None where the OS cannot pin or there are no more CPUs than threads."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    if threads >= len(allowed):
+        yield None
+        return
+    os.sched_setaffinity(0, allowed[:threads])
+    try:
+        yield allowed[:threads]
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+class PeakMemory:
+    """Peak resident set size while the block runs: Linux's high-water mark (VmHWM), reset
+    through /proc/self/clear_refs before loading so earlier imports do not count; elsewhere
+    the lifetime peak (getrusage), and ``method`` says which."""
+
+    def __enter__(self) -> PeakMemory:
+        self.baseline_mb = _status_mb("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self.method = "VmHWM of /proc/self/status, reset via /proc/self/clear_refs before loading"
+        except OSError:
+            self.method = "getrusage ru_maxrss: peak of the whole process lifetime"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hwm = _status_mb("VmHWM") if self.method.startswith("VmHWM") else None
+        if hwm is not None:
+            self.peak_mb = hwm
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            self.peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+    def to_dict(self) -> dict:
+        return {"peak_rss_mb": self.peak_mb, "rss_before_load_mb": self.baseline_mb, "method": self.method}
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str | None:
+    """The CPU's name as /proc/cpuinfo gives it (x86 only: ARM kernels list part numbers)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def mark() -> None:
@@ -187,22 +266,19 @@ def counted_runs(model, feeds: dict, n1: int, n2: int) -> dict:
     return {"n1": n1, "n2": n2}
 
 
-def peak_memory_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def profile(args: argparse.Namespace) -> dict:
     runtime = runtime_for(args.artifact)
-    start = time.perf_counter()
-    model = load(args.artifact, runtime, args.threads)
-    load_ms = (time.perf_counter() - start) * 1e3
-    feeds = random_feeds(model.inputs, args.seed)
-    latency = time_runs(model, feeds, args.warmup, args.runs, args.budget_s)
-    count = counted_runs(model, feeds, *args.count_runs) if args.count_marker else None
-    return {"runtime": {"name": model.name, "version": model.version, "threads": args.threads},
-            "load_ms": load_ms, "latency_ms": latency, "peak_memory_mb": peak_memory_mb(),
-            "arch": platform.machine(), "count": count}
+    with pinned(args.threads) as cpus, PeakMemory() as memory:
+        start = time.perf_counter()
+        model = load(args.artifact, runtime, args.threads)
+        load_ms = (time.perf_counter() - start) * 1e3
+        feeds = random_feeds(model.inputs, args.seed)
+        first_run_ms, latency = time_runs(model, feeds, args.warmup, args.runs, args.budget_s)
+        count = counted_runs(model, feeds, *args.count_runs) if args.count_marker else None
+    return {"runtime": {"name": model.name, "version": model.version, "threads": args.threads, "pinned_cpus": cpus},
+            "load_ms": load_ms, "first_run_ms": first_run_ms, "latency_ms": latency,
+            "peak_memory_mb": memory.peak_mb, "memory": memory.to_dict(),
+            "arch": platform.machine(), "cpu": cpu_model(), "count": count}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -82,7 +82,8 @@ class Device:
         return self.kind == "emulated"
 
     def summary(self) -> dict[str, Any]:
-        """The ``device`` block of a measurement (see edgec/profile/schema.py)."""
+        """The ``device`` block of a measurement (see edgec/profile/schema.py), as far as the
+        inventory knows it (the runner reports arch and, off emulators, the CPU's name)."""
         return {"name": self.name, "kind": self.kind, "arch": self.arch,
                 "cpu": self.emulation.cpu if self.emulation else None, "emulated": self.emulated}
 

@@ -16,6 +16,8 @@ from edgec.profile.ssh import run_ssh
 from edgec.profile.transport import RUNTIME_OF_SUFFIX, run_local
 
 TRANSPORTS = {"local": run_local, "ssh": run_ssh, "emulated": run_emulated}
+# The measurement's keys the device runner fills in, in the measurement's order.
+_FROM_RUNNER = ("runtime", "load_ms", "first_run_ms", "latency_ms", "peak_memory_mb", "memory")
 
 
 def profile_on_device(device: Device, artifact_path: str | os.PathLike[str], settings: ProfileSettings) -> dict:
@@ -23,22 +25,21 @@ def profile_on_device(device: Device, artifact_path: str | os.PathLike[str], set
     artifact = _checked_artifact(device, Path(artifact_path))
     threads = device.threads if settings.threads is None else settings.threads
     result = TRANSPORTS[device.kind](device, artifact, settings, threads)
+    cpu = device.emulation.cpu if device.emulation else result["cpu"]
     return {
         "schema": SCHEMA,
         "artifact": artifact_summary(artifact),
-        "device": {**device.summary(), "arch": result["arch"]},
-        "runtime": result["runtime"],
-        "load_ms": result["load_ms"],
-        "latency_ms": result["latency_ms"],
-        "peak_memory_mb": result["peak_memory_mb"],
-        "ops": None,
+        "device": {**device.summary(), "arch": result["arch"], "cpu": cpu},
+        **{key: result[key] for key in _FROM_RUNNER},
+        "ops": None,  # the runner gives no per-op breakdown (yet)
         "cost": result.get("cost"),
     }
 
 
 def artifact_summary(artifact: Path) -> dict:
     data = artifact.read_bytes()
-    return {"file": artifact.name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {"file": artifact.name, "path": str(artifact), "size_bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def _checked_artifact(device: Device, artifact: Path) -> Path:
