@@ -29,14 +29,14 @@ DEFAULT_TIMEOUT_S = 600.0
 _HOST = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
 _USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 
-_COMMON_KEYS = {"kind", "description", "arch", "runtimes", "threads", "python", "timeout_s"}
+_COMMON_KEYS = {"kind", "description", "arch", "runtimes", "threads", "timeout_s"}
 _KIND_KEYS = {
-    "local": set(),
-    "ssh": {"host", "user", "port", "key", "known_hosts", "connect_timeout_s"},
+    "local": {"python"},
+    "ssh": {"python", "host", "user", "port", "key", "known_hosts", "connect_timeout_s"},
     "emulated": {"cpu", "root"},
 }
 _REQUIRED_KEYS = {
-    "local": {"kind", "runtimes", "threads"},
+    "local": {"kind", "runtimes"},
     "ssh": {"kind", "arch", "runtimes", "threads", "host", "user", "key"},
     "emulated": {"kind", "arch", "runtimes", "threads", "cpu", "root"},
 }
@@ -72,7 +72,7 @@ class Device:
     runtimes: tuple[str, ...]
     threads: int
     description: str = ""
-    python: str | None = None  # None: this Python (local), "python3" (ssh), the root's (emulated)
+    python: str | None = None  # None: this Python (local), "python3" (ssh); emulated: the root's
     timeout_s: float = DEFAULT_TIMEOUT_S
     ssh: SshAccess | None = None
     emulation: Emulation | None = None
@@ -147,7 +147,7 @@ def _parse(name: str, entry: dict[str, Any], folder: Path, where: _Where) -> Dev
     missing = sorted(_REQUIRED_KEYS[kind] - set(entry))
     if missing:
         raise where.error(f"missing keys {missing}", hint=f"A {kind} device needs {sorted(_REQUIRED_KEYS[kind])}.")
-    threads = _positive_int(entry, "threads", where)
+    threads = _positive_int(entry, "threads", where, _usable_cpus() if kind == "local" else None)
     if kind == "emulated" and threads != 1:
         raise where.error(f"threads is {threads}",
                           hint="Set threads = 1: instruction counts are deterministic only single-threaded.")
@@ -164,6 +164,10 @@ def _parse(name: str, entry: dict[str, Any], folder: Path, where: _Where) -> Dev
         emulation=Emulation(_string(entry, "cpu", where), _path(entry, "root", folder, where))
         if kind == "emulated" else None,
     )
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _ssh(entry: dict[str, Any], folder: Path, where: _Where) -> SshAccess:
