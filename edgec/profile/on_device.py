@@ -16,6 +16,7 @@ from edgec.profile.ssh import run_ssh
 from edgec.profile.transport import RUNTIME_OF_SUFFIX, run_local
 
 TRANSPORTS = {"local": run_local, "ssh": run_ssh, "emulated": run_emulated}
+_NO_OPS = "the device runner takes no per-op breakdown; profile on the local device for one"
 # The measurement's keys the device runner fills in, in the measurement's order.
 _FROM_RUNNER = ("runtime", "load_ms", "first_run_ms", "latency_ms", "peak_memory_mb", "memory")
 
@@ -31,7 +32,7 @@ def profile_on_device(device: Device, artifact_path: str | os.PathLike[str], set
         "artifact": artifact_summary(artifact),
         "device": {**device.summary(), "arch": result["arch"], "cpu": cpu},
         **{key: result[key] for key in _FROM_RUNNER},
-        "ops": None,  # the runner gives no per-op breakdown (yet)
+        "ops": {"unavailable": _NO_OPS} if settings.ops else None,
         "cost": result.get("cost"),
     }
 
