@@ -145,6 +145,7 @@ def build(
     image_std: ImageStdOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random verification inputs.")] = 0,
     profile_device: Annotated[Optional[str], typer.Option("--profile", help="Profile the built artifact on this device (e.g. local); adds 'profile' to report.json and writes report.html.")] = None,
+    devices: Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml naming the --profile device (default: targets/devices.toml).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every pass.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -160,7 +161,7 @@ def build(
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, equalize=equalize,
         equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe),
-        profile_device=profile_device,
+        profile_device=profile_device, devices=str(devices) if devices else None,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgecWarning)
@@ -268,13 +269,13 @@ def profile(
 ) -> None:
     """Measure latency (and where it goes, per op) of ARTIFACTS on a device; write profile.json and report.html."""
     from edgec.outputs import OutputDir
-    from edgec.profile import ProfileSettings, find_device
+    from edgec.profile import ProfileSettings, get_device
     from edgec.profile import profile as run_profile
     from edgec.report import write_json
     from edgec.report.profile import profile_report, render_html
 
     settings = ProfileSettings(warmup=warmup, runs=runs, budget_s=budget_s, threads=threads, ops=ops, seed=seed)
-    target_device = find_device(device, devices)
+    target_device = get_device(device, devices)
     out_dir = OutputDir(output)
     try:
         measurements = []

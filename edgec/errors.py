@@ -75,14 +75,23 @@ class OutputError(EdgecError):
     """The output directory cannot be created or written."""
 
 
-class DeviceError(EdgecError):
-    """A device to profile on is unknown, unreachable or cannot run the artifact."""
-
-
 class VerificationError(EdgecError):
     """The artifact does not reproduce the source model within the tolerance."""
 
     exit_code = 3
+
+
+class DeviceError(EdgecError):
+    """A device entry is malformed, or profiling on a device failed for a reason outside edgec.
+
+    ``reason`` says which, so callers and tests can tell them apart: ``config`` (an unknown
+    or malformed device), ``not_set_up``, ``unreachable``, ``auth``, ``host_key``,
+    ``runtime_missing``, ``timeout`` or ``failed``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "config", hint: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, hint=hint)
 
 
 class InternalError(EdgecError):

@@ -7,11 +7,11 @@ here are noisy, so compare ratios measured side by side, never absolute times ac
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from edgec.profile.device_runner import summary, timed_samples
 from edgec.runtime import Runner
 from edgec.verify import random_inputs
 
@@ -29,9 +29,8 @@ class LatencyStats:
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
-        t = np.asarray(samples_ms, dtype=np.float64)
-        return cls(len(t), float(t.min()), float(np.median(t)), float(t.mean()), float(np.percentile(t, 90)),
-                   float(np.percentile(t, 99)), float(t.std()), tuple(float(v) for v in t))
+        s = summary(samples_ms)
+        return cls(s["runs"], s["min"], s["median"], s["mean"], s["p90"], s["p99"], s["std"], tuple(s["samples"]))
 
     def to_dict(self) -> dict:
         """The ``latency_ms`` entry of a profile measurement (edgec/profile/schema.py)."""
@@ -44,13 +43,7 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
     """Time ``runs`` invocations (or as many as fit in ``budget_s``) after ``warmup`` ones."""
     for _ in range(warmup):
         runner.run(feeds)
-    times = []
-    deadline = None if budget_s is None else time.perf_counter() + budget_s
-    while len(times) < runs and (deadline is None or time.perf_counter() < deadline or len(times) < 3):
-        start = time.perf_counter()
-        runner.run(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    return LatencyStats.from_samples(times)
+    return LatencyStats.from_samples(timed_samples(runner, feeds, runs, budget_s))
 
 
 def compare_latency(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:
