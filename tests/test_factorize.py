@@ -124,6 +124,7 @@ def test_mac_budget_is_respected(reduction, data):
     result = _factorize(proto, _samples() if data else None, mac_reduction=reduction)
     after = summarize(result.model)["macs"]
     assert after <= (1 - reduction) * before
+    assert summarize(result.model)["params"] < summarize(ir.serde.deserialize_model(proto))["params"]
     layers = result.details["layers"]
     assert layers and sum(r["macs"]["before"] - r["macs"]["after"] for r in layers.values()) == before - after
     for record in layers.values():

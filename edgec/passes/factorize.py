@@ -575,7 +575,10 @@ def _replace(graph: ir.Graph, layer: Layer, method: str, factors: Factors) -> li
     new.shape = old.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     take_name(new, old, graph)
+    weight = layer.node.inputs[1]
     graph.remove(layer.node, safe=True)
+    if weight.is_initializer() and not weight.uses() and not weight.is_graph_output():  # unless shared
+        graph.initializers.pop(weight.name)
     return [n.name for n in nodes]
 
 
