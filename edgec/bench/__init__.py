@@ -242,7 +242,7 @@ def _summary(report: dict) -> dict:
         rows = report["factorization"]
         for variant in ("plain", "data_aware"):
             summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in rows])
-            summary[f"factorization_{variant}_top1_drop_worst"] = max(r["top1"]["source"] - r["top1"][variant] for r in rows)
+            summary[f"factorization_{variant}_top1_drop_worst"] = round(max(r["top1"]["source"] - r["top1"][variant] for r in rows), 4)
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
