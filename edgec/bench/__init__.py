@@ -225,13 +225,14 @@ class Bench:
 
 
 def _summary(report: dict) -> dict:
-    trips = [r["edgec_vs_original"] for r in report["round_trip"]]
+    rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results")}
+    trips = [r["edgec_vs_original"] for r in rows["round_trip"]]
     summary = {
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
         "round_trip_worst": max(trips) if trips else None,
-        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["tflite_int8"]]),
-        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["ort_int8"] if "int8_speedup" in r]),
-        "edgec_converts": _converted(report["results"]),
+        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["tflite_int8"]]),
+        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["ort_int8"] if "int8_speedup" in r]),
+        "edgec_converts": _converted(rows["results"]),
     }
     for device in ARM_DEVICES if report["arm_int8_cost"] else ():
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
@@ -269,7 +270,7 @@ def _emulator_ready() -> bool:
     return all(setup_problem(get_device(name).emulation) is None for name in ARM_DEVICES)
 
 
-def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
+def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[str] | None = None) -> dict:
     chosen = [e for e in bench.zoo if not models or e["name"] in models]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
@@ -285,6 +286,9 @@ def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
               "int8_recovery": bench.recovery_row, "arm_int8_cost": bench.arm_cost_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
+        if only and section not in only:
+            report[section] = None
+            continue
         if jobs is None:
             print(f"[{section}] skipped: {SKIPPED_BECAUSE[section]}", flush=True)
             report[section] = None
@@ -304,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="zoo model names (default: all)")
     parser.add_argument("--targets", nargs="*", default=known_targets())
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--sections", nargs="*", help="only these sections (default: all)")
     args = parser.parse_args(argv)
-    report = run(Bench(Path(args.work), args.runs), args.models, args.targets)
+    report = run(Bench(Path(args.work), args.runs), args.models, args.targets, args.sections)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
