@@ -11,6 +11,9 @@ Sections of the JSON:
   with the tensors the precision search kept float.
 * ``int8_recovery``: MobileNetV2 in int8 with and without cross-layer equalization and
   bias correction, on both runtimes: held-out cosine, mean error and top-1.
+* ``arm_int8_cost``: fp32 vs int8 ``.tflite`` (tflite-arm) on the emulated Cortex-A53 and
+  Cortex-A76 devices (``make arm-emulator``): instructions per inference counted by qemu,
+  deterministic where wall time under emulation means nothing; skipped without the emulator.
 * ``factorization``: trained classifiers with 30% fewer MACs by low-rank factorization,
   plain and data-aware (fitted on the calibration split), on ONNX Runtime x86: held-out
   top-1 of the source and of each, and latency against the unfactorized build.
@@ -43,7 +46,8 @@ from edgec.bench import onnx2tf
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
-from edgec.profile import compare_latency
+from edgec.profile import ProfileSettings, compare_latency, get_device, profile
+from edgec.profile.emulator import setup_problem
 from edgec.recipe import Step
 from edgec.report import versions
 from edgec.runtime import open_runner
@@ -54,6 +58,8 @@ from edgec.targets import known_targets
 REPO = Path(__file__).resolve().parents[2]
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
+ARM_TARGET = "tflite-arm"
+ARM_DEVICES = ("emulated-a53", "emulated-a76")  # no dot-product instructions / with them
 RECOVERY_VARIANTS = {
     "neither": {"equalize": False, "bias_correction": False},
     "equalization": {"equalize": True, "equalize_relu6": True, "bias_correction": False},
@@ -165,6 +171,20 @@ class Bench:
                               "top1": output.accuracy_artifact, "top1_agreement": output.top1_agreement}
         return {"model": entry["name"], "target": target, "variants": variants}
 
+    def arm_cost_row(self, entry: dict) -> dict:
+        """Instructions per inference of the fp32 and int8 .tflite on each emulated ARM core."""
+        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": self.edgec_int8(entry, ARM_TARGET).artifacts[0]}
+        settings = ProfileSettings(warmup=1, runs=3, ops=False)
+        devices = {}
+        for device in ARM_DEVICES:
+            cost = {precision: profile(path, device, settings)["cost"] for precision, path in artifacts.items()}
+            devices[device] = {
+                **{p: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for p, c in cost.items()},
+                "int8_vs_fp32_instructions": round(cost["int8"]["instructions"] / cost["fp32"]["instructions"], 3),
+                "int8_vs_fp32_vector": round(cost["int8"]["vector_instructions"] / cost["fp32"]["vector_instructions"], 3),
+            }
+        return {"model": entry["name"], "devices": devices}
+
     def factorization_row(self, entry: dict) -> dict:
         """Plain vs data-aware factorization on ORT x86: top-1 on the whole held-out split
         (the build measures the factorized model against the source) and latency."""
@@ -230,19 +250,23 @@ class Bench:
 
 
 def _summary(report: dict) -> dict:
-    trips = [r["edgec_vs_original"] for r in report["round_trip"]]
+    rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results")}
+    trips = [r["edgec_vs_original"] for r in rows["round_trip"]]
     summary = {
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
         "round_trip_worst": max(trips) if trips else None,
-        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["tflite_int8"]]),
-        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["ort_int8"] if "int8_speedup" in r]),
-        "edgec_converts": _converted(report["results"]),
+        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["tflite_int8"]]),
+        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["ort_int8"] if "int8_speedup" in r]),
+        "edgec_converts": _converted(rows["results"]),
     }
-    if report["factorization"]:
-        rows = report["factorization"]
-        for variant in ("plain", "data_aware"):
-            summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in rows])
-            summary[f"factorization_{variant}_top1_drop_worst"] = round(max(r["top1"]["source"] - r["top1"][variant] for r in rows), 4)
+    for device in ARM_DEVICES if report["arm_int8_cost"] else ():
+        ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
+        summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
+        summary[f"{device}_int8_vs_fp32_instructions_worst"] = max(ratios)
+    for variant in ("plain", "data_aware") if report["factorization"] else ():
+        factorized = report["factorization"]
+        summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in factorized])
+        summary[f"factorization_{variant}_top1_drop_worst"] = round(max(r["top1"]["source"] - r["top1"][variant] for r in factorized), 4)
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
@@ -267,7 +291,15 @@ def _print_row(section: str, row: dict) -> None:
     print(f"[{section}] {json.dumps(brief, default=str)[:200]}", flush=True)
 
 
-def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
+SKIPPED_BECAUSE = {"onnx2tf": "not installed (pip install -e '.[compare]')",
+                   "arm_int8_cost": "no emulated ARM devices (make arm-emulator)"}
+
+
+def _emulator_ready() -> bool:
+    return all(setup_problem(get_device(name).emulation) is None for name in ARM_DEVICES)
+
+
+def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[str] | None = None) -> dict:
     chosen = [e for e in bench.zoo if not models or e["name"] in models]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
@@ -275,16 +307,21 @@ def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
         "tflite_int8": [(e,) for e in chosen if e.get("calib_data")],
         "ort_int8": [(e,) for e in chosen if e.get("calib_data")],
         "int8_recovery": [(e, t) for e in chosen if e["name"] == "mobilenetv2" for t in (ORT_TARGET, TFLITE_TARGET)],
+        "arm_int8_cost": [(e,) for e in chosen if e.get("calib_data")] if _emulator_ready() else None,
         "factorization": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
-              "int8_recovery": bench.recovery_row, "factorization": bench.factorization_row,
+              "int8_recovery": bench.recovery_row, "arm_int8_cost": bench.arm_cost_row,
+              "factorization": bench.factorization_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
+        if only and section not in only:
+            report[section] = None
+            continue
         if jobs is None:
-            print(f"[{section}] skipped: not installed (pip install -e '.[compare]')", flush=True)
+            print(f"[{section}] skipped: {SKIPPED_BECAUSE[section]}", flush=True)
             report[section] = None
             continue
         report[section] = []
@@ -302,8 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="zoo model names (default: all)")
     parser.add_argument("--targets", nargs="*", default=known_targets())
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--sections", nargs="*", help="only these sections (default: all)")
     args = parser.parse_args(argv)
-    report = run(Bench(Path(args.work), args.runs), args.models, args.targets)
+    report = run(Bench(Path(args.work), args.runs), args.models, args.targets, args.sections)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))
