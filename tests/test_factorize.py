@@ -257,3 +257,12 @@ def test_factorization_is_deterministic():
     proto = _net()
     first, second = (to_proto(_factorize(proto, _samples(), mac_reduction=0.3).model).SerializeToString() for _ in range(2))
     assert first == second
+
+
+def test_fits_on_thinned_rows_stay_no_worse_than_plain(monkeypatch):
+    """Layers with many positions are fitted on every k-th im2col row (bounded memory)."""
+    from edgec.passes import factorize
+
+    monkeypatch.setattr(factorize, "MAX_FIT_ROWS", 120)
+    layers = _factorize(_net(), _samples(), mac_reduction=0.3).details["layers"]
+    assert layers and all(r["output_error"]["data_aware"] <= r["output_error"]["plain"] for r in layers.values())

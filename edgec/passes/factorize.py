@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from edgec.activations import activations, capture
+from edgec.activations import activations
 from edgec.analysis import layer_table
 from edgec.errors import RecipeError
 from edgec.graph import add_initializer, attr, constant, static_shape, take_name
@@ -668,10 +668,17 @@ def _factorize_in_order(model: ir.Model, todo: Sequence[tuple[Layer, Candidate]]
     return records
 
 
+MAX_FIT_ROWS = 65536  # im2col rows a layer is fitted on: beyond, every k-th (bounded memory)
+
+
 def _rows(model: ir.Model, node: ir.Node, calibration: Sequence[Sample]) -> np.ndarray:
-    """The node's input on the calibration samples as im2col rows (float64)."""
-    value = node.inputs[0]
-    return patches(node, capture(model, [value], calibration)[value.name]).astype(np.float64)
+    """The node's input on the calibration samples as im2col rows (float64), evenly thinned
+    to at most about :data:`MAX_FIT_ROWS` (the same rows for the same node and samples)."""
+    value, parts = node.inputs[0], []
+    for arrays in activations(model, [value], calibration):
+        rows = patches(node, arrays[value.name])
+        parts.append(rows[:: max(1, math.ceil(len(rows) * len(calibration) / MAX_FIT_ROWS))].astype(np.float64))
+    return np.concatenate(parts)
 
 
 def _asymmetric_fit(layer: Layer, candidate: Candidate, reached: np.ndarray, wanted: np.ndarray) -> Fit:
