@@ -31,12 +31,15 @@ is never worse there.
 multiples of ``round_to`` and cost fewer MACs than the layer (a layer with none is skipped).
 ``rank``: that rank everywhere (``auto``: svd for 1x1 and matrices, tucker2 with r1 = r2
 for KxK). ``energy``: the cheapest candidate keeping that energy. ``layer_reduction``: the
-most accurate candidate saving that share of the layer's MACs. ``mac_reduction``: one
-energy for every layer, the highest that brings the model's MACs down by that share, found
-by bisection. A shared energy spreads the relative error evenly; a greedy "least error per
-MAC saved" across layers would compare errors whose effect on the model's output differs
-from layer to layer, and it is not monotone, while total MACs fall monotonically with the
-energy. ``method=auto`` lets all applicable methods compete in each choice, so a layer gets
+most accurate candidate saving that share of the layer's MACs. ``mac_reduction``: the least
+summed ``ε²`` over the layers within that share of the model's MACs: each layer takes the
+option (as is, or a candidate) minimizing ``ε² + price·MACs``, with the lowest price that
+meets the budget found by bisection — the greedy "least error per MAC saved", made exact on
+each layer's convex hull. A first version gave every layer the same energy; it factorized
+layers that save next to nothing (squeeze-excitation convs of 128 MACs) as hard as the big
+ones, and at 30% fewer MACs held-out top-1 was lower on every digits model (ResNet 0.988 vs
+0.992, MobileNetV3 0.970 vs 0.983, data-aware; plain fits: Keras CNN 0.213 vs 0.967).
+``method=auto`` lets all applicable methods compete in each choice, so a layer gets
 whichever has the lower error at the same MACs.
 """
 
@@ -112,19 +115,31 @@ class FactorizeOptions:
 # Layers as weights, shapes and input statistics
 
 
+def _ridge(features: int, rows: int) -> float:
+    """How much of the identity (relative to C's mean eigenvalue) is added to ``C``: a
+    layer seen on few rows per input (a squeeze-excitation conv at 1x1, a classifier on one
+    row per sample) is fitted mostly to its weights, one seen on many mostly to its data.
+    Without it, 24 photos fitted selfie_segmentation's 96-input SE convs exactly and gave
+    them weights 25 times off."""
+    return max(1e-3, features / rows)
+
+
 @dataclasses.dataclass(frozen=True)
 class InputMoments:
-    """The second moment ``C`` of a layer's im2col rows, as square roots: ``root`` with
-    ``root·rootᵀ = C`` (symmetric; a relative ridge keeps it invertible) and its inverse."""
+    """The second moment ``C`` of a layer's ``rows`` im2col rows plus a ridge
+    (:func:`_ridge`), as square roots: ``root`` with ``root·rootᵀ = C`` (symmetric) and its
+    inverse, and the ridge itself (as a share of ``trace(C)``/features, ``scale``)."""
 
     root: np.ndarray
     inverse_root: np.ndarray
+    ridge: float
 
     @classmethod
-    def of(cls, moment: np.ndarray, ridge: float = 1e-8) -> InputMoments:
+    def of(cls, moment: np.ndarray, rows: int) -> InputMoments:
         values, vectors = np.linalg.eigh(moment)
-        values = np.maximum(values, 0) + ridge * max(values.mean(), 1e-30)
-        return cls((vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T)
+        ridge = _ridge(len(values), rows) * max(values.mean(), 1e-30)
+        values = np.maximum(values, 0) + ridge
+        return cls((vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T, ridge)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -225,7 +240,7 @@ def _with_input_moments(model: ir.Model, layers: Sequence[Layer], batches: Seque
             x = patches(layer.node, values[layer.node.inputs[0].name]).astype(np.float64)
             sums[i] = sums[i] + x.T @ x
             rows[i] += x.shape[0]
-    return [dataclasses.replace(layer, inputs=InputMoments.of(total / n)) for layer, total, n in zip(layers, sums, rows)]
+    return [dataclasses.replace(layer, inputs=InputMoments.of(total / n, n)) for layer, total, n in zip(layers, sums, rows)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,33 +505,41 @@ def _choose(layers: Sequence[Layer], candidates: Mapping[str, list[Candidate]], 
 
 def _within_budget(layers: Sequence[Layer], candidates: Mapping[str, list[Candidate]], reduction: float,
                    model_macs: int) -> tuple[dict[str, Candidate | None], dict[str, Any]]:
-    """The smallest shared error bound (highest energy) whose choices bring the model's MACs
-    to ``(1 − reduction)`` of ``model_macs``; bisection over the candidates' errors."""
+    """The least summed ``ε²`` that brings the model's MACs to ``(1 − reduction)`` of
+    ``model_macs``: each layer takes whichever option — left as is, or a candidate —
+    minimizes ``ε² + price · MACs / model_macs``, and the lowest price meeting the budget is
+    found by bisection (the MACs chosen only fall as the price rises)."""
     original = {layer.node.name: layer.macs for layer in layers}
 
-    def choice(bound: float) -> dict[str, Candidate | None]:
-        return {name: _cheapest(c, bound) for name, c in candidates.items()}
+    def choice(price: float) -> dict[str, Candidate | None]:
+        chosen = {}
+        for name, options in candidates.items():
+            best = min(options, key=lambda c: (c.error + price * c.macs / model_macs, c.macs), default=None)
+            worth = best is not None and best.error + price * best.macs / model_macs < price * original[name] / model_macs
+            chosen[name] = best if worth else None
+        return chosen
 
     def total(chosen: Mapping[str, Candidate | None]) -> int:
         return model_macs - sum(original[n] - c.macs for n, c in chosen.items() if c is not None)
 
     budget = (1 - reduction) * model_macs
-    bounds = sorted({c.error for cs in candidates.values() for c in cs} | {0.0})
-    if total(choice(bounds[-1])) > budget:
-        reachable = 1 - total(choice(bounds[-1])) / model_macs
+    cheapest = {name: min(options, key=lambda c: (c.macs, c.error), default=None) for name, options in candidates.items()}
+    if total(cheapest) > budget:
         raise RecipeError(
             f"Factorization cannot remove {reduction:.1%} of the model's MACs: the layers it may factorize "
-            f"allow at most {reachable:.1%} (grouped/depthwise convs and other ops are left as they are).",
+            f"allow at most {1 - total(cheapest) / model_macs:.1%} (grouped/depthwise convs and other ops are left as they are).",
             hint="Ask for a smaller mac_reduction, lower round_to, or allow more layers/methods.",
         )
-    low, high = 0, len(bounds) - 1  # total(choice(bounds[high])) fits the budget
-    while low < high:
-        middle = (low + high) // 2
-        if total(choice(bounds[middle])) <= budget:
-            high = middle
-        else:
-            low = middle + 1
-    return choice(bounds[high]), {"mac_reduction": reduction, "energy": _rounded(1 - bounds[high])}
+    low, high = 0.0, 1.0
+    while total(choice(high)) > budget:
+        low, high = high, 2 * high
+    for _ in range(BISECTION_STEPS):
+        middle = (low + high) / 2
+        low, high = (low, middle) if total(choice(middle)) <= budget else (middle, high)
+    return choice(high), {"mac_reduction": reduction, "error_price": _rounded(high)}
+
+
+BISECTION_STEPS = 60
 
 
 # ---------------------------------------------------------------------------------------
@@ -684,17 +707,22 @@ def _rows(model: ir.Model, node: ir.Node, calibration: Sequence[Sample]) -> np.n
 def _asymmetric_fit(layer: Layer, candidate: Candidate, reached: np.ndarray, wanted: np.ndarray) -> Fit:
     """The candidate's plain factors, and data-aware ones fitted on the rows that reach the
     layer (svd: whitened by their moments) with the last layer refit to map them onto the
-    original outputs ``wanted``; ``ε²`` of both measured on those rows."""
+    original outputs ``wanted``, held near the weights by the same ridge as the moments
+    (rows of ``√(n·ridge)·I`` asking for ``W`` itself); ``ε²`` of both measured on the data rows."""
     method, ranks = candidate.method, candidate.ranks
-    seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached)))
+    seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached), len(reached)))
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
     start = _svd_whitened(seen, ranks) if method == "svd" else plain
-    features = reached @ _patch_map(start, layer.weight.shape[2:]).T
-    aware = dataclasses.replace(start, last=least_squares(features, wanted).T)
+    kernel = layer.weight.shape[2:]
+    prior = np.sqrt(len(reached) * seen.inputs.ridge) * np.eye(len(layer.matrix.T))
+    inputs, targets = np.vstack([reached, prior]), np.vstack([wanted, prior @ layer.matrix.T])
+    aware = dataclasses.replace(start, last=least_squares(inputs @ _patch_map(start, kernel).T, targets).T)
     reference = max(float(np.sum(wanted ** 2)), 1e-300)
-    plain_output = reached @ (plain.last @ _patch_map(plain, layer.weight.shape[2:])).T
-    errors = {"plain": float(np.sum((plain_output - wanted) ** 2)) / reference,
-              "data_aware": float(np.sum((features @ aware.last.T - wanted) ** 2)) / reference}
+
+    def squared_error(factors: Factors) -> float:
+        return float(np.sum((reached @ (factors.last @ _patch_map(factors, kernel)).T - wanted) ** 2)) / reference
+
+    errors = {"plain": squared_error(plain), "data_aware": squared_error(aware)}
     return Fit(aware if errors["data_aware"] <= errors["plain"] else plain, min(errors.values()), errors)
 
 
