@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import onnx_ir as ir
 
 from edgec.errors import RecipeError
+from edgec.passes.channel_pruning import ChannelPruning, ChannelPruningOptions
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.verify import InputSet
 
@@ -76,8 +77,14 @@ def _equalize(options: Mapping[str, Any], calibration: Calibration) -> ir.passes
     return CrossLayerEqualization(settings.relu6_to_relu, settings.max_iterations)
 
 
+def _prune(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(ChannelPruningOptions, options, "prune")
+    return ChannelPruning(settings, calibration().batches if settings.needs_data else (), "prune")
+
+
 FAMILIES: dict[str, StepFactory] = {
     "equalize": _equalize,
+    "prune": _prune,
 }
 
 
