@@ -126,7 +126,7 @@ class ChannelPruning(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassOutcome:
         graph = ChannelGraph(model.graph)
-        groups = _groups(graph)
+        groups = channel_groups(graph)
         chosen = {id(n) for n in select_layers([s.node for s in graph.sources], self.options.selection, self.step)}
         prunable = [g for g in groups if g.classes and all(id(s.node) in chosen for s in g.sources)]
         details = {"frozen_groups": [{"layers": g.names(), "reasons": g.reasons} for g in groups if not g.classes]}
@@ -136,7 +136,7 @@ class ChannelPruning(ir.passes.InPlacePass):
             return PassOutcome(model, False, {**details, "message": message})
         scores = _scores(graph, prunable, self.options.importance, model, self.batches)
         rate = self.options.rate if self.options.rate is not None else _rate_for_macs(graph, prunable, scores, self.options)
-        removed = _plan(prunable, scores, rate, self.options)
+        removed = _plan(graph, prunable, scores, rate, self.options)
         macs_before = _macs(graph, set())
         macs_after = _macs(graph, removed)
         original = model.clone() if self.options.reconstruct and removed else None
@@ -158,7 +158,7 @@ class ChannelPruning(ir.passes.InPlacePass):
         })
 
 
-def _groups(graph: ChannelGraph) -> list[Group]:
+def channel_groups(graph: ChannelGraph) -> list[Group]:
     """Sources joined through shared classes, with each group's prunable classes."""
     parent = list(range(len(graph.sources)))
 
@@ -219,7 +219,7 @@ def _scores(graph: ChannelGraph, groups: list[Group], importance: str, model: ir
     return scores
 
 
-def _plan(groups: list[Group], scores: dict[int, float], rate: float, options: ChannelPruningOptions) -> set[int]:
+def _plan(graph: ChannelGraph, groups: list[Group], scores: dict[int, float], rate: float, options: ChannelPruningOptions) -> set[int]:
     """The class roots to remove at ``rate``."""
     counts = [g.removable(rate, options.round_to) for g in groups]
     if options.scope == "global":
@@ -228,7 +228,7 @@ def _plan(groups: list[Group], scores: dict[int, float], rate: float, options: C
     for group, count in zip(groups, counts):
         ranked = sorted(group.classes, key=lambda c: (scores[c], c))
         removed.update(ranked[:count])
-    return removed
+    return graph.spare_emptied(removed, lambda c: (scores.get(c, 0.0), c))
 
 
 def _global_counts(groups: list[Group], scores: dict[int, float], rate: float, limits: list[int], round_to: int) -> list[int]:
@@ -259,7 +259,7 @@ def _rate_for_macs(graph: ChannelGraph, groups: list[Group], scores: dict[int, f
     target = options.mac_reduction
 
     def reduction(rate: float) -> float:
-        return 1 - _macs(graph, _plan(groups, scores, rate, options)) / total
+        return 1 - _macs(graph, _plan(graph, groups, scores, rate, options)) / total
 
     highest = 0.95
     if reduction(highest) < target:

@@ -140,6 +140,16 @@ class ChannelGraph:
         roots = np.array([self.find(a) for a in dim.atoms.tolist()], dtype=np.int64)
         return ~np.isin(roots, list(removed)) if removed else np.ones(len(roots), dtype=bool)
 
+    def spare_emptied(self, removed: set[int], priority: Callable[[int], float]) -> set[int]:
+        """``removed`` minus, for each tensor it would leave with no channel at all (a split
+        part, a slice), the class among them that ranks highest by ``priority``."""
+        removed = set(removed)
+        for value, dim in self.dims.items():
+            mask = self.keep(value, removed)
+            if len(mask) and not mask.any():
+                removed.discard(max({self.find(a) for a in dim.atoms.tolist()}, key=priority))
+        return removed
+
     def apply(self, removed: set[int]) -> None:
         """Remove the classes whose roots are ``removed``: constants first, then shapes."""
         keep = {value: self.keep(value, removed) for value in self.dims}
