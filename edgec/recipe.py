@@ -28,6 +28,7 @@ import onnx_ir as ir
 from edgec.errors import RecipeError
 from edgec.passes.channel_pruning import ChannelPruning, ChannelPruningOptions
 from edgec.passes.equalize import CrossLayerEqualization
+from edgec.passes.sparsify import MagnitudeSparsity, SparsifyOptions
 from edgec.verify import InputSet
 
 
@@ -82,9 +83,15 @@ def _prune(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.Pa
     return ChannelPruning(settings, calibration().batches if settings.needs_data else (), "prune")
 
 
+def _sparsify(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(SparsifyOptions, options, "sparsify")
+    return MagnitudeSparsity(settings, calibration().batches if settings.measure else (), "sparsify")
+
+
 FAMILIES: dict[str, StepFactory] = {
     "equalize": _equalize,
     "prune": _prune,
+    "sparsify": _sparsify,
 }
 
 
