@@ -30,3 +30,12 @@ def test_compare_latency_alternates_rounds_and_keeps_the_quietest():
 def test_a_model_converts_only_if_every_row_of_it_did():
     rows = [{"model": "a", "converts": True}, {"model": "a", "converts": False}, {"model": "b", "converts": True}]
     assert _converted(rows) == "1/2"
+
+
+def test_pruning_row_times_pruned_against_unpruned_and_reads_accuracy(tmp_path):
+    bench = Bench(tmp_path, runs=2)
+    row = bench.pruning_row(next(e for e in bench.zoo if e["name"] == "mlp"))
+    assert set(row["latency_ms"]) == {"unpruned", "pruned", "pruned_no_reconstruction", "sparse_50"}
+    assert row["pruned"]["mac_reduction"] >= 0.3 and row["pruned"]["size_bytes"] < row["unpruned"]["size_bytes"]
+    assert row["sparse_50"]["deflated_bytes"] < row["unpruned"]["deflated_bytes"]
+    assert 0.9 < row["pruned"]["top1"] <= 1.0

@@ -11,6 +11,10 @@ Sections of the JSON:
   with the tensors the precision search kept float.
 * ``int8_recovery``: MobileNetV2 in int8 with and without cross-layer equalization and
   bias correction, on both runtimes: held-out cosine, mean error and top-1.
+* ``pruning``: digits classifiers on ORT x86 with 30% of the MACs removed by channel
+  pruning (with and without reconstruction) and with 50% magnitude sparsity: held-out
+  top-1, artifact size raw and deflated (what a zip or an app store download gives), and
+  latency against the unpruned artifact in the same process.
 * ``round_trip``: production ``.tflite`` files taken through tf2onnx to ONNX and back
   through edgec, against the original file.
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
@@ -32,6 +36,7 @@ import json
 import platform
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,7 @@ from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
 from edgec.profile import compare_latency
+from edgec.recipe import Step
 from edgec.report import versions
 from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
@@ -50,6 +56,11 @@ from edgec.targets import known_targets
 REPO = Path(__file__).resolve().parents[2]
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
+PRUNING_VARIANTS = {
+    "pruned": [Step("prune", {"mac_reduction": 0.3})],
+    "pruned_no_reconstruction": [Step("prune", {"mac_reduction": 0.3, "reconstruct": False})],
+    "sparse_50": [Step("sparsify", {"sparsity": 0.5})],
+}
 RECOVERY_VARIANTS = {
     "neither": {"equalize": False, "bias_correction": False},
     "equalization": {"equalize": True, "equalize_relu6": True, "bias_correction": False},
@@ -64,6 +75,10 @@ def _tflite(path: Path) -> LiteRTRunner:
 
 def _ratio(latency: dict, numerator: str, denominator: str) -> float:
     return round(latency[numerator]["best_median_ms"] / latency[denominator]["best_median_ms"], 3)
+
+
+def _deflated(path: Path) -> int:
+    return len(zlib.compress(path.read_bytes(), 9))
 
 
 def _geomean(values: list[float]) -> float | None:
@@ -151,6 +166,24 @@ class Bench:
             "accuracy": {"fp32_source": output.accuracy_source, "int8": output.accuracy_artifact},
         }
 
+    def pruning_row(self, entry: dict) -> dict:
+        """Each of PRUNING_VARIANTS on the held-out split, timed against the unpruned artifact."""
+        data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]), "max_samples": None}
+        unpruned = self.build(entry, ORT_TARGET)[0].artifacts[0]
+        row: dict = {"model": entry["name"], "unpruned": {"size_bytes": unpruned.stat().st_size, "deflated_bytes": _deflated(unpruned)}}
+        runners = {"unpruned": OrtRunner(unpruned, threads=1)}
+        for variant, recipe in PRUNING_VARIANTS.items():
+            result = self.build(entry, ORT_TARGET, variant, recipe=recipe, **data)[0]
+            compression, artifact = result.report["compression"], result.artifacts[0]
+            logits = compression["vs_source"]["outputs"][0]
+            row["top1_source"] = logits["accuracy_source"]
+            row[variant] = {"top1": logits["accuracy_artifact"], "mac_reduction": compression["mac_reduction"],
+                            "size_bytes": artifact.stat().st_size, "deflated_bytes": _deflated(artifact)}
+            runners[variant] = OrtRunner(artifact, threads=1)
+        row["latency_ms"] = compare_latency(runners, self.runs)
+        row["speedup_vs_unpruned"] = {v: _ratio(row["latency_ms"], "unpruned", v) for v in PRUNING_VARIANTS}
+        return row
+
     def recovery_row(self, entry: dict, target: str) -> dict:
         """int8 error with each accuracy-recovery pass on or off (same calibration)."""
         variants = {}
@@ -212,6 +245,8 @@ def _summary(report: dict) -> dict:
         "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["tflite_int8"]]),
         "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["ort_int8"] if "int8_speedup" in r]),
         "edgec_converts": _converted(report["results"]),
+        "pruned_speedup_geomean": _geomean([r["speedup_vs_unpruned"]["pruned"] for r in report["pruning"]]),
+        "pruned_worst_top1_loss": max((round(r["top1_source"] - r["pruned"]["top1"], 4) for r in report["pruning"]), default=None),
     }
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
@@ -245,11 +280,12 @@ def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
         "tflite_int8": [(e,) for e in chosen if e.get("calib_data")],
         "ort_int8": [(e,) for e in chosen if e.get("calib_data")],
         "int8_recovery": [(e, t) for e in chosen if e["name"] == "mobilenetv2" for t in (ORT_TARGET, TFLITE_TARGET)],
+        "pruning": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
-              "int8_recovery": bench.recovery_row,
+              "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
         if jobs is None:
