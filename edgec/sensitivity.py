@@ -31,14 +31,15 @@ def sensitivity(model: ir.Model, samples: InputSet, calibration: InputSet, rates
     """Per prunable group and rate: MACs removed and the output error it causes alone.
 
     ``samples`` measure the error (labels give the top-1 drop); ``calibration`` feeds
-    activation importance and reconstruction."""
+    activation importance and reconstruction. Channels are counted one by one (``round_to``
+    1) so the curves show the group's own sensitivity."""
     reference = run_all(_runner(model), samples.batches)
     groups = channel_groups(ChannelGraph(model.graph))
     rows = []
     for group in (g for g in groups if g.classes):
         curve = []
         for rate in rates:
-            options = ChannelPruningOptions(rate=rate, importance=importance, reconstruct=reconstruct,
+            options = ChannelPruningOptions(rate=rate, importance=importance, reconstruct=reconstruct, round_to=1,
                                             include=[glob.escape(name) for name in group.names()])
             result = ChannelPruning(options, calibration.batches if options.needs_data else (), "sensitivity")(model.clone())
             macs = result.details["macs"]

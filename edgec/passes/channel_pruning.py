@@ -54,9 +54,12 @@ class ChannelPruningOptions:
 
     rate: float | None = None
     mac_reduction: float | None = None
-    importance: str = "activation"
+    importance: str = "l2"
     scope: str = "local"
-    round_to: int = 1
+    # Kept counts are multiples of this: ORT's x86 conv kernels block channels by 8, and
+    # MobileNetV2 pruned to odd counts ran 2.3x *slower* than unpruned (0.52 vs 0.23 ms),
+    # 1.35x faster with multiples of 8.
+    round_to: int = 8
     reconstruct: bool = True
     op_types: Sequence[str] = ()
     include: Sequence[str] = ()
@@ -135,8 +138,11 @@ class ChannelPruning(ir.passes.InPlacePass):
             warnings.warn(f"Step '{self.step}': {message}.", EdgecWarning, stacklevel=2)
             return PassOutcome(model, False, {**details, "message": message})
         scores = _scores(graph, prunable, self.options.importance, model, self.batches)
-        rate = self.options.rate if self.options.rate is not None else _rate_for_macs(graph, prunable, scores, self.options)
-        removed = _plan(graph, prunable, scores, rate, self.options)
+        if self.options.rate is None:
+            counts, rate = _counts_for_macs(graph, prunable, scores, self.options)
+        else:
+            rate, counts = self.options.rate, _counts(prunable, scores, self.options.rate, self.options)
+        removed = _removal(graph, prunable, scores, counts)
         macs_before = _macs(graph, set())
         macs_after = _macs(graph, removed)
         original = model.clone() if self.options.reconstruct and removed else None
@@ -219,15 +225,21 @@ def _scores(graph: ChannelGraph, groups: list[Group], importance: str, model: ir
     return scores
 
 
-def _plan(graph: ChannelGraph, groups: list[Group], scores: dict[int, float], rate: float, options: ChannelPruningOptions) -> set[int]:
-    """The class roots to remove at ``rate``."""
+def _counts(groups: list[Group], scores: dict[int, float], rate: float, options: ChannelPruningOptions) -> list[int]:
+    """How many classes each group loses at ``rate``."""
     counts = [g.removable(rate, options.round_to) for g in groups]
     if options.scope == "global":
         counts = _global_counts(groups, scores, rate, counts, options.round_to)
-    removed: set[int] = set()
-    for group, count in zip(groups, counts):
-        ranked = sorted(group.classes, key=lambda c: (scores[c], c))
-        removed.update(ranked[:count])
+    return counts
+
+
+def _ranked(group: Group, scores: dict[int, float]) -> list[int]:
+    return sorted(group.classes, key=lambda c: (scores[c], c))
+
+
+def _removal(graph: ChannelGraph, groups: list[Group], scores: dict[int, float], counts: list[int]) -> set[int]:
+    """The class roots to remove: each group's ``count`` least important."""
+    removed = {c for group, count in zip(groups, counts) for c in _ranked(group, scores)[:count]}
     return graph.spare_emptied(removed, lambda c: (scores.get(c, 0.0), c))
 
 
@@ -253,26 +265,51 @@ def _global_counts(groups: list[Group], scores: dict[int, float], rate: float, l
     return result
 
 
-def _rate_for_macs(graph: ChannelGraph, groups: list[Group], scores: dict[int, float], options: ChannelPruningOptions) -> float:
-    """The smallest rate whose plan removes at least ``mac_reduction`` of the MACs."""
+def _counts_for_macs(graph: ChannelGraph, groups: list[Group], scores: dict[int, float],
+                     options: ChannelPruningOptions) -> tuple[list[int], float]:
+    """Counts that remove at least ``mac_reduction`` of the MACs, and the rate they start from.
+
+    The largest rate short of the target is found by bisection on exact MAC counts; then,
+    since ``round_to`` makes a rate step move every group by a whole block at once, blocks
+    are added one group at a time, until the target is met: the least important block
+    (relative to its group) among those that reach it, else the one losing the least
+    importance per MAC saved. Without that step, 30% asked for
+    gave up to 60% on small nets.
+    """
     total = _macs(graph, set())
-    target = options.mac_reduction
 
-    def reduction(rate: float) -> float:
-        return 1 - _macs(graph, _plan(graph, groups, scores, rate, options)) / total
+    def reduction(counts: list[int]) -> float:
+        return 1 - _macs(graph, _removal(graph, groups, scores, counts)) / total
 
-    highest = 0.95
-    if reduction(highest) < target:
+    caps = _counts(groups, scores, 0.999999, options)
+    if reduction(caps) < options.mac_reduction:
         raise RecipeError(
-            f"Pruning can remove at most {reduction(highest):.1%} of the MACs here, not {target:.0%}: "
+            f"Pruning can remove at most {reduction(caps):.1%} of the MACs here, not {options.mac_reduction:.0%}: "
             "the other layers are frozen or excluded.",
-            hint="Lower mac_reduction, or see the frozen groups with `edgec analyze --sensitivity`.",
+            hint="Lower mac_reduction or round_to, or see the frozen groups with `edgec analyze --sensitivity`.",
         )
-    low, high = 0.0, highest
-    for _ in range(20):
+    low, high = 0.0, 0.999999
+    for _ in range(16):
         middle = (low + high) / 2
-        low, high = (low, middle) if reduction(middle) >= target else (middle, high)
-    return high
+        low, high = (low, middle) if reduction(_counts(groups, scores, middle, options)) >= options.mac_reduction else (middle, high)
+    counts = _counts(groups, scores, low, options)
+    while (now := reduction(counts)) < options.mac_reduction:
+        options_ = [(cost, reduction(after), after) for cost, after in _next_blocks(groups, scores, counts, caps, options.round_to)]
+        enough = [o for o in options_ if o[1] >= options.mac_reduction]
+        counts = min(enough, key=lambda o: (o[1], o[0]))[2] if enough else min(options_, key=lambda o: o[0] / max(o[1] - now, 1e-12))[2]
+    return counts, low
+
+
+def _next_blocks(groups: list[Group], scores: dict[int, float], counts: list[int], caps: list[int], round_to: int):
+    """Per group that can lose one more ``round_to`` block: (the block's importance relative
+    to its group's mean channel, the counts after removing it)."""
+    for index, (group, count, cap) in enumerate(zip(groups, counts, caps)):
+        kept = group.channels - count
+        after = min(cap, group.channels - max((kept - 1) // round_to * round_to, 0))
+        if after > count:
+            ranked = _ranked(group, scores)
+            mean = np.mean([scores[c] for c in ranked]) or 1.0
+            yield float(np.sum([scores[c] for c in ranked[count:after]]) / mean), [*counts[:index], after, *counts[index + 1:]]
 
 
 def _macs(graph: ChannelGraph, removed: set[int]) -> int:
