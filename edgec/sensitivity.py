@@ -21,7 +21,7 @@ from edgec.model import to_bytes
 from edgec.passes.channel_pruning import ChannelPruning, ChannelPruningOptions, channel_groups
 from edgec.passes.channels import ChannelGraph
 from edgec.runtime.ort import OrtRunner
-from edgec.verify import InputSet, run_all
+from edgec.verify import InputSet, cosine, run_all
 
 DEFAULT_RATES = (0.1, 0.2, 0.3, 0.5, 0.7)
 
@@ -63,10 +63,9 @@ def _error(reference: dict[str, np.ndarray], pruned: dict[str, np.ndarray], labe
     first output when ``labels`` are given."""
     errors, cosines = [], []
     for name, want in reference.items():
-        got = pruned[name].astype(np.float64).ravel()
-        want = want.astype(np.float64).ravel()
+        got, want = pruned[name].astype(np.float64), want.astype(np.float64)
         errors.append(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
-        cosines.append(got @ want / max(np.linalg.norm(got) * np.linalg.norm(want), 1e-12))
+        cosines.append(cosine(want, got))
     result = {"relative_error": round(float(max(errors)), 6), "cosine": round(float(min(cosines)), 6)}
     first = next(iter(reference))
     if labels is not None and reference[first].ndim == 3:  # [batches, batch, classes]
