@@ -230,7 +230,10 @@ def test_reconstruction_brings_outputs_closer_to_the_original():
 @pytest.mark.parametrize("options, message", [
     ({"rate": 1.0}, "rate must be a number in"),
     ({"rate": -0.1}, "rate must be a number in"),
-    ({"rate": 0.2, "mac_reduction": 0.2}, "exactly one of"),
+    ({"rate": 0.2, "mac_reduction": 0.2}, "either rate"),
+    ({}, "either rate"),
+    ({"rates": {"Conv_*": 1.5}}, r"rates\['Conv_\*'\] must be a number"),
+    ({"rates": {"Conv_*": 0.5}, "scope": "global"}, "exclude each other"),
     ({"rate": 0.2, "importance": "l3"}, "importance must be one of"),
     ({"rate": 0.2, "colour": 1}, "has no option"),
 ])
@@ -239,10 +242,19 @@ def test_bad_options_are_recipe_errors(options, message):
         make_passes([Step("prune", options)], _calibration)
 
 
+def test_per_layer_rates_override_the_default_rate():
+    model = ir.serde.deserialize_model(_residual_net())
+    names = [n.name for n in model.graph if n.op_type == "Conv"]
+    (prune,) = make_passes([Step("prune", {"rate": 0.25, "rates": {names[1]: 0.5}, "round_to": 1, "reconstruct": False})], _calibration)
+    groups = {tuple(g["layers"]): g["removed"] for g in prune(model).details["groups"]}
+    assert groups == {(names[0], names[2]): 4, (names[1],): 8}  # residual stream at 0.25, inner conv at 0.5
+
+
 def test_unknown_layer_names_are_errors():
-    (prune,) = make_passes([Step("prune", {"rate": 0.2, "exclude": ["no_such_conv*"]})], _calibration)
-    with pytest.raises(RecipeError, match="matches none"):
-        prune(ir.serde.deserialize_model(_residual_net()))
+    for options in ({"rate": 0.2, "exclude": ["no_such_conv*"]}, {"rates": {"no_such_conv*": 0.2}}):
+        (prune,) = make_passes([Step("prune", options)], _calibration)
+        with pytest.raises(RecipeError, match="matches none"):
+            prune(ir.serde.deserialize_model(_residual_net()))
 
 
 def test_unreachable_mac_target_is_an_error():

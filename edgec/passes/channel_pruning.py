@@ -23,8 +23,9 @@ this pass decides which go and makes the model work without them:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -48,11 +49,14 @@ RIDGE = 1e-3  # relative ridge of the re-fit, pulling toward the pruned weights
 @dataclasses.dataclass(frozen=True)
 class ChannelPruningOptions:
     """``rate``: fraction of each group's channels removed (or of all channels with
-    ``scope="global"``); ``mac_reduction`` instead: fraction of the MACs to remove (the rate
-    is searched). Layers to prune are chosen by ``op_types``/``include``/``exclude`` (a group
-    is pruned when all its layers are chosen)."""
+    ``scope="global"``), overridden per group by ``rates`` (layer-name pattern → rate, e.g.
+    from ``edgec analyze --sensitivity``; the first pattern matching one of a group's layers
+    wins); ``mac_reduction`` instead: fraction of the MACs to remove (the rate is searched).
+    Layers to prune are chosen by ``op_types``/``include``/``exclude`` (a group is pruned
+    when all its layers are chosen)."""
 
     rate: float | None = None
+    rates: Mapping[str, float] = dataclasses.field(default_factory=dict)
     mac_reduction: float | None = None
     importance: str = "l2"
     scope: str = "local"
@@ -66,10 +70,12 @@ class ChannelPruningOptions:
     exclude: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        if (self.rate is None) == (self.mac_reduction is None):
-            raise ValueError("give exactly one of rate and mac_reduction")
-        for name in ("rate", "mac_reduction"):
-            value = getattr(self, name)
+        if (self.rate is None and not self.rates) == (self.mac_reduction is None):
+            raise ValueError("give either rate (and/or rates) or mac_reduction")
+        if self.rates and self.scope == "global":
+            raise ValueError("per-layer rates and scope='global' exclude each other")
+        values = {"rate": self.rate, "mac_reduction": self.mac_reduction, **{f"rates['{k}']": v for k, v in self.rates.items()}}
+        for name, value in values.items():
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value < 1):
                 raise ValueError(f"{name} must be a number in [0, 1), not {value!r}")
         if self.importance not in IMPORTANCE:
@@ -138,10 +144,13 @@ class ChannelPruning(ir.passes.InPlacePass):
             warnings.warn(f"Step '{self.step}': {message}.", EdgecWarning, stacklevel=2)
             return PassOutcome(model, False, {**details, "message": message})
         scores = _scores(graph, prunable, self.options.importance, model, self.batches)
-        if self.options.rate is None:
+        if self.options.mac_reduction is not None:
             counts, rate = _counts_for_macs(graph, prunable, scores, self.options)
         else:
-            rate, counts = self.options.rate, _counts(prunable, scores, self.options.rate, self.options)
+            rate = self.options.rate or 0.0
+            counts = _counts(prunable, scores, rate, self.options)
+            if self.options.rates:
+                counts = [g.removable(r, self.options.round_to) for g, r in zip(prunable, self._group_rates(graph, prunable))]
         removed = _removal(graph, prunable, scores, counts)
         macs_before = _macs(graph, set())
         macs_after = _macs(graph, removed)
@@ -162,6 +171,18 @@ class ChannelPruning(ir.passes.InPlacePass):
             **details,
             "reconstruction": refits,
         })
+
+
+    def _group_rates(self, graph: ChannelGraph, groups: list[Group]) -> list[float]:
+        """Each group's rate: that of the first ``rates`` pattern naming one of its layers."""
+        sources = [s.node for s in graph.sources]
+        for pattern in self.options.rates:  # a pattern naming no layer is a typo: an error
+            select_layers(sources, LayerSelection(include=[pattern]), self.step)
+        chosen = []
+        for group in groups:
+            matching = (r for p, r in self.options.rates.items() if any(fnmatch.fnmatchcase(n, p) for n in group.names()))
+            chosen.append(next(matching, self.options.rate or 0.0))
+        return chosen
 
 
 def channel_groups(graph: ChannelGraph) -> list[Group]:
