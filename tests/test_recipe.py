@@ -52,7 +52,7 @@ def test_missing_recipe_file(tmp_path):
 
 def test_unknown_step_and_unknown_option_name_the_known_ones():
     with pytest.raises(RecipeError, match="Known steps: .*equalize"):
-        make_passes([Step("sparsify")], lambda: None)
+        make_passes([Step("distill")], lambda: None)
     with pytest.raises(RecipeError, match="no option.*iterations.*max_iterations"):
         make_passes([Step("equalize", {"iterations": 3})], lambda: None)
 
