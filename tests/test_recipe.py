@@ -95,11 +95,11 @@ def test_build_runs_the_recipe_and_verifies_against_the_compressed_model(tmp_pat
 
 def test_cli_recipe_errors_leave_nothing_behind(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[step]]\npass = "sparsify"\n')
+    recipe.write_text('[[step]]\npass = "distill"\n')
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["build", str(_relu_chain(tmp_path)), "-t", "ort-x86", "-o", str(out), "--recipe", str(recipe)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "Unknown compression step 'sparsify'" in " ".join(result.output.split())
+    assert "Unknown compression step 'distill'" in " ".join(result.output.split())
     assert listing(out) == []
 
 
