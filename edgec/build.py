@@ -33,7 +33,7 @@ from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
-from edgec.profile import compare_latency
+from edgec.profile import Device, ProfileSettings, compare_latency, get_device, profile
 from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
@@ -82,6 +82,9 @@ class BuildOptions:
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
     # Compression passes run after canonicalization (pruning, factorization...; see edgec.recipe)
     recipe: Sequence[Step] = ()
+    profile_device: str | Device | None = None  # profile the artifact on this device (report "profile" + report.html)
+    devices: str | None = None  # device inventory file that names profile_device (targets/devices.toml otherwise)
+    profile_settings: ProfileSettings | None = None  # how; the target's threads and defaults otherwise
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
@@ -110,6 +113,8 @@ def build(
     options = options or BuildOptions()
     progress = progress or SilentProgress()
     target = target if isinstance(target, Target) else load_target(target)
+    if isinstance(options.profile_device, str):  # an unknown device fails before the build
+        options = dataclasses.replace(options, profile_device=get_device(options.profile_device, options.devices))
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
@@ -148,9 +153,25 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     report["precision"] = precision
     report.update(extra)
     files = {**lowered.files, **compressed}
+    if options.profile_device:
+        with progress.stage(f"Profiling {lowered.primary} on {options.profile_device.name}"):
+            report["profile"], files["report.html"] = _profile(lowered, target, options, out.path)
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
+
+
+def _profile(lowered: Lowered, target: Target, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
+    """Measure the primary artifact on the asked device: the measurement and its report.html."""
+    from edgec.report.profile import profile_report, render_html
+
+    settings = options.profile_settings or ProfileSettings(threads=target.threads, seed=options.seed)
+    with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
+        path = Path(tmp) / lowered.primary
+        path.write_bytes(lowered.files[lowered.primary])
+        measurement = profile(path, options.profile_device, settings)
+    measurement["artifact"]["path"] = str(out_dir / lowered.primary)
+    return measurement, render_html(profile_report([measurement], settings)).encode()
 
 
 def canonicalize(

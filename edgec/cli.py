@@ -1,4 +1,4 @@
-"""The ``edgec`` command line: build, verify, inspect, targets.
+"""The ``edgec`` command line: build, verify, profile, inspect, targets.
 
 Errors a user can cause are printed as one paragraph on stderr (no traceback) with a
 non-zero exit code; ``--debug`` shows the traceback for bug reports.
@@ -146,6 +146,8 @@ def build(
     image_mean: ImageMeanOpt = None,
     image_std: ImageStdOpt = None,
     seed: Annotated[int, typer.Option(help="Seed for random verification inputs.")] = 0,
+    profile_device: Annotated[Optional[str], typer.Option("--profile", help="Profile the built artifact on this device (e.g. local); adds 'profile' to report.json and writes report.html.")] = None,
+    devices: Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml naming the --profile device (default: targets/devices.toml).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show every pass.")] = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -161,6 +163,7 @@ def build(
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, equalize=equalize,
         equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, prune, sparsify),
+        profile_device=profile_device, devices=str(devices) if devices else None,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", EdgecWarning)
@@ -174,6 +177,8 @@ def build(
     _print_artifacts(result)
     _print_compression(result.report.get("compression"))
     _print_verification(result.verification.to_dict())
+    if "profile" in result.report:
+        _print_profile([result.report["profile"]])
     out.print(f"Report: [bold]{result.report_path}[/]", highlight=False)
 
 
@@ -249,6 +254,87 @@ def verify(
         _print_verification(result)
     if not result["passed"]:
         raise typer.Exit(3)
+
+
+@app.command()
+@_handles_errors
+def profile(
+    artifacts: Annotated[list[Path], typer.Argument(help="Artifacts to measure (.tflite, .onnx, .ort).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device to measure on.")] = "local",
+    devices: Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs (at most, with --budget-s).")] = 50,
+    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 10,
+    budget_s: Annotated[Optional[float], typer.Option("--budget-s", min=0.0, help="Stop timing after this many seconds (at least 3 runs).")] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads (default: the device's CPUs).")] = None,
+    ops: Annotated[bool, typer.Option("--ops/--no-ops", help="Per-op breakdown with the runtime's profiler.")] = True,
+    seed: Annotated[int, typer.Option(help="Seed for the random inputs.")] = 0,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for profile.json and report.html.")] = Path("build/profile"),
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure latency (and where it goes, per op) of ARTIFACTS on a device; write profile.json and report.html."""
+    from edgec.outputs import OutputDir
+    from edgec.profile import ProfileSettings, get_device
+    from edgec.profile import profile as run_profile
+    from edgec.report import write_json
+    from edgec.report.profile import profile_report, render_html
+
+    settings = ProfileSettings(warmup=warmup, runs=runs, budget_s=budget_s, threads=threads, ops=ops, seed=seed)
+    target_device = get_device(device, devices)
+    out_dir = OutputDir(output)
+    try:
+        measurements = []
+        for artifact in artifacts:
+            with err.status(f"Profiling {artifact.name} on {device}"):
+                measurements.append(run_profile(artifact, target_device, settings))
+        report = profile_report(measurements, settings)
+        files = {"report.html": render_html(report).encode(), "profile.json": write_json(report)}
+        written = out_dir.commit(files, last="profile.json")
+    except BaseException:
+        out_dir.discard()
+        raise
+    if as_json:
+        out.print_json(data=report)
+        return
+    _print_profile(measurements)
+    out.print(f"Report: [bold]{written[0]}[/], [bold]{written[1]}[/]", highlight=False)
+
+
+def _print_profile(measurements: list[dict]) -> None:
+    """Stats with one column per measurement (fits a terminal for a few artifacts), then top ops."""
+    from edgec.report.profile import labels
+
+    names = labels(measurements)
+    table = Table("", title="Latency (ms)", title_justify="left")
+    for m, name in zip(measurements, names):
+        device = m["device"]["name"] + (" (emulated)" if m["device"]["emulated"] else "")
+        table.add_column(f"{name}\n{device}", justify="right")
+    for row, cell in _PROFILE_ROWS:
+        table.add_row(row, *(cell(m) for m in measurements))
+    out.print(table)
+    for m, name in zip(measurements, names):
+        ops = m.get("ops") or {}
+        if ops.get("by_type"):
+            top = ", ".join(f"{t['op']} {t['ms']:.3g} ms ({t['share'] * 100:.0f}%)" for t in ops["by_type"][:5])
+            out.print(f"Top ops, {name}: {top}", highlight=False, soft_wrap=True)
+        elif "unavailable" in ops:
+            out.print(f"No per-op breakdown for {name}: {ops['unavailable']}", highlight=False, soft_wrap=True)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+_PROFILE_ROWS = [
+    ("runtime", lambda m: f"{m['runtime']['name']} {m['runtime']['version']}"),
+    ("threads", lambda m: str(m["runtime"]["threads"])),
+    ("load", lambda m: _number(m.get("load_ms"))),
+    *((key, lambda m, key=key: _number(m["latency_ms"][key])) for key in ("median", "min", "mean", "p90", "p99", "std")),
+    ("runs", lambda m: str(m["latency_ms"]["runs"])),
+    ("peak RSS MB", lambda m: _number(m.get("peak_memory_mb"))),
+    ("ops total", lambda m: _number((m.get("ops") or {}).get("total_ms"))),
+    ("unaccounted", lambda m: f"{m['ops']['unaccounted_share'] * 100:.1f}%" if (m.get("ops") or {}).get("unaccounted_share") is not None else "-"),
+]
 
 
 @app.command()

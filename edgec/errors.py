@@ -81,6 +81,19 @@ class VerificationError(EdgecError):
     exit_code = 3
 
 
+class DeviceError(EdgecError):
+    """A device entry is malformed, or profiling on a device failed for a reason outside edgec.
+
+    ``reason`` says which, so callers and tests can tell them apart: ``config`` (an unknown
+    or malformed device), ``not_set_up``, ``unreachable``, ``auth``, ``host_key``,
+    ``runtime_missing``, ``timeout`` or ``failed``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "config", hint: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, hint=hint)
+
+
 class InternalError(EdgecError):
     """A pass or backend failed in a way no user input should cause: a bug in edgec."""
 

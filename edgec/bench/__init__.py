@@ -15,6 +15,9 @@ Sections of the JSON:
   pruning (with and without reconstruction) and with 50% magnitude sparsity: held-out
   top-1, artifact size raw and deflated (what a zip or an app store download gives), and
   latency against the unpruned artifact in the same process.
+* ``arm_int8_cost``: fp32 vs int8 ``.tflite`` (tflite-arm) on the emulated Cortex-A53 and
+  Cortex-A76 devices (``make arm-emulator``): instructions per inference counted by qemu,
+  deterministic where wall time under emulation means nothing; skipped without the emulator.
 * ``round_trip``: production ``.tflite`` files taken through tf2onnx to ONNX and back
   through edgec, against the original file.
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
@@ -47,6 +50,8 @@ from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
 from edgec.profile import compare_latency
 from edgec.recipe import Step
+from edgec.profile import ProfileSettings, compare_latency, get_device, profile
+from edgec.profile.emulator import setup_problem
 from edgec.report import versions
 from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
@@ -61,6 +66,8 @@ PRUNING_VARIANTS = {
     "pruned_no_reconstruction": [Step("prune", {"mac_reduction": 0.3, "reconstruct": False})],
     "sparse_50": [Step("sparsify", {"sparsity": 0.5})],
 }
+ARM_TARGET = "tflite-arm"
+ARM_DEVICES = ("emulated-a53", "emulated-a76")  # no dot-product instructions / with them
 RECOVERY_VARIANTS = {
     "neither": {"equalize": False, "bias_correction": False},
     "equalization": {"equalize": True, "equalize_relu6": True, "bias_correction": False},
@@ -193,6 +200,20 @@ class Bench:
                               "top1": output.accuracy_artifact, "top1_agreement": output.top1_agreement}
         return {"model": entry["name"], "target": target, "variants": variants}
 
+    def arm_cost_row(self, entry: dict) -> dict:
+        """Instructions per inference of the fp32 and int8 .tflite on each emulated ARM core."""
+        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": self.edgec_int8(entry, ARM_TARGET).artifacts[0]}
+        settings = ProfileSettings(warmup=1, runs=3, ops=False)
+        devices = {}
+        for device in ARM_DEVICES:
+            cost = {precision: profile(path, device, settings)["cost"] for precision, path in artifacts.items()}
+            devices[device] = {
+                **{p: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for p, c in cost.items()},
+                "int8_vs_fp32_instructions": round(cost["int8"]["instructions"] / cost["fp32"]["instructions"], 3),
+                "int8_vs_fp32_vector": round(cost["int8"]["vector_instructions"] / cost["fp32"]["vector_instructions"], 3),
+            }
+        return {"model": entry["name"], "devices": devices}
+
     def round_trip_row(self, entry: dict) -> dict:
         edgec_fp32 = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
         original = REPO / "models" / entry["original_tflite"]
@@ -238,16 +259,21 @@ class Bench:
 
 
 def _summary(report: dict) -> dict:
-    trips = [r["edgec_vs_original"] for r in report["round_trip"]]
+    rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results", "pruning")}
+    trips = [r["edgec_vs_original"] for r in rows["round_trip"]]
     summary = {
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
         "round_trip_worst": max(trips) if trips else None,
-        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["tflite_int8"]]),
-        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in report["ort_int8"] if "int8_speedup" in r]),
-        "edgec_converts": _converted(report["results"]),
-        "pruned_speedup_geomean": _geomean([r["speedup_vs_unpruned"]["pruned"] for r in report["pruning"]]),
-        "pruned_worst_top1_loss": max((round(r["top1_source"] - r["pruned"]["top1"], 4) for r in report["pruning"]), default=None),
+        "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["tflite_int8"]]),
+        "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["ort_int8"] if "int8_speedup" in r]),
+        "edgec_converts": _converted(rows["results"]),
+        "pruned_speedup_geomean": _geomean([r["speedup_vs_unpruned"]["pruned"] for r in rows["pruning"]]),
+        "pruned_worst_top1_loss": max((round(r["top1_source"] - r["pruned"]["top1"], 4) for r in rows["pruning"]), default=None),
     }
+    for device in ARM_DEVICES if report["arm_int8_cost"] else ():
+        ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
+        summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
+        summary[f"{device}_int8_vs_fp32_instructions_worst"] = max(ratios)
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
@@ -272,7 +298,15 @@ def _print_row(section: str, row: dict) -> None:
     print(f"[{section}] {json.dumps(brief, default=str)[:200]}", flush=True)
 
 
-def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
+SKIPPED_BECAUSE = {"onnx2tf": "not installed (pip install -e '.[compare]')",
+                   "arm_int8_cost": "no emulated ARM devices (make arm-emulator)"}
+
+
+def _emulator_ready() -> bool:
+    return all(setup_problem(get_device(name).emulation) is None for name in ARM_DEVICES)
+
+
+def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[str] | None = None) -> dict:
     chosen = [e for e in bench.zoo if not models or e["name"] in models]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
@@ -281,15 +315,20 @@ def run(bench: Bench, models: list[str] | None, targets: list[str]) -> dict:
         "ort_int8": [(e,) for e in chosen if e.get("calib_data")],
         "int8_recovery": [(e, t) for e in chosen if e["name"] == "mobilenetv2" for t in (ORT_TARGET, TFLITE_TARGET)],
         "pruning": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
+        "arm_int8_cost": [(e,) for e in chosen if e.get("calib_data")] if _emulator_ready() else None,
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row,
+              "int8_recovery": bench.recovery_row, "arm_int8_cost": bench.arm_cost_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
+        if only and section not in only:
+            report[section] = None
+            continue
         if jobs is None:
-            print(f"[{section}] skipped: not installed (pip install -e '.[compare]')", flush=True)
+            print(f"[{section}] skipped: {SKIPPED_BECAUSE[section]}", flush=True)
             report[section] = None
             continue
         report[section] = []
@@ -307,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="zoo model names (default: all)")
     parser.add_argument("--targets", nargs="*", default=known_targets())
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--sections", nargs="*", help="only these sections (default: all)")
     args = parser.parse_args(argv)
-    report = run(Bench(Path(args.work), args.runs), args.models, args.targets)
+    report = run(Bench(Path(args.work), args.runs), args.models, args.targets, args.sections)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))

@@ -24,6 +24,9 @@ of any real board; ``cost`` is what compares variants there.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
 
 SCHEMA = "edgec.profile/1"
 
@@ -39,3 +42,9 @@ class ProfileSettings:
     threads: int | None = None
     ops: bool = True  # collect a per-op breakdown where the runtime supports it
     seed: int = 0  # random inputs are drawn from this seed
+
+
+def describe_artifact(path: Path) -> dict[str, Any]:
+    """The measurement's ``artifact`` entry: which file, exactly (its hash)."""
+    content = path.read_bytes()
+    return {"file": path.name, "path": str(path), "size_bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}

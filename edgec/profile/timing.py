@@ -7,11 +7,11 @@ here are noisy, so compare ratios measured side by side, never absolute times ac
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from edgec.profile.device_runner import summary, timed_samples
 from edgec.runtime import Runner
 from edgec.verify import random_inputs
 
@@ -25,9 +25,17 @@ class LatencyStats:
     p90_ms: float
     p99_ms: float
     std_ms: float
+    samples_ms: tuple[float, ...] = ()  # every timed run, in order, for distributions
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> LatencyStats:
+        s = summary(samples_ms)
+        return cls(s["runs"], s["min"], s["median"], s["mean"], s["p90"], s["p99"], s["std"], tuple(s["samples"]))
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The ``latency_ms`` entry of a profile measurement (edgec/profile/schema.py)."""
+        return {"runs": self.runs, "min": self.min_ms, "median": self.median_ms, "mean": self.mean_ms,
+                "p90": self.p90_ms, "p99": self.p99_ms, "std": self.std_ms, "samples": list(self.samples_ms)}
 
 
 def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, runs: int = 50,
@@ -35,15 +43,7 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
     """Time ``runs`` invocations (or as many as fit in ``budget_s``) after ``warmup`` ones."""
     for _ in range(warmup):
         runner.run(feeds)
-    times = []
-    deadline = None if budget_s is None else time.perf_counter() + budget_s
-    while len(times) < runs and (deadline is None or time.perf_counter() < deadline or len(times) < 3):
-        start = time.perf_counter()
-        runner.run(feeds)
-        times.append((time.perf_counter() - start) * 1e3)
-    t = np.array(times)
-    return LatencyStats(len(t), float(t.min()), float(np.median(t)), float(t.mean()),
-                        float(np.percentile(t, 90)), float(np.percentile(t, 99)), float(t.std()))
+    return LatencyStats.from_samples(timed_samples(runner, feeds, runs, budget_s))
 
 
 def compare_latency(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:

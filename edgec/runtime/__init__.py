@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 from edgec.errors import ModelLoadError
 from edgec.runtime.base import Runner, TensorSpec
 
-__all__ = ["Runner", "TensorSpec", "open_runner", "RUNNERS"]
+__all__ = ["Runner", "TensorSpec", "artifact_path", "import_runtime", "open_runner", "RUNNERS"]
 
 
 def _ort(path: Path, threads: int, options: dict) -> Runner:
@@ -25,17 +26,28 @@ def _litert(path: Path, threads: int, options: dict) -> Runner:
 
 # File suffix → runner factory. Imports are deferred: each runtime is heavy to import.
 RUNNERS = {".onnx": _ort, ".ort": _ort, ".tflite": _litert}
+_MODULES = {_ort: "edgec.runtime.ort", _litert: "edgec.runtime.litert"}
 
 
-def open_runner(path: str | os.PathLike[str], threads: int = 1, options: dict | None = None) -> Runner:
-    """Open an artifact with the runner its file type calls for."""
+def import_runtime(path: str | os.PathLike[str]) -> None:
+    """Import the runtime ``path`` needs now, so a timed model load does not include it."""
+    importlib.import_module(_MODULES[RUNNERS[artifact_path(path).suffix]])
+
+
+def artifact_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a file some runner handles; a ModelLoadError saying why not otherwise."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"No such artifact: '{path}'.", hint="Check the path.")
-    factory = RUNNERS.get(path.suffix)
-    if factory is None:
+    if path.suffix not in RUNNERS:
         raise ModelLoadError(
             f"'{path.name}' has suffix '{path.suffix}', which no runner handles.",
             hint=f"edgec runs {', '.join(sorted(RUNNERS))} files.",
         )
-    return factory(path, threads, options or {})
+    return path
+
+
+def open_runner(path: str | os.PathLike[str], threads: int = 1, options: dict | None = None) -> Runner:
+    """Open an artifact with the runner its file type calls for."""
+    path = artifact_path(path)
+    return RUNNERS[path.suffix](path, threads, options or {})

@@ -43,12 +43,17 @@ def session_options(threads: int, optimization: str = "all") -> ort.SessionOptio
 class OrtRunner(Runner):
     runtime = "onnxruntime"
 
-    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, optimization: str = "all"):
+    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, optimization: str = "all",
+                 profile_prefix: str | None = None):
+        """``profile_prefix``: turn on ORT's profiler, which writes its trace to
+        ``<profile_prefix>_<date>.json`` when ``session.end_profiling()`` is called."""
         source = model if isinstance(model, bytes) else str(model)
+        options = session_options(threads, optimization)
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         try:
-            self.session = ort.InferenceSession(
-                source, session_options(threads, optimization), providers=["CPUExecutionProvider"]
-            )
+            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise ModelLoadError(
                 f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}",

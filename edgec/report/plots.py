@@ -1,0 +1,79 @@
+"""Plots of profile measurements as inline SVG text (no files, no external references).
+
+matplotlib's Agg backend, a fixed SVG hash salt and no date metadata make the same
+measurements give the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # after choosing the backend
+
+_STYLE = {"svg.hashsalt": "edgec", "svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False}
+_EMULATED = "#b0b0b0"
+_MEASURED = "#3b6ea8"
+MAX_TYPES = 12
+
+
+def _svg(fig) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    plt.close(fig)
+    text = buffer.getvalue()
+    return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG sits inside HTML
+
+
+def latency_distribution(labels: Sequence[str], samples: Sequence[Sequence[float]], emulated: Sequence[bool]) -> str:
+    """One horizontal box per measurement (whiskers 1st–99th percentile), runs as dots."""
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.0))
+        positions = range(len(labels), 0, -1)
+        ax.boxplot(samples, positions=list(positions), orientation="horizontal", whis=(1, 99), showfliers=False, widths=0.55)
+        for y, runs, emu in zip(positions, samples, emulated):
+            offsets = [((i * 0.618) % 1 - 0.5) * 0.3 for i in range(len(runs))]  # deterministic jitter
+            ax.scatter(runs, [y + o for o in offsets], s=5, alpha=0.5, color=_EMULATED if emu else _MEASURED)
+        ax.set_yticks(list(positions), [f"{label} (emulated)" if emu else label for label, emu in zip(labels, emulated)])
+        medians = sorted(sorted(runs)[len(runs) // 2] for runs in samples)
+        if medians[0] > 0 and medians[-1] / medians[0] > 20:  # sub-ms and many-ms models side by side
+            ax.set_xscale("log")
+            ax.set_xlabel("latency per inference (ms, log scale)")
+        else:
+            ax.set_xlabel("latency per inference (ms)")
+            ax.set_xlim(left=0)
+        return _svg(fig)
+
+
+def ops_by_type(by_type: Sequence[dict[str, Any]], median_ms: float, unaccounted_ms: float) -> str:
+    """Time per op type (largest first), and the end-to-end share no op accounts for."""
+    rows = list(by_type[:MAX_TYPES])
+    rest = sum(r["ms"] for r in by_type[MAX_TYPES:])
+    names = [r["op"] for r in rows] + (["(other types)"] if rest > 0 else []) + ["(unaccounted)"]
+    values = [r["ms"] for r in rows] + ([rest] if rest > 0 else []) + [max(unaccounted_ms, 0.0)]
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(names) + 1.0))
+        colors = [_MEASURED] * (len(names) - 1) + [_EMULATED]
+        ax.barh(range(len(names), 0, -1), values, color=colors)
+        ax.set_yticks(range(len(names), 0, -1), names)
+        ax.set_xlabel(f"ms per inference (end-to-end median {median_ms:.3g} ms)")
+        return _svg(fig)
+
+
+def comparison(artifacts: Sequence[str], devices: Sequence[str], value: dict[tuple[str, str], float], unit: str) -> str:
+    """Grouped bars: one group per artifact, one bar per device."""
+    width = 0.8 / max(len(devices), 1)
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 3.2))
+        for d, device in enumerate(devices):
+            xs = [a + d * width for a, artifact in enumerate(artifacts) if (artifact, device) in value]
+            ys = [value[(artifact, device)] for artifact in artifacts if (artifact, device) in value]
+            ax.bar(xs, ys, width=width, label=device)
+        ax.set_xticks([a + 0.4 - width / 2 for a in range(len(artifacts))], artifacts, rotation=20, ha="right")
+        ax.set_ylabel(unit)
+        ax.legend(frameon=False)
+        return _svg(fig)
