@@ -121,6 +121,16 @@ def test_concat_keeps_offsets():
     assert shapes(pruned)[cat] == [1, 5, 8, 8]
 
 
+def test_concat_with_a_constant_block_and_along_another_axis():
+    b = GraphBuilder()
+    h = conv(b, X, 3, 4)
+    cat = b.op("Concat", [h, b.weight(1, 2, 8, 8)], axis=1)  # two constant channels after the four
+    tall = b.op("Concat", [cat, b.weight(1, 6, 2, 8)], axis=2)  # more rows: a per-channel constant
+    out = conv(b, tall, 6, 2)
+    pruned, _ = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}))
+    assert shapes(pruned)[cat] == [1, 4, 8, 8] and shapes(pruned)[tall] == [1, 4, 10, 8]
+
+
 def test_split_and_slice_on_the_channel_axis():
     b = GraphBuilder()
     h = conv(b, X, 3, 8)

@@ -418,6 +418,13 @@ def _concat_propagate(node: ir.Node, graph: ChannelGraph) -> None:
     _broadcast_propagate(node, graph)
 
 
+def _concat_prune(node: ir.Node, edit: Edit) -> None:
+    """Along the concat axis only shapes change; along another, constants are sliced."""
+    dim = edit.dims.get(node.outputs[0])
+    if dim is not None and dim.axis != normalize_axes([attr(node, "axis")], len(node.outputs[0].shape))[0]:
+        _broadcast_prune(node, edit)
+
+
 def _split_sizes(node: ir.Node, length: int) -> list[int] | None:
     sizes = _input_or_attr_list(node, 1, "split")
     if sizes is not None:
@@ -601,7 +608,7 @@ RULES: dict[str, ChannelRule] = {
     "InstanceNormalization": ChannelRule(_per_channel_propagate, _per_channel_prune),
     "Transpose": ChannelRule(_transpose_propagate),
     **{op: ChannelRule(_reduce_propagate) for op in ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum")},
-    "Concat": ChannelRule(_concat_propagate, _broadcast_prune),
+    "Concat": ChannelRule(_concat_propagate, _concat_prune),
     "Split": ChannelRule(_split_propagate, _split_prune),
     "Slice": ChannelRule(_slice_propagate, _slice_prune),
     "Pad": ChannelRule(_pad_propagate, _pad_prune),
