@@ -85,7 +85,7 @@ def test_depthwise_conv_follows_its_producer():
     h = conv(b, X, 3, 8, k=1)
     d = b.op("Relu", [conv(b, h, 8, 8, group=8)])
     out = conv(b, d, 8, 4, k=1)
-    pruned, groups = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}))
+    pruned, _ = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}))
     assert shapes(pruned)[d] == [1, 4, 8, 8]
     dw = next(n for n in pruned.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute))
     assert [a.i for a in dw.attribute if a.name == "group"] == [4]
@@ -117,7 +117,7 @@ def test_concat_keeps_offsets():
     b = GraphBuilder()
     cat = b.op("Concat", [conv(b, X, 3, 4), conv(b, X, 3, 6)], axis=1)
     out = conv(b, cat, 10, 2)
-    pruned, groups = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}))
+    pruned, _ = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}))
     assert shapes(pruned)[cat] == [1, 5, 8, 8]
 
 
@@ -160,7 +160,7 @@ def test_nhwc_graph_through_transposes_prelu_and_reduce_mean():
     mixed = b.op("MatMul", [act, b.weight(8, 6)])
     pooled = b.op("ReduceMean", [b.op("Add", [mixed, b.weight(6)])], axes=[1, 2], keepdims=0)
     out = b.op("Gemm", [pooled, b.weight(6, 3)])
-    pruned, groups = prune_some(b.model({X: [1, 8, 8, 3]}, {out: None}), fraction=0.25)
+    pruned, _ = prune_some(b.model({X: [1, 8, 8, 3]}, {out: None}), fraction=0.25)
     assert shapes(pruned)[act] == [1, 8, 8, 6] and shapes(pruned)[pooled] == [1, 5]
 
 

@@ -48,10 +48,9 @@ from edgec.bench import onnx2tf
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
-from edgec.profile import compare_latency
-from edgec.recipe import Step
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
 from edgec.profile.emulator import setup_problem
+from edgec.recipe import Step
 from edgec.report import versions
 from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
@@ -320,8 +319,7 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
-              "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row,
-              "int8_recovery": bench.recovery_row, "arm_int8_cost": bench.arm_cost_row,
+              "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():
         if only and section not in only:

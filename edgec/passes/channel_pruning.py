@@ -275,7 +275,7 @@ def _global_counts(groups: list[Group], scores: dict[int, float], rate: float, l
     ranked.sort()
     total = sum(len(g.classes) for g in groups)
     counts = [0] * len(groups)
-    for _, index in ranked[: int(round(rate * total))]:
+    for _, index in ranked[: round(rate * total)]:
         counts[index] += 1
     result = []
     for group, count in zip(groups, counts):
@@ -349,7 +349,7 @@ def _macs(graph: ChannelGraph, removed: set[int]) -> int:
         in_keep = graph.keep(node.inputs[0], removed)
         if in_keep is not None and attr(node, "group", 1) == 1:
             fraction *= in_keep.mean()
-        total += int(round(macs * fraction))
+        total += round(macs * fraction)
     return total
 
 

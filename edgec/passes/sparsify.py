@@ -184,7 +184,7 @@ class MagnitudeSparsity(ir.passes.InPlacePass):
             return {node: _n_of_m(node, w, n, m) for node, w in dense.items()}
         if self.options.scope == "global":
             magnitudes = np.sort(np.concatenate([np.abs(w).ravel() for w in dense.values()]))
-            count = int(round(self.options.sparsity * magnitudes.size))
+            count = round(self.options.sparsity * magnitudes.size)
             threshold = magnitudes[count - 1] if count else -1.0
             return {node: np.where(np.abs(w) <= threshold, 0, w).astype(w.dtype) for node, w in dense.items()}
         return {node: _smallest_zeroed(w, self.options.sparsity) for node, w in dense.items()}
@@ -201,7 +201,7 @@ def _reasons(skipped: list[dict]) -> str:
 
 def _smallest_zeroed(weight: np.ndarray, sparsity: float) -> np.ndarray:
     """``weight`` with its ``sparsity`` fraction of smallest |values| set to zero (ties by position)."""
-    count = int(round(sparsity * weight.size))
+    count = round(sparsity * weight.size)
     flat = weight.ravel().copy()
     flat[np.argsort(np.abs(flat), kind="stable")[:count]] = 0
     return flat.reshape(weight.shape)
