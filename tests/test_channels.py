@@ -142,6 +142,18 @@ def test_split_and_slice_on_the_channel_axis():
     assert (shapes(pruned)[left][1], shapes(pruned)[right][1], shapes(pruned)[tail][1]) == (1, 4, 4)
 
 
+def test_equal_split_gets_explicit_sizes_and_shared_constants_are_copied():
+    b = GraphBuilder()
+    bias = b.weight(8)
+    h = b.op("Conv", [X, b.weight(8, 3, 1, 1), bias])
+    shared = b.op("Conv", [X, b.weight(8, 3, 1, 1), bias])  # same bias initializer, other channels kept
+    left, right = b.op("Split", [h], n_out=2, axis=1)
+    out = b.op("Concat", [conv(b, left, 4, 2), conv(b, right, 4, 2), shared], axis=1)
+    pruned, _ = prune_some(b.model({X: [1, 3, 8, 8]}, {out: None}), fraction=0.25)
+    assert (shapes(pruned)[left][1], shapes(pruned)[right][1]) == (2, 4)
+    assert sorted(onnx.numpy_helper.to_array(t).shape[0] for t in pruned.graph.initializer if t.name in (bias, f"{bias}_pruned")) == [6, 8]
+
+
 def test_flatten_to_gemm_removes_a_block_of_columns_per_channel():
     b = GraphBuilder()
     h = b.op("MaxPool", [b.op("Relu", [conv(b, X, 3, 6)])], kernel_shape=[2, 2], strides=[2, 2])

@@ -182,15 +182,17 @@ class Edit:
             self.set_constant(node, index, np.compress(mask, constant(node.inputs[index]), axis=axis))
 
     def set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
-        """New data for a constant input; a constant shared with other nodes is copied."""
-        value = node.inputs[index]
+        """New data for a constant input (added if missing); a constant shared with other
+        nodes is copied, and dropped once no node reads it any more."""
+        value = node.inputs[index] if index < len(node.inputs) else None
         if value is not None and value.is_initializer() and len(value.uses()) == 1 and not value.is_graph_output():
             replace_initializer_data(value, array)
-        else:
-            hint = value.name if value is not None else f"{node.name}_{index}"
-            if index >= len(node.inputs):
-                node.resize_inputs(index + 1)
-            node.replace_input_with(index, add_initializer(self.graph, array, f"{hint}_pruned"))
+            return
+        if index >= len(node.inputs):
+            node.resize_inputs(index + 1)
+        node.replace_input_with(index, add_initializer(self.graph, array, f"{value.name if value else node.name}_pruned"))
+        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            self.graph.initializers.pop(value.name)
 
 
 @dataclasses.dataclass(frozen=True)
