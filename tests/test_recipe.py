@@ -16,6 +16,11 @@ from edgec.errors import RecipeError
 from edgec.recipe import Step, load_recipe, make_passes, options_from, parse_step
 
 
+def test_parse_step_keeps_commas_inside_tables_and_strings():
+    step = parse_step("prune", "rates={'conv1' = 0.2, 'block.*' = 0.5},note='a,b',round_to=4")
+    assert step.options == {"rates": {"conv1": 0.2, "block.*": 0.5}, "note": "a,b", "round_to": 4}
+
+
 def test_parse_step_reads_toml_literals_and_bare_words():
     step = parse_step("prune", "rate=0.3, round_to=8,exclude=['fc', 'head'],method=l1,global=true")
     assert step == Step("prune", {"rate": 0.3, "round_to": 8, "exclude": ["fc", "head"], "method": "l1", "global": True})
