@@ -139,6 +139,8 @@ def build(
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="int8: correct biases for the mean shift weight rounding causes; default: when it lowers the simulated int8 error on --calib data.")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of [[step]] tables (pass = \"...\" plus options), run after canonicalization; the artifact is verified against the compressed model.")] = None,
     factorize: Annotated[Optional[list[str]], typer.Option("--factorize", help="Low-rank factorization step, e.g. mac_reduction=0.3 or energy=0.9,method=tucker2 (options: see README). Repeatable; runs after --recipe's steps.")] = None,
+    prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Remove whole channels, e.g. \"mac_reduction=0.3\" or \"rate=0.25,importance=l1,exclude=['conv1']\" (options: see README); re-fits the layers after on --calib data. Repeatable, runs after --recipe.")] = None,
+    sparsify: Annotated[Optional[list[str]], typer.Option("--sparsify", help="Zero the smallest weights, e.g. \"sparsity=0.5\", \"pattern=2:4\" or \"sparsity=0.7,scope=global\" (smaller zipped files; no speed-up on ORT or TFLite). Repeatable, runs after --prune.")] = None,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,
@@ -161,7 +163,7 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, equalize=equalize,
-        equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, factorize),
+        equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, factorize, prune, sparsify),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
     with warnings.catch_warnings(record=True) as caught:
@@ -181,11 +183,16 @@ def build(
     out.print(f"Report: [bold]{result.report_path}[/]", highlight=False)
 
 
-def compose_recipe(recipe_file: Path | None, factorize: list[str] | None = None) -> list:
-    """The build's compression steps: the recipe file's, in file order, then each --factorize."""
+def compose_recipe(recipe_file: Path | None, factorize: list[str] | None = None, prune: list[str] | None = None,
+                   sparsify: list[str] | None = None) -> list:
+    """The build's compression steps: the recipe file's, in file order, then the options'."""
     from edgec.recipe import load_recipe, parse_step
 
-    return (load_recipe(recipe_file) if recipe_file else []) + [parse_step("factorize", t) for t in factorize or ()]
+    steps = load_recipe(recipe_file) if recipe_file else []
+    steps += [parse_step("factorize", text) for text in factorize or ()]
+    steps += [parse_step("prune", text) for text in prune or ()]
+    steps += [parse_step("sparsify", text) for text in sparsify or ()]
+    return steps
 
 
 def _print_compression(compression: dict | None) -> None:
@@ -366,6 +373,62 @@ def _print_summary(s: dict) -> None:
     out.print(table)
     if s["macs_unknown_layers"]:
         err.print(f"[yellow]note:[/] MACs unknown for {len(s['macs_unknown_layers'])} layer(s) with dynamic shapes; pin them with --input-shape.")
+
+
+@app.command()
+@_handles_errors
+def analyze(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to analyze.")],
+    sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Prune each channel group alone at several rates and measure the output error / top-1 drop.")] = False,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for sensitivity.json and sensitivity.png.")] = Path("analysis"),
+    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Samples the error is measured on (.npz with optional 'label', .npy, image folder); --calib's otherwise.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples for activation importance and reconstruction; --inputs' otherwise.")] = None,
+    rates: Annotated[str, typer.Option(help="Comma-separated pruning rates to try per group.")] = "0.1,0.2,0.3,0.5,0.7",
+    importance: Annotated[str, typer.Option(help="Channel importance: l1, l2 or activation.")] = "l1",
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Re-fit the layers after each pruned group (slower; what `build --prune` does).")] = False,
+    max_samples: Annotated[int, typer.Option(help="Use at most this many batches of each data set.")] = 64,
+    input_shape: InputShapeOpt = None,
+    image_range: ImageRangeOpt = None,
+    image_mean: ImageMeanOpt = None,
+    image_std: ImageStdOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Analyses that help choose compression settings (for now: --sensitivity)."""
+    from edgec.build import canonicalize
+    from edgec.errors import RecipeError
+    from edgec.model import load
+    from edgec.outputs import OutputDir
+    from edgec.report import write_json
+    from edgec.runtime import TensorSpec
+    from edgec.sensitivity import plot, sensitivity as measure
+    from edgec.verify import load_inputs
+
+    if not sensitivity:
+        raise RecipeError("Choose an analysis.", hint="Pass --sensitivity.")
+    if inputs is None and calib is None:
+        raise InputDataError("--sensitivity needs real samples.", hint="Pass --inputs (labeled .npz gives the top-1 drop) and/or --calib.")
+    canonical, _ = canonicalize(load(model), parse_input_shapes(input_shape))
+    specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in canonical.graph.inputs]
+    images = parse_image_preprocess(image_range, image_mean, image_std)
+    samples = load_inputs(inputs or calib, specs, limit=max_samples, images=images)
+    calibration = load_inputs(calib, specs, limit=max_samples, images=images) if calib else samples
+    report = measure(canonical, samples, calibration, _floats(rates, "--rates"), importance, reconstruct)
+    files = {"sensitivity.png": plot(report), "sensitivity.json": write_json(report)}
+    OutputDir(output).commit(files, last="sensitivity.json")
+    if as_json:
+        out.print_json(data=report)
+        return
+    table = Table("group", "channels", *(f"rate {r:g}" for r in report["rates"]), title="Sensitivity: " + (
+        "top-1 drop" if report["samples"]["labeled"] else "relative output error") + " (MACs removed)", title_justify="left")
+    key = "top1_drop" if report["samples"]["labeled"] else "relative_error"
+    for group in report["groups"]:
+        name = group["layers"][0] + (f" +{len(group['layers']) - 1}" if len(group["layers"]) > 1 else "")
+        table.add_row(name, str(group["channels"]), *(f"{p[key]:.3g} ({p['mac_reduction']:.1%})" for p in group["curve"]))
+    out.print(table)
+    if report["frozen_groups"]:
+        err.print(f"[yellow]note:[/] {len(report['frozen_groups'])} group(s) cannot be pruned; reasons in {output / 'sensitivity.json'}.")
+    out.print(f"Report: [bold]{output / 'sensitivity.json'}[/], plot: [bold]{output / 'sensitivity.png'}[/]", highlight=False)
 
 
 @app.command()

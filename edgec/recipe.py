@@ -17,7 +17,6 @@ each other and of where their options came from.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -26,8 +25,10 @@ from typing import Any, TypeVar
 import onnx_ir as ir
 
 from edgec.errors import RecipeError
+from edgec.passes.channel_pruning import ChannelPruning, ChannelPruningOptions
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.factorize import Factorize, FactorizeOptions
+from edgec.passes.sparsify import MagnitudeSparsity, SparsifyOptions
 from edgec.verify import InputSet
 
 
@@ -82,9 +83,21 @@ def _factorize(options: Mapping[str, Any], calibration: Calibration) -> ir.passe
     return Factorize(settings, calibration().batches[: settings.samples] if settings.data_aware else None)
 
 
+def _prune(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(ChannelPruningOptions, options, "prune")
+    return ChannelPruning(settings, calibration().batches if settings.needs_data else (), "prune")
+
+
+def _sparsify(options: Mapping[str, Any], calibration: Calibration) -> ir.passes.PassBase:
+    settings = options_from(SparsifyOptions, options, "sparsify")
+    return MagnitudeSparsity(settings, calibration().batches if settings.measure else (), "sparsify")
+
+
 FAMILIES: dict[str, StepFactory] = {
     "equalize": _equalize,
     "factorize": _factorize,
+    "prune": _prune,
+    "sparsify": _sparsify,
 }
 
 
@@ -102,8 +115,22 @@ def make_passes(steps: Sequence[Step], calibration: Calibration) -> list[ir.pass
     return passes
 
 
-# A comma outside quotes and brackets: "a=1,b=[2,3],c='x,y'" splits into three pairs.
-_TOP_LEVEL_COMMA = re.compile(r""",(?=(?:[^'"]*['"][^'"]*['"])*[^'"]*$)(?![^\[]*\])""")
+def _top_level_pairs(text: str) -> list[str]:
+    """Split at commas outside quotes, [lists] and {tables}: "a=1,b=[2,3],c={x=1,y=2}" → 3."""
+    pairs, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            pairs.append(text[start:i])
+            start = i + 1
+    return [*pairs, text[start:]]
 
 
 def parse_step(name: str, text: str) -> Step:
@@ -113,7 +140,7 @@ def parse_step(name: str, text: str) -> Step:
     is not one is taken as a string, so ``method=svd`` works without quotes.
     """
     options: dict[str, Any] = {}
-    for pair in filter(None, (p.strip() for p in _TOP_LEVEL_COMMA.split(text.strip()))):
+    for pair in filter(None, (p.strip() for p in _top_level_pairs(text.strip()))):
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--{name} '{text}': '{pair}' is not of the form key=value.",

@@ -41,3 +41,12 @@ def test_factorization_row_reports_accuracy_and_latency_of_both_fits(tmp_path):
     assert min(row["mac_reduction"].values()) >= 0.3
     assert row["top1"]["source"] == pytest.approx(next(e for e in bench.zoo if e["name"] == "mlp")["metrics"]["top1"], abs=1e-6)
     assert row["top1"]["data_aware"] >= row["top1"]["plain"]
+
+
+def test_pruning_row_times_pruned_against_unpruned_and_reads_accuracy(tmp_path):
+    bench = Bench(tmp_path, runs=2)
+    row = bench.pruning_row(next(e for e in bench.zoo if e["name"] == "mlp"))
+    assert set(row["latency_ms"]) == {"unpruned", "pruned", "pruned_no_reconstruction", "sparse_50"}
+    assert row["pruned"]["mac_reduction"] >= 0.3 and row["pruned"]["size_bytes"] < row["unpruned"]["size_bytes"]
+    assert row["sparse_50"]["deflated_bytes"] < row["unpruned"]["deflated_bytes"]
+    assert 0.9 < row["pruned"]["top1"] <= 1.0

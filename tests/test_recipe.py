@@ -16,6 +16,11 @@ from edgec.errors import RecipeError
 from edgec.recipe import Step, load_recipe, make_passes, options_from, parse_step
 
 
+def test_parse_step_keeps_commas_inside_tables_and_strings():
+    step = parse_step("prune", "rates={'conv1' = 0.2, 'block.*' = 0.5},note='a,b',round_to=4")
+    assert step.options == {"rates": {"conv1": 0.2, "block.*": 0.5}, "note": "a,b", "round_to": 4}
+
+
 def test_parse_step_reads_toml_literals_and_bare_words():
     step = parse_step("prune", "rate=0.3, round_to=8,exclude=['fc', 'head'],method=l1,global=true")
     assert step == Step("prune", {"rate": 0.3, "round_to": 8, "exclude": ["fc", "head"], "method": "l1", "global": True})
@@ -52,7 +57,7 @@ def test_missing_recipe_file(tmp_path):
 
 def test_unknown_step_and_unknown_option_name_the_known_ones():
     with pytest.raises(RecipeError, match="Known steps: .*equalize"):
-        make_passes([Step("sparsify")], lambda: None)
+        make_passes([Step("distill")], lambda: None)
     with pytest.raises(RecipeError, match="no option.*iterations.*max_iterations"):
         make_passes([Step("equalize", {"iterations": 3})], lambda: None)
 
@@ -95,11 +100,11 @@ def test_build_runs_the_recipe_and_verifies_against_the_compressed_model(tmp_pat
 
 def test_cli_recipe_errors_leave_nothing_behind(tmp_path):
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[[step]]\npass = "sparsify"\n')
+    recipe.write_text('[[step]]\npass = "distill"\n')
     out = tmp_path / "out"
     result = CliRunner().invoke(app, ["build", str(_relu_chain(tmp_path)), "-t", "ort-x86", "-o", str(out), "--recipe", str(recipe)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "Unknown compression step 'sparsify'" in " ".join(result.output.split())
+    assert "Unknown compression step 'distill'" in " ".join(result.output.split())
     assert listing(out) == []
 
 

@@ -4,6 +4,8 @@ determinism of builds, and target files."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -104,6 +106,21 @@ def test_builds_are_deterministic(tmp_path):
         for a, b in zip(first.artifacts, second.artifacts):
             assert a.read_bytes() == b.read_bytes(), a.name
         assert first.report_path.read_bytes() == second.report_path.read_bytes()
+
+
+def test_ort_builds_are_identical_across_processes(tmp_path):
+    """ORT's NCHWc layout pass (ort-x86, level "all") names and orders the nodes it adds, and
+    its .ort writer lays out its kernel table, differently in every process (pointer-keyed
+    maps under address randomization); edgec writes both in one canonical form."""
+    model = REPO / "models" / "mobilenetv3.onnx"
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, "-m", "edgec", "build", str(model), "-t", "ort-x86", "-o", str(tmp_path / name)],
+                       check=True, capture_output=True)
+    for file in ("mobilenetv3.onnx", "mobilenetv3.ort", "report.json"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes(), file
+    onnx_runner, ort_runner = (open_runner(tmp_path / "a" / f"mobilenetv3.{fmt}") for fmt in ("onnx", "ort"))
+    feeds = random_inputs(onnx_runner.inputs).batches[0]
+    np.testing.assert_array_equal(onnx_runner.run(feeds)["logits"], ort_runner.run(feeds)["logits"])
 
 
 def test_report_records_passes_io_and_artifacts(tmp_path):

@@ -11,6 +11,10 @@ Sections of the JSON:
   with the tensors the precision search kept float.
 * ``int8_recovery``: MobileNetV2 in int8 with and without cross-layer equalization and
   bias correction, on both runtimes: held-out cosine, mean error and top-1.
+* ``pruning``: digits classifiers on ORT x86 with 30% of the MACs removed by channel
+  pruning (with and without reconstruction) and with 50% magnitude sparsity: held-out
+  top-1, artifact size raw and deflated (what a zip or an app store download gives), and
+  latency against the unpruned artifact in the same process.
 * ``arm_int8_cost``: fp32 vs int8 ``.tflite`` (tflite-arm) on the emulated Cortex-A53 and
   Cortex-A76 devices (``make arm-emulator``): instructions per inference counted by qemu,
   deterministic where wall time under emulation means nothing; skipped without the emulator.
@@ -38,6 +42,7 @@ import json
 import platform
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +63,11 @@ from edgec.targets import known_targets
 REPO = Path(__file__).resolve().parents[2]
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
+PRUNING_VARIANTS = {
+    "pruned": [Step("prune", {"mac_reduction": 0.3})],
+    "pruned_no_reconstruction": [Step("prune", {"mac_reduction": 0.3, "reconstruct": False})],
+    "sparse_50": [Step("sparsify", {"sparsity": 0.5})],
+}
 ARM_TARGET = "tflite-arm"
 ARM_DEVICES = ("emulated-a53", "emulated-a76")  # no dot-product instructions / with them
 RECOVERY_VARIANTS = {
@@ -75,6 +85,10 @@ def _tflite(path: Path) -> LiteRTRunner:
 
 def _ratio(latency: dict, numerator: str, denominator: str) -> float:
     return round(latency[numerator]["best_median_ms"] / latency[denominator]["best_median_ms"], 3)
+
+
+def _deflated(path: Path) -> int:
+    return len(zlib.compress(path.read_bytes(), 9))
 
 
 def _geomean(values: list[float]) -> float | None:
@@ -161,6 +175,24 @@ class Bench:
             "min_cosine": min(o.cosine for o in int8.verification.outputs),
             "accuracy": {"fp32_source": output.accuracy_source, "int8": output.accuracy_artifact},
         }
+
+    def pruning_row(self, entry: dict) -> dict:
+        """Each of PRUNING_VARIANTS on the held-out split, timed against the unpruned artifact."""
+        data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]), "max_samples": None}
+        unpruned = self.build(entry, ORT_TARGET)[0].artifacts[0]
+        row: dict = {"model": entry["name"], "unpruned": {"size_bytes": unpruned.stat().st_size, "deflated_bytes": _deflated(unpruned)}}
+        runners = {"unpruned": OrtRunner(unpruned, threads=1)}
+        for variant, recipe in PRUNING_VARIANTS.items():
+            result = self.build(entry, ORT_TARGET, variant, recipe=recipe, **data)[0]
+            compression, artifact = result.report["compression"], result.artifacts[0]
+            logits = compression["vs_source"]["outputs"][0]
+            row["top1_source"] = logits["accuracy_source"]
+            row[variant] = {"top1": logits["accuracy_artifact"], "mac_reduction": compression["mac_reduction"],
+                            "size_bytes": artifact.stat().st_size, "deflated_bytes": _deflated(artifact)}
+            runners[variant] = OrtRunner(artifact, threads=1)
+        row["latency_ms"] = compare_latency(runners, self.runs)
+        row["speedup_vs_unpruned"] = {v: _ratio(row["latency_ms"], "unpruned", v) for v in PRUNING_VARIANTS}
+        return row
 
     def recovery_row(self, entry: dict, target: str) -> dict:
         """int8 error with each accuracy-recovery pass on or off (same calibration)."""
@@ -250,7 +282,7 @@ class Bench:
 
 
 def _summary(report: dict) -> dict:
-    rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results")}
+    rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results", "pruning")}
     trips = [r["edgec_vs_original"] for r in rows["round_trip"]]
     summary = {
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
@@ -258,6 +290,8 @@ def _summary(report: dict) -> dict:
         "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["tflite_int8"]]),
         "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["ort_int8"] if "int8_speedup" in r]),
         "edgec_converts": _converted(rows["results"]),
+        "pruned_speedup_geomean": _geomean([r["speedup_vs_unpruned"]["pruned"] for r in rows["pruning"]]),
+        "pruned_worst_top1_loss": max((round(r["top1_source"] - r["pruned"]["top1"], 4) for r in rows["pruning"]), default=None),
     }
     for device in ARM_DEVICES if report["arm_int8_cost"] else ():
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
@@ -307,13 +341,14 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "tflite_int8": [(e,) for e in chosen if e.get("calib_data")],
         "ort_int8": [(e,) for e in chosen if e.get("calib_data")],
         "int8_recovery": [(e, t) for e in chosen if e["name"] == "mobilenetv2" for t in (ORT_TARGET, TFLITE_TARGET)],
+        "pruning": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "arm_int8_cost": [(e,) for e in chosen if e.get("calib_data")] if _emulator_ready() else None,
         "factorization": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
-              "int8_recovery": bench.recovery_row, "arm_int8_cost": bench.arm_cost_row,
+              "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
     for section, jobs in sections.items():

@@ -3,6 +3,8 @@
 ONNX Runtime applies its graph optimizations (fusions, constant folding, and at level "all"
 its machine-specific layouts) once at build time and saves the result, so the device loads
 an already-optimized graph. The ``.ort`` format is what ORT's minimal/mobile builds load.
+ORT names, orders and serializes some of what it writes differently on every run;
+``stable_order`` and ``stable_ort`` put both files into one canonical form.
 int8 is the QDQ graph of ``edgec.passes.quantize`` in the target's scheme; ORT fuses each
 DequantizeLinear → op → QuantizeLinear group into its integer kernel when it loads it.
 """
@@ -13,12 +15,15 @@ import re
 import tempfile
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
 from edgec.errors import TargetError, UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
-from edgec.model import to_bytes
+from edgec.lower.stable_order import canonical
+from edgec.lower.stable_ort import stable_ort
+from edgec.model import to_proto
 from edgec.passes.pipeline import Pipeline
 from edgec.passes.quantize import QuantizeStatic
 from edgec.runtime.ort import GRAPH_OPTIMIZATION_LEVELS, session_options
@@ -38,8 +43,10 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
         quantize = QuantizeStatic(options.calibration, options.scheme, options.goal, options.keep_float, optimization=level)
         model, records = Pipeline([quantize])(model)
         details["quantization"] = records[0].details
-    source = to_bytes(model)
-    files = {f"{stem}.{fmt}": _optimize(source, level, fmt, target, model) for fmt in formats}
+    optimized = _optimized_onnx(to_proto(model), level, target, model)
+    # The .ort file stores the already optimized graph as it is, so both formats are the same graph.
+    saved = {"onnx": optimized, "ort": stable_ort(_save(optimized, "disabled", "ort", target, model))}
+    files = {f"{stem}.{fmt}": saved[fmt] for fmt in formats}
     primary = f"{stem}.onnx" if "onnx" in formats else f"{stem}.{formats[0]}"
     return Lowered(files, primary, details)
 
@@ -53,8 +60,16 @@ def _check_options(target: Target, level: str, formats: list[str]) -> None:
         raise TargetError(f"Target '{target.name}': formats must be a non-empty subset of {list(FORMATS)}, not {formats}.")
 
 
-def _optimize(source: bytes, level: str, fmt: str, target: Target, model: ir.Model) -> bytes:
-    """Let ORT optimize the model and save it in ``fmt``; return the saved bytes."""
+def _optimized_onnx(source: onnx.ModelProto, level: str, target: Target, model: ir.Model) -> bytes:
+    """ORT's optimization of ``source`` at ``level``, saved as ONNX in a reproducible form."""
+    optimized = onnx.load_from_string(_save(source.SerializeToString(), level, "onnx", target, model))
+    names = {n.name for n in source.graph.node} | {v for n in source.graph.node for v in [*n.input, *n.output]}
+    names |= {v.name for v in [*source.graph.input, *source.graph.output, *source.graph.initializer]}
+    return canonical(optimized, names).SerializeToString()
+
+
+def _save(source: bytes, level: str, fmt: str, target: Target, model: ir.Model) -> bytes:
+    """Let ORT optimize the model at ``level`` and save it in ``fmt``; return the saved bytes."""
     with tempfile.TemporaryDirectory(prefix="edgec-ort-") as tmp:
         path = Path(tmp) / f"model.{fmt}"
         options = session_options(1, level)

@@ -1,0 +1,126 @@
+"""Make an ONNX Runtime-optimized graph byte-for-byte reproducible.
+
+At level "all", ONNX Runtime's NCHWc layout transformer names the nodes and tensors it adds
+(``ReorderOutput_token_63``...) and orders them differently from one session to the next
+(measured: two builds of the same MobileNetV3 gave the same graph with its Reorder nodes
+named and ordered differently). edgec promises byte-identical artifacts, so the saved graph
+is rewritten into one canonical form: nodes in a topological order that depends only on what
+each node computes, and every name ORT made up replaced by one derived from that order.
+Names that came from the source model are kept, so profiles still name the user's layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Iterable
+
+import onnx
+
+
+def canonical(model: onnx.ModelProto, source_names: Iterable[str]) -> onnx.ModelProto:
+    """``model`` with canonical node order and names; ``source_names`` are kept as they are."""
+    graph = model.graph
+    keys = _node_keys(graph)
+    order = _stable_topological_order(graph, keys)
+    renames = _renames(graph, order, set(source_names))
+    nodes = [graph.node[i] for i in order]
+    for node in nodes:
+        node.name = renames.get(("node", node.name), node.name) if node.name else node.name
+        node.input[:] = [renames.get(("value", v), v) for v in node.input]
+        node.output[:] = [renames.get(("value", v), v) for v in node.output]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for entry in [*graph.initializer, *graph.value_info]:
+        entry.name = renames.get(("value", entry.name), entry.name)
+    _sort_unique(graph.initializer)
+    _sort_unique(graph.value_info)
+    return model
+
+
+def _sort_unique(entries) -> None:
+    """By name, one entry per name (constants ORT duplicated now share a content name)."""
+    by_name = {e.name: e for e in entries}
+    ordered = [by_name[name] for name in sorted(by_name)]
+    del entries[:]
+    entries.extend(ordered)
+
+
+def _node_keys(graph: onnx.GraphProto) -> list[str]:
+    """A hash per node of what it computes: op, attributes and (recursively) its inputs —
+    graph inputs by name, constants by content — never ORT's made-up names."""
+    value_keys = {i.name: "in:" + i.name for i in graph.input}
+    for init in graph.initializer:
+        value_keys[init.name] = "const:" + _content_digest(init)
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    keys: list[str | None] = [None] * len(graph.node)
+
+    def key(index: int) -> str:
+        if keys[index] is None:
+            node = graph.node[index]
+            parts = [node.domain, node.op_type, *(a.SerializeToString().hex() for a in sorted(node.attribute, key=lambda a: a.name))]
+            parts += [value(v) for v in node.input]
+            keys[index] = _digest("|".join(parts).encode())
+        return keys[index]
+
+    def value(name: str) -> str:
+        if name in value_keys or not name:
+            return value_keys.get(name, "")
+        index = producer[name]
+        return f"{key(index)}:{list(graph.node[index].output).index(name)}"
+
+    for i in range(len(graph.node)):  # in ORT's (topological) order, so recursion stays shallow
+        key(i)
+    return keys
+
+
+def _stable_topological_order(graph: onnx.GraphProto, keys: list[str]) -> list[int]:
+    """Kahn's algorithm, always taking the ready node with the smallest key."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    waiting = [len({producer[v] for v in node.input if v in producer}) for node in graph.node]
+    consumers: dict[int, set[int]] = {}
+    for i, node in enumerate(graph.node):
+        for v in node.input:
+            if v in producer:
+                consumers.setdefault(producer[v], set()).add(i)
+    ready = [(keys[i], i) for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, i = heapq.heappop(ready)
+        order.append(i)
+        for j in consumers.get(i, ()):
+            waiting[j] -= 1
+            if waiting[j] == 0:
+                heapq.heappush(ready, (keys[j], j))
+    return order
+
+
+def _renames(graph: onnx.GraphProto, order: list[int], source_names: set[str]) -> dict[tuple[str, str], str]:
+    """New names for the nodes and tensors ORT named: ``ort/<op>_<position>`` and
+    ``<node>:<k>``; constants it made, by their content."""
+    renames: dict[tuple[str, str], str] = {}
+    for position, index in enumerate(order):
+        node = graph.node[index]
+        name = node.name if node.name in source_names else f"ort/{node.op_type}_{position}"
+        if node.name and node.name not in source_names:
+            renames["node", node.name] = name
+        for k, out in enumerate(node.output):
+            if out and out not in source_names:
+                renames["value", out] = f"{name}:{k}"
+    for init in graph.initializer:
+        if init.name not in source_names:
+            renames["value", init.name] = "ort/const_" + _content_digest(init)[:16]
+    return renames
+
+
+def _content_digest(tensor: onnx.TensorProto) -> str:
+    """What a constant holds (type, shape, data), whatever it is called."""
+    content = onnx.TensorProto()
+    content.CopyFrom(tensor)
+    content.name = ""
+    return _digest(content.SerializeToString())
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
