@@ -267,3 +267,18 @@ def test_fits_on_thinned_rows_stay_no_worse_than_plain(monkeypatch):
     monkeypatch.setattr(factorize, "MAX_FIT_ROWS", 120)
     layers = _factorize(_net(), _samples(), mac_reduction=0.3).details["layers"]
     assert layers and all(r["output_error"]["data_aware"] <= r["output_error"]["plain"] for r in layers.values())
+
+
+def test_factorize_then_prune_then_int8_gives_a_valid_model(tmp_path):
+    """The issue's composition: factorize → prune → quantize (ORT x86 QDQ int8) builds,
+    passes the checker and verifies against the compressed model."""
+    path = save(_net(), tmp_path)
+    samples = _samples(16)
+    recipe = [Step("factorize", {"mac_reduction": 0.15}), Step("prune", {"rate": 0.25, "round_to": 4})]
+    result = build(path, "ort-x86", tmp_path / "out", BuildOptions(recipe=recipe, precision="int8", speed_check=False,
+                                                                   calib=lambda: samples))
+    assert result.verification.passed
+    passes = {p["name"]: p for p in result.report["passes"]}
+    assert passes["factorize"]["modified"] and passes["channel-pruning"]["modified"], passes.keys()
+    assert result.report["compression"]["mac_reduction"] > 0.15
+    onnx.checker.check_model(onnx.load(tmp_path / "out" / "model.compressed.onnx"), full_check=True)
