@@ -24,6 +24,7 @@ from typing import Self
 import numpy as np
 
 from edgec.profile.ops import Profiled, ProfiledRun
+from edgec.quiet import captured_stderr
 
 ABI_VERSION = "2.1.0"
 _HW_CPU = 1
@@ -60,7 +61,7 @@ def profile_litert(path: Path, threads: int, runs: int, warmup: int, seed: int =
     version = metadata.version("ai-edge-litert")
     if version != ABI_VERSION:
         raise ProfilerUnavailable(f"op profiling reads LiteRT {ABI_VERSION}'s C structs; ai-edge-litert {version} is installed")
-    with _CompiledModel(path, threads) as model:
+    with captured_stderr(), _CompiledModel(path, threads) as model:  # LiteRT logs its accelerator set-up
         model.fill_inputs(np.random.default_rng(seed))
         for _ in range(warmup):
             model.run()
