@@ -98,19 +98,23 @@ def _stable_topological_order(graph: onnx.GraphProto, keys: list[str]) -> list[i
 
 def _renames(graph: onnx.GraphProto, order: list[int], source_names: set[str]) -> dict[tuple[str, str], str]:
     """New names for the nodes and tensors ORT named: ``ort/<op>_<position>`` and
-    ``<node>:<k>``; constants it made, by their content."""
+    ``ort/<position>:<k>`` (position in the canonical order), constants it made by their
+    content; the prefix grows until no source name starts with it, so nothing collides
+    (tf2onnx's own tensors are already called ``<node>:<k>``)."""
+    prefix = "ort/"
+    while any(name.startswith(prefix) for name in source_names):
+        prefix = "_" + prefix
     renames: dict[tuple[str, str], str] = {}
     for position, index in enumerate(order):
         node = graph.node[index]
-        name = node.name if node.name in source_names else f"ort/{node.op_type}_{position}"
         if node.name and node.name not in source_names:
-            renames["node", node.name] = name
+            renames["node", node.name] = f"{prefix}{node.op_type}_{position}"
         for k, out in enumerate(node.output):
             if out and out not in source_names:
-                renames["value", out] = f"{name}:{k}"
+                renames["value", out] = f"{prefix}{position}:{k}"
     for init in graph.initializer:
         if init.name not in source_names:
-            renames["value", init.name] = "ort/const_" + _content_digest(init)[:16]
+            renames["value", init.name] = f"{prefix}const_{_content_digest(init)[:16]}"
     return renames
 
 
