@@ -84,7 +84,7 @@ class BuildOptions:
     recipe: Sequence[Step] = ()
     profile_device: str | Device | None = None  # profile the artifact on this device (report "profile" + report.html)
     devices: str | None = None  # device inventory file that names profile_device (targets/devices.toml otherwise)
-    profile_settings: ProfileSettings | None = None  # how; the target's threads and defaults otherwise
+    profile_settings: ProfileSettings | None = None  # how; defaults and the device's own threads otherwise
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
@@ -155,17 +155,17 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     files = {**lowered.files, **compressed}
     if options.profile_device:
         with progress.stage(f"Profiling {lowered.primary} on {options.profile_device.name}"):
-            report["profile"], files["report.html"] = _profile(lowered, target, options, out.path)
+            report["profile"], files["report.html"] = _profile(lowered, options, out.path)
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
 
 
-def _profile(lowered: Lowered, target: Target, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
+def _profile(lowered: Lowered, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
     """Measure the primary artifact on the asked device: the measurement and its report.html."""
     from edgec.report.profile import profile_report, render_html
 
-    settings = options.profile_settings or ProfileSettings(threads=target.threads, seed=options.seed)
+    settings = options.profile_settings or ProfileSettings(seed=options.seed)  # the device's own threads
     with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
         path = Path(tmp) / lowered.primary
         path.write_bytes(lowered.files[lowered.primary])

@@ -78,3 +78,14 @@ def test_int8_gains_depend_on_dot_product_instructions(measure):
     assert vector["emulated-a53", "int8"] > 2 * vector["emulated-a76", "int8"], vector
     # fp32 kernels use no dot product: the same vector work on both cores.
     assert vector["emulated-a53", "fp32"] == pytest.approx(vector["emulated-a76", "fp32"], rel=0.05), vector
+
+
+def test_build_profiles_on_an_emulated_device_with_its_own_threads(tmp_path):
+    """`build --profile emulated-a76` (make deploy's path): the device's single thread, not
+    the target's four."""
+    options = BuildOptions(profile_device="emulated-a76")
+    result = build(MLP, "tflite-arm", tmp_path / "out", options)
+    profile = result.report["profile"]
+    assert profile["device"]["emulated"] is True and profile["runtime"]["threads"] == 1
+    assert profile["cost"]["instructions"] > 0
+    assert (tmp_path / "out" / "report.html").is_file()
