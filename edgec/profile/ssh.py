@@ -75,7 +75,7 @@ def run_ssh(device: Device, artifact: Path, settings: ProfileSettings, threads: 
             _raise_ssh_failure(device, completed)
         return read_result(device, completed)
     finally:
-        _remove_remote_dir(device, access, remote_dir)
+        _remove_remote_dir(access, remote_dir)
 
 
 def ssh_options(access: SshAccess) -> list[str]:
@@ -130,7 +130,7 @@ def _copy(device: Device, access: SshAccess, artifact: Path, remote_dir: str, de
         _raise_ssh_failure(device, completed)
 
 
-def _remove_remote_dir(device: Device, access: SshAccess, remote_dir: str) -> None:
+def _remove_remote_dir(access: SshAccess, remote_dir: str) -> None:
     """Best effort with its own short timeout: the profile's own error is the one to report."""
     try:
         subprocess.run(_ssh_command(access, f"rm -rf -- {shlex.quote(remote_dir)}"), capture_output=True,
