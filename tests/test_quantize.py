@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 from edgec.build import BuildOptions, build
 from edgec.cli import app
 from edgec.errors import QuantizationError, TargetError
-from edgec.model import load
+from edgec.model import load, to_bytes
+from edgec.passes import quantize as quantize_module
 from edgec.passes.quantize import AccuracyGoal, QuantizeStatic, QuantScheme, rank_candidates, calibrate
 from edgec.targets import load_target
 from edgec.verify import random_inputs
 from edgec.runtime import TensorSpec
+from edgec.runtime.ort import OrtRunner
 
 
 def conv(g: GraphBuilder, x: str, cin: int, cout: int, weight=None, name=None) -> str:
@@ -187,3 +189,32 @@ def test_bias_correction_is_kept_only_when_it_measures_better(tmp_path):
     assert decision["applied"] == (errors["with"] < errors["without"])
     assert decision["applied"] == any(r["name"] == "bias-correction" for r in result.report["passes"])
     assert result.report["recovery"]["equalization"] == {"applied": False}  # per-channel weights
+
+
+def padded_model() -> onnx.ModelProto:
+    """conv → relu → zero Pad → conv → relu → Pad with 0.37 → head: the first pad's output
+    shares its input's int8 grid, the second's (0.37 is off that grid) does not."""
+    g = GraphBuilder(seed=3)
+    y = g.op("Relu", [conv(g, "x", 3, 8, name="conv0")])
+    y = g.op("Pad", [y, g.const(np.array([0, 1, 1, 1, 0, 1, 1, 1], np.int64))], name="zero_pad")
+    y = g.op("Relu", [conv(g, y, 10, 8, name="conv1")])
+    y = g.op("Pad", [y, g.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), g.const(np.array(0.37, np.float32))],
+             name="value_pad")
+    y = conv(g, y, 8, 4, name="head")
+    return g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 12, 12]})
+
+
+@pytest.mark.parametrize("scheme", [QuantScheme(), load_target("ort-x86").quantize])
+def test_pads_between_int8_layers_run_on_the_integers(tmp_path, monkeypatch, scheme):
+    """ONNX Runtime runs DequantizeLinear → Pad → QuantizeLinear in float; edgec pads the
+    integers instead when that gives the same integers, and leaves other Pads alone."""
+    model, feeds = _ir(padded_model(), tmp_path), _calibration(4).batches
+    result = QuantizeStatic(_calibration(), scheme)(model.clone())
+    producers = {n.name: n.inputs[0].producer().op_type for n in result.model.graph if n.op_type == "Pad"}
+    assert producers == {"zero_pad": "QuantizeLinear", "value_pad": "DequantizeLinear"}
+    monkeypatch.setattr(quantize_module, "integer_pads", lambda model: 0)
+    in_float = QuantizeStatic(_calibration(), scheme)(model.clone())
+    for batch in feeds:
+        got, expected = (OrtRunner(to_bytes(r.model), threads=1, optimization="disabled").run(batch) for r in (result, in_float))
+        for name, array in expected.items():
+            np.testing.assert_array_equal(got[name], array)

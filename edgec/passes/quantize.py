@@ -29,6 +29,7 @@ from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax
 from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.passes.pipeline import PassOutcome
+from edgec.passes.qdq import integer_pads
 from edgec.quiet import captured_stderr
 from edgec.runtime import Runner
 from edgec.runtime.ort import OrtRunner, session_options
@@ -255,7 +256,8 @@ def calibrate(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]
 
 
 def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, keep_float: Sequence[str] = ()) -> onnx.ModelProto:
-    """Insert QuantizeLinear/DequantizeLinear pairs around every quantizable node not kept float.
+    """Insert QuantizeLinear/DequantizeLinear pairs around every quantizable node not kept float,
+    then move the Pads between them onto the integers (``edgec.passes.qdq``).
 
     ``shaped`` is the model after ``with_shapes`` (ORT's quantizer needs every value's type).
     """
@@ -268,7 +270,9 @@ def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, ke
             {"WeightSymmetric": True, "ActivationSymmetric": False},
         )
         quantizer.quantize_model()
-    return quantizer.model.model
+    quantized = ir.serde.deserialize_model(quantizer.model.model)
+    integer_pads(quantized)
+    return ir.serde.serialize_model(quantized)
 
 
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -463,11 +467,14 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, list[onn
 
 def _count_quantized(model: onnx.ModelProto, scheme: QuantScheme) -> dict[str, int]:
     """Op types of the nodes that will run in integer: input from DequantizeLinear, output
-    into QuantizeLinear (the pattern ONNX Runtime fuses into its QLinear kernels)."""
+    into QuantizeLinear (the pattern ONNX Runtime fuses into its QLinear kernels), or, for
+    data movement already moved onto the integers, input from QuantizeLinear."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    quantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    quantized = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
+    requantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     counts: dict[str, int] = {}
     for node in model.graph.node:
-        if node.op_type in scheme.op_types and node.input and node.input[0] in dequantized and node.output[0] in quantized:
+        fused = node.input and node.input[0] in dequantized and node.output[0] in requantized
+        if node.op_type in scheme.op_types and (fused or (node.input and node.input[0] in quantized)):
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return dict(sorted(counts.items()))
