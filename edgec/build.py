@@ -34,6 +34,7 @@ from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import Device, ProfileSettings, compare_latency, get_device, profile
+from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
@@ -329,22 +330,27 @@ def _with_headroom(min_cosine: float) -> float:
 def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered) -> tuple[Lowered, dict[str, Any]]:
     """Keep the int8 artifact only if it runs faster than fp32 here; say which and why.
 
-    Timing needs the target's CPU: on another architecture the int8 artifact is kept and
-    the report says the check was not possible.
+    When fp32 wins, both artifacts' kernels are profiled and the ones int8 loses on are
+    named. Timing needs the target's CPU: on another architecture the int8 artifact is kept
+    and the report says the check was not possible.
     """
     if platform.machine() != target.arch:
         return int8, {"shipped": "int8", "measured": False, "reason": f"this host is {platform.machine()}, the target {target.arch}"}
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
-        runners = {name: _open(Path(tmp) / name, lowered, target, target.threads) for name, lowered in (("fp32", fp32), ("int8", int8))}
+        paths = {name: _write(Path(tmp) / name, lowered) for name, lowered in (("fp32", fp32), ("int8", int8))}
+        runners = {name: open_runner(path, threads=target.threads, options=target.runtime) for name, path in paths.items()}
         latency = compare_latency(runners, runs=20, rounds=3)
-    fp32_ms, int8_ms = (latency[k]["best_median_ms"] for k in ("fp32", "int8"))
-    decision = {"measured": True, "fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "threads": target.threads}
-    if int8_ms < fp32_ms:
-        return int8, {"shipped": "int8", **decision}
+        fp32_ms, int8_ms = (latency[k]["best_median_ms"] for k in ("fp32", "int8"))
+        decision = {"measured": True, "fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "threads": target.threads}
+        if int8_ms < fp32_ms:
+            return int8, {"shipped": "int8", **decision}
+        decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
+    slower = slower_in_int8(decision["kernels"])
     warnings.warn(
         f"The int8 artifact is not faster than fp32 on this host ({int8_ms:.3g} ms vs {fp32_ms:.3g} ms, "
-        f"{target.threads} threads), so the fp32 artifact was built instead. Pass --no-speed-check to ship int8 anyway.",
+        f"{target.threads} threads){f'; slower in int8: {slower}' if slower else ''}. The fp32 artifact was built "
+        "instead. Pass --no-speed-check to ship int8 anyway.",
         EdgecWarning,
         stacklevel=3,
     )
@@ -353,10 +359,15 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered) -> 
 
 def _open(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
     """A runner on the primary artifact, written to a scratch ``directory``."""
+    return open_runner(_write(directory, lowered), threads=threads, options=target.runtime)
+
+
+def _write(directory: Path, lowered: Lowered) -> Path:
+    """The primary artifact, written to a scratch ``directory``."""
     directory.mkdir(exist_ok=True)
     path = directory / lowered.primary
     path.write_bytes(lowered.files[lowered.primary])
-    return open_runner(path, threads=threads, options=target.runtime)
+    return path
 
 
 def criterion(target: Target, precision: str, options: BuildOptions) -> Criterion:

@@ -65,16 +65,22 @@ class Profiled:
 def operator_breakdown(path: Path, threads: int, feeds: Mapping[str, np.ndarray], median_ms: float, runs: int = 20) -> dict[str, Any]:
     """Profile ``runs`` inferences of the artifact with its runtime's profiler and summarize
     them beside the end-to-end ``median_ms``."""
-    if path.suffix == ".tflite":
-        from edgec.profile.litert_ops import ProfilerUnavailable, profile_litert
-
-        try:
-            profiled = profile_litert(path, threads, runs, WARMUP)
-        except ProfilerUnavailable as exc:
-            return {"unavailable": str(exc)}
-    else:
-        profiled = profile_ort(path, threads, feeds, runs)
+    profiled = profile_artifact(path, threads, feeds, runs)
+    if isinstance(profiled, str):
+        return {"unavailable": profiled}
     return summarize(profiled, median_ms)
+
+
+def profile_artifact(path: Path, threads: int, feeds: Mapping[str, np.ndarray], runs: int) -> Profiled | str:
+    """``runs`` profiled inferences by the artifact's runtime, or why its ops cannot be profiled."""
+    if path.suffix != ".tflite":
+        return profile_ort(path, threads, feeds, runs)
+    from edgec.profile.litert_ops import ProfilerUnavailable, profile_litert
+
+    try:
+        return profile_litert(path, threads, runs, WARMUP)
+    except ProfilerUnavailable as exc:
+        return str(exc)
 
 
 def profile_ort(path: Path, threads: int, feeds: Mapping[str, np.ndarray], runs: int) -> Profiled:
