@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from edgec import __version__
 from edgec.analysis import quantized_nodes, summarize
-from edgec.errors import EdgecWarning, QuantizationError, VerificationError
+from edgec.errors import DeviceError, EdgecWarning, QuantizationError, VerificationError
 from edgec.images import ImagePreprocess
 from edgec.lower import Lowered, LowerOptions, lower
 from edgec.model import load, load_proto, to_bytes
@@ -39,7 +39,7 @@ from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
-from edgec.targets import Target, load_target
+from edgec.targets import Target, load_target, same_arch
 from edgec.verify import Criterion, InputSet, Verification, compare, cosine, load_calibration, load_inputs, random_inputs, run_all
 
 
@@ -77,6 +77,7 @@ class BuildOptions:
     max_drop: float | None = None  # int8: largest top-1 drop (fraction) allowed on labeled calibration data
     keep_float: Sequence[str] = ()  # node names int8 builds must keep in float
     speed_check: bool = True  # int8: measure against fp32 on this host and ship the faster
+    speed_device: str | Device | None = None  # ...on this inventory device instead (e.g. emulated-a76 for arm targets)
     # int8 accuracy recovery; None = edgec decides (see recover_accuracy)
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
@@ -88,7 +89,8 @@ class BuildOptions:
     profile_settings: ProfileSettings | None = None  # how; defaults and the device's own threads otherwise
 
 
-INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "equalize", "equalize_relu6", "bias_correction")
+INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
+                "bias_correction")
 RANDOM_CALIBRATION_WARNING = (
     "Calibrating with random inputs: activation ranges and statistics will not match real data, "
     "and int8 or compressed accuracy may suffer. Pass --calib with real samples."
@@ -114,14 +116,23 @@ def build(
     options = options or BuildOptions()
     progress = progress or SilentProgress()
     target = target if isinstance(target, Target) else load_target(target)
-    if isinstance(options.profile_device, str):  # an unknown device fails before the build
-        options = dataclasses.replace(options, profile_device=get_device(options.profile_device, options.devices))
+    for key in ("profile_device", "speed_device"):  # an unknown device fails before the build
+        if isinstance(getattr(options, key), str):
+            options = dataclasses.replace(options, **{key: get_device(getattr(options, key), options.devices)})
+    _check_speed_device(options.speed_device, target)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
     except BaseException:
         out.discard()
         raise
+
+
+def _check_speed_device(device: Device | None, target: Target) -> None:
+    if device is not None and not same_arch(device.arch, target.arch):
+        raise DeviceError(f"Device '{device.name}' is {device.arch}, target '{target.name}' is {target.arch}: "
+                          "it cannot check the target's int8 speed.", reason="config",
+                          hint="Name a device of the target's architecture with --speed-check-on.")
 
 
 def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, progress: Progress) -> BuildResult:
@@ -214,7 +225,7 @@ def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSe
     _refuse_quantized(model)
     extra: dict[str, Any] = {
         "calibration": {**calibration.to_dict(), "real_data": options.calib is not None},
-        "int8_options": {k: getattr(options, k) for k in INT8_OPTIONS},
+        "int8_options": {k: _named(getattr(options, k)) for k in INT8_OPTIONS},
     }
     variants, extra["recovery"] = recover_accuracy(model, calibration, target.quantize, options, progress)
     lowered, records, errors = _most_accurate(model, variants, stem, target, _int8_options(target, calibration, options), progress)
@@ -222,9 +233,15 @@ def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSe
         extra["recovery"]["bias_correction"].update(applied=any(r.name == BiasCorrection.name for r in records),
                                                     int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
     if options.speed_check:
-        with progress.stage("Timing int8 against fp32 on this host"):
-            lowered, extra["speed_check"] = choose_faster(model, target, stem, lowered)
+        device = options.speed_device
+        with progress.stage(f"Timing int8 against fp32 on {f'device {device.name}' if device else 'this host'}"):
+            lowered, extra["speed_check"] = choose_faster(model, target, stem, lowered, device)
     return lowered, records, extra
+
+
+def _named(value: Any) -> Any:
+    """A report value: devices by name."""
+    return value.name if isinstance(value, Device) else value
 
 
 def _most_accurate(source: ir.Model, variants: list[tuple[ir.Model, list[PassRecord]]], stem: str, target: Target,
@@ -327,34 +344,59 @@ def _with_headroom(min_cosine: float) -> float:
     return 0.0 if min_cosine <= 0 else 1.0 - (1.0 - min_cosine) / 4
 
 
-def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered) -> tuple[Lowered, dict[str, Any]]:
-    """Keep the int8 artifact only if it runs faster than fp32 here; say which and why.
+def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
+                  device: Device | None = None) -> tuple[Lowered, dict[str, Any]]:
+    """Keep the int8 artifact only if it is faster than fp32 here, or on ``device``; say which and why.
 
-    When fp32 wins, both artifacts' kernels are profiled and the ones int8 loses on are
-    named. Timing needs the target's CPU: on another architecture the int8 artifact is kept
-    and the report says the check was not possible.
+    An emulated device is judged by instructions per inference (deterministic; its wall time
+    is not latency). When fp32 wins here, both artifacts' kernels are profiled and the ones
+    int8 loses on are named. Without a device of the target's architecture the int8 artifact
+    is kept and the report says the check was not possible.
     """
-    if platform.machine() != target.arch:
-        return int8, {"shipped": "int8", "measured": False, "reason": f"this host is {platform.machine()}, the target {target.arch}"}
+    if device is None and not same_arch(platform.machine(), target.arch):
+        return int8, {"shipped": "int8", "measured": False,
+                      "reason": f"this host is {platform.machine()}, the target {target.arch}; --speed-check-on DEVICE checks on one"}
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
         paths = {name: _write(Path(tmp) / name, lowered) for name, lowered in (("fp32", fp32), ("int8", int8))}
-        runners = {name: open_runner(path, threads=target.threads, options=target.runtime) for name, path in paths.items()}
-        latency = compare_latency(runners, runs=20, rounds=3)
-        fp32_ms, int8_ms = (latency[k]["best_median_ms"] for k in ("fp32", "int8"))
-        decision = {"measured": True, "fp32_ms": round(fp32_ms, 4), "int8_ms": round(int8_ms, 4), "threads": target.threads}
-        if int8_ms < fp32_ms:
+        decision = _time_on_device(paths, device) if device else _time_here(paths, target)
+        unit = decision["metric"]
+        if decision[f"int8_{unit}"] < decision[f"fp32_{unit}"]:
             return int8, {"shipped": "int8", **decision}
-        decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
-    slower = slower_in_int8(decision["kernels"])
+        if device is None:
+            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
+    slower = slower_in_int8(decision.get("kernels", []))
     warnings.warn(
-        f"The int8 artifact is not faster than fp32 on this host ({int8_ms:.3g} ms vs {fp32_ms:.3g} ms, "
-        f"{target.threads} threads){f'; slower in int8: {slower}' if slower else ''}. The fp32 artifact was built "
-        "instead. Pass --no-speed-check to ship int8 anyway.",
+        f"The int8 artifact is not faster than fp32 on {decision['on']} ({decision[f'int8_{unit}']:.4g} vs "
+        f"{decision[f'fp32_{unit}']:.4g} {SPEED_UNITS[unit]}, {decision['threads']} threads)"
+        f"{f'; slower in int8: {slower}' if slower else ''}. The fp32 artifact was built instead. "
+        "Pass --no-speed-check to ship int8 anyway.",
         EdgecWarning,
         stacklevel=3,
     )
     return fp32, {"shipped": "fp32", **decision}
+
+
+SPEED_UNITS = {"ms": "ms", "instructions": "instructions per inference"}
+DEVICE_SPEED_SETTINGS = ProfileSettings(warmup=3, runs=10, ops=False)
+
+
+def _time_here(paths: dict[str, Path], target: Target) -> dict[str, Any]:
+    """Alternating rounds of both artifacts in this process, at the target's threads."""
+    runners = {name: open_runner(path, threads=target.threads, options=target.runtime) for name, path in paths.items()}
+    latency = compare_latency(runners, runs=20, rounds=3)
+    return {"measured": True, "on": "this host", "metric": "ms", "threads": target.threads,
+            **{f"{name}_ms": round(latency[name]["best_median_ms"], 4) for name in paths}}
+
+
+def _time_on_device(paths: dict[str, Path], device: Device) -> dict[str, Any]:
+    """Both artifacts profiled on ``device``; an emulated core also counts instructions."""
+    measured = {name: profile(path, device, DEVICE_SPEED_SETTINGS) for name, path in paths.items()}
+    decision = {"measured": True, "on": f"device {device.name}", "metric": "ms", "threads": device.threads,
+                **{f"{name}_ms": round(m["latency_ms"]["median"], 4) for name, m in measured.items()}}
+    if all(m.get("cost") for m in measured.values()):
+        decision.update(metric="instructions", **{f"{name}_instructions": m["cost"]["instructions"] for name, m in measured.items()})
+    return decision
 
 
 def _open(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:

@@ -21,6 +21,8 @@ TARGETS_DIR = Path(os.environ.get("EDGEC_TARGETS_DIR", Path(__file__).resolve().
 
 KNOWN_BACKENDS = ("tflite", "ort")
 KNOWN_ARCHS = ("arm64", "x86_64")
+# What platform.machine() and device inventories call the same architectures.
+_ARCH_ALIASES = {"aarch64": "arm64", "amd64": "x86_64", "x64": "x86_64"}
 KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
 # What verification demands of each precision unless a target's [verify.<precision>] says otherwise.
 DEFAULT_CRITERIA = {
@@ -125,3 +127,9 @@ def _choice(data: dict[str, Any], key: str, allowed: tuple[str, ...], path: Path
     if value not in allowed:
         raise TargetError(f"Target file '{path}': {key} must be one of {list(allowed)}, not {value!r}.")
     return str(value)
+
+
+def same_arch(machine: str, arch: str) -> bool:
+    """Whether a machine name (``platform.machine()``, a device's ``arch``) is the target ``arch``:
+    Linux on ARM says aarch64 where targets say arm64."""
+    return _ARCH_ALIASES.get(machine.lower(), machine.lower()) == _ARCH_ALIASES.get(arch.lower(), arch.lower())

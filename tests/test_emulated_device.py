@@ -89,3 +89,16 @@ def test_build_profiles_on_an_emulated_device_with_its_own_threads(tmp_path):
     assert profile["device"]["emulated"] is True and profile["runtime"]["threads"] == 1
     assert profile["cost"]["instructions"] > 0
     assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_int8_speed_check_on_an_emulated_core_judges_by_instructions(tmp_path):
+    """An arm target's int8 speed check, run on the emulated Cortex-A76 instead of this x86
+    host: the decision compares instructions per inference and ships what it says."""
+    options = BuildOptions(precision="int8", calib=str(CALIB), min_cosine=0.0, bias_correction=False,
+                           speed_device="emulated-a76")
+    result = build(MLP, "tflite-arm", tmp_path / "out", options)
+    decision = result.report["speed_check"]
+    assert decision["on"] == "device emulated-a76" and decision["metric"] == "instructions"
+    int8_wins = decision["int8_instructions"] < decision["fp32_instructions"]
+    assert decision["shipped"] == result.report["precision"] == ("int8" if int8_wins else "fp32")
+    assert result.report["int8_options"]["speed_device"] == "emulated-a76"

@@ -4,6 +4,7 @@ precision, output heads, already-quantized models, the speed check and calibrati
 from __future__ import annotations
 
 import json
+import platform
 
 import numpy as np
 import onnx
@@ -14,11 +15,11 @@ from typer.testing import CliRunner
 
 from edgec.build import BuildOptions, build
 from edgec.cli import app
-from edgec.errors import QuantizationError, TargetError
+from edgec.errors import DeviceError, QuantizationError, TargetError
 from edgec.model import load, to_bytes
 from edgec.passes import quantize as quantize_module
 from edgec.passes.quantize import AccuracyGoal, QuantizeStatic, QuantScheme, rank_candidates, calibrate
-from edgec.targets import load_target
+from edgec.targets import load_target, same_arch
 from edgec.verify import random_inputs
 from edgec.runtime import TensorSpec
 from edgec.runtime.ort import OrtRunner
@@ -135,9 +136,7 @@ def test_callable_calibration_and_int8_onnx_runtime_build(tmp_path):
 def test_speed_check_ships_the_faster_artifact_and_says_so(tmp_path):
     """Whichever wins on this host, the report's decision matches the artifact shipped."""
     path = save(outlier_model(), tmp_path)
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
-    result = build(path, "ort-x86", tmp_path / "out", BuildOptions(precision="int8", calib=str(calib)))
+    result = build(path, "ort-x86", tmp_path / "out", BuildOptions(precision="int8", calib=str(_calibration_file(tmp_path))))
     decision = result.report["speed_check"]
     assert decision["measured"] is True and decision["shipped"] == result.report["precision"]
     assert (decision["int8_ms"] < decision["fp32_ms"]) == (decision["shipped"] == "int8")
@@ -218,3 +217,26 @@ def test_pads_between_int8_layers_run_on_the_integers(tmp_path, monkeypatch, sch
         got, expected = (OrtRunner(to_bytes(r.model), threads=1, optimization="disabled").run(batch) for r in (result, in_float))
         for name, array in expected.items():
             np.testing.assert_array_equal(got[name], array)
+
+
+@pytest.mark.parametrize(("machine", "arch", "same"), [
+    ("aarch64", "arm64", True), ("arm64", "arm64", True), ("x86_64", "x86_64", True), ("AMD64", "x86_64", True),
+    ("x86_64", "arm64", False), ("aarch64", "x86_64", False),
+])
+def test_machine_names_match_target_architectures(machine, arch, same):
+    assert same_arch(machine, arch) is same
+
+
+def test_speed_check_on_a_device_of_another_architecture_is_refused(tmp_path):
+    host = "x86_64" if same_arch(platform.machine(), "x86_64") else "arm64"
+    target = next(t for t in ("tflite-arm", "tflite-x86") if load_target(t).arch != host)
+    with pytest.raises(DeviceError, match="cannot check the target's int8 speed"):
+        build(save(outlier_model(), tmp_path), target, tmp_path / "out",
+              BuildOptions(precision="int8", calib=str(_calibration_file(tmp_path)), speed_device="local"))
+    assert not (tmp_path / "out").exists()
+
+
+def _calibration_file(tmp_path):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    return path

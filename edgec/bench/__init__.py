@@ -5,8 +5,8 @@ Sections of the JSON:
 * ``results``: every zoo model × target in fp32: build time, artifact sizes, and the
   single-thread latency of the source model in ONNX Runtime next to the artifact's.
 * ``tflite_int8``: zoo models with a calibration split, edgec's fp32 vs full-integer int8
-  TFLite: latency, size, held-out accuracy, XNNPACK partitions and the op types kept float
-  so XNNPACK runs the int8 graph in one piece.
+  TFLite: latency, size, held-out accuracy, the kernels int8 is slower in, XNNPACK partitions
+  and the op types kept float so XNNPACK runs the int8 graph in one piece.
 * ``ort_int8``: the same for ONNX Runtime on x86 (QDQ, u8 activations / 7-bit s8 weights),
   with the tensors the precision search kept float.
 * ``int8_recovery``: MobileNetV2 in int8 with and without cross-layer equalization and
@@ -53,6 +53,7 @@ from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
 from edgec.profile.emulator import setup_problem
+from edgec.profile.kernels import compare_kernels
 from edgec.recipe import Step
 from edgec.report import versions
 from edgec.runtime import open_runner
@@ -172,6 +173,7 @@ class Bench:
             "size_bytes": {"fp32": fp32.artifacts[0].stat().st_size, "int8": int8.artifacts[0].stat().st_size},
             "latency_ms": latency,
             "int8_speedup": _ratio(latency, "fp32", "int8"),
+            "slower_int8_kernels": [r for r in compare_kernels(fp32.artifacts[0], int8.artifacts[0], 1) if r["int8_ms"] > r["fp32_ms"]][:3],
             "min_cosine": min(o.cosine for o in int8.verification.outputs),
             "accuracy": {"fp32_source": output.accuracy_source, "int8": output.accuracy_artifact},
         }

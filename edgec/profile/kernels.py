@@ -23,7 +23,7 @@ from edgec.runtime import open_runner
 from edgec.verify import random_inputs
 
 _DATATYPES = re.compile(r"\s*\([^)]*\)")  # XNNPACK: "Convolution (NHWC, QC8) IGEMM" → "Convolution IGEMM"
-_ORT_FAMILIES = {"FusedConv": "Conv", "QGemm": "Gemm", "FusedGemm": "Gemm", "MatMulInteger": "MatMul", "FusedMatMul": "MatMul"}
+_ORT_FAMILIES = {"FusedConv": "Conv", "Upsample": "Resize", "QGemm": "Gemm", "FusedGemm": "Gemm", "MatMulInteger": "MatMul", "FusedMatMul": "MatMul"}
 _ORT_PREFIXES = ("QLinear", "Nhwc")
 CONVOLUTIONS = ("Conv", "QLinearConv", "FusedConv")
 
