@@ -365,16 +365,20 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
             return int8, {"shipped": "int8", **decision}
         if device is None:
             decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
-    slower = slower_in_int8(decision.get("kernels", []))
+    _warn_fp32_shipped(decision)
+    return fp32, {"shipped": "fp32", **decision}
+
+
+def _warn_fp32_shipped(decision: dict[str, Any]) -> None:
+    unit, slower = decision["metric"], slower_in_int8(decision.get("kernels", []))
     warnings.warn(
         f"The int8 artifact is not faster than fp32 on {decision['on']} ({decision[f'int8_{unit}']:.4g} vs "
         f"{decision[f'fp32_{unit}']:.4g} {SPEED_UNITS[unit]}, {decision['threads']} threads)"
         f"{f'; slower in int8: {slower}' if slower else ''}. The fp32 artifact was built instead. "
         "Pass --no-speed-check to ship int8 anyway.",
         EdgecWarning,
-        stacklevel=3,
+        stacklevel=4,
     )
-    return fp32, {"shipped": "fp32", **decision}
 
 
 SPEED_UNITS = {"ms": "ms", "instructions": "instructions per inference"}
