@@ -160,7 +160,7 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
         verification = verify_bytes(reference or source_runner(path), lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
-        raise _verification_error(verification)
+        raise _verification_error(verification, fp32_instead_of_int8=precision != (options.precision or target.precision))
     report = _report(path, target, model, records, lowered, verification, options)
     report["precision"] = precision
     report.update(extra)
@@ -451,13 +451,15 @@ def _inputs(artifact: Runner, options: BuildOptions) -> InputSet:
     return random_inputs(artifact.inputs, seed=options.seed)
 
 
-def _verification_error(v: Verification) -> VerificationError:
+def _verification_error(v: Verification, fp32_instead_of_int8: bool = False) -> VerificationError:
     failed = next(o for o in v.outputs if not o.passed)
+    shipped = (" The speed check built fp32 because int8 was not faster, and fp32 is held to the fp32 "
+               "criterion; --no-speed-check keeps int8.") if fp32_instead_of_int8 else ""
     return VerificationError(
         f"The artifact does not match the source model: output '{failed.name}' has max abs error "
         f"{failed.max_abs_error:.3g} (max |reference| {failed.max_abs_reference:.3g}, relative "
         f"{failed.relative_error:.3g}) and cosine {failed.cosine:.4f}; required: {v.criterion.describe()}; "
-        "nothing was written.",
+        f"nothing was written.{shipped}",
         hint="Relax --tolerance / --min-cosine if this error is acceptable, or report the model as a lowering bug.",
     )
 

@@ -9,7 +9,7 @@ from helpers import GraphBuilder, save
 
 import edgec.build
 from edgec.build import BuildOptions, build
-from edgec.errors import EdgecWarning
+from edgec.errors import EdgecWarning, VerificationError
 from edgec.lower import LowerOptions, lower
 from edgec.model import load
 from edgec.profile.kernels import compare_kernels, kernel_family, slower_in_int8
@@ -65,16 +65,28 @@ def test_slower_kernels_are_listed_worst_first():
     assert slower_in_int8(rows) == "PRelu 0.6 ms (fp32 0.1 ms)"
 
 
+def _int8_slower(runners, runs, rounds):
+    return {"fp32": {"best_median_ms": 1.0}, "int8": {"best_median_ms": 2.0}}
+
+
+def _int8_options(**more) -> BuildOptions:
+    samples = random_inputs([TensorSpec("x", (1, 3, 32, 32), np.dtype(np.float32))], seed=1, count=4).batches
+    return BuildOptions(precision="int8", min_cosine=0.0, calib=lambda: samples, **more)
+
+
 def test_speed_check_that_ships_fp32_names_the_slower_kernels(tmp_path, monkeypatch):
     """Only the verdict is forced (this host may well run int8 faster); the kernels are profiled for real."""
-    def int8_slower(runners, runs, rounds):
-        return {"fp32": {"best_median_ms": 1.0}, "int8": {"best_median_ms": 2.0}}
-
-    monkeypatch.setattr(edgec.build, "compare_latency", int8_slower)
+    monkeypatch.setattr(edgec.build, "compare_latency", _int8_slower)
     with pytest.warns(EdgecWarning, match=r"slower in int8: .+ ms \(fp32 .+ ms\)"):
-        result = build(mobile_block(tmp_path), "ort-x86", tmp_path / "out",
-                       BuildOptions(precision="int8", min_cosine=0.0, calib=lambda: random_inputs(
-                           [TensorSpec("x", (1, 3, 32, 32), np.dtype(np.float32))], seed=1, count=4).batches))
+        result = build(mobile_block(tmp_path), "ort-x86", tmp_path / "out", _int8_options())
     decision = result.report["speed_check"]
     assert decision["shipped"] == "fp32" == result.report["precision"]
     assert {"Conv", "Conv (depthwise)", "QuantizeLinear"} <= {r["kernel"] for r in decision["kernels"]}
+
+
+def test_fp32_shipped_by_the_speed_check_that_fails_verification_says_why(tmp_path, monkeypatch):
+    """fp32 is held to the fp32 criterion; the error says the speed check chose it."""
+    monkeypatch.setattr(edgec.build, "compare_latency", _int8_slower)
+    with pytest.warns(EdgecWarning), pytest.raises(VerificationError, match="speed check built fp32.+--no-speed-check"):
+        build(mobile_block(tmp_path), "tflite-x86", tmp_path / "out", _int8_options(tolerance=1e-12))
+    assert not (tmp_path / "out").exists()
