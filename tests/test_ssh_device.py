@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from edgec.build import BuildOptions, build
 from edgec.errors import DeviceError
 from edgec.profile.devices import Device, SshAccess, get_device
 from edgec.profile.on_device import profile_on_device
@@ -191,3 +192,15 @@ def test_timeout_stops_the_profile_and_cleans_up(board):
     assert list(board.remote_tmp.iterdir()) == []
     assert _processes_inside(board.remote_tmp) == []  # the runner on the board stopped too
 
+
+
+def test_int8_speed_check_on_a_board_judges_by_latency(board, tmp_path):
+    """--speed-check-on an SSH board: both artifacts are timed there in alternating rounds
+    and the faster is shipped."""
+    options = BuildOptions(precision="int8", calib=str(REPO / "models" / "data" / "digits_calib_flat.npz"),
+                           min_cosine=0.0, speed_device=board.device())
+    result = build(MLP, "tflite-x86", tmp_path / "out", options)
+    decision = result.report["speed_check"]
+    assert decision["on"] == "device loopback" and decision["metric"] == "ms"
+    assert decision["shipped"] == result.report["precision"] == ("int8" if decision["int8_ms"] < decision["fp32_ms"] else "fp32")
+    assert list(board.remote_tmp.iterdir()) == []
