@@ -28,7 +28,7 @@ def _pad_on_integers(graph: ir.Graph, pad: ir.Node) -> bool:
     if not (_is(dequantize, "DequantizeLinear") and _is(quantize, "QuantizeLinear")) or attr(pad, "pads") is not None:
         return False  # (opset < 11 Pads keep their padding value in an attribute; left alone)
     grid = _grid(dequantize)
-    if grid is None or grid != _grid(quantize):
+    if grid is None or grid != _grid(quantize) or quantize.outputs[0].is_graph_output():
         return False
     padding = _integer_padding_value(pad, *grid)
     if padding is None:
