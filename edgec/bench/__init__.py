@@ -53,7 +53,7 @@ from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
 from edgec.profile.emulator import setup_problem
-from edgec.profile.kernels import compare_kernels
+from edgec.profile.kernels import compare_kernels, int8_losses
 from edgec.recipe import Step
 from edgec.report import versions
 from edgec.runtime import open_runner
@@ -173,7 +173,7 @@ class Bench:
             "size_bytes": {"fp32": fp32.artifacts[0].stat().st_size, "int8": int8.artifacts[0].stat().st_size},
             "latency_ms": latency,
             "int8_speedup": _ratio(latency, "fp32", "int8"),
-            "slower_int8_kernels": [r for r in compare_kernels(fp32.artifacts[0], int8.artifacts[0], 1) if r["int8_ms"] > r["fp32_ms"]][:3],
+            "slower_int8_kernels": int8_losses(compare_kernels(fp32.artifacts[0], int8.artifacts[0], 1)),
             "min_cosine": min(o.cosine for o in int8.verification.outputs),
             "accuracy": {"fp32_source": output.accuracy_source, "int8": output.accuracy_artifact},
         }

@@ -76,7 +76,11 @@ def compare_kernels(fp32: Path, int8: Path, threads: int) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: (r["fp32_ms"] - r["int8_ms"], r["kernel"]))
 
 
+def int8_losses(rows: list[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """The first ``count`` rows of :func:`compare_kernels` that take longer in int8."""
+    return [r for r in rows if r["int8_ms"] > r["fp32_ms"]][:count]
+
+
 def slower_in_int8(rows: list[dict[str, Any]], count: int = 3) -> str:
-    """The first ``count`` families that take longer in int8, as a sentence fragment."""
-    slower = [r for r in rows if r["int8_ms"] > r["fp32_ms"]][:count]
-    return ", ".join(f"{r['kernel']} {r['int8_ms']:.3g} ms (fp32 {r['fp32_ms']:.3g} ms)" for r in slower)
+    """:func:`int8_losses` as a sentence fragment."""
+    return ", ".join(f"{r['kernel']} {r['int8_ms']:.3g} ms (fp32 {r['fp32_ms']:.3g} ms)" for r in int8_losses(rows, count))
