@@ -488,6 +488,7 @@ def _report(path, target, model, records, lowered, verification, options) -> dic
             "images": dataclasses.asdict(options.images),
         },
         "model": summarize(model),
+        "notes": [r.details["note"] for r in records if "note" in r.details],  # also shown as warnings
         "passes": [r.to_dict() for r in records],
         "lowering": lowered.details,
         "artifacts": [

@@ -8,8 +8,14 @@ import pytest
 from helpers import GraphBuilder, random_feeds, run_ort, save
 
 from edgec import model as edgec_model
-from edgec.errors import DynamicShapeError, ModelCheckError
-from edgec.passes.canonicalize import FixInputShapes, FoldBatchNorm, RequireStaticInputs, canonicalize_passes
+from edgec.errors import DynamicShapeError, EdgecWarning, ModelCheckError
+from edgec.passes.canonicalize import (
+    DefaultBatchSize,
+    FixInputShapes,
+    FoldBatchNorm,
+    RequireStaticInputs,
+    canonicalize_passes,
+)
 from edgec.passes.pipeline import Pipeline
 
 
@@ -139,3 +145,39 @@ def test_fold_batchnorm_is_a_noop_without_batchnorm(tmp_path):
     model = edgec_model.load(save(g.model({"x": [1, 4]}, {y: [1, 4]}), tmp_path))
     result = FoldBatchNorm()(model)
     assert not result.modified and result.details == {"folded": []}
+
+
+def two_input_model(tmp_path, x_shape, s_shape):
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    proto = g.model({"x": x_shape, "s": s_shape}, {y: x_shape, "s": s_shape})
+    return edgec_model.load(save(proto, tmp_path))
+
+
+def test_symbolic_batch_defaults_to_one_and_binds_the_same_symbol_elsewhere(tmp_path):
+    model = two_input_model(tmp_path, ["batch", 3, 4, 4], [2, "batch", 8])
+    with pytest.warns(EdgecWarning, match="Built for batch size 1"):
+        _, records = Pipeline([DefaultBatchSize(), RequireStaticInputs()])(model)
+    assert [list(v.shape.dims) for v in model.graph.inputs] == [[1, 3, 4, 4], [2, 1, 8]]
+    assert records[0].details["inputs"] == {"x": "batch"} and "--input-shape x=Nx3x4x4" in records[0].details["note"]
+
+
+@pytest.mark.filterwarnings("ignore::edgec.errors.EdgecWarning")
+def test_minus_one_batch_defaults_and_other_symbols_stay_errors(tmp_path):
+    model = two_input_model(tmp_path, [-1, 3, 4, 4], ["n", "seq", 8])
+    with pytest.raises(DynamicShapeError, match=r"'s' \(1xseqx8\) in dim 1 \(seq\).*--input-shape s=1xSIZEx8"):
+        Pipeline([DefaultBatchSize(), RequireStaticInputs()])(model)
+    assert list(model.graph.inputs[0].shape.dims) == [1, 3, 4, 4]
+
+
+def test_pinned_symbol_applies_to_other_inputs_and_minus_one_can_be_pinned(tmp_path):
+    model = two_input_model(tmp_path, [-1, "seq", 4], ["seq", 8])
+    Pipeline([FixInputShapes({"x": (2, 5, 4)}), DefaultBatchSize(), RequireStaticInputs()])(model)
+    assert [list(v.shape.dims) for v in model.graph.inputs] == [[2, 5, 4], [5, 8]]
+
+
+def test_input_of_unknown_rank_is_named(tmp_path):
+    model = two_input_model(tmp_path, [1, 4], [1, 8])
+    model.graph.inputs[1].shape = None
+    with pytest.raises(DynamicShapeError, match="'s' has no declared shape"):
+        Pipeline([DefaultBatchSize(), RequireStaticInputs()])(model)

@@ -3,6 +3,7 @@ no artifact left behind."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -89,16 +90,27 @@ def test_op_unknown_to_onnx_runtime(tmp_path):
                           tmp_path / "out", "Foo", "node 'foo1'", "ort-x86")
 
 
-def _dynamic_batch_model(tmp_path):
+def _dynamic_batch_model(tmp_path, shape=("batch", 3, 8, 8)):
     g = GraphBuilder()
     y = g.op("Relu", ["x"])
-    return save(g.model({"x": ["batch", 3, 8, 8]}, {y: ["batch", 3, 8, 8]}), tmp_path)
+    return save(g.model({"x": list(shape)}, {y: list(shape)}), tmp_path)
 
 
-def test_dynamic_input_without_shape(tmp_path):
-    path = _dynamic_batch_model(tmp_path)
+def test_dynamic_spatial_input_without_shape(tmp_path):
+    path = _dynamic_batch_model(tmp_path, ("batch", 3, "h", "w"))
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
-                          tmp_path / "out", "dynamic dimensions", "'x' (batchx3x8x8)", "--input-shape x=")
+                          tmp_path / "out", "dynamic dimensions", "'x' (1x3xhxw) in dims 2 (h), 3 (w)",
+                          "--input-shape x=1x3xSIZExSIZE")
+
+
+def test_dynamic_batch_defaults_to_one_with_a_warning(tmp_path):
+    path = _dynamic_batch_model(tmp_path)
+    result = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert "warning: Built for batch size 1" in result.output and "--input-shape x=Nx3x8x8" in result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["notes"] == [next(p for p in report["passes"] if p["name"] == "default-batch")["details"]["note"]]
+    assert report["verification"]["outputs"][0]["shape"] == [1, 3, 8, 8]
 
 
 def test_dynamic_input_with_shape_builds(tmp_path):

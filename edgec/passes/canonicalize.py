@@ -38,8 +38,11 @@ class FixInputShapes(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> PassOutcome:
         inputs = {v.name: v for v in model.graph.inputs}
         shapes = self._resolve_names(inputs)
+        sizes: dict[str, int] = {}
         for name, dims in shapes.items():
+            sizes.update(_symbol_sizes(inputs[name].shape, dims))
             _pin_shape(inputs[name], dims)
+        _bind_symbols([v for v in model.graph.inputs if v.name not in shapes], sizes)
         return PassOutcome(model, bool(shapes), {"shapes": {k: list(v) for k, v in shapes.items()}})
 
     def _resolve_names(self, inputs: Mapping[str, ir.Value]) -> dict[str, tuple[int, ...]]:
@@ -73,7 +76,7 @@ def _pin_shape(value: ir.Value, dims: tuple[int, ...]) -> None:
         raise DynamicShapeError(f"--input-shape for '{value.name}' has a non-positive size: {dims}.")
     for i, d in enumerate(dims):
         fixed = current[i] if current is not None else None
-        if isinstance(fixed, int) and fixed != d:
+        if not _is_dynamic(fixed) and fixed != d:
             raise DynamicShapeError(
                 f"Input '{value.name}' has static size {fixed} in dim {i}, but --input-shape gives {d}.",
                 hint=f"The model's shape is {_fmt(current)}; only symbolic dims can be set.",
@@ -81,27 +84,91 @@ def _pin_shape(value: ir.Value, dims: tuple[int, ...]) -> None:
     value.shape = ir.Shape(dims)
 
 
+def _symbol_sizes(shape: ir.Shape | None, dims: Sequence[int]) -> dict[str, int]:
+    """The sizes ``dims`` give the named symbolic dimensions of ``shape``."""
+    if shape is None:
+        return {}
+    return {d.value: size for d, size in zip(shape.dims, dims) if isinstance(d, ir.SymbolicDim) and d.value}
+
+
+def _bind_symbols(values: Sequence[ir.Value], sizes: Mapping[str, int]) -> None:
+    """A named dimension means one size wherever it appears ([batch, seq] and [2, batch, 128])."""
+    for value in values:
+        if value.shape is not None and any(isinstance(d, ir.SymbolicDim) and d.value in sizes for d in value.shape.dims):
+            value.shape = ir.Shape([sizes.get(d.value, d) if isinstance(d, ir.SymbolicDim) else d for d in value.shape.dims])
+
+
+def _is_dynamic(dim: int | ir.SymbolicDim | None) -> bool:
+    """Symbolic, unknown, or the -1 some exporters write for "any size"."""
+    return not isinstance(dim, int) or dim < 0
+
+
+def _dim_text(dim: int | ir.SymbolicDim) -> str:
+    return str(dim) if isinstance(dim, int) else (dim.value or "?")
+
+
 def _fmt(shape: ir.Shape | None) -> str:
     if shape is None:
         return "unknown"
-    return "x".join(str(d) if isinstance(d, int) else (str(d) or "?") for d in shape.dims)
+    return "x".join(_dim_text(d) for d in shape.dims)
+
+
+class DefaultBatchSize(ir.passes.InPlacePass):
+    """Build for batch 1 where an input's first dimension is symbolic, as the field's converters do.
+
+    A symbolic first dimension (``N``, ``batch``, tf2onnx's ``unk__123``, -1) is the batch in
+    almost every exported model, and edge deployments run one sample at a time. Runs after
+    :class:`FixInputShapes`, so a size the user pinned wins; other symbolic dimensions (image
+    size, sequence length) have no safe default and stay an error in :class:`RequireStaticInputs`.
+    """
+
+    name = "default-batch"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        dynamic = [v for v in model.graph.inputs if v.shape is not None and v.shape.rank() > 0 and _is_dynamic(v.shape[0])]
+        if not dynamic:
+            return PassOutcome(model, False)
+        defaulted = {v.name: _dim_text(v.shape[0]) for v in dynamic}
+        sizes = {name: 1 for v in dynamic for name in _symbol_sizes(v.shape, [1])}
+        for value in dynamic:
+            value.shape = ir.Shape([1, *value.shape.dims[1:]])
+        _bind_symbols(model.graph.inputs, sizes)
+        first = next(v for v in model.graph.inputs if v.name in defaulted)
+        listed = ", ".join(f"'{name}' ({dim})" for name, dim in defaulted.items())
+        note = (f"Built for batch size 1: the first dimension of input(s) {listed} is symbolic. Pin another "
+                f"size with --input-shape {first.name}=N{_fmt(first.shape)[1:]}.")
+        return PassOutcome(model, True, {"inputs": defaulted, "note": note})
 
 
 class RequireStaticInputs(ir.passes.InPlacePass):
-    """Fail early, naming every dynamic input, instead of deep inside a backend."""
+    """Fail early, naming every dynamic dimension of every input, instead of deep inside a backend."""
 
     name = "require-static-inputs"
 
     def call(self, model: ir.Model) -> PassOutcome:
-        dynamic = [v for v in model.graph.inputs if v.shape is None or not v.shape.is_static()]
+        dynamic = [v for v in model.graph.inputs if v.shape is None or any(_is_dynamic(d) for d in v.shape.dims)]
         if dynamic:
-            listed = ", ".join(f"'{v.name}' ({_fmt(v.shape)})" for v in dynamic)
-            example = " ".join(f"--input-shape {v.name}=1x..." for v in dynamic)
+            listed = "; ".join(_describe_dynamic(v) for v in dynamic)
+            example = " ".join(f"--input-shape {v.name}={_pin_example(v.shape)}" for v in dynamic)
             raise DynamicShapeError(
                 f"The model has inputs with dynamic dimensions: {listed}.",
-                hint=f"Pin them with {example} (one size per dimension, e.g. 1x3x224x224).",
+                hint=f"Pin them with {example}, giving one size per dimension (e.g. 1x3x224x224).",
             )
         return PassOutcome(model, False)
+
+
+def _describe_dynamic(value: ir.Value) -> str:
+    if value.shape is None:
+        return f"'{value.name}' has no declared shape (not even its rank)"
+    dims = [f"{i} ({_dim_text(d)})" for i, d in enumerate(value.shape.dims) if _is_dynamic(d)]
+    return f"'{value.name}' ({_fmt(value.shape)}) in dim{'s' if len(dims) > 1 else ''} {', '.join(dims)}"
+
+
+def _pin_example(shape: ir.Shape | None) -> str:
+    """The input's shape with a placeholder where a size is missing: ``1x3xHxW`` from ``1x3x?x?``."""
+    if shape is None:
+        return "1x..."
+    return "x".join("SIZE" if _is_dynamic(d) else str(d) for d in shape.dims)
 
 
 class InferShapes(ir.passes.FunctionalPass):
@@ -248,6 +315,7 @@ def canonicalize_passes(input_shapes: InputShapes | None = None) -> list[ir.pass
     """The passes every build starts with, in order."""
     return [
         FixInputShapes(input_shapes or {}),
+        DefaultBatchSize(),
         RequireStaticInputs(),
         InferShapes(),
         FoldConstants(),

@@ -10,18 +10,23 @@ Example::
 
     model, records = Pipeline([FixInputShapes({"x": (1, 3, 32, 32)}), FoldBatchNorm()])(model)
     records[1].details  # {"folded": ["bn1", "bn2"]}
+
+A pass that did something a user should know about (a default it chose, a fallback it
+took) says so in one sentence under ``details["note"]``; the pipeline raises it as an
+``EdgecWarning``, and the record carries it into ``report.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnx_ir as ir
 
-from edgec.errors import EdgecError, InternalError
+from edgec.errors import EdgecError, EdgecWarning, InternalError
 
 
 @dataclasses.dataclass
@@ -71,6 +76,8 @@ class Pipeline:
             details = result.details if isinstance(result, PassOutcome) else {}
             record = PassRecord(pass_name(p), bool(result.modified), before, model.graph.num_nodes(), details)
             records.append(record)
+            if "note" in details:
+                warnings.warn(details["note"], EdgecWarning, stacklevel=2)
             if self.observer:
                 self.observer(record, time.perf_counter() - start)
         return model, records
