@@ -9,6 +9,7 @@ into its weights, and Identity/Dropout and dead nodes are gone.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -172,15 +173,26 @@ def _pin_example(shape: ir.Shape | None) -> str:
 
 
 class InferShapes(ir.passes.FunctionalPass):
-    """ONNX shape inference in strict mode; a model it rejects is reported, not ignored."""
+    """ONNX shape inference in strict mode, trusting what the graph computes over what it declares.
+
+    Exporters get declared shapes wrong (a PyTorch 1.9 CRNN declares its output ``1x?`` and
+    computes ``32x1x8210``), and pinning an input to a new size makes every shape recorded at
+    export time stale. So the declared shapes of outputs and intermediate values are dropped
+    before inference; a declared shape survives only where inference finds none. Those that
+    contradicted the inferred ones are listed (with a note). A model inference still rejects,
+    nodes whose inputs cannot fit each other, is reported, not ignored.
+    """
 
     name = "infer-shapes"
 
     def call(self, model: ir.Model) -> PassOutcome:
+        declared = {v.name: v.shape for v in _computed_values(model.graph) if v.shape is not None}
+        proto = to_proto(model)
+        for info in [*proto.graph.value_info, *proto.graph.output]:
+            if info.name in declared and info.type.HasField("tensor_type"):
+                info.type.tensor_type.ClearField("shape")
         try:
-            inferred = onnx.shape_inference.infer_shapes(
-                to_proto(model), check_type=True, strict_mode=True, data_prop=True
-            )
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
         except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
             raise ModelCheckError(
                 f"Shape inference failed: {str(exc).strip().splitlines()[0]}",
@@ -188,8 +200,47 @@ class InferShapes(ir.passes.FunctionalPass):
                 "or the sizes given with --input-shape.",
             ) from exc
         result = ir.serde.deserialize_model(inferred)
+        stale = _settle_declared_shapes(result.graph, declared)
         unknown = sum(1 for n in result.graph for o in n.outputs if o.shape is None)
-        return PassOutcome(result, True, {"values_without_shape": unknown})
+        details: dict[str, Any] = {"values_without_shape": unknown}
+        if stale:
+            details.update(_stale_record(result.graph, stale))
+        return PassOutcome(result, True, details)
+
+
+def _computed_values(graph: ir.Graph) -> list[ir.Value]:
+    """Values nodes compute: their shapes follow from the inputs' (initializers' are data)."""
+    return [v for v in (*(o for n in graph for o in n.outputs), *graph.outputs) if not v.is_graph_input() and not v.is_initializer()]
+
+
+def _settle_declared_shapes(graph: ir.Graph, declared: Mapping[str, ir.Shape]) -> dict[str, tuple[str, str]]:
+    """Put back declared shapes inference found nothing for; return the contradicted ones
+    as {name: (declared, inferred)}."""
+    stale = {}
+    for value in _computed_values(graph):
+        old = declared.get(value.name)
+        if old is None:
+            continue
+        if value.shape is None:
+            value.shape = old
+        elif _contradicts(old, value.shape):
+            stale[value.name] = (_fmt(old), _fmt(value.shape))
+    return stale
+
+
+def _contradicts(declared: ir.Shape, inferred: ir.Shape) -> bool:
+    if declared.rank() != inferred.rank():
+        return True
+    return any(not _is_dynamic(a) and not _is_dynamic(b) and a != b for a, b in zip(declared.dims, inferred.dims))
+
+
+def _stale_record(graph: ir.Graph, stale: Mapping[str, tuple[str, str]]) -> dict[str, Any]:
+    outputs = {v.name: {"declared": stale[v.name][0], "inferred": stale[v.name][1]} for v in graph.outputs if v.name in stale}
+    intermediates = len(stale) - len(outputs)
+    said = [f"output '{name}' is declared {s['declared']} but computes {s['inferred']}" for name, s in outputs.items()]
+    said += [f"{intermediates} intermediate value(s) had stale declared shapes"] if intermediates else []
+    note = f"Declared shapes replaced by what the graph computes: {'; '.join(said)}."
+    return {"stale_outputs": outputs, "stale_intermediates": intermediates, "note": note}
 
 
 class FoldConstants(ir.passes.InPlacePass):
