@@ -8,12 +8,19 @@ into its weights, and Identity/Dropout and dead nodes are gone.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxsim
 from onnx_ir.passes import common as ir_common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
@@ -261,6 +268,74 @@ class FoldConstants(ir.passes.InPlacePass):
         return PassOutcome(model, modified or lifted.modified, {"nodes_removed": folded})
 
 
+class Simplify(ir.passes.FunctionalPass):
+    """Fold constants and shape arithmetic with onnxsim, which computes them with ONNX Runtime's
+    kernels and runs onnx-optimizer's rewrites (identities, transposes, pads into convs, ...).
+
+    onnx's reference evaluator, which the fallback folder uses, cannot run every node a real
+    export has (a ``ConstantOfShape`` value it cannot read stopped a PyTorch ViT). BatchNorm is
+    left to :class:`FoldBatchNorm` (onnx-optimizer's own fusion fails on some graphs). When
+    onnxsim fails, :class:`FoldConstants` folds instead and the record (and a note) says why.
+    Nodes onnxsim could not evaluate stay in the graph and are listed.
+    """
+
+    name = "simplify"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        proto = to_proto(model)
+        try:
+            simplified, log = _onnxsim(proto)
+        except Exception as exc:  # noqa: BLE001  onnxsim fails as anything from IndexError to RuntimeError
+            return _fold_instead(ir.serde.deserialize_model(proto), exc)
+        details: dict[str, Any] = {"simplifier": f"onnxsim {onnxsim.__version__}"}
+        skipped = _ONNXSIM_SKIPPED.findall(log)
+        if skipped:
+            details["not_folded"] = [f"{op} '{name}'" for op, name in skipped]
+        return PassOutcome(ir.serde.deserialize_model(simplified), True, details)
+
+
+# What onnxsim says, on stderr, about a constant node ONNX Runtime could not run.
+_ONNXSIM_SKIPPED = re.compile(r'WARNING: failed to run "([^"]*)" op \(name is "([^"]*)"\)')
+
+
+def _onnxsim(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """The simplified model and what onnxsim printed (never shown: edgec's output is the user's)."""
+    with _captured_output() as log:
+        simplified, _ = onnxsim.simplify(
+            proto, skip_fuse_bn=True, tensor_size_threshold=f"{FOLD_OUTPUT_LIMIT * 4}B"  # float32 elements
+        )
+    return simplified, "".join(log)
+
+
+@contextlib.contextmanager
+def _captured_output() -> Iterator[list[str]]:
+    """Send stdout and stderr, Python's and C++'s alike, to a file; its text is appended on exit."""
+    text: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in (1, 2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                for fd in (1, 2):
+                    os.dup2(sink.fileno(), fd)
+                yield text
+        finally:
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            sink.seek(0)
+            text.append(sink.read().decode(errors="replace"))
+
+
+def _fold_instead(model: ir.Model, exc: Exception) -> PassOutcome:
+    reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    folded = FoldConstants()(model)
+    note = (f"onnxsim could not simplify the model ({reason}); edgec folded its constants with onnx's "
+            "reference evaluator instead.")
+    return PassOutcome(folded.model, True, {"fallback": reason, **folded.details, "note": note})
+
+
 class FoldBatchNorm(ir.passes.InPlacePass):
     """Fold inference-mode BatchNormalization into the Conv, ConvTranspose or Gemm before it.
 
@@ -369,7 +444,7 @@ def canonicalize_passes(input_shapes: InputShapes | None = None) -> list[ir.pass
         DefaultBatchSize(),
         RequireStaticInputs(),
         InferShapes(),
-        FoldConstants(),
+        Simplify(),
         FoldBatchNorm(),
         *cleanup_passes(),
         InferShapes(),

@@ -150,9 +150,9 @@ def _io_entry(value: ir.Value, key: str) -> dict[str, Any]:
 def _evaluate(node: ir.Node, args: list, opsets: dict[str, int]) -> tuple[np.ndarray, ...]:
     """Compute a node whose inputs are all constants (left unfolded, e.g. for size)."""
     names = [f"in{i}" if a is not None else "" for i, a in enumerate(args)]
-    proto = onnx.helper.make_node(
-        node.op_type, names, [f"out{i}" for i in range(len(node.outputs))], domain=node.domain,
-        **{name: attr(node, name) for name in node.attributes},
-    )
+    proto = onnx.helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.outputs))], domain=node.domain)
+    # Serialized as typed, not as Python values: a tensor attribute (ConstantOfShape's value)
+    # would otherwise become a list of floats the evaluator cannot read.
+    proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
     evaluator = ReferenceEvaluator(proto, opsets={"": opsets.get("", 17)})
     return tuple(evaluator.run(None, {n: a for n, a in zip(names, args) if n}))
