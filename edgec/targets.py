@@ -26,8 +26,8 @@ _ARCH_ALIASES = {"aarch64": "arm64", "amd64": "x86_64", "x64": "x86_64"}
 KNOWN_PRECISIONS = ("fp32", "fp16", "int8")
 # What verification demands of each precision unless a target's [verify.<precision>] says otherwise.
 DEFAULT_CRITERIA = {
-    "fp32": Criterion(tolerance=1e-4),
-    "fp16": Criterion(tolerance=1e-2),
+    "fp32": Criterion(tolerance=1e-4, noise_floor=1e-6),
+    "fp16": Criterion(tolerance=1e-2, noise_floor=1e-3),
     "int8": Criterion(min_cosine=0.98),
 }
 _TOP_LEVEL_KEYS = {"name", "description", "backend", "arch", "precision", "runtime", "verify", "quantize"}

@@ -182,28 +182,3 @@ def test_input_of_unknown_rank_is_named(tmp_path):
     with pytest.raises(DynamicShapeError, match="'s' has no declared shape"):
         Pipeline([DefaultBatchSize(), RequireStaticInputs()])(model)
 
-
-def stale_declared_model():
-    """Conv → Reshape declaring its output 1x? (computes 1x8x64) and an intermediate 1x8x4x4 (is 1x8x8x8)."""
-    g = GraphBuilder()
-    r = g.op("Relu", [g.op("Conv", ["x", g.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1])])
-    y = g.op("Reshape", [r, g.const(np.array([1, 8, -1], np.int64))])
-    graph = onnx.helper.make_graph(
-        g.nodes, "stale", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-        [onnx.helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [1, "?"])], g.initializers,
-        value_info=[onnx.helper.make_tensor_value_info(r, onnx.TensorProto.FLOAT, [1, 8, 4, 4])])
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    proto.ir_version = 8
-    return proto
-
-
-def test_stale_declared_shapes_are_replaced_by_inferred_ones(tmp_path):
-    proto = stale_declared_model()
-    with pytest.raises(onnx.shape_inference.InferenceError):
-        onnx.shape_inference.infer_shapes(proto, strict_mode=True)
-    with pytest.warns(EdgecWarning, match=r"output '\S+' is declared 1x\? but computes 1x8x64; 1 intermediate"):
-        model, records = canonical(proto, tmp_path)
-    assert list(model.graph.outputs[0].shape.dims) == [1, 8, 64]
-    first = next(r for r in records if r.name == "infer-shapes").details
-    assert first["stale_outputs"] == {model.graph.outputs[0].name: {"declared": "1x?", "inferred": "1x8x64"}}
-    assert_same_outputs(proto, model)
