@@ -57,6 +57,7 @@ bench: setup
 zoo: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,zoo]'
 	$(BIN)/python models/make_zoo.py
+	$(BIN)/python models/field.py
 
 zoo-check: setup
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,zoo]'

@@ -182,3 +182,22 @@ def test_input_of_unknown_rank_is_named(tmp_path):
     with pytest.raises(DynamicShapeError, match="'s' has no declared shape"):
         Pipeline([DefaultBatchSize(), RequireStaticInputs()])(model)
 
+
+
+def test_identity_returning_an_outer_value_from_a_branch_is_kept(tmp_path):
+    """An If branch that passes an outer value through an Identity (PyTorch RNN exports do)."""
+    make = onnx.helper
+    outer = make.make_node("Relu", ["x"], ["r"])
+    branch = lambda name, node: make.make_graph(  # noqa: E731
+        [node], name, [], [make.make_tensor_value_info(f"{name}_out", onnx.TensorProto.FLOAT, [1, 4])])
+    then = branch("then", make.make_node("Identity", ["r"], ["then_out"]))
+    other = branch("else", make.make_node("Neg", ["r"], ["else_out"]))
+    positive = [make.make_node("ReduceSum", ["x"], ["s"], keepdims=0), make.make_node("Greater", ["s", "zero"], ["c"])]
+    graph = make.make_graph(
+        [outer, *positive, make.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
+        [make.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [make.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [onnx.numpy_helper.from_array(np.float32(0), "zero")])
+    proto = make.make_model(graph, opset_imports=[make.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model, _ = canonical(proto, tmp_path)
+    assert_same_outputs(proto, model)

@@ -427,10 +427,24 @@ def _fold_bias(graph, node, index, scale, shift, dtype) -> None:
 _BN_FOLDERS = {"Conv": _fold_into_conv, "ConvTranspose": _fold_into_conv_transpose, "Gemm": _fold_into_gemm}
 
 
+class IdentityElimination(ir_common.IdentityEliminationPass):
+    """onnx-ir's identity elimination, keeping the Identity nodes it would break the graph
+    removing: one that returns, as a graph output, a value defined in another graph (an
+    ``If`` branch passing an outer value through, as PyTorch-exported RNN loops do) or a
+    value that is already a graph output (two outputs would share one name)."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        source, result = (node.inputs[0] if node.inputs else None), (node.outputs[0] if node.outputs else None)
+        if (source is not None and result is not None and result.is_graph_output()
+                and (source.graph is not node.graph or source.is_graph_output())):
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
 def cleanup_passes() -> list[ir.passes.PassBase]:
     """Dead code, identities and ordering: run after any pass that rewires the graph."""
     return [
-        ir_common.IdentityEliminationPass(),
+        IdentityElimination(),
         ir_common.RemoveUnusedNodesPass(),
         ir_common.RemoveUnusedOpsetsPass(),
         ir_common.TopologicalSortPass(),
