@@ -270,16 +270,24 @@ class Criterion:
     is at most that fraction of the largest |value| among all the model's outputs passes
     whatever its own scale. Without it, a near-constant head (values below 3e-7, off by
     5e-8 after a different summation order) fails at "relative error 0.17" though the
-    rest of the model matches to 1e-7.
+    rest of the model matches to 1e-7. The floor never exceeds ``tolerance``: above it, it
+    would loosen the criterion of the model's largest output itself (and ``--tolerance 0``
+    asks for an exact match).
     """
 
     tolerance: float | None = None
     min_cosine: float | None = None
     noise_floor: float | None = None
 
+    @property
+    def floor(self) -> float | None:
+        if self.noise_floor is None or self.tolerance is None:
+            return self.noise_floor
+        return min(self.noise_floor, self.tolerance)
+
     def accepts(self, c: OutputComparison, model_scale: float) -> bool:
         """``model_scale``: the largest |value| of any of the model's reference outputs."""
-        if self.noise_floor is not None and c.max_abs_error <= self.noise_floor * model_scale:
+        if self.floor is not None and c.max_abs_error <= self.floor * model_scale:
             return True
         within = self.tolerance is None or c.relative_error <= self.tolerance
         return within and (self.min_cosine is None or c.cosine >= self.min_cosine)
@@ -288,8 +296,8 @@ class Criterion:
         parts = [f"rel err ≤ {self.tolerance:g}"] if self.tolerance is not None else []
         parts += [f"cosine ≥ {self.min_cosine:g}"] if self.min_cosine is not None else []
         text = ", ".join(parts) or "none"
-        if self.noise_floor is not None:
-            text += f" (or abs err ≤ {self.noise_floor:g} × the model's largest |output|)"
+        if self.floor is not None:
+            text += f" (or abs err ≤ {self.floor:g} × the model's largest |output|)"
         return text
 
     def to_dict(self) -> dict[str, float]:

@@ -112,6 +112,8 @@ def test_noise_floor_is_relative_to_the_largest_output_of_the_model():
     assert [c.passed for c in compare_outputs(ref, got, None, criterion)] == [True, True]
     assert [c.passed for c in compare_outputs({"small": ref["small"]}, {"small": got["small"]}, None, criterion)] == [False]
     assert "or abs err ≤ 1e-06 × the model's largest |output|" in criterion.describe()
+    exact = Criterion(tolerance=0.0, noise_floor=1e-6)  # the floor never loosens the tolerance
+    assert [c.passed for c in compare_outputs(ref, {"big": ref["big"], "small": got["small"]}, None, exact)] == [True, False]
 
 
 def test_failing_simplifier_falls_back_with_a_note(tmp_path, monkeypatch):

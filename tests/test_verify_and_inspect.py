@@ -127,7 +127,7 @@ def test_report_records_passes_io_and_artifacts(tmp_path):
     report = build(_classifier(tmp_path), "tflite-arm", tmp_path / "out").report
     assert report["status"] == "ok" and report["target"]["name"] == "tflite-arm"
     assert report["model"]["inputs"][0]["shape"] == [1, 3, 8, 8]  # the source's view, not the lowered one
-    assert {"fold-constants", "fold-batchnorm"} <= {p["name"] for p in report["passes"]}
+    assert {"simplify", "fold-batchnorm"} <= {p["name"] for p in report["passes"]}
     assert report["lowering"]["io"]["inputs"][0]["perm"] == [0, 2, 3, 1]
     assert report["artifacts"][0]["file"] == "model.tflite"
 
