@@ -329,7 +329,8 @@ def _captured_output() -> Iterator[list[str]]:
 
 
 def _fold_instead(model: ir.Model, exc: Exception) -> PassOutcome:
-    reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    said = " ".join(str(exc).split())  # onnx's messages run over several lines
+    reason = f"{type(exc).__name__}: {said if len(said) <= 160 else said[:157] + '...'}"
     folded = FoldConstants()(model)
     note = (f"onnxsim could not simplify the model ({reason}); edgec folded its constants with onnx's "
             "reference evaluator instead.")
