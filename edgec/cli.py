@@ -7,6 +7,7 @@ non-zero exit code; ``--debug`` shows the traceback for bug reports.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -245,12 +246,12 @@ def verify(
     from edgec.build import BuildOptions, source_runner, verify_runners
     from edgec.runtime import open_runner
     from edgec.targets import DEFAULT_CRITERIA
-    from edgec.verify import Criterion
 
     options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed,
                            images=parse_image_preprocess(image_range, image_mean, image_std))
     given = tolerance is not None or min_cosine is not None
-    criterion = Criterion(tolerance, min_cosine) if given else DEFAULT_CRITERIA["fp32"]
+    criterion = DEFAULT_CRITERIA["fp32"]  # its noise floor stays under a given tolerance, as in build
+    criterion = dataclasses.replace(criterion, tolerance=tolerance, min_cosine=min_cosine) if given else criterion
     result = verify_runners(source_runner(source), open_runner(artifact), options, criterion).to_dict()
     if as_json:
         out.print_json(data=result)
