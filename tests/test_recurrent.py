@@ -6,13 +6,16 @@ cannot express must be refused naming the node."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from conftest import REPO
 from helpers import GraphBuilder, random_feeds, run_ort, save
 
 from edgec import model as edgec_model
 from edgec.build import BuildOptions, build, canonicalize
-from edgec.errors import UnsupportedOpError
+from edgec.errors import EdgecWarning, UnsupportedOpError
 from edgec.lower.tflite import prepare, to_keras
+from edgec.targets import known_targets
 
 SEQ, BATCH, FEATURES, HIDDEN = 5, 2, 3, 4
 GATES = {"LSTM": 4, "GRU": 3}
@@ -127,3 +130,28 @@ def test_peepholes_are_refused(tmp_path):
     y = recurrent(g, "LSTM", "x", states=["", "", g.weight(1, 3 * HIDDEN)], name="peephole_lstm")
     with pytest.raises(UnsupportedOpError, match="peephole"):
         lower(g.model({"x": x_shape()}, {y: None}), tmp_path)
+
+
+CRNNS = ["crnn_lstm", "crnn_bilstm"]  # made by models/make_crnn.py
+EVAL = str(REPO / "models" / "data" / "digits_eval_nchw.npz")
+
+
+@pytest.mark.parametrize("target", known_targets())
+@pytest.mark.parametrize("name", CRNNS)
+def test_crnn_builds_and_verifies_on_every_target(name, target, tmp_path):
+    path = REPO / "models" / f"{name}.onnx"
+    assert {"LSTM", "Conv"} <= {n.op_type for n in onnx.load(path).graph.node}
+    result = build(path, target, tmp_path / "out", BuildOptions(inputs=EVAL, max_samples=16))
+    assert result.verification.passed
+    assert all(o.relative_error <= 1e-4 for o in result.verification.outputs)
+
+
+def test_bidirectional_crnn_builds_int8_tflite(tmp_path):
+    """The LSTM cells' matmuls and gates are int8 inside XNNPACK; only the sequence's
+    (un)stacking and reversal, which XNNPACK does not run, stay float."""
+    options = BuildOptions(precision="int8", inputs=EVAL, max_samples=16, calib_samples=32)
+    with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
+        result = build(REPO / "models" / "crnn_bilstm.onnx", "tflite-arm", tmp_path / "out", options)
+    assert result.verification.passed and result.verification.outputs[0].cosine >= 0.98
+    lowering = result.report["lowering"]
+    assert not {"FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL", "ADD"} & set(lowering["float_ops"]), lowering["float_ops"]
