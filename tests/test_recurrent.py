@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from conftest import REPO
 from helpers import GraphBuilder, random_feeds, run_ort, save
+from onnx import numpy_helper
 
 from edgec import model as edgec_model
+from edgec.analysis import layer_table
 from edgec.build import BuildOptions, build, canonicalize
 from edgec.errors import EdgecWarning, UnsupportedOpError
 from edgec.lower.tflite import prepare, to_keras
+from edgec.recipe import Step
 from edgec.targets import known_targets
 
 SEQ, BATCH, FEATURES, HIDDEN = 5, 2, 3, 4
@@ -155,3 +159,28 @@ def test_bidirectional_crnn_builds_int8_tflite(tmp_path):
     assert result.verification.passed and result.verification.outputs[0].cosine >= 0.98
     lowering = result.report["lowering"]
     assert not {"FULLY_CONNECTED", "LOGISTIC", "TANH", "MUL", "ADD"} & set(lowering["float_ops"]), lowering["float_ops"]
+
+
+def test_recurrent_macs_are_counted():
+    g = GraphBuilder()
+    y = recurrent(g, "GRU", "x", dirs=2, direction="bidirectional")
+    model = ir.serde.deserialize_model(g.model({"x": x_shape()}, {y: None}))
+    row = next(r for r in layer_table(model.graph) if r["op"] == "GRU")
+    assert row["macs"] == SEQ * BATCH * 2 * 3 * HIDDEN * (FEATURES + HIDDEN)
+
+
+def test_channel_pruning_leaves_the_lstm_alone(tmp_path):
+    """The LSTM has no channel rule: whatever feeds it keeps its channels, its weights stay."""
+    path = REPO / "models" / "crnn_bilstm.onnx"
+    options = BuildOptions(inputs=EVAL, max_samples=8, calib=str(REPO / "models" / "data" / "digits_calib_nchw.npz"),
+                           recipe=[Step("prune", {"mac_reduction": 0.2})])
+    result = build(path, "ort-x86", tmp_path / "out", options)
+    assert result.verification.passed and result.report["compression"]["mac_reduction"] >= 0.2
+    source, pruned = onnx.load(path), onnx.load(tmp_path / "out" / "crnn_bilstm.compressed.onnx")
+    assert _lstm_weights(pruned) and all(np.array_equal(a, b) for a, b in zip(_lstm_weights(source), _lstm_weights(pruned)))
+
+
+def _lstm_weights(proto) -> list[np.ndarray]:
+    lstm = next(n for n in proto.graph.node if n.op_type == "LSTM")
+    weights = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return [weights[name] for name in lstm.input[1:4]]
