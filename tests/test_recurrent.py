@@ -18,6 +18,7 @@ from edgec.analysis import layer_table
 from edgec.build import BuildOptions, build, canonicalize
 from edgec.errors import EdgecWarning, UnsupportedOpError
 from edgec.lower.tflite import prepare, to_keras
+from edgec.lower.tflite.ops import recurrent as recurrent_rules
 from edgec.recipe import Step
 from edgec.targets import known_targets
 
@@ -103,12 +104,17 @@ def test_bidirectional_gru_is_unrolled(linear_before_reset, tmp_path):
     assert "WHILE" not in ops and ops["FULLY_CONNECTED"] >= 2 * SEQ
 
 
-def test_long_reverse_gru_with_state_input_is_a_loop(tmp_path):
+def test_long_sequences_loop_in_float_and_unroll_for_int8(monkeypatch, tmp_path):
+    """TF 2.19's int8 calibration segfaults on a WHILE loop, so int8 never gets one."""
+    monkeypatch.setattr(recurrent_rules, "MAX_UNROLLED_STEPS", SEQ - 1)
     g = GraphBuilder()
-    seq = 80
     y_h = recurrent(g, "GRU", "x", states=["h0"], outputs=2, direction="reverse", linear_before_reset=1)[1]
-    ops = lower(g.model({"x": x_shape(seq=seq), "h0": [1, BATCH, HIDDEN]}, {y_h: None}), tmp_path)
-    assert ops.get("WHILE") == 1
+    model = g.model({"x": x_shape(), "h0": [1, BATCH, HIDDEN]}, {y_h: None})
+    assert lower(model, tmp_path).get("WHILE") == 1
+    options = BuildOptions(seed=3, precision="int8", calib_samples=16, min_cosine=0.0, speed_check=False)
+    with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
+        result = build(save(model, tmp_path), "tflite-x86", tmp_path / "int8", options)
+    assert "WHILE" not in result.report["lowering"]["tflite_ops"] and result.verification.outputs[0].cosine >= 0.95
 
 
 @pytest.mark.parametrize(
@@ -153,7 +159,7 @@ def test_crnn_builds_and_verifies_on_every_target(name, target, tmp_path):
 def test_bidirectional_crnn_builds_int8_tflite(tmp_path):
     """The LSTM cells' matmuls and gates are int8 inside XNNPACK; only the sequence's
     (un)stacking and reversal, which XNNPACK does not run, stay float."""
-    options = BuildOptions(precision="int8", inputs=EVAL, max_samples=16, calib_samples=32)
+    options = BuildOptions(precision="int8", inputs=EVAL, max_samples=16, calib_samples=32, bias_correction=False)
     with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
         result = build(REPO / "models" / "crnn_bilstm.onnx", "tflite-arm", tmp_path / "out", options)
     assert result.verification.passed and result.verification.outputs[0].cosine >= 0.98

@@ -5,9 +5,11 @@ whose states are variable tensors the kernel leaves its final states in, so each
 starts where the last one ended unless the app resets them (measured: the second run of
 the same input differed by 0.28) — an artifact that is right only once. The cells become
 plain ops instead, stateless: unrolled into per-step FULLY_CONNECTED and elementwise ops
-for sequences up to ``MAX_UNROLLED_STEPS`` (XNNPACK runs those in float and in int8), a
-WHILE loop over the same ops for longer ones. Both measured as fast as the fused LSTM on
-this host (32 steps, 64 units: 0.08 ms unrolled, 0.11 ms fused).
+(XNNPACK runs those in float and in int8), or for sequences longer than
+``MAX_UNROLLED_STEPS`` a WHILE loop over the same ops — except for int8, whose calibration
+crashes the converter on a WHILE loop (a segfault in TF 2.19), so int8 always unrolls.
+Measured on this host, 64 units: 32 steps unrolled 0.08 ms, fused 0.11 ms, loop 0.17 ms;
+128 steps 0.42-0.48 ms all three.
 
 ONNX stacks gates as LSTM [i, o, f, c] and GRU [z, r, h]; Keras as LSTM [i, f, c, o] and
 GRU [z, r, h]. Reverse directions run on the time-reversed sequence and flip their output
@@ -23,7 +25,8 @@ import tf_keras as keras
 from edgec.lower.tflite.context import is_tensor
 from edgec.lower.tflite.registry import rule
 
-# Longer sequences become a WHILE loop: unrolling adds ~14 ops per step and direction.
+# Longer sequences become a WHILE loop where loops are allowed: unrolling adds ~14 ops per
+# step and direction, and conversion time grows with them (~0.2 s per step here).
 MAX_UNROLLED_STEPS = 64
 _LSTM_GATES = [0, 2, 3, 1]  # ONNX [i, o, f, c] → Keras [i, f, c, o]
 _DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", "tanh"]}
@@ -32,7 +35,7 @@ _DEFAULT_ACTIVATIONS = {"LSTM": ["sigmoid", "tanh", "tanh"], "GRU": ["sigmoid", 
 @rule("LSTM")
 def lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=None, p=None, *, activation_alpha=None,
          activation_beta=None, activations=None, clip=None, direction="forward", hidden_size=None, input_forget=0, layout=0):
-    _check_common(ctx, x, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout)
+    _check_common(ctx, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout)
     if input_forget:
         ctx.unsupported("input_forget=1 (coupled input and forget gates), which Keras LSTM does not have")
     if p is not None and np.any(ctx.require_constant(p, "peephole weights")):
@@ -58,7 +61,7 @@ def lstm(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, initial_c=Non
 @rule("GRU")
 def gru(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, *, activation_alpha=None, activation_beta=None,
         activations=None, clip=None, direction="forward", hidden_size=None, layout=0, linear_before_reset=0):
-    _check_common(ctx, x, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout)
+    _check_common(ctx, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout)
     w, r = ctx.require_constant(w, "input weights (W)"), ctx.require_constant(r, "recurrence weights (R)")
     units = r.shape[-1]
     ys = []
@@ -70,7 +73,7 @@ def gru(ctx, x, w, r, b=None, sequence_lens=None, initial_h=None, *, activation_
     return _onnx_outputs(ctx, direction, layout, ys, [])
 
 
-def _check_common(ctx, x, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout) -> None:
+def _check_common(ctx, sequence_lens, activation_alpha, activation_beta, activations, clip, direction, layout) -> None:
     """Refuse what Keras recurrent layers cannot express, naming the attribute or input."""
     op = ctx.node.op_type
     if direction not in ("forward", "reverse", "bidirectional"):
@@ -93,7 +96,7 @@ def _check_common(ctx, x, sequence_lens, activation_alpha, activation_beta, acti
 def _rnn(ctx, cell, direction: str, d: int, layout: int, return_state: bool = False) -> keras.layers.RNN:
     steps = ctx.in_shape(0)[layout == 1]
     return keras.layers.RNN(cell, return_sequences=True, return_state=return_state, go_backwards=_backward(direction, d),
-                            unroll=steps <= MAX_UNROLLED_STEPS, time_major=layout == 0, name=ctx.name(f"_{d}"))
+                            unroll=steps <= MAX_UNROLLED_STEPS or not ctx.loops, time_major=layout == 0, name=ctx.name(f"_{d}"))
 
 
 def _used(ctx, index: int) -> bool:
@@ -150,12 +153,11 @@ def _onnx_outputs(ctx, direction: str, layout: int, ys: list, cs: list) -> tuple
     """Y [seq, dirs, batch, hidden] (layout 1: [batch, seq, dirs, hidden]), Y_h and Y_c
     [dirs, batch, hidden] (layout 1: [batch, dirs, hidden]) from per-direction Keras outputs
     in processing order."""
-    time_axis = 0 if layout == 0 else 1
-    last = [y[-1] if layout == 0 else y[:, -1] for y in ys]
-    y = None
+    y = y_h = None
     if _used(ctx, 0):
-        in_order = [tf.reverse(y, [time_axis]) if _backward(direction, d) else y for d, y in enumerate(ys)]
+        in_order = [tf.reverse(y, [layout]) if _backward(direction, d) else y for d, y in enumerate(ys)]
         y = tf.stack(in_order, axis=1 if layout == 0 else 2)
-    y_h = tf.stack(last, axis=layout) if _used(ctx, 1) else None
+    if _used(ctx, 1):
+        y_h = tf.stack([y[-1] if layout == 0 else y[:, -1] for y in ys], axis=layout)
     y_c = tf.stack(cs, axis=layout) if _used(ctx, 2) else None
     return y, y_h, y_c
