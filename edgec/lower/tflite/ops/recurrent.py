@@ -84,7 +84,8 @@ def _check_common(ctx, sequence_lens, activation_alpha, activation_beta, activat
         ctx.unsupported(f"clip={clip} (cell clipping), which Keras {op} does not have")
     if activation_alpha is not None or activation_beta is not None:
         ctx.unsupported("activation_alpha/activation_beta (parameterized activations)")
-    if activations is not None and [a.lower() for a in activations] != _DEFAULT_ACTIVATIONS[op] * (1 + (direction == "bidirectional")):
+    defaults = _DEFAULT_ACTIVATIONS[op] * (2 if direction == "bidirectional" else 1)
+    if activations is not None and [a.lower() for a in activations] != defaults:
         ctx.unsupported(f"activations {activations}; only the defaults {_DEFAULT_ACTIVATIONS[op]} map to Keras {op}")
     if sequence_lens is not None:
         lens = ctx.require_constant(sequence_lens, "sequence_lens")
