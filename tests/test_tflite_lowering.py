@@ -309,7 +309,7 @@ def test_fp16_artifact_stores_half_weights_and_verifies(tmp_path):
 
 def test_int8_calibration_feeds_each_input_by_name(tmp_path):
     """Inputs whose names sort unlike the model's input order ('a_bias' < 'x') still get
-    their own calibration samples (the converter orders a list of inputs by name)."""
+    their own calibration samples (the converter matched a list to its own input order)."""
     g = GraphBuilder()
     y = g.op("Add", [conv(g, "x", 3, 8), g.op("Reshape", ["a_bias", g.const(np.array([1, 8, 1, 1], np.int64))])])
     path = save(g.model({"x": [1, 3, 8, 8], "a_bias": [1, 8]}, {y: [1, 8, 8, 8]}), tmp_path)

@@ -43,7 +43,7 @@ def keras_to_tflite(
         converter.target_spec.supported_types = [tf.float16]
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        # By name: the converter orders a list by its signature's (sorted) names, not Keras's inputs.
+        # By name: the converter matches a list to its signature's input order, not always Keras's.
         converter.representative_dataset = lambda: (dict(zip(model.input_names, sample)) for sample in representative)
         converter._experimental_calibrate_only = True  # the converter's own split between the two steps
     return _converted(converter.convert, model.name, target)
