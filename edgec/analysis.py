@@ -47,12 +47,23 @@ def _matmul_macs(node: ir.Node) -> int | None:
     return math.prod(out) * a[-1]
 
 
+def _recurrent_macs(node: ir.Node) -> int | None:
+    x, w, r = (static_shape(v) for v in node.inputs[:3])
+    if x is None or w is None or r is None:
+        return None
+    # Every step, every gate of every direction multiplies the input and the hidden state:
+    # W [dirs, gates·hidden, features], R [dirs, gates·hidden, hidden]; x is [steps, batch, ...] either way round.
+    return x[0] * x[1] * w[0] * w[1] * (w[2] + r[2])
+
+
 # Op type → MAC counter; ops not listed cost no MACs (elementwise work is not counted).
 MAC_COUNTERS: dict[str, Callable[[ir.Node], int | None]] = {
     "Conv": _conv_macs,
     "ConvTranspose": _conv_transpose_macs,
     "Gemm": _gemm_macs,
     "MatMul": _matmul_macs,
+    "LSTM": _recurrent_macs,
+    "GRU": _recurrent_macs,
 }
 
 

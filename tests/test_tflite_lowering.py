@@ -305,3 +305,15 @@ def test_fp16_artifact_stores_half_weights_and_verifies(tmp_path):
     assert fp16.artifacts[0].stat().st_size < fp32.artifacts[0].stat().st_size
     assert fp16.report["verification"]["criterion"] == {"tolerance": 1e-2, "noise_floor": 1e-3}
     assert fp16.verification.passed
+
+
+def test_int8_calibration_feeds_each_input_by_name(tmp_path):
+    """Inputs whose names sort unlike the model's input order ('a_bias' < 'x') still get
+    their own calibration samples (the converter matched a list to its own input order)."""
+    g = GraphBuilder()
+    y = g.op("Add", [conv(g, "x", 3, 8), g.op("Reshape", ["a_bias", g.const(np.array([1, 8, 1, 1], np.int64))])])
+    path = save(g.model({"x": [1, 3, 8, 8], "a_bias": [1, 8]}, {y: [1, 8, 8, 8]}), tmp_path)
+    options = BuildOptions(precision="int8", calib_samples=8, min_cosine=0.0, speed_check=False)
+    with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
+        result = build(path, "tflite-x86", tmp_path / "out", options)
+    assert result.verification.outputs[0].cosine >= 0.99

@@ -50,7 +50,7 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list]:
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
     source = to_bytes(model) if options.precision == "int8" else b""  # the float reference for int8 checks
     model, records = prepare(model)
-    keras_lowering = to_keras(model, target.name)
+    keras_lowering = to_keras(model, target.name, loops=options.precision != "int8")
     io = keras_lowering.io
     representative = [_keras_inputs(sample, io) for sample in options.calibration.batches]
     content = keras_to_tflite(keras_lowering.model, target.name, options.precision, representative)

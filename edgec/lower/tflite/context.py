@@ -15,9 +15,10 @@ ORT_HINT = "Build for an ONNX Runtime target instead (--target ort-arm or ort-x8
 
 
 class NodeContext:
-    def __init__(self, node: ir.Node, target: str, names: set[str]):
+    def __init__(self, node: ir.Node, target: str, names: set[str], loops: bool = True):
         self.node = node
         self.target = target
+        self.loops = loops  # may the rule emit control flow (WHILE)?
         self._names = names
 
     def name(self, suffix: str = "") -> str:

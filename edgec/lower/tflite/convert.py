@@ -43,7 +43,8 @@ def keras_to_tflite(
         converter.target_spec.supported_types = [tf.float16]
     elif precision == "int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: iter(representative)
+        # By name: the converter matches a list to its signature's input order, not always Keras's.
+        converter.representative_dataset = lambda: (dict(zip(model.input_names, sample)) for sample in representative)
         converter._experimental_calibrate_only = True  # the converter's own split between the two steps
     return _converted(converter.convert, model.name, target)
 
@@ -80,6 +81,8 @@ def _converted(convert, name: str, target: str) -> bytes:
         with captured_stderr(), warnings.catch_warnings():  # the converter logs every MLIR pass to fd 2
             # Emitted by the converter's own intermediate float pass during int8 calibration.
             warnings.filterwarnings("ignore", "Statistics for quantized inputs were expected")
+            # The calibrator reads the signature of calibration samples given by name with it.
+            warnings.filterwarnings("ignore", r"\s*Warning: tf.lite.Interpreter is deprecated")
             return convert()
     except Exception as exc:  # ConverterError and friends carry MLIR diagnostics
         raise UnsupportedOpError(

@@ -36,19 +36,22 @@ class KerasLowering:
     layers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
-def to_keras(model: ir.Model, target: str = "tflite") -> KerasLowering:
+def to_keras(model: ir.Model, target: str = "tflite", loops: bool = True) -> KerasLowering:
     """Lower a canonical, channels-last IR model to a tf_keras functional model.
 
-    Clears the Keras session first so layer names (and hence artifacts) are deterministic.
+    ``loops=False`` keeps rules from emitting control flow (TFLite WHILE), which the
+    converter's int8 calibration crashes on. Clears the Keras session first so layer names
+    (and hence artifacts) are deterministic.
     """
     keras.backend.clear_session()
-    return _Builder(model, target).build()
+    return _Builder(model, target, loops).build()
 
 
 class _Builder:
-    def __init__(self, model: ir.Model, target: str):
+    def __init__(self, model: ir.Model, target: str, loops: bool):
         self.model = model
         self.target = target
+        self.loops = loops
         self.names: set[str] = set()
         self.layers: dict[str, list[str]] = {}
         self.tensors: dict[ir.Value, Any] = {}
@@ -106,7 +109,7 @@ class _Builder:
             self.tensors[value] = result
 
     def _apply_rule(self, node: ir.Node, args: list) -> Any:
-        ctx = NodeContext(node, self.target, self.names)
+        ctx = NodeContext(node, self.target, self.names, self.loops)
         fn = lookup(node.domain, node.op_type)
         if fn is None:
             ctx.unsupported("edgec has no TFLite rule for this op")
