@@ -14,7 +14,7 @@ import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,7 +23,8 @@ import onnx_ir as ir
 
 from edgec import __version__
 from edgec.analysis import quantized_nodes, summarize
-from edgec.errors import DeviceError, EdgecWarning, QuantizationError, VerificationError
+from edgec.crash import at
+from edgec.errors import DeviceError, EdgecWarning, ModelLoadError, QuantizationError, VerificationError
 from edgec.images import ImagePreprocess
 from edgec.lower import Lowered, LowerOptions, lower
 from edgec.model import load, load_proto, to_bytes
@@ -57,6 +58,21 @@ class SilentProgress:
 
     def pass_done(self, record: PassRecord, seconds: float) -> None:
         pass
+
+
+class _Marked:
+    """Progress whose stages also mark where a bug strikes, for the crash message (edgec.crash)."""
+
+    def __init__(self, shown: Progress):
+        self.shown = shown
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        with at("stage", description), self.shown.stage(description):
+            yield
+
+    def pass_done(self, record: PassRecord, seconds: float) -> None:
+        self.shown.pass_done(record, seconds)
 
 
 @dataclasses.dataclass
@@ -114,7 +130,7 @@ def build(
 ) -> BuildResult:
     """Compile ``model_path`` for ``target`` into ``out_dir``; raise ``EdgecError`` on failure."""
     options = options or BuildOptions()
-    progress = progress or SilentProgress()
+    progress = _Marked(progress or SilentProgress())
     target = target if isinstance(target, Target) else load_target(target)
     for key in ("profile_device", "speed_device"):  # an unknown device fails before the build
         if isinstance(getattr(options, key), str):
@@ -139,12 +155,14 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     with progress.stage(f"Loading {path.name}"):
         model = load(path)
     model, records = canonicalize(model, options.input_shapes, progress)
+    with progress.stage("Running the source model once in ONNX Runtime"):
+        source = _runs(source_runner(path), model, options.seed)
     precision = options.precision or target.precision
     # Loaded on first use, once: only data-aware passes and int8 need it.
     calibration = functools.cache(functools.partial(_calibration, model, options))
     reference, extra, compressed = None, {}, {}  # the reference is the source file unless compressed
     if options.recipe:
-        model, more, extra["compression"] = compress(model, options.recipe, calibration, source_runner(path), options, progress)
+        model, more, extra["compression"] = compress(model, options.recipe, calibration, source, options, progress)
         records += more
         reference = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         compressed[f"{path.stem}.compressed.onnx"] = to_bytes(model)
@@ -158,7 +176,7 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             lowered = lower(model, target, path.stem, LowerOptions(precision))
     with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
-        verification = verify_bytes(reference or source_runner(path), lowered, target, options, criterion(target, precision, options))
+        verification = verify_bytes(reference or source, lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification, fp32_instead_of_int8=precision != (options.precision or target.precision))
     report = _report(path, target, model, records, lowered, verification, options)
@@ -171,6 +189,19 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
+
+
+def _runs(source: Runner, model: ir.Model, seed: int) -> Runner:
+    """``source``, once it ran the first random verification batch: a model the ONNX checker
+    passes can still hold a node ONNX Runtime refuses (a Conv with group 0, a Gemm bias that
+    does not broadcast), and that is the model's fault, to be said before any lowering."""
+    source.run(random_inputs(input_specs(model), seed=seed, count=1).batches[0])
+    return source
+
+
+def input_specs(model: ir.Model) -> list[TensorSpec]:
+    """The (static, canonical) inputs of ``model`` as runners describe them."""
+    return [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
 
 
 def _profile(lowered: Lowered, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
@@ -286,7 +317,7 @@ def _refuse_quantized(model: ir.Model) -> None:
 
 def _calibration(model: ir.Model, options: BuildOptions) -> InputSet:
     """int8 calibration samples from ``--calib``, or seeded random ones with a warning."""
-    specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
+    specs = input_specs(model)
     if options.calib:
         return load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images)
     warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=5)
@@ -410,8 +441,12 @@ def _time_on_device(paths: dict[str, Path], device: Device) -> dict[str, Any]:
 
 
 def _open(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
-    """A runner on the primary artifact, written to a scratch ``directory``."""
-    return open_runner(_write(directory, lowered), threads=threads, options=target.runtime)
+    """A runner on the primary artifact, written to a scratch ``directory``. edgec made the
+    artifact, so a runtime refusing it is a bug in edgec, not the user's error."""
+    try:
+        return open_runner(_write(directory, lowered), threads=threads, options=target.runtime)
+    except ModelLoadError as exc:
+        raise RuntimeError(f"the runtime cannot load edgec's own {lowered.primary}: {exc}") from exc
 
 
 def _write(directory: Path, lowered: Lowered) -> Path:
@@ -442,7 +477,7 @@ def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: B
 def source_runner(path: Path) -> Runner:
     """The reference: the user's own file in ONNX Runtime with graph optimizations off."""
     proto = load_proto(path)
-    return OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled")
+    return OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled", user_file=path.name)
 
 
 def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, criterion: Criterion) -> Verification:

@@ -20,7 +20,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning, InputDataError
+from typer.exceptions import TyperException
+
+from edgec import crash
+from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning, InputDataError, InternalError
 
 app = typer.Typer(
     add_completion=False,
@@ -44,17 +47,28 @@ MinCosineOpt = Annotated[Optional[float], typer.Option(help="Minimum cosine simi
 
 
 def _handles_errors(fn):
-    """Turn EdgecError into a one-paragraph message and an exit code."""
+    """Turn EdgecError into a one-paragraph message and its exit code, and any other
+    exception (a bug) into one paragraph naming where it struck, a crash report outside the
+    output directory, and exit code 70."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with crash.at("command", f"`edgec {fn.__name__}`"):
+                return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
         except EdgecError as exc:
             if debug:
                 raise
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:
+            if debug:
+                raise
+            err.print(f"[bold red]internal error:[/] {crash.bug_message(exc, crash.write_report(exc))}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(InternalError.exit_code) from None
 
     return wrapper
 
@@ -396,12 +410,11 @@ def analyze(
     debug: DebugOpt = False,
 ) -> None:
     """Analyses that help choose compression settings (for now: --sensitivity)."""
-    from edgec.build import canonicalize
+    from edgec.build import canonicalize, input_specs
     from edgec.errors import RecipeError
     from edgec.model import load
     from edgec.outputs import OutputDir
     from edgec.report import write_json
-    from edgec.runtime import TensorSpec
     from edgec.sensitivity import plot, sensitivity as measure
     from edgec.verify import load_inputs
 
@@ -410,7 +423,7 @@ def analyze(
     if inputs is None and calib is None:
         raise InputDataError("--sensitivity needs real samples.", hint="Pass --inputs (labeled .npz gives the top-1 drop) and/or --calib.")
     canonical, _ = canonicalize(load(model), parse_input_shapes(input_shape))
-    specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in canonical.graph.inputs]
+    specs = input_specs(canonical)
     images = parse_image_preprocess(image_range, image_mean, image_std)
     samples = load_inputs(inputs or calib, specs, limit=max_samples, images=images)
     calibration = load_inputs(calib, specs, limit=max_samples, images=images) if calib else samples

@@ -86,7 +86,7 @@ def test_op_unknown_to_onnx_runtime(tmp_path):
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
-                          tmp_path / "out", "Foo", "node 'foo1'", "ort-x86")
+                          tmp_path / "out", "Cannot load 'custom.onnx'", "does not know the op acme::Foo", "node 'foo1'")
 
 
 def _dynamic_batch_model(tmp_path):
@@ -205,3 +205,34 @@ def test_int8_without_calibration_data_warns(tmp_path):
     result = _cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), "--precision", "int8", "--json")
     assert result.exit_code == 0, result.output
     assert "warning: Calibrating with random inputs" in " ".join(result.output.split())
+
+
+def _conv_with_group_zero(tmp_path):
+    """A seeded mutation the ONNX checker and shape inference both pass."""
+    g = GraphBuilder()
+    y = g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1], name="conv0")
+    model = g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]})
+    model.graph.node[0].attribute.append(helper.make_attribute("group", 0))
+    onnx.checker.check_model(model)
+    return save(model, tmp_path)
+
+
+def test_invalid_model_onnx_runtime_refuses_names_node_and_reason(tmp_path):
+    """ORT's own log line stays out of stderr; the message names the node, before any lowering."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgec", "build", str(_conv_with_group_zero(tmp_path)), "-t", "tflite-x86", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, check=False,
+    )
+    text = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr
+    assert "node 'conv0' (Conv)" in text and "group: 0" in text and "Lowering" not in text
+    assert "Traceback" not in proc.stderr and "onnxruntime:" not in proc.stderr
+    assert listing(tmp_path / "out") == []
+
+
+def test_gemm_bias_that_does_not_broadcast(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Gemm", ["x", g.weight(8, 4), g.weight(3)], name="fc")
+    path = save(g.model({"x": [1, 8]}, {y: None}), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")), tmp_path / "out",
+                          "ONNX Runtime cannot run node 'fc' (Gemm) of 'model.onnx'", "Invalid bias shape")
