@@ -23,17 +23,18 @@ import onnx_ir as ir
 
 from edgec import __version__
 from edgec.analysis import quantized_nodes, summarize
+from edgec.checks import at_least, one_of, option, within
 from edgec.crash import at
 from edgec.errors import DeviceError, EdgecWarning, ModelLoadError, QuantizationError, VerificationError
 from edgec.images import ImagePreprocess
-from edgec.lower import Lowered, LowerOptions, lower
+from edgec.lower import Lowered, LowerOptions, check_precision, lower
 from edgec.model import load, load_proto, to_bytes
 from edgec.outputs import OutputDir
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
-from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
+from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import Device, ProfileSettings, compare_latency, get_device, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.recipe import Step, make_passes
@@ -104,6 +105,16 @@ class BuildOptions:
     devices: str | None = None  # device inventory file that names profile_device (targets/devices.toml otherwise)
     profile_settings: ProfileSettings | None = None  # how; defaults and the device's own threads otherwise
 
+    def __post_init__(self) -> None:
+        """A value out of range fails here, before any work (the CLI's options come here too)."""
+        at_least(option("max_samples"), self.max_samples, 1)
+        at_least(option("calib_samples"), self.calib_samples, 1)
+        at_least(option("tolerance"), self.tolerance, 0)
+        within(option("min_cosine"), self.min_cosine, 0, 1)
+        within(option("max_drop"), self.max_drop, 0, 1, include_high=False)
+        at_least(option("seed"), self.seed, 0)
+        one_of(option("calib_method"), self.calib_method, CALIBRATION_METHODS)
+
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
                 "bias_correction")
@@ -136,6 +147,7 @@ def build(
         if isinstance(getattr(options, key), str):
             options = dataclasses.replace(options, **{key: get_device(getattr(options, key), options.devices)})
     _check_speed_device(options.speed_device, target)
+    check_precision(target, options.precision or target.precision)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)

@@ -261,8 +261,8 @@ def verify(
     from edgec.targets import DEFAULT_CRITERIA
     from edgec.verify import Criterion
 
-    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed,
-                           images=parse_image_preprocess(image_range, image_mean, image_std))
+    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed, tolerance=tolerance,
+                           min_cosine=min_cosine, images=parse_image_preprocess(image_range, image_mean, image_std))
     given = tolerance is not None or min_cosine is not None
     criterion = Criterion(tolerance, min_cosine) if given else DEFAULT_CRITERIA["fp32"]
     result = verify_runners(source_runner(source), open_runner(artifact), options, criterion).to_dict()
@@ -280,10 +280,10 @@ def profile(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifacts to measure (.tflite, .onnx, .ort).")],
     device: Annotated[str, typer.Option("--device", "-d", help="Device to measure on.")] = "local",
     devices: Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")] = None,
-    runs: Annotated[int, typer.Option(min=1, help="Timed runs (at most, with --budget-s).")] = 50,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 10,
-    budget_s: Annotated[Optional[float], typer.Option("--budget-s", min=0.0, help="Stop timing after this many seconds (at least 3 runs).")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads (default: the device's CPUs).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs (at most, with --budget-s).")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 10,
+    budget_s: Annotated[Optional[float], typer.Option("--budget-s", help="Stop timing after this many seconds (at least 3 runs).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's CPUs).")] = None,
     ops: Annotated[bool, typer.Option("--ops/--no-ops", help="Per-op breakdown with the runtime's profiler.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the random inputs.")] = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for profile.json and report.html.")] = Path("build/profile"),
@@ -411,9 +411,11 @@ def analyze(
 ) -> None:
     """Analyses that help choose compression settings (for now: --sensitivity)."""
     from edgec.build import canonicalize, input_specs
+    from edgec.checks import at_least, one_of, within
     from edgec.errors import RecipeError
     from edgec.model import load
     from edgec.outputs import OutputDir
+    from edgec.passes.channel_pruning import IMPORTANCE
     from edgec.report import write_json
     from edgec.sensitivity import plot, sensitivity as measure
     from edgec.verify import load_inputs
@@ -422,12 +424,17 @@ def analyze(
         raise RecipeError("Choose an analysis.", hint="Pass --sensitivity.")
     if inputs is None and calib is None:
         raise InputDataError("--sensitivity needs real samples.", hint="Pass --inputs (labeled .npz gives the top-1 drop) and/or --calib.")
+    pruning_rates = _floats(rates, "--rates")
+    for rate in pruning_rates:
+        within("--rates", rate, 0, 1, include_high=False)
+    one_of("--importance", importance, IMPORTANCE)
+    at_least("--max-samples", max_samples, 1)
     canonical, _ = canonicalize(load(model), parse_input_shapes(input_shape))
     specs = input_specs(canonical)
     images = parse_image_preprocess(image_range, image_mean, image_std)
     samples = load_inputs(inputs or calib, specs, limit=max_samples, images=images)
     calibration = load_inputs(calib, specs, limit=max_samples, images=images) if calib else samples
-    report = measure(canonical, samples, calibration, _floats(rates, "--rates"), importance, reconstruct)
+    report = measure(canonical, samples, calibration, pruning_rates, importance, reconstruct)
     files = {"sensitivity.png": plot(report), "sensitivity.json": write_json(report)}
     OutputDir(output).commit(files, last="sensitivity.json")
     if as_json:

@@ -236,3 +236,42 @@ def test_gemm_bias_that_does_not_broadcast(tmp_path):
     path = save(g.model({"x": [1, 8]}, {y: None}), tmp_path)
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")), tmp_path / "out",
                           "ONNX Runtime cannot run node 'fc' (Gemm) of 'model.onnx'", "Invalid bias shape")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--precision", "int8", "--calib-samples", "0"], "calib_samples (--calib-samples) must be at least 1, not 0"),
+    (["--tolerance", "-1"], "tolerance (--tolerance) must be at least 0, not -1.0"),
+    (["--min-cosine", "1.5"], "min_cosine (--min-cosine) must be in [0, 1], not 1.5"),
+    (["--max-drop", "1"], "max_drop (--max-drop) must be in [0, 1), not 1.0"),
+    (["--max-samples", "0"], "max_samples (--max-samples) must be at least 1"),
+    (["--seed", "-1"], "seed (--seed) must be at least 0"),
+    (["--calib-method", "kmeans"], "calib_method (--calib-method) must be one of entropy, minmax, percentile"),
+    (["--image-range", "5,1"], "LO,HI needs LO < HI, not 5,1"),
+    (["--image-std", "0.2,0,0.2"], "std (--image-std) must be greater than 0, not 0.0"),
+])
+def test_option_values_out_of_range_fail_where_given(tmp_path, args, fragment):
+    path = save(_tiny_model(), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), *args), tmp_path / "out",
+                          fragment)
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["profile", "{model}", "-o", "{out}", "--runs", "0"], "runs (--runs) must be at least 1"),
+    (["profile", "{model}", "-o", "{out}", "--threads", "0"], "threads (--threads) must be at least 1"),
+    (["profile", "{model}", "-o", "{out}", "--budget-s", "0"], "budget_s (--budget-s) must be greater than 0"),
+    (["profile", "{model}", "-o", "{out}", "--warmup", "-1"], "warmup (--warmup) must be at least 0"),
+    (["verify", "{model}", "{model}", "--tolerance", "-0.5"], "tolerance (--tolerance) must be at least 0"),
+    (["analyze", "{model}", "-o", "{out}", "--sensitivity", "--inputs", "x.npz", "--rates", "0.1,1.5"], "--rates must be in [0, 1), not 1.5"),
+    (["analyze", "{model}", "-o", "{out}", "--sensitivity", "--inputs", "x.npz", "--importance", "l3"], "--importance must be one of activation, l1, l2"),
+])
+def test_other_commands_check_option_values(tmp_path, argv, fragment):
+    model = str(save(_tiny_model(), tmp_path))
+    _assert_clean_failure(_cli(*[a.format(model=model, out=tmp_path / "out") for a in argv]), tmp_path / "out", fragment)
+
+
+def test_build_options_check_values_from_python_too():
+    from edgec.build import BuildOptions
+    from edgec.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"calib_samples \(--calib-samples\) must be at least 1"):
+        BuildOptions(calib_samples=0)
