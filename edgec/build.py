@@ -35,7 +35,7 @@ from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
-from edgec.profile import Device, ProfileSettings, compare_latency, get_device, profile
+from edgec.profile import Device, ProfileSettings, compare_latency, foreign_device_warning, get_device, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
@@ -147,6 +147,10 @@ def build(
         if isinstance(getattr(options, key), str):
             options = dataclasses.replace(options, **{key: get_device(getattr(options, key), options.devices)})
     _check_speed_device(options.speed_device, target)
+    if options.profile_device is not None:
+        foreign = foreign_device_warning(f"the {target.backend} artifact", target.name, target.arch, options.profile_device)
+        if foreign:
+            warnings.warn(foreign, EdgecWarning, stacklevel=2)
     check_precision(target, options.precision or target.precision)
     out = OutputDir(out_dir)
     try:
@@ -277,9 +281,28 @@ def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSe
                                                     int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
     if options.speed_check:
         device = options.speed_device
-        with progress.stage(f"Timing int8 against fp32 on {f'device {device.name}' if device else 'this host'}"):
+        measurable = device is not None or same_arch(platform.machine(), target.arch)
+        with progress.stage(_speed_check_stage(device)) if measurable else contextlib.nullcontext():
             lowered, extra["speed_check"] = choose_faster(model, target, stem, lowered, device)
     return lowered, records, extra
+
+
+def _speed_check_stage(device: Device | None) -> str:
+    """What the speed check really does: time here or on a board, or count emulated instructions."""
+    if device is None:
+        return "Timing int8 against fp32 on this host"
+    if device.emulation is not None:
+        return f"Counting instructions of int8 and fp32 on emulated device {device.name}"
+    return f"Timing int8 against fp32 on device {device.name}"
+
+
+def _unmeasured(target: Target) -> dict[str, Any]:
+    """The speed check's record when nothing here can run the target's code, and a warning saying so."""
+    reason = f"this host is {platform.machine()}, the target {target.arch}"
+    warnings.warn(f"The int8 artifact's speed was not checked against fp32 ({reason}); int8 is shipped unmeasured. "
+                  "Pass --speed-check-on DEVICE to check on a device of the target's architecture (e.g. emulated-a76), "
+                  "or --no-speed-check to ship int8 without this warning.", EdgecWarning, stacklevel=5)
+    return {"shipped": "int8", "measured": False, "reason": f"{reason}; --speed-check-on DEVICE checks on one"}
 
 
 def _named(value: Any) -> Any:
@@ -394,11 +417,10 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
     An emulated device is judged by instructions per inference (deterministic; its wall time
     is not latency). When fp32 wins here, both artifacts' kernels are profiled and the ones
     int8 loses on are named. Without a device of the target's architecture the int8 artifact
-    is kept and the report says the check was not possible.
+    is kept, with a warning, and the report says the check was not possible.
     """
     if device is None and not same_arch(platform.machine(), target.arch):
-        return int8, {"shipped": "int8", "measured": False,
-                      "reason": f"this host is {platform.machine()}, the target {target.arch}; --speed-check-on DEVICE checks on one"}
+        return int8, _unmeasured(target)
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
         paths = {name: _write(Path(tmp) / name, lowered) for name, lowered in (("fp32", fp32), ("int8", int8))}

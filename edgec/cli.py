@@ -292,7 +292,7 @@ def profile(
 ) -> None:
     """Measure latency (and where it goes, per op) of ARTIFACTS on a device; write profile.json and report.html."""
     from edgec.outputs import OutputDir
-    from edgec.profile import ProfileSettings, get_device
+    from edgec.profile import ProfileSettings, built_for, foreign_device_warning, get_device
     from edgec.profile import profile as run_profile
     from edgec.report import write_json
     from edgec.report.profile import profile_report, render_html
@@ -303,6 +303,10 @@ def profile(
     try:
         measurements = []
         for artifact in artifacts:
+            target = built_for(artifact)
+            foreign = target and foreign_device_warning(artifact.name, target.get("name", "?"), target.get("arch", "?"), target_device)
+            if foreign:
+                err.print(f"[bold yellow]warning:[/] {foreign}", highlight=False, soft_wrap=True)
             with err.status(f"Profiling {artifact.name} on {device}"):
                 measurements.append(run_profile(artifact, target_device, settings))
         report = profile_report(measurements, settings)

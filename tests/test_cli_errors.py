@@ -3,6 +3,7 @@ no artifact left behind."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from edgec.cli import app
+from edgec.targets import same_arch
 
 
 def _cli(*args: str):
@@ -204,7 +206,23 @@ def test_int8_without_calibration_data_warns(tmp_path):
     path = save(_tiny_model(), tmp_path)
     result = _cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), "--precision", "int8", "--json")
     assert result.exit_code == 0, result.output
-    assert "warning: Calibrating with random inputs" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "warning: Calibrating with random inputs" in text
+    # Nothing on an x86 host runs arm code: no timing stage, a warning saying so instead.
+    if not same_arch(platform.machine(), "arm64"):
+        assert "Timing" not in text and f"not checked against fp32 (this host is {platform.machine()}, the target arm64)" in text
+
+
+@pytest.mark.skipif(same_arch(platform.machine(), "arm64"), reason="the local device is the target's architecture")
+def test_profiling_on_a_device_of_another_architecture_warns(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    built = _cli("build", str(path), "-t", "ort-arm", "-o", str(tmp_path / "out"), "--profile", "local")
+    assert built.exit_code == 0, built.output
+    expected = f"built for ort-arm (arm64), on device 'local' ({platform.machine()}): the numbers describe {platform.machine()}"
+    assert expected in " ".join(built.output.split())
+    profiled = _cli("profile", str(tmp_path / "out" / "model.onnx"), "-o", str(tmp_path / "prof"), "--runs", "3", "--no-ops")
+    assert profiled.exit_code == 0, profiled.output
+    assert f"Profiling model.onnx, {expected}" in " ".join(profiled.output.split())
 
 
 def _conv_with_group_zero(tmp_path):
