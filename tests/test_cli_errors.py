@@ -293,3 +293,27 @@ def test_build_options_check_values_from_python_too():
 
     with pytest.raises(OptionError, match=r"calib_samples \(--calib-samples\) must be at least 1"):
         BuildOptions(calib_samples=0)
+
+
+def _dynamically_quantized(tmp_path):
+    """ONNX Runtime's dynamic quantization of a conv + gemm net: DynamicQuantizeLinear, ConvInteger, MatMulInteger."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("Conv", ["x", g.weight(8, 3, 3, 3), g.weight(8)], pads=[1, 1, 1, 1], name="conv")])
+    y = g.op("Gemm", [g.op("Flatten", [y]), g.weight(8 * 8 * 8, 10), g.weight(10)], name="fc")
+    path = tmp_path / "dq.onnx"
+    quantize_dynamic(save(g.model({"x": [1, 3, 8, 8]}, {y: [1, 10]}), tmp_path), path,
+                     op_types_to_quantize=["Conv", "Gemm", "MatMul"], weight_type=QuantType.QUInt8)
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in onnx.load(path).graph.node}
+    return path
+
+
+def test_dynamically_quantized_model_builds_for_ort_and_is_refused_for_tflite(tmp_path):
+    path = _dynamically_quantized(tmp_path)
+    built = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "ort"))
+    assert built.exit_code == 0, built.output
+    assert (tmp_path / "ort" / "report.json").is_file()
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "tfl")), tmp_path / "tfl",
+                          "Operator DynamicQuantizeLinear", "already quantized (ConvInteger, DynamicQuantizeLinear, MatMulInteger",
+                          "float model it was quantized from", "--target ort-arm or ort-x86")
