@@ -16,6 +16,7 @@ def option(field: str, flag: str | None = None) -> str:
 
 
 def finite(name: str, value: float) -> None:
+    """``value`` is a finite number."""
     if not _number(value):
         raise OptionError(f"{name} must be a finite number, not {value!r}.")
 

@@ -62,7 +62,7 @@ def bug_message(exc: BaseException, report: Path | None) -> str:
     saved = (f"The crash report is {report}: please attach it (and the model, if you can share it) to a bug report."
              if report else "No crash report could be written; please report the command and the model.")
     return (f"edgec crashed in {describe(exc)}: {type(exc).__name__}: {first_line.rstrip('.')}. This is a bug in edgec, not a "
-            f"problem with your model or options; nothing was written. {saved} Rerun with --debug to see the traceback.")
+            f"problem with your model or options. {saved} Rerun with --debug to see the traceback.")
 
 
 def write_report(exc: BaseException, argv: list[str] | None = None) -> Path | None:
