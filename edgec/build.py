@@ -139,7 +139,9 @@ def build(
     options: BuildOptions | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Compile ``model_path`` for ``target`` into ``out_dir``; raise ``EdgecError`` on failure."""
+    """Compile ``model_path`` for ``target`` into ``out_dir``; raise ``EdgecError`` on a user's
+    error. Any other exception is a bug, marked with the stage, pass and node it struck in
+    (``edgec.crash.where``); either way ``out_dir`` is left as it was."""
     options = options or BuildOptions()
     progress = _Marked(progress or SilentProgress())
     target = target if isinstance(target, Target) else load_target(target)

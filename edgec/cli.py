@@ -23,7 +23,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from edgec import crash
-from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning, InputDataError, InternalError
+from edgec.errors import DynamicShapeError, EdgecWarning, InputDataError, InternalError
 
 app = typer.Typer(
     add_completion=False,
@@ -58,17 +58,15 @@ def _handles_errors(fn):
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, TyperException):
             raise
-        except EdgecError as exc:
-            if debug:
-                raise
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
         except Exception as exc:
             if debug:
                 raise
-            err.print(f"[bold red]internal error:[/] {crash.bug_message(exc, crash.write_report(exc))}",
-                      highlight=False, soft_wrap=True)
-            raise typer.Exit(InternalError.exit_code) from None
+            if crash.is_bug(exc):
+                err.print(f"[bold red]internal error:[/] {crash.bug_message(exc, crash.write_report(exc))}",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(InternalError.exit_code) from None
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 

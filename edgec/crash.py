@@ -1,7 +1,7 @@
 """Where edgec was when a bug struck, and the crash report a bug report needs.
 
 Build stages, passes and lowered nodes mark themselves with ``at(kind, name)``. An exception
-that is not an ``EdgecError`` leaving such a block is tagged, at the innermost block, with
+that is a bug (not an ``EdgecError``, or an ``InternalError``) leaving such a block is tagged, at the innermost block, with
 every enclosing mark, so the CLI can turn any bug into one message that names the stage, the
 pass and the node, and write the traceback to a crash report outside the output directory::
 
@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgec import __version__
-from edgec.errors import EdgecError
+from edgec.errors import EdgecError, InternalError
 
 # The kinds of marks, outermost first, as the message names them.
 KINDS = {"command": "{}", "stage": 'stage "{}"', "pass": "pass {}", "node": "node {}"}
@@ -37,12 +37,17 @@ def at(kind: str, name: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not isinstance(exc, EdgecError) and where(exc) is None:
+        if is_bug(exc) and where(exc) is None:
             with contextlib.suppress(AttributeError, TypeError):  # a few C types refuse attributes
                 setattr(exc, _TAG, dict(_WHERE.get()))
         raise
     finally:
         _WHERE.reset(token)
+
+
+def is_bug(exc: BaseException) -> bool:
+    """Whether ``exc`` is edgec's fault: anything but an ``EdgecError``, or an ``InternalError``."""
+    return not isinstance(exc, EdgecError) or isinstance(exc, InternalError)
 
 
 def where(exc: BaseException) -> dict[str, str] | None:

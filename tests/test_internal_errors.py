@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from edgec import crash
 from edgec.cli import app
-from edgec.errors import ModelLoadError
+from edgec.errors import InternalError, ModelLoadError
 
 
 def _conv_relu(tmp_path: Path) -> Path:
@@ -78,6 +78,15 @@ def test_the_ort_backend_raising(tmp_path, monkeypatch):
     monkeypatch.setattr("edgec.lower.ort._optimized_onnx", _boom)
     result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
     _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for ort-x86')
+
+
+def test_an_internal_error_raised_on_purpose_is_reported_as_a_bug(tmp_path, monkeypatch):
+    def unexpected(*args, **kwargs):
+        raise InternalError("This .ort file has a session state edgec cannot rewrite.")
+
+    monkeypatch.setattr("edgec.lower.ort.stable_ort", unexpected)
+    result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
+    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for ort-x86', "InternalError: This .ort file")
 
 
 def test_the_runtime_refusing_edgecs_own_artifact(tmp_path, monkeypatch):
