@@ -1,9 +1,10 @@
 """Where edgec was when a bug struck, and the crash report a bug report needs.
 
-Build stages, passes and lowered nodes mark themselves with ``at(kind, name)``. An exception
-that is a bug (not an ``EdgecError``, or an ``InternalError``) leaving such a block is tagged, at the innermost block, with
-every enclosing mark, so the CLI can turn any bug into one message that names the stage, the
-pass and the node, and write the traceback to a crash report outside the output directory::
+Build stages, passes and lowered nodes mark themselves with ``at(kind, name)``. A bug (any
+exception but an ``EdgecError``, or an ``InternalError``) leaving such a block is tagged, at
+the innermost block, with every enclosing mark, so the CLI can turn it into one message that
+names the stage, the pass and the node, and write the traceback to a crash report outside the
+output directory::
 
     with at("stage", "Lowering for tflite-arm"), at("node", "'conv1' (Conv)"):
         raise AttributeError("...")  # where(exc) == {"stage": "Lowering ...", "node": "'conv1' (Conv)"}
