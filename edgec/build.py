@@ -154,12 +154,29 @@ def build(
         if foreign:
             warnings.warn(foreign, EdgecWarning, stacklevel=2)
     check_precision(target, options.precision or target.precision)
+    _warn_ignored(options, target, options.precision or target.precision)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
     except BaseException:
         out.discard()
         raise
+
+
+ORT_ONLY_OPTIONS = ("calib_method", "keep_float")  # the TFLite lowering has neither
+FLAGS = {"speed_check": "--no-speed-check", "speed_device": "--speed-check-on", "equalize": "--equalize/--no-equalize",
+         "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
+
+
+def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None:
+    """Options given that this build will not use, said instead of silently dropped."""
+    defaults = BuildOptions()
+    given = [k for k in INT8_OPTIONS if getattr(options, k) != getattr(defaults, k)]
+    ignored = given if precision != "int8" else [k for k in given if target.backend != "ort" and k in ORT_ONLY_OPTIONS]
+    if ignored:
+        why = f"a {precision} build" if precision != "int8" else f"the {target.backend} backend"
+        warnings.warn(f"{', '.join(option(k, FLAGS.get(k)) for k in ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {why}; "
+                      "ignored.", EdgecWarning, stacklevel=3)
 
 
 def _check_speed_device(device: Device | None, target: Target) -> None:

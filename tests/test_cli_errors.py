@@ -313,3 +313,20 @@ def test_dynamically_quantized_model_builds_for_ort_and_is_refused_for_tflite(tm
     _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "tfl")), tmp_path / "tfl",
                           "Operator DynamicQuantizeLinear", "already quantized (ConvInteger, DynamicQuantizeLinear, MatMulInteger",
                           "float model it was quantized from", "--target ort-arm or ort-x86")
+
+
+def test_options_a_build_does_not_use_are_named(tmp_path):
+    result = _cli("build", str(save(_tiny_model(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                  "--max-drop", "0.01", "--no-speed-check")
+    assert result.exit_code == 0, result.output
+    expected = "warning: max_drop (--max-drop), speed_check (--no-speed-check) do nothing in a fp32 build; ignored"
+    assert expected in " ".join(result.output.split())
+
+
+def test_ort_only_int8_options_are_named_for_tflite():
+    from edgec.build import BuildOptions, _warn_ignored
+    from edgec.errors import EdgecWarning
+    from edgec.targets import load_target
+
+    with pytest.warns(EdgecWarning, match=r"keep_float \(--keep-float\) does nothing in the tflite backend"):
+        _warn_ignored(BuildOptions(keep_float=("conv",)), load_target("tflite-x86"), "int8")
