@@ -67,11 +67,9 @@ def test_a_keras_rule_raising_names_the_node(tmp_path, monkeypatch):
 
 
 def test_the_layout_pass_raising_inside_lowering(tmp_path, monkeypatch):
-    from edgec.passes.layout import ChannelsLast
-
-    monkeypatch.setattr(ChannelsLast, "call", _boom)
+    monkeypatch.setattr("edgec.passes.layout._wrap", _boom)
     result = _build(_conv_relu(tmp_path), tmp_path / "out", "tflite-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for tflite-x86', "pass channels-last")
+    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for tflite-x86', "pass channels-last", "node 'conv' (Conv)")
 
 
 def test_the_ort_backend_raising(tmp_path, monkeypatch):
