@@ -49,13 +49,25 @@ def _build(path: Path, out: Path, target: str, *extra: str):
     return CliRunner().invoke(app, ["build", str(path), "-t", target, "-o", str(out), *extra])
 
 
-def test_a_canonicalization_pass_raising(tmp_path, monkeypatch):
-    from edgec.passes.canonicalize import FoldBatchNorm
+def _unexpected(*args, **kwargs):
+    raise InternalError("This .ort file has a session state edgec cannot rewrite.")
 
-    monkeypatch.setattr(FoldBatchNorm, "call", _boom)
-    result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Canonicalizing', "pass fold-batchnorm",
-                         "AttributeError: 'list' object has no attribute 'size'")
+
+# What breaks (replaced by a raising function), the target built, what the message must name.
+CORPUS = [
+    ("edgec.passes.canonicalize.FoldBatchNorm.call", _boom, "ort-x86",
+     ['stage "Canonicalizing', "pass fold-batchnorm", "AttributeError: 'list' object has no attribute 'size'"]),
+    ("edgec.passes.layout._wrap", _boom, "tflite-x86", ['stage "Lowering for tflite-x86', "pass channels-last", "node 'conv' (Conv)"]),
+    ("edgec.lower.ort._optimized_onnx", _boom, "ort-x86", ['stage "Lowering for ort-x86']),
+    ("edgec.lower.ort.stable_ort", _unexpected, "ort-x86", ['stage "Lowering for ort-x86', "InternalError: This .ort file"]),
+    ("edgec.verify.compare_outputs", _boom, "ort-x86", ['stage "Verifying against the source model"']),
+]
+
+
+@pytest.mark.parametrize(("broken", "raiser", "target", "fragments"), CORPUS, ids=[c[0].rsplit(".", 1)[-1] for c in CORPUS])
+def test_a_stage_raising(tmp_path, monkeypatch, broken, raiser, target, fragments):
+    monkeypatch.setattr(broken, raiser)
+    _assert_bug_reported(_build(_conv_relu(tmp_path), tmp_path / "out", target), tmp_path / "out", *fragments)
 
 
 def test_a_keras_rule_raising_names_the_node(tmp_path, monkeypatch):
@@ -64,27 +76,6 @@ def test_a_keras_rule_raising_names_the_node(tmp_path, monkeypatch):
     monkeypatch.setitem(registry.RULES, ("", "Relu"), _boom)
     result = _build(_conv_relu(tmp_path), tmp_path / "out", "tflite-x86")
     _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for tflite-x86', "node 'act' (Relu)")
-
-
-def test_the_layout_pass_raising_inside_lowering(tmp_path, monkeypatch):
-    monkeypatch.setattr("edgec.passes.layout._wrap", _boom)
-    result = _build(_conv_relu(tmp_path), tmp_path / "out", "tflite-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for tflite-x86', "pass channels-last", "node 'conv' (Conv)")
-
-
-def test_the_ort_backend_raising(tmp_path, monkeypatch):
-    monkeypatch.setattr("edgec.lower.ort._optimized_onnx", _boom)
-    result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for ort-x86')
-
-
-def test_an_internal_error_raised_on_purpose_is_reported_as_a_bug(tmp_path, monkeypatch):
-    def unexpected(*args, **kwargs):
-        raise InternalError("This .ort file has a session state edgec cannot rewrite.")
-
-    monkeypatch.setattr("edgec.lower.ort.stable_ort", unexpected)
-    result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Lowering for ort-x86', "InternalError: This .ort file")
 
 
 def test_the_runtime_refusing_edgecs_own_artifact(tmp_path, monkeypatch):
@@ -97,12 +88,6 @@ def test_the_runtime_refusing_edgecs_own_artifact(tmp_path, monkeypatch):
     monkeypatch.setitem(runtime.RUNNERS, ".onnx", refuse)
     result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
     _assert_bug_reported(result, tmp_path / "out", 'stage "Verifying against the source model"', "model.onnx", "broken graph")
-
-
-def test_the_comparison_raising(tmp_path, monkeypatch):
-    monkeypatch.setattr("edgec.verify.compare_outputs", _boom)
-    result = _build(_conv_relu(tmp_path), tmp_path / "out", "ort-x86")
-    _assert_bug_reported(result, tmp_path / "out", 'stage "Verifying against the source model"')
 
 
 def test_other_commands_report_bugs_the_same_way(tmp_path, monkeypatch):
