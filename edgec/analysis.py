@@ -81,11 +81,12 @@ INTEGER_WEIGHTS = frozenset({ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.IN
 def quantized_nodes(model: ir.Model) -> list[str]:
     """Names of the nodes (subgraphs included) that show the model is already quantized:
     quantize/dequantize and integer ops, or a MAC-bearing op with an 8/4-bit constant weight."""
-    return [
-        node.name or f"{node.op_type} #{i}"
-        for i, node in enumerate(model.graph.all_nodes())
-        if node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES) or _integer_weight(node)
-    ]
+    return [node.name or f"{node.op_type} #{i}" for i, node in enumerate(model.graph.all_nodes()) if is_quantized(node)]
+
+
+def is_quantized(node: ir.Node) -> bool:
+    """Whether ``node`` is one that only quantized models hold (see ``quantized_nodes``)."""
+    return node.op_type in QUANTIZED_OPS or node.op_type.startswith(QUANTIZED_PREFIXES) or _integer_weight(node)
 
 
 def _integer_weight(node: ir.Node) -> bool:

@@ -14,7 +14,7 @@ import os
 import platform
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,17 +23,19 @@ import onnx_ir as ir
 
 from edgec import __version__
 from edgec.analysis import quantized_nodes, summarize
-from edgec.errors import DeviceError, EdgecWarning, QuantizationError, VerificationError
+from edgec.checks import at_least, one_of, option, within
+from edgec.crash import at
+from edgec.errors import DeviceError, EdgecWarning, ModelLoadError, QuantizationError, VerificationError
 from edgec.images import ImagePreprocess
-from edgec.lower import Lowered, LowerOptions, lower
+from edgec.lower import Lowered, LowerOptions, check_precision, lower
 from edgec.model import load, load_proto, to_bytes
 from edgec.outputs import OutputDir
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
-from edgec.passes.quantize import CHECK_BATCHES, AccuracyGoal, QuantScheme
-from edgec.profile import Device, ProfileSettings, compare_latency, get_device, profile
+from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
+from edgec.profile import Device, ProfileSettings, compare_latency, foreign_device_warning, get_device, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.recipe import Step, make_passes
 from edgec.report import versions, write_json
@@ -57,6 +59,21 @@ class SilentProgress:
 
     def pass_done(self, record: PassRecord, seconds: float) -> None:
         pass
+
+
+class _Marked:
+    """Progress whose stages also mark where a bug strikes, for the crash message (edgec.crash)."""
+
+    def __init__(self, shown: Progress):
+        self.shown = shown
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        with at("stage", description), self.shown.stage(description):
+            yield
+
+    def pass_done(self, record: PassRecord, seconds: float) -> None:
+        self.shown.pass_done(record, seconds)
 
 
 @dataclasses.dataclass
@@ -88,6 +105,16 @@ class BuildOptions:
     devices: str | None = None  # device inventory file that names profile_device (targets/devices.toml otherwise)
     profile_settings: ProfileSettings | None = None  # how; defaults and the device's own threads otherwise
 
+    def __post_init__(self) -> None:
+        """A value out of range fails here, before any work (the CLI's options come here too)."""
+        at_least(option("max_samples"), self.max_samples, 1)
+        at_least(option("calib_samples"), self.calib_samples, 1)
+        at_least(option("tolerance"), self.tolerance, 0)
+        within(option("min_cosine"), self.min_cosine, 0, 1)
+        within(option("max_drop"), self.max_drop, 0, 1, include_high=False)
+        at_least(option("seed"), self.seed, 0)
+        one_of(option("calib_method"), self.calib_method, CALIBRATION_METHODS)
+
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
                 "bias_correction")
@@ -112,20 +139,44 @@ def build(
     options: BuildOptions | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Compile ``model_path`` for ``target`` into ``out_dir``; raise ``EdgecError`` on failure."""
+    """Compile ``model_path`` for ``target`` into ``out_dir``; raise ``EdgecError`` on a user's
+    error. Any other exception is a bug, marked with the stage, pass and node it struck in
+    (``edgec.crash.where``); either way ``out_dir`` is left as it was."""
     options = options or BuildOptions()
-    progress = progress or SilentProgress()
+    progress = _Marked(progress or SilentProgress())
     target = target if isinstance(target, Target) else load_target(target)
     for key in ("profile_device", "speed_device"):  # an unknown device fails before the build
         if isinstance(getattr(options, key), str):
             options = dataclasses.replace(options, **{key: get_device(getattr(options, key), options.devices)})
     _check_speed_device(options.speed_device, target)
+    if options.profile_device is not None:
+        foreign = foreign_device_warning(f"the {target.backend} artifact", target.name, target.arch, options.profile_device)
+        if foreign:
+            warnings.warn(foreign, EdgecWarning, stacklevel=2)
+    check_precision(target, options.precision or target.precision)
+    _warn_ignored(options, target, options.precision or target.precision)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
     except BaseException:
         out.discard()
         raise
+
+
+ORT_ONLY_OPTIONS = ("calib_method", "keep_float")  # the TFLite lowering has neither
+FLAGS = {"speed_check": "--no-speed-check", "speed_device": "--speed-check-on", "equalize": "--equalize/--no-equalize",
+         "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
+
+
+def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None:
+    """Options given that this build will not use, said instead of silently dropped."""
+    defaults = BuildOptions()
+    given = [k for k in INT8_OPTIONS if getattr(options, k) != getattr(defaults, k)]
+    ignored = given if precision != "int8" else [k for k in given if target.backend != "ort" and k in ORT_ONLY_OPTIONS]
+    if ignored:
+        why = f"a {precision} build" if precision != "int8" else f"the {target.backend} backend"
+        warnings.warn(f"{', '.join(option(k, FLAGS.get(k)) for k in ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {why}; "
+                      "ignored.", EdgecWarning, stacklevel=3)
 
 
 def _check_speed_device(device: Device | None, target: Target) -> None:
@@ -139,12 +190,14 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     with progress.stage(f"Loading {path.name}"):
         model = load(path)
     model, records = canonicalize(model, options.input_shapes, progress)
+    with progress.stage("Running the source model once in ONNX Runtime"):
+        source = _runs(source_runner(path), model, options.seed)
     precision = options.precision or target.precision
     # Loaded on first use, once: only data-aware passes and int8 need it.
     calibration = functools.cache(functools.partial(_calibration, model, options))
     reference, extra, compressed = None, {}, {}  # the reference is the source file unless compressed
     if options.recipe:
-        model, more, extra["compression"] = compress(model, options.recipe, calibration, source_runner(path), options, progress)
+        model, more, extra["compression"] = compress(model, options.recipe, calibration, source, options, progress)
         records += more
         reference = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         compressed[f"{path.stem}.compressed.onnx"] = to_bytes(model)
@@ -158,7 +211,7 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             lowered = lower(model, target, path.stem, LowerOptions(precision))
     with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
-        verification = verify_bytes(reference or source_runner(path), lowered, target, options, criterion(target, precision, options))
+        verification = verify_bytes(reference or source, lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification, fp32_instead_of_int8=precision != (options.precision or target.precision))
     report = _report(path, target, model, records, lowered, verification, options)
@@ -171,6 +224,19 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
+
+
+def _runs(source: Runner, model: ir.Model, seed: int) -> Runner:
+    """``source``, once it ran the first random verification batch: a model the ONNX checker
+    passes can still hold a node ONNX Runtime refuses (a Conv with group 0, a Gemm bias that
+    does not broadcast), and that is the model's fault, to be said before any lowering."""
+    source.run(random_inputs(input_specs(model), seed=seed, count=1).batches[0])
+    return source
+
+
+def input_specs(model: ir.Model) -> list[TensorSpec]:
+    """The (static, canonical) inputs of ``model`` as runners describe them."""
+    return [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
 
 
 def _profile(lowered: Lowered, options: BuildOptions, out_dir: Path) -> tuple[dict[str, Any], bytes]:
@@ -234,9 +300,28 @@ def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSe
                                                     int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
     if options.speed_check:
         device = options.speed_device
-        with progress.stage(f"Timing int8 against fp32 on {f'device {device.name}' if device else 'this host'}"):
+        measurable = device is not None or same_arch(platform.machine(), target.arch)
+        with progress.stage(_speed_check_stage(device)) if measurable else contextlib.nullcontext():
             lowered, extra["speed_check"] = choose_faster(model, target, stem, lowered, device)
     return lowered, records, extra
+
+
+def _speed_check_stage(device: Device | None) -> str:
+    """What the speed check really does: time here or on a board, or count emulated instructions."""
+    if device is None:
+        return "Timing int8 against fp32 on this host"
+    if device.emulation is not None:
+        return f"Counting instructions of int8 and fp32 on emulated device {device.name}"
+    return f"Timing int8 against fp32 on device {device.name}"
+
+
+def _unmeasured(target: Target) -> dict[str, Any]:
+    """The speed check's record when nothing here can run the target's code, and a warning saying so."""
+    reason = f"this host is {platform.machine()}, the target {target.arch}"
+    warnings.warn(f"The int8 artifact's speed was not checked against fp32 ({reason}); int8 is shipped unmeasured. "
+                  "Pass --speed-check-on DEVICE to check on a device of the target's architecture (e.g. emulated-a76), "
+                  "or --no-speed-check to ship int8 without this warning.", EdgecWarning, stacklevel=5)
+    return {"shipped": "int8", "measured": False, "reason": f"{reason}; --speed-check-on DEVICE checks on one"}
 
 
 def _named(value: Any) -> Any:
@@ -286,7 +371,7 @@ def _refuse_quantized(model: ir.Model) -> None:
 
 def _calibration(model: ir.Model, options: BuildOptions) -> InputSet:
     """int8 calibration samples from ``--calib``, or seeded random ones with a warning."""
-    specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
+    specs = input_specs(model)
     if options.calib:
         return load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images)
     warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=5)
@@ -351,11 +436,10 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
     An emulated device is judged by instructions per inference (deterministic; its wall time
     is not latency). When fp32 wins here, both artifacts' kernels are profiled and the ones
     int8 loses on are named. Without a device of the target's architecture the int8 artifact
-    is kept and the report says the check was not possible.
+    is kept, with a warning, and the report says the check was not possible.
     """
     if device is None and not same_arch(platform.machine(), target.arch):
-        return int8, {"shipped": "int8", "measured": False,
-                      "reason": f"this host is {platform.machine()}, the target {target.arch}; --speed-check-on DEVICE checks on one"}
+        return int8, _unmeasured(target)
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
         paths = {name: _write(Path(tmp) / name, lowered) for name, lowered in (("fp32", fp32), ("int8", int8))}
@@ -410,8 +494,12 @@ def _time_on_device(paths: dict[str, Path], device: Device) -> dict[str, Any]:
 
 
 def _open(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
-    """A runner on the primary artifact, written to a scratch ``directory``."""
-    return open_runner(_write(directory, lowered), threads=threads, options=target.runtime)
+    """A runner on the primary artifact, written to a scratch ``directory``. edgec made the
+    artifact, so a runtime refusing it is a bug in edgec, not the user's error."""
+    try:
+        return open_runner(_write(directory, lowered), threads=threads, options=target.runtime)
+    except ModelLoadError as exc:
+        raise RuntimeError(f"the runtime cannot load edgec's own {lowered.primary}: {exc}") from exc
 
 
 def _write(directory: Path, lowered: Lowered) -> Path:
@@ -442,7 +530,7 @@ def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: B
 def source_runner(path: Path) -> Runner:
     """The reference: the user's own file in ONNX Runtime with graph optimizations off."""
     proto = load_proto(path)
-    return OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled")
+    return OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled", user_file=path.name)
 
 
 def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, criterion: Criterion) -> Verification:

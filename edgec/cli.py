@@ -21,7 +21,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgec.errors import DynamicShapeError, EdgecError, EdgecWarning, InputDataError
+from typer.exceptions import TyperException
+
+from edgec import crash
+from edgec.errors import DynamicShapeError, EdgecWarning, InputDataError, InternalError
 
 app = typer.Typer(
     add_completion=False,
@@ -45,15 +48,24 @@ MinCosineOpt = Annotated[Optional[float], typer.Option(help="Minimum cosine simi
 
 
 def _handles_errors(fn):
-    """Turn EdgecError into a one-paragraph message and an exit code."""
+    """Turn EdgecError into a one-paragraph message and its exit code, and any other
+    exception (a bug) into one paragraph naming where it struck, a crash report outside the
+    output directory, and exit code 70."""
 
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
-            return fn(*args, **kwargs)
-        except EdgecError as exc:
+            with crash.at("command", f"`edgec {fn.__name__}`"):
+                return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, TyperException):
+            raise
+        except Exception as exc:
             if debug:
                 raise
+            if crash.is_bug(exc):
+                err.print(f"[bold red]internal error:[/] {crash.bug_message(exc, crash.write_report(exc))}",
+                          highlight=False, soft_wrap=True)
+                raise typer.Exit(InternalError.exit_code) from None
             err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
 
@@ -247,8 +259,8 @@ def verify(
     from edgec.runtime import open_runner
     from edgec.targets import DEFAULT_CRITERIA
 
-    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed,
-                           images=parse_image_preprocess(image_range, image_mean, image_std))
+    options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed, tolerance=tolerance,
+                           min_cosine=min_cosine, images=parse_image_preprocess(image_range, image_mean, image_std))
     given = tolerance is not None or min_cosine is not None
     criterion = DEFAULT_CRITERIA["fp32"]  # its noise floor stays under a given tolerance, as in build
     criterion = dataclasses.replace(criterion, tolerance=tolerance, min_cosine=min_cosine) if given else criterion
@@ -267,10 +279,10 @@ def profile(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifacts to measure (.tflite, .onnx, .ort).")],
     device: Annotated[str, typer.Option("--device", "-d", help="Device to measure on.")] = "local",
     devices: Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")] = None,
-    runs: Annotated[int, typer.Option(min=1, help="Timed runs (at most, with --budget-s).")] = 50,
-    warmup: Annotated[int, typer.Option(min=0, help="Untimed runs first.")] = 10,
-    budget_s: Annotated[Optional[float], typer.Option("--budget-s", min=0.0, help="Stop timing after this many seconds (at least 3 runs).")] = None,
-    threads: Annotated[Optional[int], typer.Option(min=1, help="Runtime threads (default: the device's CPUs).")] = None,
+    runs: Annotated[int, typer.Option(help="Timed runs (at most, with --budget-s).")] = 50,
+    warmup: Annotated[int, typer.Option(help="Untimed runs first.")] = 10,
+    budget_s: Annotated[Optional[float], typer.Option("--budget-s", help="Stop timing after this many seconds (at least 3 runs).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's CPUs).")] = None,
     ops: Annotated[bool, typer.Option("--ops/--no-ops", help="Per-op breakdown with the runtime's profiler.")] = True,
     seed: Annotated[int, typer.Option(help="Seed for the random inputs.")] = 0,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for profile.json and report.html.")] = Path("build/profile"),
@@ -279,7 +291,7 @@ def profile(
 ) -> None:
     """Measure latency (and where it goes, per op) of ARTIFACTS on a device; write profile.json and report.html."""
     from edgec.outputs import OutputDir
-    from edgec.profile import ProfileSettings, get_device
+    from edgec.profile import ProfileSettings, built_for, foreign_device_warning, get_device
     from edgec.profile import profile as run_profile
     from edgec.report import write_json
     from edgec.report.profile import profile_report, render_html
@@ -290,6 +302,10 @@ def profile(
     try:
         measurements = []
         for artifact in artifacts:
+            target = built_for(artifact)
+            foreign = target and foreign_device_warning(artifact.name, target.get("name", "?"), target.get("arch", "?"), target_device)
+            if foreign:
+                err.print(f"[bold yellow]warning:[/] {foreign}", highlight=False, soft_wrap=True)
             with err.status(f"Profiling {artifact.name} on {device}"):
                 measurements.append(run_profile(artifact, target_device, settings))
         report = profile_report(measurements, settings)
@@ -397,12 +413,13 @@ def analyze(
     debug: DebugOpt = False,
 ) -> None:
     """Analyses that help choose compression settings (for now: --sensitivity)."""
-    from edgec.build import canonicalize
+    from edgec.build import canonicalize, input_specs
+    from edgec.checks import at_least, one_of, within
     from edgec.errors import RecipeError
     from edgec.model import load
     from edgec.outputs import OutputDir
+    from edgec.passes.channel_pruning import IMPORTANCE
     from edgec.report import write_json
-    from edgec.runtime import TensorSpec
     from edgec.sensitivity import plot, sensitivity as measure
     from edgec.verify import load_inputs
 
@@ -410,12 +427,17 @@ def analyze(
         raise RecipeError("Choose an analysis.", hint="Pass --sensitivity.")
     if inputs is None and calib is None:
         raise InputDataError("--sensitivity needs real samples.", hint="Pass --inputs (labeled .npz gives the top-1 drop) and/or --calib.")
+    pruning_rates = _floats(rates, "--rates")
+    for rate in pruning_rates:
+        within("--rates", rate, 0, 1, include_high=False)
+    one_of("--importance", importance, IMPORTANCE)
+    at_least("--max-samples", max_samples, 1)
     canonical, _ = canonicalize(load(model), parse_input_shapes(input_shape))
-    specs = [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in canonical.graph.inputs]
+    specs = input_specs(canonical)
     images = parse_image_preprocess(image_range, image_mean, image_std)
     samples = load_inputs(inputs or calib, specs, limit=max_samples, images=images)
     calibration = load_inputs(calib, specs, limit=max_samples, images=images) if calib else samples
-    report = measure(canonical, samples, calibration, _floats(rates, "--rates"), importance, reconstruct)
+    report = measure(canonical, samples, calibration, pruning_rates, importance, reconstruct)
     files = {"sensitivity.png": plot(report), "sensitivity.json": write_json(report)}
     OutputDir(output).commit(files, last="sensitivity.json")
     if as_json:

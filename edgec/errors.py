@@ -23,6 +23,10 @@ class EdgecWarning(UserWarning):
     """Something a user should know that does not stop the build (e.g. random calibration)."""
 
 
+class OptionError(EdgecError):
+    """An option value is out of its range or not one of the allowed names."""
+
+
 class ModelLoadError(EdgecError):
     """The file is missing, unreadable, not ONNX, truncated or refers outside itself."""
 

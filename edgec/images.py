@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from edgec.errors import InputDataError
+from edgec.checks import above, finite, option
+from edgec.errors import InputDataError, OptionError
 from edgec.runtime import TensorSpec
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -26,6 +27,17 @@ class ImagePreprocess:
     value_range: tuple[float, float] = (0.0, 1.0)
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        low, high = self.value_range
+        for name, values in (("value_range", self.value_range), ("mean", self.mean)):
+            for value in values:
+                finite(option(name, f"--image-{name.split('_')[-1]}"), value)
+        if not low < high:
+            raise OptionError(f"{option('value_range', '--image-range')} LO,HI needs LO < HI, not {low:g},{high:g}.",
+                              hint="Give the value pixel 0 maps to first, e.g. -1,1.")
+        for value in self.std:
+            above(option("std", "--image-std"), value, 0)
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
         low, high = self.value_range

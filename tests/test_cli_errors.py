@@ -4,6 +4,7 @@ no artifact left behind."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from edgec.cli import app
+from edgec.targets import same_arch
 
 
 def _cli(*args: str):
@@ -87,7 +89,7 @@ def test_op_unknown_to_onnx_runtime(tmp_path):
     path = tmp_path / "custom.onnx"
     onnx.save(model, path)
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")),
-                          tmp_path / "out", "Foo", "node 'foo1'", "ort-x86")
+                          tmp_path / "out", "Cannot load 'custom.onnx'", "does not know the op acme::Foo", "node 'foo1'")
 
 
 def _dynamic_batch_model(tmp_path, shape=("batch", 3, 8, 8)):
@@ -216,4 +218,127 @@ def test_int8_without_calibration_data_warns(tmp_path):
     path = save(_tiny_model(), tmp_path)
     result = _cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), "--precision", "int8", "--json")
     assert result.exit_code == 0, result.output
-    assert "warning: Calibrating with random inputs" in " ".join(result.output.split())
+    text = " ".join(result.output.split())
+    assert "warning: Calibrating with random inputs" in text
+    # Nothing on an x86 host runs arm code: no timing stage, a warning saying so instead.
+    if not same_arch(platform.machine(), "arm64"):
+        assert "Timing" not in text and f"not checked against fp32 (this host is {platform.machine()}, the target arm64)" in text
+
+
+@pytest.mark.skipif(same_arch(platform.machine(), "arm64"), reason="the local device is the target's architecture")
+def test_profiling_on_a_device_of_another_architecture_warns(tmp_path):
+    path = save(_tiny_model(), tmp_path)
+    built = _cli("build", str(path), "-t", "ort-arm", "-o", str(tmp_path / "out"), "--profile", "local")
+    assert built.exit_code == 0, built.output
+    expected = f"built for ort-arm (arm64), on device 'local' ({platform.machine()}): the numbers describe {platform.machine()}"
+    assert expected in " ".join(built.output.split())
+    profiled = _cli("profile", str(tmp_path / "out" / "model.onnx"), "-o", str(tmp_path / "prof"), "--runs", "3", "--no-ops")
+    assert profiled.exit_code == 0, profiled.output
+    assert f"Profiling model.onnx, {expected}" in " ".join(profiled.output.split())
+
+
+def _conv_with_group_zero(tmp_path):
+    """A seeded mutation the ONNX checker and shape inference both pass."""
+    g = GraphBuilder()
+    y = g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1], name="conv0")
+    model = g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]})
+    model.graph.node[0].attribute.append(helper.make_attribute("group", 0))
+    onnx.checker.check_model(model)
+    return save(model, tmp_path)
+
+
+def test_invalid_model_onnx_runtime_refuses_names_node_and_reason(tmp_path, capfd):
+    """The message names the node, before any lowering; ORT's own log line (written by C++
+    to file descriptor 2) stays out of stderr."""
+    result = _cli("build", str(_conv_with_group_zero(tmp_path)), "-t", "tflite-x86", "-o", str(tmp_path / "out"))
+    _assert_clean_failure(result, tmp_path / "out", "ONNX Runtime cannot run node 'conv0' (Conv) of 'model.onnx'", "group: 0")
+    assert "Lowering" not in result.output
+    assert "onnxruntime:" not in capfd.readouterr().err
+
+
+def test_gemm_bias_that_does_not_broadcast(tmp_path):
+    g = GraphBuilder()
+    y = g.op("Gemm", ["x", g.weight(8, 4), g.weight(3)], name="fc")
+    path = save(g.model({"x": [1, 8]}, {y: None}), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")), tmp_path / "out",
+                          "ONNX Runtime cannot run node 'fc' (Gemm) of 'model.onnx'", "Invalid bias shape")
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--precision", "int8", "--calib-samples", "0"], "calib_samples (--calib-samples) must be at least 1, not 0"),
+    (["--tolerance", "-1"], "tolerance (--tolerance) must be at least 0, not -1.0"),
+    (["--min-cosine", "1.5"], "min_cosine (--min-cosine) must be in [0, 1], not 1.5"),
+    (["--max-drop", "1"], "max_drop (--max-drop) must be in [0, 1), not 1.0"),
+    (["--max-samples", "0"], "max_samples (--max-samples) must be at least 1"),
+    (["--seed", "-1"], "seed (--seed) must be at least 0"),
+    (["--calib-method", "kmeans"], "calib_method (--calib-method) must be one of entropy, minmax, percentile"),
+    (["--image-range", "5,1"], "LO,HI needs LO < HI, not 5,1"),
+    (["--image-std", "0.2,0,0.2"], "std (--image-std) must be greater than 0, not 0.0"),
+])
+def test_option_values_out_of_range_fail_where_given(tmp_path, args, fragment):
+    path = save(_tiny_model(), tmp_path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out"), *args), tmp_path / "out",
+                          fragment)
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["profile", "{model}", "-o", "{out}", "--runs", "0"], "runs (--runs) must be at least 1"),
+    (["profile", "{model}", "-o", "{out}", "--threads", "0"], "threads (--threads) must be at least 1"),
+    (["profile", "{model}", "-o", "{out}", "--budget-s", "0"], "budget_s (--budget-s) must be greater than 0"),
+    (["profile", "{model}", "-o", "{out}", "--warmup", "-1"], "warmup (--warmup) must be at least 0"),
+    (["verify", "{model}", "{model}", "--tolerance", "-0.5"], "tolerance (--tolerance) must be at least 0"),
+    (["analyze", "{model}", "-o", "{out}", "--sensitivity", "--inputs", "x.npz", "--rates", "0.1,1.5"], "--rates must be in [0, 1), not 1.5"),
+    (["analyze", "{model}", "-o", "{out}", "--sensitivity", "--inputs", "x.npz", "--importance", "l3"], "--importance must be one of activation, l1, l2"),
+])
+def test_other_commands_check_option_values(tmp_path, argv, fragment):
+    model = str(save(_tiny_model(), tmp_path))
+    _assert_clean_failure(_cli(*[a.format(model=model, out=tmp_path / "out") for a in argv]), tmp_path / "out", fragment)
+
+
+def test_build_options_check_values_from_python_too():
+    from edgec.build import BuildOptions
+    from edgec.errors import OptionError
+
+    with pytest.raises(OptionError, match=r"calib_samples \(--calib-samples\) must be at least 1"):
+        BuildOptions(calib_samples=0)
+
+
+def _dynamically_quantized(tmp_path):
+    """ONNX Runtime's dynamic quantization of a conv + gemm net: DynamicQuantizeLinear, ConvInteger, MatMulInteger."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("Conv", ["x", g.weight(8, 3, 3, 3), g.weight(8)], pads=[1, 1, 1, 1], name="conv")])
+    y = g.op("Gemm", [g.op("Flatten", [y]), g.weight(8 * 8 * 8, 10), g.weight(10)], name="fc")
+    path = tmp_path / "dq.onnx"
+    quantize_dynamic(save(g.model({"x": [1, 3, 8, 8]}, {y: [1, 10]}), tmp_path), path,
+                     op_types_to_quantize=["Conv", "Gemm", "MatMul"], weight_type=QuantType.QUInt8)
+    assert {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"} <= {n.op_type for n in onnx.load(path).graph.node}
+    return path
+
+
+def test_dynamically_quantized_model_builds_for_ort_and_is_refused_for_tflite(tmp_path):
+    path = _dynamically_quantized(tmp_path)
+    built = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "ort"))
+    assert built.exit_code == 0, built.output
+    assert (tmp_path / "ort" / "report.json").is_file()
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "tfl")), tmp_path / "tfl",
+                          "Operator DynamicQuantizeLinear", "already quantized (ConvInteger, DynamicQuantizeLinear, MatMulInteger",
+                          "float model it was quantized from", "--target ort-arm or ort-x86")
+
+
+def test_options_a_build_does_not_use_are_named(tmp_path):
+    result = _cli("build", str(save(_tiny_model(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                  "--max-drop", "0.01", "--no-speed-check")
+    assert result.exit_code == 0, result.output
+    expected = "warning: max_drop (--max-drop), speed_check (--no-speed-check) do nothing in a fp32 build; ignored"
+    assert expected in " ".join(result.output.split())
+
+
+def test_ort_only_int8_options_are_named_for_tflite():
+    from edgec.build import BuildOptions, _warn_ignored
+    from edgec.errors import EdgecWarning
+    from edgec.targets import load_target
+
+    with pytest.warns(EdgecWarning, match=r"keep_float \(--keep-float\) does nothing in the tflite backend"):
+        _warn_ignored(BuildOptions(keep_float=("conv",)), load_target("tflite-x86"), "int8")

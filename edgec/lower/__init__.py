@@ -65,6 +65,17 @@ BACKENDS = {
 }
 
 
+def check_precision(target: Target, precision: str) -> None:
+    """A TargetError unless ``target``'s backend builds ``precision``."""
+    backend = BACKENDS[target.backend]
+    if precision not in backend.precisions:
+        raise TargetError(
+            f"Backend '{target.backend}' (target '{target.name}') cannot build {precision} yet; "
+            f"it builds {sorted(backend.precisions)}.",
+            hint="Pick another precision, or a target whose backend supports it (see `edgec targets`).",
+        )
+
+
 def lower(model: ir.Model, target: Target, stem: str = "model", options: LowerOptions | None = None) -> Lowered:
     options = options or LowerOptions(precision=target.precision)
     backend = BACKENDS[target.backend]
@@ -74,11 +85,6 @@ def lower(model: ir.Model, target: Target, stem: str = "model", options: LowerOp
             f"Target '{target.name}' sets runtime options {unknown} that backend '{target.backend}' "
             f"does not know; it accepts {sorted(backend.runtime_options | {'threads'})}."
         )
-    if options.precision not in backend.precisions:
-        raise TargetError(
-            f"Backend '{target.backend}' (target '{target.name}') cannot build {options.precision} yet; "
-            f"it builds {sorted(backend.precisions)}.",
-            hint="Pick another precision, or a target whose backend supports it (see `edgec targets`).",
-        )
+    check_precision(target, options.precision)
     # Backends rewrite the graph (layout, fusion); the caller's model stays as it was.
     return backend.lower(model.clone(), target, stem, options)

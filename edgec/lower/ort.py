@@ -11,7 +11,6 @@ DequantizeLinear → op → QuantizeLinear group into its integer kernel when it
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -26,12 +25,10 @@ from edgec.lower.stable_ort import stable_ort
 from edgec.model import to_proto
 from edgec.passes.pipeline import Pipeline
 from edgec.passes.quantize import QuantizeStatic
-from edgec.runtime.ort import GRAPH_OPTIMIZATION_LEVELS, session_options
+from edgec.runtime.ort import GRAPH_OPTIMIZATION_LEVELS, MISSING_OP_HINT, missing_op, session_options
 from edgec.targets import Target
 
 FORMATS = ("onnx", "ort")
-_NO_KERNEL = re.compile(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'")
-_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
 
 
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
@@ -85,18 +82,10 @@ def _save(source: bytes, level: str, fmt: str, target: Target, model: ir.Model) 
 
 def _explain(exc: Exception, target: Target, model: ir.Model) -> Exception:
     """Turn ORT's session errors into messages that name the op and node."""
-    hint = "Replace the operator in the exporter, or export with a different opset."
-    match = _NO_KERNEL.search(str(exc))
-    if match:
-        op, version, node = match.groups()
-        reason = f"ONNX Runtime's CPU provider has no kernel for {op} at opset {version}"
-        return UnsupportedOpError(op, node, target=target.name, reason=reason, hint=hint)
-    match = _UNKNOWN_OP.search(str(exc))
-    if match:
-        domain, op, _ = match.groups()
-        node = next((n.name for n in model.graph if n.op_type == op and n.domain == domain), "?")
-        reason = f"ONNX Runtime does not know the op {domain + '::' if domain else ''}{op}"
-        return UnsupportedOpError(op, node, target=target.name, reason=reason, hint=hint)
+    missing = missing_op(exc, model.graph)
+    if missing:
+        op, node, reason = missing
+        return UnsupportedOpError(op, node, target=target.name, reason=reason, hint=MISSING_OP_HINT)
     return TargetError(
         f"ONNX Runtime could not build the model for '{target.name}': {str(exc).strip().splitlines()[0]}"
     )

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from edgec.crash import at
 from edgec.graph import (
     add_initializer,
     attr,
@@ -630,7 +631,8 @@ class ChannelsLast(ir.passes.InPlacePass):
             return PassOutcome(model, False, {"channels_last_ops": 0, "transposes": len(_transposes(graph))})
         model.opset_imports[CL_DOMAIN] = 1
         for node in wrapped:
-            _wrap(graph, node)
+            with at("node", f"'{node.name}' ({node.op_type})"):
+                _wrap(graph, node)
         inserted = len(_transposes(graph))
         rounds = 0
         while rounds < MAX_ROUNDS and _one_round(graph):

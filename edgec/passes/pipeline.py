@@ -4,7 +4,8 @@ A pass is an ``onnx_ir`` pass (``InPlacePass`` or ``FunctionalPass``) whose ``ca
 :class:`PassOutcome`: the model, whether it changed, and a small JSON-able record of what it
 did (nodes folded, channels removed, ranks chosen, error introduced...). A :class:`Pipeline`
 runs passes in order and keeps those records; it is the only way passes compose, so a pass
-never calls another pass, the CLI or the filesystem.
+never calls another pass, the CLI or the filesystem. A pass that fails with anything but an
+``EdgecError`` is a bug: the exception goes on, marked with the pass's name (``edgec.crash``).
 
 Example::
 
@@ -26,7 +27,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgec.errors import EdgecError, EdgecWarning, InternalError
+from edgec.crash import at
+from edgec.errors import EdgecWarning
 
 
 @dataclasses.dataclass
@@ -71,7 +73,8 @@ class Pipeline:
         for p in self.passes:
             before = model.graph.num_nodes()
             start = time.perf_counter()
-            result = self._run_one(p, model, records)
+            with at("pass", pass_name(p)):
+                result = p(model)
             model = result.model
             details = result.details if isinstance(result, PassOutcome) else {}
             record = PassRecord(pass_name(p), bool(result.modified), before, model.graph.num_nodes(), details)
@@ -82,15 +85,3 @@ class Pipeline:
                 self.observer(record, time.perf_counter() - start)
         return model, records
 
-    @staticmethod
-    def _run_one(p: ir.passes.PassBase, model: ir.Model, done: list[PassRecord]) -> ir.passes.PassResult:
-        try:
-            return p(model)
-        except EdgecError:
-            raise
-        except Exception as exc:
-            ran = ", ".join(r.name for r in done) or "none"
-            raise InternalError(
-                f"Pass {pass_name(p)} failed ({type(exc).__name__}: {exc}); passes that ran before it: {ran}.",
-                hint="This is a bug in edgec: please report it with the model (rerun with --debug for a traceback).",
-            ) from exc

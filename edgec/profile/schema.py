@@ -28,6 +28,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from edgec.checks import above, at_least, option
+
 SCHEMA = "edgec.profile/1"
 
 
@@ -42,6 +44,13 @@ class ProfileSettings:
     threads: int | None = None
     ops: bool = True  # collect a per-op breakdown where the runtime supports it
     seed: int = 0  # random inputs are drawn from this seed
+
+    def __post_init__(self) -> None:
+        at_least(option("warmup"), self.warmup, 0)
+        at_least(option("runs"), self.runs, 1)
+        above(option("budget_s", "--budget-s"), self.budget_s, 0)
+        at_least(option("threads"), self.threads, 1)
+        at_least(option("seed"), self.seed, 0)
 
 
 def describe_artifact(path: Path) -> dict[str, Any]:

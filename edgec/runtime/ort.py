@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+
+from collections.abc import Iterable
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
-from edgec.errors import ModelLoadError
+from edgec.errors import ModelCheckError, ModelLoadError
 from edgec.runtime.base import Runner, TensorSpec
 
 # ONNX Runtime names element types as strings; map them to numpy.
@@ -23,6 +27,14 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 
+# "Non-zero status code returned while running Conv node. Name:'conv0' Status Message: ..."
+_NODE_FAILED = re.compile(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)")
+_NO_KERNEL = re.compile(r"implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\((-?\d+)\) is not a registered function/op")
+MISSING_OP_HINT = "Replace the operator in the exporter, or export with a different opset."
+# ORT logs a failed node at error severity before raising it; the raised error says the same.
+_FATAL_ONLY = 4
+
 GRAPH_OPTIMIZATION_LEVELS = {
     "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -36,7 +48,7 @@ def session_options(threads: int, optimization: str = "all") -> ort.SessionOptio
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[optimization]
-    options.log_severity_level = 3
+    options.log_severity_level = _FATAL_ONLY
     return options
 
 
@@ -44,9 +56,12 @@ class OrtRunner(Runner):
     runtime = "onnxruntime"
 
     def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, optimization: str = "all",
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, user_file: str | None = None):
         """``profile_prefix``: turn on ORT's profiler, which writes its trace to
-        ``<profile_prefix>_<date>.json`` when ``session.end_profiling()`` is called."""
+        ``<profile_prefix>_<date>.json`` when ``session.end_profiling()`` is called.
+        ``user_file``: the model is this file of the user's, so a node ORT cannot run is the
+        model's fault (an ``EdgecError``); otherwise it is edgec's own and ORT's error goes on."""
+        self.user_file = user_file
         source = model if isinstance(model, bytes) else str(model)
         options = session_options(threads, optimization)
         if profile_prefix is not None:
@@ -55,16 +70,66 @@ class OrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise ModelLoadError(
-                f"ONNX Runtime cannot load the model: {str(exc).strip().splitlines()[0]}",
-                hint="Check that it was built for this ONNX Runtime version and machine.",
-            ) from exc
+            raise _load_error(exc, model, f"'{user_file}'" if user_file else "the model") from exc
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]
-        return dict(zip(names, self.session.run(names, feeds)))
+        try:
+            return dict(zip(names, self.session.run(names, feeds)))
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+            if self.user_file is None:
+                raise
+            raise _invalid_model(exc, self.user_file) from exc
+
+
+def _load_error(exc: Exception, model: str | os.PathLike[str] | bytes, what: str) -> ModelLoadError:
+    missing = missing_op(exc, _nodes(model))
+    if missing:
+        op, node, reason = missing
+        return ModelLoadError(f"Cannot load {what}: {reason} (node '{node}'); edgec runs source models in ONNX "
+                              "Runtime to verify artifacts against them.", hint=MISSING_OP_HINT)
+    return ModelLoadError(
+        f"ONNX Runtime cannot load {what}: {str(exc).strip().splitlines()[0]}",
+        hint="Check that it was built for this ONNX Runtime version and machine.",
+    )
+
+
+def missing_op(exc: Exception, nodes: Iterable) -> tuple[str, str, str] | None:
+    """(op type, node name, reason) when ORT's session error is an op it has no CPU kernel
+    for or does not know at all; ``nodes`` (ONNX or IR nodes) name the node in the latter case."""
+    match = _NO_KERNEL.search(str(exc))
+    if match:
+        op, version, node = match.groups()
+        return op, node, f"ONNX Runtime's CPU provider has no kernel for {op} at opset {version}"
+    match = _UNKNOWN_OP.search(str(exc))
+    if match:
+        domain, op, _ = match.groups()
+        node = next((n.name for n in nodes if n.op_type == op and n.domain == domain), "?")
+        return op, node, f"ONNX Runtime does not know the op {domain + '::' if domain else ''}{op}"
+    return None
+
+
+def _nodes(model: str | os.PathLike[str] | bytes) -> list:
+    """The graph's nodes, to name one in an error; none if the file is not ONNX (.ort)."""
+    try:
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model), load_external_data=False)
+    except Exception:  # any file ORT refused: nothing more to say about it
+        return []
+    return list(proto.graph.node)
+
+
+def _invalid_model(exc: Exception, file: str) -> ModelCheckError:
+    """ORT's reason a node of the user's model failed, as the model's error."""
+    text = " ".join(str(exc).split())
+    match = _NODE_FAILED.search(text)
+    where, reason = (f"node '{match[2]}' ({match[1]})", match[3]) if match else ("the model", text)
+    return ModelCheckError(
+        f"ONNX Runtime cannot run {where} of '{file}': {reason.rstrip('.')}. The model passes the ONNX checker "
+        "but is invalid (an attribute or input shape the op does not accept).",
+        hint="Fix the node in the exporter or the model, then build again.",
+    )
 
 
 def _spec(arg) -> TensorSpec:

@@ -19,6 +19,8 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 
 # ruff: noqa: E402
 
+from edgec.analysis import is_quantized
+from edgec.errors import UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
 from edgec.lower.tflite.convert import add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, quantize_calibrated
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
@@ -48,6 +50,7 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list]:
 
 
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
+    _refuse_quantized(model, target)
     source = to_bytes(model) if options.precision == "int8" else b""  # the float reference for int8 checks
     model, records = prepare(model)
     keras_lowering = to_keras(model, target.name, loops=options.precision != "int8")
@@ -67,6 +70,20 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
         **details,
     }
     return Lowered({f"{stem}.tflite": content}, f"{stem}.tflite", details)
+
+
+def _refuse_quantized(model: ir.Model, target: Target) -> None:
+    """A quantized ONNX model (dynamic: DynamicQuantizeLinear → ConvInteger/MatMulInteger, or
+    QDQ, QLinear*) holds integer ops no Keras layer or TFLite builtin mirrors."""
+    found = [node for node in model.graph.all_nodes() if is_quantized(node)]
+    if found:
+        ops = ", ".join(sorted({node.op_type for node in found}))
+        raise UnsupportedOpError(
+            found[0].op_type, found[0].name, target=target.name,
+            reason=f"the model is already quantized ({ops}), and the TFLite lowering builds from float models only",
+            hint="Build the float model it was quantized from (--precision int8 makes a full-integer .tflite of it), "
+                 "or build this one for an ONNX Runtime target (--target ort-arm or ort-x86), which runs it as it is.",
+        )
 
 
 def _with_io(content: bytes, io: dict) -> bytes:

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tf_keras as keras
 from onnx.reference import ReferenceEvaluator
 
+from edgec.crash import at
 from edgec.errors import EdgecError, UnsupportedOpError
 from edgec.graph import attr, constant
 from edgec.lower.tflite import ops  # noqa: F401  (registers the rules)
@@ -100,10 +101,11 @@ class _Builder:
         args = [self._value(v) for v in node.inputs]
         while args and args[-1] is None:
             args.pop()
-        if not any(a is not None and not isinstance(a, np.ndarray) for a in args):
-            results = _evaluate(node, args, self.model.opset_imports)
-        else:
-            results = self._apply_rule(node, args)
+        with at("node", f"'{node.name}' ({node.op_type})"):
+            if not any(a is not None and not isinstance(a, np.ndarray) for a in args):
+                results = _evaluate(node, args, self.model.opset_imports)
+            else:
+                results = self._apply_rule(node, args)
         results = results if isinstance(results, (tuple, list)) else (results,)
         for value, result in zip(node.outputs, results):
             self.tensors[value] = result
