@@ -24,6 +24,7 @@ from edgec.errors import UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
 from edgec.lower.tflite.convert import add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, quantize_calibrated
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
+from edgec.lower.tflite.order import canonical
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
@@ -60,7 +61,7 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     details: dict = {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, keras_lowering).build(source)
-    content = _with_io(content, io)
+    content = _with_io(canonical(content), io)  # one file whatever the exporter's node order; see order.py
     details = {
         "precision": options.precision,
         "passes": [r.to_dict() for r in records],
