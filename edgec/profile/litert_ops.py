@@ -24,6 +24,7 @@ from typing import Self
 import numpy as np
 
 from edgec.profile.ops import Profiled, ProfiledRun
+from edgec.profile.xnnpack_rows import RowLabels
 from edgec.quiet import captured_stderr
 
 ABI_VERSION = "2.1.0"
@@ -66,29 +67,39 @@ def profile_litert(path: Path, threads: int, runs: int, warmup: int, seed: int =
         for _ in range(warmup):
             model.run()
         events = model.profile(runs)
-    return Profiled(_runs(events), "LiteRT profiler (CompiledModel API with runtime option enable_profiling, "
+    return Profiled(_runs(events, RowLabels(path.read_bytes())), "LiteRT profiler (CompiledModel API with runtime option enable_profiling, "
                     "XNNPACK on CPU): time per executed operator", _NOTE)
 
 
-_NOTE = ("XNNPACK runs most of a TFLite graph as delegate nodes; rows are XNNPACK's own operators (one may cover a "
-         "TFLite op with its fused activation), '#n' their order in the delegate; ops outside XNNPACK keep their "
-         "TFLite names. Timed on seeded random inputs through LiteRT's CompiledModel API; each op time is whole "
+_NOTE = ("XNNPACK runs most of a TFLite graph as delegate nodes; its profile rows are XNNPACK's own operators (one may "
+         "cover a TFLite op with its fused activation). Each row is named after the source nodes of the TFLite op it "
+         "runs (the op's tensor name for a .tflite edgec did not build) where XNNPACK's operators align with the TFLite "
+         "ops in only one way; rows that do not keep XNNPACK's name, '#n' their position in the run, marked '(unmapped)'. "
+         "Timed on seeded random inputs through LiteRT's CompiledModel API; each op time is whole "
          "microseconds, so ops far below 1 us round down.")
 
 
-def _runs(events: list[tuple[str, int, int, int]]) -> list[ProfiledRun]:
+def _runs(events: list[tuple[str, int, int, int]], labels: RowLabels) -> list[ProfiledRun]:
     """Group ``(tag, type, metadata1, elapsed_us)`` events into runs: each run's "Invoke"
     event comes first and its ops follow (XNNPACK's carry no timestamps, only their order).
     A delegate node's own event is dropped when the delegate reported the operators inside
-    it, else it would count twice."""
+    it, else it would count twice. Rows are named by their position in the run (``labels``)."""
     inner = any(kind in (_DELEGATE_OPERATOR, _DELEGATE_PROFILED_OPERATOR) for _, kind, _, _ in events)
-    runs: list[ProfiledRun] = []
-    for tag, kind, index, elapsed in events:
+    runs: list[list[tuple[str, int]]] = []
+    walls: list[int] = []
+    for tag, kind, _, elapsed in events:
         if kind == _DEFAULT and tag == "Invoke":
-            runs.append(ProfiledRun(elapsed))
+            runs.append([])
+            walls.append(elapsed)
         elif runs and kind in _OP_EVENTS and not (inner and kind == _OPERATOR and "delegate" in tag.lower()):
-            runs[-1].add(f"{tag} #{index}", tag, elapsed)
-    return runs
+            runs[-1].append((tag, elapsed))
+    profiled = []
+    for wall, rows in zip(walls, runs):
+        run = ProfiledRun(wall)
+        for node, (tag, elapsed) in zip(labels.of([tag for tag, _ in rows]), rows):
+            run.add(node, tag, elapsed)
+        profiled.append(run)
+    return profiled
 
 
 class _CompiledModel:

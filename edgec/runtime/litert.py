@@ -23,6 +23,7 @@ from edgec.quiet import captured_stderr
 from edgec.runtime.base import Runner, TensorSpec
 
 IO_METADATA = "edgec.io"
+OP_NODES_METADATA = "edgec.op_nodes"  # per TFLite operator, the source (ONNX) nodes it computes
 
 
 def read_metadata(content: bytes, name: str) -> bytes | None:

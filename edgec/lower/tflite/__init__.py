@@ -22,7 +22,8 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 from edgec.analysis import is_quantized
 from edgec.errors import UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
-from edgec.lower.tflite.convert import add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, quantize_calibrated
+from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, op_nodes,
+                                       output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
 from edgec.passes.canonicalize import cleanup_passes
@@ -33,7 +34,7 @@ from edgec.passes.pipeline import Pipeline
 from edgec.model import to_bytes
 from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, calibrate, head, rank_candidates
 from edgec.runtime import Runner
-from edgec.runtime.litert import IO_METADATA, LiteRTRunner
+from edgec.runtime.litert import IO_METADATA, OP_NODES_METADATA, LiteRTRunner
 from edgec.runtime.ort import OrtRunner
 from edgec.verify import run_all
 from edgec.targets import Target
@@ -61,7 +62,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     details: dict = {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, keras_lowering).build(source)
-    content = _with_io(canonical(content), io)  # one file whatever the exporter's node order; see order.py
+    content = canonical(content)  # one file whatever the exporter's node order; see order.py
+    content = add_metadata(_with_io(content, io), OP_NODES_METADATA, json.dumps(_op_nodes(content, keras_lowering, model)).encode())
     details = {
         "precision": options.precision,
         "passes": [r.to_dict() for r in records],
@@ -85,6 +87,19 @@ def _refuse_quantized(model: ir.Model, target: Target) -> None:
             hint="Build the float model it was quantized from (--precision int8 makes a full-integer .tflite of it), "
                  "or build this one for an ONNX Runtime target (--target ort-arm or ort-x86), which runs it as it is.",
         )
+
+
+def _op_nodes(content: bytes, lowering: KerasLowering, model: ir.Model) -> list[list[str]]:
+    """The source nodes each TFLite op computes (for naming profile rows): those whose Keras
+    layers the op's name carries; an op producing a graph output, whose tensor the converter
+    names after the signature instead, by the node that produces that output."""
+    nodes = op_nodes(op_names(content), lowering.layers)
+    producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
+    sources = {entry["key"]: producers.get(entry["name"]) for entry in lowering.io["outputs"]}
+    for op, key in _output_ops(content).items():
+        if not nodes[op] and sources.get(key):
+            nodes[op] = [sources[key]]
+    return nodes
 
 
 def _with_io(content: bytes, io: dict) -> bytes:
@@ -148,11 +163,11 @@ class _Int8:
         they became → the ops whose names carry them. Ops no candidate reaches come last,
         so the longest prefix keeps everything float and the search always ends."""
         names = op_names(self.calibrated)
+        nodes = op_nodes(names, self.lowering.layers)
         taken: set[str] = set()
         ops_ranking = []
         for candidate in ranking:
-            marks = [f"/{layer}/" for node in candidate.nodes for layer in self.lowering.layers.get(node, [])]
-            ops = {name for name in names if name not in taken and any(mark in name for mark in marks)}
+            ops = {name for name, computed in zip(names, nodes) if name not in taken and set(computed) & set(candidate.nodes)}
             if ops:
                 ops_ranking.append(Candidate(candidate.tensor, candidate.damage, tuple(sorted(ops))))
                 taken |= ops

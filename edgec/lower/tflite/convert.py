@@ -76,6 +76,21 @@ def op_names(content: bytes) -> list[str]:
     return [graph.Tensors(graph.Operators(i).Outputs(0)).Name().decode() for i in range(graph.OperatorsLength())]
 
 
+def op_nodes(names: list[str], layers: dict[str, list[str]]) -> list[list[str]]:
+    """For each op name (``op_names``), the source nodes (``KerasLowering.layers``: node →
+    its Keras layers) whose layers it carries, sorted."""
+    marks = {node: [f"/{layer}/" for layer in node_layers] for node, node_layers in layers.items()}
+    return [sorted(node for node, node_marks in marks.items() if any(mark in name for mark in node_marks)) for name in names]
+
+
+def output_ops(content: bytes) -> dict[int, str]:
+    """Op index → signature output key, for the ops of the main subgraph that produce an output."""
+    model = tfl_schema.Model.GetRootAs(content, 0)
+    graph, signature = model.Subgraphs(0), model.SignatureDefs(0)
+    keys = {signature.Outputs(i).TensorIndex(): signature.Outputs(i).Name().decode() for i in range(signature.OutputsLength())}
+    return {i: keys[graph.Operators(i).Outputs(0)] for i in range(graph.OperatorsLength()) if graph.Operators(i).Outputs(0) in keys}
+
+
 def _converted(convert, name: str, target: str) -> bytes:
     try:
         with captured_stderr(), warnings.catch_warnings():  # the converter logs every MLIR pass to fd 2
