@@ -94,17 +94,19 @@ def _spans(op: str, rows: list[str], start: int):
     """How many rows from ``start`` on the operator ``op`` can account for."""
     if op in MAY_VANISH:
         yield 0
-    if start >= len(rows) or not _is_main_row(op, rows[start]):
+    if start >= len(rows):
+        return
+    if rows[start] == op:  # left outside XNNPACK: one row under its TFLite name
+        yield 1
+        return
+    kinds = ROW_KINDS.get(op, ())
+    if not rows[start].startswith(kinds):
         return
     end = start + 1
     yield 1
-    while end < len(rows) and (rows[end].startswith(TRAILING) or (op in REPEATED and _is_main_row(op, rows[end]))):
+    while end < len(rows) and (rows[end].startswith(TRAILING) or (op in REPEATED and rows[end].startswith(kinds))):
         end += 1
         yield end - start
-
-
-def _is_main_row(op: str, row: str) -> bool:
-    return row == op or row.startswith(ROW_KINDS.get(op, ()) or (op,))
 
 
 _BUILTIN_NAMES = {v: k for k, v in vars(tfl_schema.BuiltinOperator).items() if not k.startswith("_")}
