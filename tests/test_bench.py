@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from edgec.bench import Bench, _converted
@@ -14,9 +16,14 @@ def test_round_trip_row_compares_the_original_tflite_with_edgecs(tmp_path):
     bench = Bench(tmp_path, runs=2)
     entry = next(e for e in bench.zoo if e["name"] == "hand_recrop")
     row = bench.round_trip_row(entry)
-    assert set(row["latency_ms"]) == {"original", "edgec"}
-    assert row["edgec_vs_original"] > 0
+    converted = ["edgec", "plain_tf2onnx"] if importlib.util.find_spec("tf2onnx") else ["edgec"]  # tf2onnx: the zoo extra
+    assert set(row["latency_ms"]) == {"original", *converted}
+    assert all(len(r["round_medians_ms"]) == 10 for r in row["latency_ms"].values())  # new instances each round
+    for name in converted:
+        low, high = row["spread_vs_original"][name]
+        assert 0 < low <= row[f"{name}_vs_original"] <= high
     assert (tmp_path / "hand_recrop" / "tflite-x86-fp32" / "hand_recrop.tflite").is_file()
+    assert "plain_tf2onnx" in converted or "tf2onnx is not installed" in row["plain_tf2onnx_error"]
     assert len(bench.built) == 1  # a second section asking for the same build reuses it
     bench.round_trip_row(entry)
     assert len(bench.built) == 1
@@ -24,9 +31,16 @@ def test_round_trip_row_compares_the_original_tflite_with_edgecs(tmp_path):
 
 def test_compare_latency_alternates_rounds_and_keeps_the_quietest():
     runner = LiteRTRunner(REPO / "models" / "pretrained" / "hand_recrop.tflite", threads=1)
-    result = compare_latency({"a": runner}, runs=2, rounds=3)
-    assert len(result["a"]["round_medians_ms"]) == 3
+    made = []
+
+    def fresh() -> LiteRTRunner:
+        made.append(LiteRTRunner(REPO / "models" / "pretrained" / "hand_recrop.tflite", threads=1))
+        return made[-1]
+
+    result = compare_latency({"a": runner, "b": fresh}, runs=2, rounds=3)
+    assert len(result["a"]["round_medians_ms"]) == len(result["b"]["round_medians_ms"]) == 3
     assert result["a"]["best_median_ms"] == min(result["a"]["round_medians_ms"])
+    assert len(made) == 3  # a factory gives a new instance every round
 
 
 def test_a_model_converts_only_if_every_row_of_it_did():

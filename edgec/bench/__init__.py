@@ -22,7 +22,9 @@ Sections of the JSON:
   plain and data-aware (fitted on the calibration split), on ONNX Runtime x86: held-out
   top-1 of the source and of each, and latency against the unfactorized build.
 * ``round_trip``: production ``.tflite`` files taken through tf2onnx to ONNX and back
-  through edgec, against the original file.
+  through edgec, against the original file: the zoo's conversion (tf2onnx with the zoo's
+  fixes) and a plain tf2onnx run, when tf2onnx is installed. Their ratios are the median over
+  rounds of same-round ratios, each round on new interpreter instances.
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
   (``pip install -e '.[compare]'``): which models it converts, and its fp32/int8 latency
   next to edgec's where both convert.
@@ -38,6 +40,7 @@ too, which proves they load and compute, while their ARM speed is the profiler's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
@@ -78,10 +81,17 @@ RECOVERY_VARIANTS = {
     "both": {"equalize": True, "equalize_relu6": True, "bias_correction": True},
 }
 FACTORIZATION = {"mac_reduction": 0.3}
+ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory placement moved latency by up to 8%
 
 
 def _tflite(path: Path) -> LiteRTRunner:
     return LiteRTRunner(path, threads=1, xnnpack=True)
+
+
+def _round_ratios(latency: dict, numerator: str, denominator: str) -> dict[str, float]:
+    """Median, min and max over rounds of the ratio of two runners' medians in the same round."""
+    ratios = np.array(latency[numerator]["round_medians_ms"]) / np.array(latency[denominator]["round_medians_ms"])
+    return {"median": round(float(np.median(ratios)), 3), "min": round(float(ratios.min()), 3), "max": round(float(ratios.max()), 3)}
 
 
 def _ratio(latency: dict, numerator: str, denominator: str) -> float:
@@ -240,15 +250,40 @@ class Bench:
         }
 
     def round_trip_row(self, entry: dict) -> dict:
-        edgec_fp32 = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
         original = REPO / "models" / entry["original_tflite"]
-        latency = compare_latency({"original": _tflite(original), "edgec": _tflite(edgec_fp32)}, self.runs)
+        artifacts = {"edgec": self.build(entry, TFLITE_TARGET)[0].artifacts[0]}
+        row: dict = {"model": entry["name"]}
+        plain = self.plain_round_trip(entry, original)
+        if isinstance(plain, Path):
+            artifacts["plain_tf2onnx"] = plain
+        else:
+            row["plain_tf2onnx_error"] = plain
+        factories = {name: functools.partial(_tflite, path) for name, path in {"original": original, **artifacts}.items()}
+        latency = compare_latency(factories, self.runs, ROUND_TRIP_ROUNDS)
+        ratios = {name: _round_ratios(latency, name, "original") for name in artifacts}
         return {
-            "model": entry["name"],
+            **row,
             "latency_ms": latency,
-            "edgec_vs_original": _ratio(latency, "edgec", "original"),
-            "size_bytes": {"original": original.stat().st_size, "edgec": edgec_fp32.stat().st_size},
+            **{f"{name}_vs_original": r["median"] for name, r in ratios.items()},
+            "spread_vs_original": {name: [r["min"], r["max"]] for name, r in ratios.items()},
+            "size_bytes": {"original": original.stat().st_size, **{name: p.stat().st_size for name, p in artifacts.items()}},
         }
+
+    def plain_round_trip(self, entry: dict, original: Path) -> Path | str:
+        """The original through a plain tf2onnx run (none of the zoo's fixes, as a user would
+        convert it) and edgec: the artifact, or why there is none."""
+        try:
+            import tf2onnx
+        except ImportError:
+            return "tf2onnx is not installed (pip install -e '.[zoo]')"
+        folder = self.work / entry["name"] / "plain-tf2onnx"
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / f"{entry['name']}.onnx"
+        tf2onnx.convert.from_tflite(str(original), opset=17, output_path=str(source))
+        try:
+            return build(source, TFLITE_TARGET, folder / "out", BuildOptions(max_samples=8)).artifacts[0]
+        except EdgecError as exc:
+            return str(exc)
 
     def onnx2tf_row(self, entry: dict) -> dict:
         produced, error = onnx2tf.convert(self.source(entry), self.work / entry["name"] / "onnx2tf", self._nhwc_calib(entry))
@@ -286,9 +321,12 @@ class Bench:
 def _summary(report: dict) -> dict:
     rows = {section: report[section] or [] for section in ("round_trip", "tflite_int8", "ort_int8", "results", "pruning")}
     trips = [r["edgec_vs_original"] for r in rows["round_trip"]]
+    plain_trips = [r["plain_tf2onnx_vs_original"] for r in rows["round_trip"] if "plain_tf2onnx_vs_original" in r]
     summary = {
         "round_trip_edgec_vs_original_geomean": _geomean(trips),
         "round_trip_worst": max(trips) if trips else None,
+        "round_trip_plain_tf2onnx_geomean": _geomean(plain_trips),
+        "round_trip_plain_tf2onnx_worst": max(plain_trips) if plain_trips else None,
         "int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["tflite_int8"]]),
         "ort_int8_speedup_geomean": _geomean([r["int8_speedup"] for r in rows["ort_int8"] if "int8_speedup" in r]),
         "edgec_converts": _converted(rows["results"]),

@@ -7,7 +7,7 @@ here are noisy, so compare ratios measured side by side, never absolute times ac
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -46,17 +46,22 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
     return LatencyStats.from_samples(timed_samples(runner, feeds, runs, budget_s))
 
 
-def compare_latency(runners: dict[str, Runner], runs: int, rounds: int = 5) -> dict[str, dict]:
+def compare_latency(runners: dict[str, Runner | Callable[[], Runner]], runs: int, rounds: int = 5) -> dict[str, dict]:
     """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each.
 
     ``best_median_ms`` (the lowest round median) is what ratios use: on a shared, noisy
     machine, interference only ever adds time, so the quietest round is the truest one.
     Each runner gets seeded random data shaped for its own inputs (a foreign .tflite has its
-    own input names and layout).
+    own input names and layout). Where a factory is given instead of a runner, every round
+    times a new instance: where a runtime puts one instance's buffers in memory moved
+    LiteRT's latency by up to 8% here between two instances of the same file, a difference
+    that repeating rounds on the same instances never averages out.
     """
-    feeds = {name: random_inputs(r.inputs, count=1).batches[0] for name, r in runners.items()}
+    made = {name: r if isinstance(r, Runner) else r() for name, r in runners.items()}
+    feeds = {name: random_inputs(r.inputs, count=1).batches[0] for name, r in made.items()}
     medians: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
+    for round_index in range(rounds):
         for name, runner in runners.items():
-            medians[name].append(measure(runner, feeds[name], runs=runs).median_ms)
+            instance = made[name] if isinstance(runner, Runner) or round_index == 0 else runner()
+            medians[name].append(measure(instance, feeds[name], runs=runs).median_ms)
     return {name: {"best_median_ms": min(m), "round_medians_ms": m} for name, m in medians.items()}
