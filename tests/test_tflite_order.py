@@ -93,6 +93,8 @@ def test_profile_rows_are_named_after_the_onnx_nodes(block_tflite):
     (["CONV_2D", "RELU", "ADD"], ["Convolution (NHWC, F32) IGEMM", "Add (ND)", "Clamp (NC)"], [0, 2, 2]),
     # one Copy row per concatenated input; an op outside XNNPACK under its TFLite name
     (["CONCATENATION", "SPLIT_V", "CONV_2D"], ["Copy (NC, X32)", "Copy (NC, X32)", "SPLIT_V", "Fully Connected (NC, F32) GEMM"], [0, 0, 1, 2]),
+    # a reshape XNNPACK adds before a fully connected op that flattens its input
+    (["FULLY_CONNECTED"], ["Static Reshape (NC)", "Fully Connected (NC, F32) GEMM"], [0, 0]),
     # fp16 weights' DEQUANTIZE ops run no XNNPACK operator
     (["DEQUANTIZE", "DEQUANTIZE", "DEPTHWISE_CONV_2D"], ["Convolution (NHWC, F32) DWConv"], [2]),
 ])

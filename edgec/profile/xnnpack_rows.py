@@ -47,6 +47,9 @@ MAY_VANISH = {"DEQUANTIZE", "PAD", "PADV2", "RELU", "RELU6", "RELU_N1_TO_1", "RE
 # Rows that may follow an operator's main row: an activation XNNPACK could not fuse, a
 # reshape it adds (e.g. a MEAN without keep_dims).
 TRAILING = ("Clamp", "Static Reshape", "Copy")
+# Rows that may come before it: the reshape XNNPACK puts before a fully connected op that
+# flattens its input.
+LEADING = ("Static Reshape", "Copy")
 REPEATED = {"CONCATENATION", "SPLIT", "SPLIT_V", "PACK", "UNPACK"}  # one row per input or output
 
 
@@ -91,22 +94,25 @@ def name_rows(operators: list[str], rows: list[str]) -> list[RowName]:
 
 
 def _spans(op: str, rows: list[str], start: int):
-    """How many rows from ``start`` on the operator ``op`` can account for."""
+    """How many rows from ``start`` on the operator ``op`` can account for (possibly one
+    length more than once)."""
     if op in MAY_VANISH:
         yield 0
-    if start >= len(rows):
-        return
-    if rows[start] == op:  # left outside XNNPACK: one row under its TFLite name
+    if start < len(rows) and rows[start] == op:  # left outside XNNPACK: one row under its TFLite name
         yield 1
         return
     kinds = ROW_KINDS.get(op, ())
-    if not rows[start].startswith(kinds):
-        return
-    end = start + 1
-    yield 1
-    while end < len(rows) and (rows[end].startswith(TRAILING) or (op in REPEATED and rows[end].startswith(kinds))):
-        end += 1
-        yield end - start
+    main = start
+    while main < len(rows):
+        if rows[main].startswith(kinds):
+            end = main + 1
+            yield end - start
+            while end < len(rows) and (rows[end].startswith(TRAILING) or (op in REPEATED and rows[end].startswith(kinds))):
+                end += 1
+                yield end - start
+        if not rows[main].startswith(LEADING):
+            return
+        main += 1
 
 
 _BUILTIN_NAMES = {v: k for k, v in vars(tfl_schema.BuiltinOperator).items() if not k.startswith("_")}
