@@ -29,6 +29,7 @@ ROW_KINDS: dict[str, tuple[str, ...]] = {
     "SUM": ("Sum",), "PAD": ("Constant Pad",), "PADV2": ("Constant Pad",),
     "RESHAPE": ("Static Reshape", "Copy"), "SQUEEZE": ("Static Reshape", "Copy"), "EXPAND_DIMS": ("Static Expand Dims", "Static Reshape", "Copy"),
     "CONCATENATION": ("Copy", "Concatenate"), "SPLIT": ("Copy", "Split"), "SPLIT_V": ("Copy", "Split"),
+    "PACK": ("Copy", "Concatenate"), "UNPACK": ("Copy", "Split"),
     "SLICE": ("Slice", "Static Slice"), "STRIDED_SLICE": ("Slice", "Static Slice"), "TRANSPOSE": ("Transpose",),
     "RESIZE_BILINEAR": ("Resize Bilinear",), "RESIZE_NEAREST_NEIGHBOR": ("Resize",), "DEPTH_TO_SPACE": ("Depth To Space",),
     "SPACE_TO_DEPTH": ("Space To Depth",), "HARD_SWISH": ("HardSwish",), "LOGISTIC": ("Sigmoid",), "TANH": ("Tanh",),
