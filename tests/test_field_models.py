@@ -4,7 +4,7 @@ A PyTorch ViT (``models/field/vit.onnx``: LayerNormalization, Erf, a ConstantOfS
 arithmetic under a symbolic batch), a tf2onnx-style NHWC classifier with batch ``unk__123``,
 a model whose declared shapes are stale, one with a near-constant head whose error is
 float noise, and the ``If``/LSTM patterns of PyTorch RNN exports (Silero VAD). Each is small:
-the whole file takes about a minute and a half on 2 cores.
+the whole file takes under a minute on 2 cores.
 """
 
 from __future__ import annotations
