@@ -130,8 +130,29 @@ def _brief(details: dict) -> str:
     return "" if text == "{}" else (text if len(text) < 100 else text[:97] + "...")
 
 
+def _prints_warnings(fn):
+    """Show the EdgecWarnings a command raises (notes about the model or its data: a default
+    batch, stale declared shapes) as ``warning:`` lines on stderr as they come; other Python
+    warnings are not shown (libraries' deprecations are not the user's to act on)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", EdgecWarning)
+            warnings.showwarning = _show_warning
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _show_warning(message, category, *_) -> None:
+    if issubclass(category, EdgecWarning):
+        err.print(f"[bold yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
 @app.command()
 @_handles_errors
+@_prints_warnings
 def build(
     model: Annotated[Path, typer.Argument(help="The ONNX model to compile.")],
     target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `edgec targets`) or a target .toml file.")],
@@ -180,12 +201,7 @@ def build(
         equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, factorize, prune, sparsify),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", EdgecWarning)
-        result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
-    for warning in caught:
-        if issubclass(warning.category, EdgecWarning):
-            err.print(f"[bold yellow]warning:[/] {warning.message}", highlight=False, soft_wrap=True)
+    result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
     if as_json:
         out.print_json(data=result.report)
         return
@@ -240,6 +256,7 @@ def _print_verification(v: dict) -> None:
 
 @app.command()
 @_handles_errors
+@_prints_warnings
 def verify(
     source: Annotated[Path, typer.Argument(help="The source ONNX model.")],
     artifact: Annotated[Path, typer.Argument(help="An artifact built from it (.tflite, .onnx or .ort).")],
@@ -275,6 +292,7 @@ def verify(
 
 @app.command()
 @_handles_errors
+@_prints_warnings
 def profile(
     artifacts: Annotated[list[Path], typer.Argument(help="Artifacts to measure (.tflite, .onnx, .ort).")],
     device: Annotated[str, typer.Option("--device", "-d", help="Device to measure on.")] = "local",
@@ -360,6 +378,7 @@ _PROFILE_ROWS = [
 
 @app.command()
 @_handles_errors
+@_prints_warnings
 def inspect(
     model: Annotated[Path, typer.Argument(help="The ONNX model to describe.")],
     input_shape: InputShapeOpt = None,
@@ -381,7 +400,7 @@ def _print_summary(s: dict) -> None:
     for kind in ("inputs", "outputs"):
         for v in s[kind]:
             shape = "x".join(map(str, v["shape"])) if v["shape"] is not None else "?"
-            out.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']}[{shape}]", highlight=False)
+            out.print(f"  {kind[:-1]:6} {v['name']}: {v['dtype']}[{shape}]", highlight=False, markup=False)  # [batchx3] is no tag
     out.print(f"Nodes {s['nodes']}, parameters {s['params']:,}, MACs {s['macs']:,}", highlight=False)
     out.print("Ops: " + ", ".join(f"{k} {v}" for k, v in s["op_histogram"].items()), highlight=False)
     table = Table("layer", "op", "output", "params", "MACs", title="MACs per layer", title_justify="left")
@@ -395,6 +414,7 @@ def _print_summary(s: dict) -> None:
 
 @app.command()
 @_handles_errors
+@_prints_warnings
 def analyze(
     model: Annotated[Path, typer.Argument(help="The ONNX model to analyze.")],
     sensitivity: Annotated[bool, typer.Option("--sensitivity", help="Prune each channel group alone at several rates and measure the output error / top-1 drop.")] = False,
@@ -457,6 +477,7 @@ def analyze(
 
 @app.command()
 @_handles_errors
+@_prints_warnings
 def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     """List the known targets."""
     from edgec.targets import TARGETS_DIR, known_targets, load_target

@@ -2,8 +2,9 @@
 
 A PyTorch ViT (``models/field/vit.onnx``: LayerNormalization, Erf, a ConstantOfShape and Shape
 arithmetic under a symbolic batch), a tf2onnx-style NHWC classifier with batch ``unk__123``,
-a model whose declared shapes are stale, and one with a near-constant head whose error is
-float noise. Each is small: the whole file takes about a minute on 2 cores.
+a model whose declared shapes are stale, one with a near-constant head whose error is
+float noise, and the ``If``/LSTM patterns of PyTorch RNN exports (Silero VAD). Each is small:
+the whole file takes under a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from conftest import REPO
 from helpers import GraphBuilder, save
 
 from edgec.build import build
-from edgec.errors import EdgecWarning
+from edgec.errors import EdgecWarning, UnsupportedOpError
 from edgec.passes import canonicalize
 from edgec.targets import known_targets
 from edgec.verify import Criterion, compare_outputs
@@ -63,6 +64,35 @@ def near_constant_head() -> onnx.ModelProto:
     nudged = g.op("Conv", ["x", g.const(weight * np.float32(1 + 1e-6))], pads=[1, 1, 1, 1])
     head = g.op("Sub", [nudged, features])
     return g.model({"x": [1, 3, 8, 8]}, {features: [1, 4, 8, 8], head: [1, 4, 8, 8]})
+
+
+def rnn_with_branches(constant_condition: bool = False) -> onnx.ModelProto:
+    """As PyTorch exports an RNN with data-dependent control flow (Silero VAD): an LSTM with its
+    optional ``sequence_lens`` input and ``Y`` output left unnamed, and ``If`` nodes whose
+    then-branch passes a value of the main graph through while the else-branch computes from
+    it, every else-branch naming its own ``Shape`` value alike."""
+    g = GraphBuilder()
+    w, r, b = g.weight(1, 16, 3), g.weight(1, 16, 4), g.weight(1, 32)
+    y_h = g.op("LSTM", ["x", w, r, b, "", g.weight(1, 1, 4)], n_out=2, hidden_size=4)[1]
+    g.nodes[-1].output[0] = ""
+    if constant_condition:
+        condition = g.const(np.array(True))
+    else:
+        condition = g.op("Greater", [g.op("ReduceSum", ["x"], keepdims=0), g.const(np.array(0, np.float32))])
+    branches = []
+    for i in range(6):  # several, so a node order blind to what branches read misplaces one
+        outer = g.op("Add", [y_h, g.weight(1, 1, 4)])
+        make = onnx.helper.make_node
+        then = _branch([make("Identity", [outer], [f"then{i}"])])
+        else_ = _branch([make("Shape", [outer], ["shape"]), make("Reshape", [outer, "shape"], ["same"]),
+                         make("Mul", ["same", outer], [f"else{i}"])])
+        branches.append(g.op("If", [condition], name=f"branch{i}", then_branch=then, else_branch=else_))
+    return g.model({"x": [5, 1, 3]}, {g.op("Sum", branches): None})
+
+
+def _branch(nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+    output = onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, None)
+    return onnx.helper.make_graph(nodes, "branch", [], [output])
 
 
 def _saved(tmp_path, make) -> str:
@@ -129,3 +159,24 @@ def test_failing_simplifier_falls_back_with_a_note(tmp_path, monkeypatch):
     simplify = next(p for p in result.report["passes"] if p["name"] == "simplify")["details"]
     assert simplify["fallback"] == "IndexError: Input 371 is undefined!"
     assert any("onnxsim" in note for note in json.loads(result.report_path.read_text())["notes"])
+
+
+@pytest.mark.parametrize("target", ["ort-x86", "ort-arm"])
+def test_rnn_with_runtime_branches_builds_for_onnx_runtime(target, tmp_path):
+    proto = rnn_with_branches()
+    with pytest.raises(onnx.shape_inference.InferenceError, match="already exists"):
+        onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    result = build(save(proto, tmp_path), target, tmp_path / "out")
+    assert result.verification.passed
+    assert next(p for p in result.report["passes"] if p["name"] == "unique-names")["details"]["renamed"] == 2 * 5  # shape, same
+
+
+def test_runtime_branch_is_refused_by_tflite_naming_the_node(tmp_path):
+    with pytest.raises(UnsupportedOpError, match="If") as info:
+        build(save(rnn_with_branches(), tmp_path), "tflite-x86", tmp_path / "out")
+    assert info.value.node_name == "branch0"
+
+
+def test_constant_branch_is_folded_away_for_tflite(tmp_path):
+    result = build(save(rnn_with_branches(constant_condition=True), tmp_path), "tflite-x86", tmp_path / "out")
+    assert result.verification.passed and "If" not in json.dumps(result.report["lowering"])

@@ -5,6 +5,9 @@ cannot express must be refused naming the node."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -154,6 +157,28 @@ def test_crnn_builds_and_verifies_on_every_target(name, target, tmp_path):
     result = build(path, target, tmp_path / "out", BuildOptions(inputs=EVAL, max_samples=16))
     assert result.verification.passed
     assert all(o.relative_error <= 1e-4 for o in result.verification.outputs)
+
+
+def _with_stale_shapes(path) -> onnx.ModelProto:
+    """The CRNN as a PyTorch 1.9 export declares it: its output ``1x?`` (it computes 8x1x11)
+    and the LSTM's ``Y`` 1x1x1x1."""
+    proto = onnx.load(path)
+    make = onnx.helper.make_tensor_value_info
+    proto.graph.output[0].CopyFrom(make(proto.graph.output[0].name, onnx.TensorProto.FLOAT, [1, "?"]))
+    lstm = next(n for n in proto.graph.node if n.op_type == "LSTM")
+    proto.graph.value_info.append(make(lstm.output[0], onnx.TensorProto.FLOAT, [1, 1, 1, 1]))
+    return proto
+
+
+@pytest.mark.parametrize("target", known_targets())
+@pytest.mark.parametrize("name", CRNNS)
+def test_crnn_with_stale_declared_shapes_builds_on_every_target(name, target, tmp_path):
+    path = save(_with_stale_shapes(REPO / "models" / f"{name}.onnx"), tmp_path, name)
+    said = "output 'logits' is declared 1x? but computes 8x1x11; 1 intermediate"
+    with pytest.warns(EdgecWarning, match=re.escape(said)):
+        result = build(path, target, tmp_path / "out", BuildOptions(precision="fp32"))
+    assert result.verification.passed and result.verification.outputs[0].shape == [8, 1, 11]
+    assert any(said in note for note in json.loads(result.report_path.read_text())["notes"])
 
 
 def test_bidirectional_crnn_builds_int8_tflite(tmp_path):

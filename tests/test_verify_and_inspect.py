@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from edgec.analysis import inspect_file
 from edgec.build import BuildOptions, build
 from edgec.cli import app
-from edgec.errors import InputDataError, TargetError
+from edgec.errors import EdgecWarning, InputDataError, TargetError
 from edgec.runtime import TensorSpec, open_runner
 from edgec.targets import known_targets, load_target
 from edgec.verify import load_inputs, random_inputs
@@ -150,6 +150,20 @@ def test_inspect_cli_json(tmp_path):
     assert result.exit_code == 0
     data = json.loads(result.output)
     assert data["size_bytes"] > 0 and data["macs"] > 0
+
+
+def test_inspect_prints_notes_as_warning_lines_and_symbolic_shapes(tmp_path, recwarn):
+    """As build does: the stale-shape note is the CLI's ``warning:`` line, not a Python warning."""
+    g = GraphBuilder()
+    y = g.op("Relu", ["x"])
+    model = g.model({"x": ["batch", 4]}, {y: ["batch", 4]})
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 3  # stale
+    result = CliRunner().invoke(app, ["inspect", str(save(model, tmp_path))])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"warning: Declared shapes replaced by what the graph computes: output '{y}' is declared batchx3 but computes batchx4" in text
+    assert "input x: float[batchx4]" in text
+    assert not [w for w in recwarn if issubclass(w.category, EdgecWarning)]
 
 
 def test_the_four_targets_ship(repo):

@@ -7,6 +7,9 @@ named and ordered differently). edgec promises byte-identical artifacts, so the 
 is rewritten into one canonical form: nodes in a topological order that depends only on what
 each node computes, and every name ORT made up replaced by one derived from that order.
 Names that came from the source model are kept, so profiles still name the user's layers.
+A node depends on its named inputs and on the outer values its subgraphs read (an ``If``
+branch returning a value of the main graph); an empty name is an omitted optional input or
+output (an LSTM's unused ``sequence_lens`` and ``Y``), never a value.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import heapq
 from collections.abc import Iterable
 
 import onnx
+
+from edgec.errors import InternalError
 
 
 def canonical(model: onnx.ModelProto, source_names: Iterable[str]) -> onnx.ModelProto:
@@ -27,8 +32,8 @@ def canonical(model: onnx.ModelProto, source_names: Iterable[str]) -> onnx.Model
     nodes = [graph.node[i] for i in order]
     for node in nodes:
         node.name = renames.get(("node", node.name), node.name) if node.name else node.name
-        node.input[:] = [renames.get(("value", v), v) for v in node.input]
         node.output[:] = [renames.get(("value", v), v) for v in node.output]
+        _rename_inputs(node, renames)
     del graph.node[:]
     graph.node.extend(nodes)
     for entry in [*graph.initializer, *graph.value_info]:
@@ -36,6 +41,40 @@ def canonical(model: onnx.ModelProto, source_names: Iterable[str]) -> onnx.Model
     _sort_unique(graph.initializer)
     _sort_unique(graph.value_info)
     return model
+
+
+def _rename_inputs(node: onnx.NodeProto, renames: dict[tuple[str, str], str]) -> None:
+    """Rename what ``node`` reads, inside its subgraphs too (ONNX names are unique across
+    scopes, so a renamed outer value is never a subgraph's own)."""
+    node.input[:] = [renames.get(("value", v), v) for v in node.input]
+    for graph in _subgraphs(node):
+        for inner in graph.node:
+            _rename_inputs(inner, renames)
+        for output in graph.output:
+            output.name = renames.get(("value", output.name), output.name)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The values ``node`` depends on: its named inputs and its subgraphs' outer reads."""
+    return [v for v in node.input if v] + _outer_reads(node)
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """The values of enclosing graphs that ``node``'s subgraphs read, each once, in first-use order."""
+    reads = []
+    for graph in _subgraphs(node):
+        inner = {i.name for i in [*graph.input, *graph.initializer]} | {o for n in graph.node for o in n.output}
+        reads += [v for n in graph.node for v in _reads(n) if v not in inner]
+        reads += [o.name for o in graph.output if o.name not in inner]
+    return list(dict.fromkeys(reads))
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, int]:
+    return {out: i for i, node in enumerate(graph.node) for out in node.output if out}
 
 
 def _sort_unique(entries) -> None:
@@ -52,14 +91,18 @@ def _node_keys(graph: onnx.GraphProto) -> list[str]:
     value_keys = {i.name: "in:" + i.name for i in graph.input}
     for init in graph.initializer:
         value_keys[init.name] = "const:" + _content_digest(init)
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    producer = _producers(graph)
     keys: list[str | None] = [None] * len(graph.node)
 
     def key(index: int) -> str:
+        if keys[index] == "":
+            raise InternalError(f"ONNX Runtime's optimized graph has a cycle through node '{graph.node[index].name}'; "
+                                "edgec cannot order it.")
         if keys[index] is None:
+            keys[index] = ""  # being computed: meeting it again means a cycle
             node = graph.node[index]
             parts = [node.domain, node.op_type, *(a.SerializeToString().hex() for a in sorted(node.attribute, key=lambda a: a.name))]
-            parts += [value(v) for v in node.input]
+            parts += [value(v) for v in [*node.input, *_outer_reads(node)]]
             keys[index] = _digest("|".join(parts).encode())
         return keys[index]
 
@@ -76,11 +119,12 @@ def _node_keys(graph: onnx.GraphProto) -> list[str]:
 
 def _stable_topological_order(graph: onnx.GraphProto, keys: list[str]) -> list[int]:
     """Kahn's algorithm, always taking the ready node with the smallest key."""
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    waiting = [len({producer[v] for v in node.input if v in producer}) for node in graph.node]
+    producer = _producers(graph)
+    reads = [_reads(node) for node in graph.node]
+    waiting = [len({producer[v] for v in values if v in producer}) for values in reads]
     consumers: dict[int, set[int]] = {}
-    for i, node in enumerate(graph.node):
-        for v in node.input:
+    for i, values in enumerate(reads):
+        for v in values:
             if v in producer:
                 consumers.setdefault(producer[v], set()).add(i)
     ready = [(keys[i], i) for i, count in enumerate(waiting) if count == 0]

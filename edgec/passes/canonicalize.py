@@ -179,6 +179,48 @@ def _pin_example(shape: ir.Shape | None) -> str:
     return "x".join("SIZE" if _is_dynamic(d) else str(d) for d in shape.dims)
 
 
+class UniqueNames(ir.passes.InPlacePass):
+    """Give each value, in subgraphs too, a name no other value of the model has.
+
+    An ``If``'s two branches may reuse each other's names (each is its own scope; onnxsim's
+    output of a Silero VAD does), but onnx's shape inference keeps the values it propagates in
+    one table for the whole model and fails on the second ("Data for input 0 already exists").
+    The main graph's inputs, outputs and initializers keep their names.
+    """
+
+    name = "unique-names"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        graph = model.graph
+        named = [*graph.inputs, *graph.outputs, *graph.initializers.values()]
+        used, seen = {v.name for v in named}, set(named)
+        renamed = []
+
+        def settle(values) -> None:
+            for value in values:
+                if value in seen or value.name is None:
+                    continue
+                seen.add(value)
+                if value.name in used:
+                    renamed.append(value.name)
+                    value.name = _unused_name(value.name, used)
+                used.add(value.name)
+
+        def enter(subgraph: ir.Graph) -> None:
+            settle([*subgraph.inputs, *subgraph.initializers.values()])
+
+        for node in ir.traversal.RecursiveGraphIterator(graph, enter_graph=enter):
+            settle(node.outputs)
+        return PassOutcome(model, bool(renamed), {"renamed": len(renamed)})
+
+
+def _unused_name(name: str, used: set[str]) -> str:
+    k = 1
+    while f"{name}__{k}" in used:
+        k += 1
+    return f"{name}__{k}"
+
+
 class InferShapes(ir.passes.FunctionalPass):
     """ONNX shape inference in strict mode, trusting what the graph computes over what it declares.
 
@@ -447,8 +489,10 @@ def canonicalize_passes(input_shapes: InputShapes | None = None) -> list[ir.pass
         FixInputShapes(input_shapes or {}),
         DefaultBatchSize(),
         RequireStaticInputs(),
+        UniqueNames(),
         InferShapes(),
         Simplify(),
+        UniqueNames(),
         FoldBatchNorm(),
         *cleanup_passes(),
         InferShapes(),
