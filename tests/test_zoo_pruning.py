@@ -31,8 +31,9 @@ CASES = [
 ]
 MAC_REDUCTION = 0.3
 # ORT x86's blocked-layout kernels ("all" optimizations) move the pruned selfie_segmentation
-# mask by 1.6e-4 of its range against the unoptimized reference ("extended": 0.0): arithmetic.
-TOLERANCE = {"selfie_segmentation": 2e-4}
+# mask against the unoptimized reference ("extended": 0.0) by 1.6e-4 of its range on an AVX2
+# host and by 3.1e-4 on an AVX-512 one (the same build on both; cosine 1.0000): arithmetic.
+TOLERANCE = {"selfie_segmentation": 5e-4}
 
 
 @pytest.mark.parametrize("name, target", CASES)
