@@ -7,6 +7,7 @@ small rule (``edgec.lower.tflite.ops``); TensorFlow's own converter emits the fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -27,6 +28,7 @@ from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
 from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import Pipeline
+from edgec.memo import Recent, fingerprint
 from edgec.model import to_bytes
 from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, calibrate, head, rank_candidates
 from edgec.runtime import Runner
@@ -47,26 +49,49 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list]:
     return Pipeline([FuseGelu(), DecomposeBatchNorm(), ChannelsLast(), *cleanup_passes()])(model)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+    """A model through the ONNX passes, Keras and TensorFlow's converter (fp32, fp16, or
+    calibrated for int8), with what the rest of the lowering needs to know about it."""
+
+    content: bytes
+    records: list
+    io: dict
+    layers: dict[str, list[str]]
+    keras_layers: int
+
+
+# An int8 build converts the model it keeps twice (measuring recovery variants, then with the
+# precision search): the conversion is most of a lowering's time, and deterministic.
+_CONVERTED: Recent[_Converted] = Recent(2)
+
+
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
-    source = to_bytes(model) if options.precision == "int8" else b""  # the float reference for int8 checks
-    model, records = prepare(model)
-    keras_lowering = to_keras(model, target.name)
-    io = keras_lowering.io
-    representative = [_keras_inputs(sample, io) for sample in options.calibration.batches]
-    content = keras_to_tflite(keras_lowering.model, target.name, options.precision, representative)
-    details: dict = {}
+    source = to_bytes(model)  # the float reference of int8 checks
+    calibration = options.calibration.batches if options.precision == "int8" else []
+    key = fingerprint(source, target.name, options.precision, calibration)
+    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration))
+    content, details = converted.content, {}
     if options.precision == "int8":
-        content, details = _Int8(content, target, options, keras_lowering).build(source)
-    content = _with_io(content, io)
+        content, details = _Int8(content, target, options, converted).build(source)
+    content = _with_io(content, converted.io)
     details = {
         "precision": options.precision,
-        "passes": [r.to_dict() for r in records],
-        "io": io,
-        "keras_layers": len(keras_lowering.model.layers),
+        "passes": [r.to_dict() for r in converted.records],
+        "io": converted.io,
+        "keras_layers": converted.keras_layers,
         "tflite_ops": op_histogram(content),
         **details,
     }
     return Lowered({f"{stem}.tflite": content}, f"{stem}.tflite", details)
+
+
+def _convert(model: ir.Model, target: Target, precision: str, calibration: list) -> _Converted:
+    model, records = prepare(model)
+    keras_lowering = to_keras(model, target.name)
+    representative = [_keras_inputs(sample, keras_lowering.io) for sample in calibration]
+    content = keras_to_tflite(keras_lowering.model, target.name, precision, representative)
+    return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers))
 
 
 def _with_io(content: bytes, io: dict) -> bytes:
@@ -84,7 +109,7 @@ class _Int8:
     most sensitive ops also stay float, as few as meet it (``PrecisionSearch``).
     """
 
-    def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: KerasLowering):
+    def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: _Converted):
         self.calibrated, self.target, self.options, self.lowering = calibrated, target, options, lowering
 
     def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
@@ -123,7 +148,8 @@ class _Int8:
             return LiteRTRunner(content, threads=1, xnnpack=self.target.runtime.get("xnnpack", True))
 
         search = PrecisionSearch(reference, check, runner)
-        return search.run(self.options.goal, self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))), search.steps
+        ranking = lambda: self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))  # noqa: E731
+        return search.run(self.options.goal, ranking), search.steps
 
     def _op_ranking(self, ranking: list[Candidate]) -> list[Candidate]:
         """The ONNX ranking in TFLite op names: each candidate's nodes → the Keras layers
