@@ -47,7 +47,7 @@ CALIBRATION_METHODS = {
 }
 SENSITIVITY_SAMPLES = 4  # batches the most sensitive tensors' sensitivity is measured on
 COARSE_SAMPLES = 1  # batches every tensor is first measured on, to find the most sensitive
-REFINED_SHARE, REFINED_MIN = 4, 16  # the top quarter (at least 16) is measured again on all
+REFINED = 16  # the most sensitive tensors by the first measurement, measured again on all
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 # Ops ONNX Runtime runs in integer (QLinear*/QGemm kernels, or moves int8 data unchanged).
@@ -375,8 +375,9 @@ def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantSc
     end-to-end effect: AIMET's per-layer sensitivity without a model per layer. An
     activation is spared by keeping its producer and consumers float; a weight by keeping
     its layer float. Every tensor is measured on the first ``COARSE_SAMPLES`` batches of
-    ``samples``; the top quarter of that order again on ``SENSITIVITY_SAMPLES`` batches and
-    re-sorted (the search only ever keeps a prefix float, so the head's order is what counts).
+    ``samples``; the ``REFINED`` most sensitive of them again on ``SENSITIVITY_SAMPLES``
+    batches and re-sorted. The search only keeps a prefix float and checks each prefix on all
+    its samples with real int8 kernels, so a rougher order costs at most a few more float tensors.
     """
     quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
     outputs = {o.name for o in model.graph.output}
@@ -387,7 +388,7 @@ def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantSc
     spared = {t: tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)) for t in activations}
     spared.update({w: (node,) for w, (node, _) in weights.items() if node in names})
     coarse = _by_damage(probe.damages(list(spared), head(samples, COARSE_SAMPLES)), spared)
-    refined = coarse[:max(REFINED_MIN, len(coarse) // REFINED_SHARE)]
+    refined = coarse[:REFINED]
     if len(samples.batches) <= COARSE_SAMPLES:
         return coarse
     return _by_damage(probe.damages([c.tensor for c in refined], head(samples, SENSITIVITY_SAMPLES)), spared) + coarse[len(refined):]

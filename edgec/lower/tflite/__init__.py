@@ -144,8 +144,9 @@ class _Int8:
         reference = run_all(OrtRunner(source, threads=1, optimization="disabled"), check.batches)
 
         def runner(keep: set[str]) -> Runner:
-            content = _with_io(self.quantize(float_ops, keep), self.lowering.io)
-            return LiteRTRunner(content, threads=1, xnnpack=self.target.runtime.get("xnnpack", True))
+            # The io mapping given directly: writing it into each candidate file took seconds.
+            return LiteRTRunner(self.quantize(float_ops, keep), threads=1, xnnpack=self.target.runtime.get("xnnpack", True),
+                                io=self.lowering.io)
 
         search = PrecisionSearch(reference, check, runner)
         ranking = lambda: self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))  # noqa: E731
