@@ -364,7 +364,8 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
         if decision[f"int8_{unit}"] < decision[f"fp32_{unit}"]:
             return int8, {"shipped": "int8", **decision}
         if device is None:
-            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
+            runs = max(3, min(HOST_SPEED_RUNS, int(HOST_SPEED_BUDGET_S * 1e3 / decision["fp32_ms"])))
+            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads, runs)
     _warn_fp32_shipped(decision)
     return fp32, {"shipped": "fp32", **decision}
 

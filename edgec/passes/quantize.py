@@ -331,8 +331,9 @@ class PrecisionSearch:
         return _nodes(ranking[:good])
 
     def _first_passing(self, goal: AccuracyGoal, ranking: list[Candidate]) -> int | None:
-        """Smallest k (doubling, then bisection) such that keeping ranking[:k] float passes (k = 0 failed)."""
-        failed, k = 0, 1
+        """Smallest k (doubling from a guess, then bisection) such that keeping ranking[:k]
+        float passes (k = 0 failed)."""
+        failed, k = 0, _guess(goal, ranking)
         while failed < len(ranking):
             k = min(k, len(ranking))
             if self._passes(goal, ranking[:k]):
@@ -361,6 +362,18 @@ class PrecisionSearch:
             "passed": passed,
         })
         return passed
+
+
+def _guess(goal: AccuracyGoal, ranking: list[Candidate]) -> int:
+    """Where the search starts: the shortest prefix whose float keeping leaves a summed damage
+    (1 − cosine; small output errors add up roughly linearly) within the goal's. A model
+    that needs 150 tensors float gets there in a few checks instead of doubling from one."""
+    allowed, left = 1.0 - goal.min_cosine, sum(c.damage for c in ranking)
+    for k, candidate in enumerate(ranking):
+        if left <= allowed:
+            return max(k, 1)
+        left -= candidate.damage
+    return max(len(ranking), 1)
 
 
 def _nodes(candidates: Sequence[Candidate]) -> set[str]:
