@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,17 +40,19 @@ def timed_build(source: Path, target: str, out: Path, inputs: Path, precision: s
                 value_range: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Build in a child process; its stage times, total wall and CPU seconds, peak RSS and verdict."""
     command = [sys.executable, "-m", "edgec.bench.timing", str(source), target, str(out), "--inputs", str(inputs),
-               "--precision", precision, "--range", f"{value_range[0]},{value_range[1]}"]
+               "--precision", precision, f"--range={value_range[0]},{value_range[1]}"]  # "=": ranges may start with "-"
     if calib is not None:
         command += ["--calib", str(calib)]
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if child.returncode != 0:
-        return {"passed": False, "error": f"the build process exited with {child.returncode}", "wall_seconds": round(wall, 2)}
+    with tempfile.TemporaryFile("w+") as errors:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, text=True)
+        output = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            last = (errors.read().strip().splitlines() or ["(no message)"])[-1]
+            return {"passed": False, "error": f"the build process failed: {last}", "wall_seconds": round(wall, 2)}
     row = json.loads(output.strip().splitlines()[-1])
     return {**row, "startup_seconds": round(wall - row["build_seconds"], 2), "wall_seconds": round(wall, 2),
             "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
