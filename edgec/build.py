@@ -448,7 +448,8 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
         if decision[f"int8_{unit}"] < decision[f"fp32_{unit}"]:
             return int8, {"shipped": "int8", **decision}
         if device is None:
-            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads)
+            runs = max(3, min(HOST_SPEED_RUNS, int(HOST_SPEED_BUDGET_S * 1e3 / decision["fp32_ms"])))
+            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads, runs)
     _warn_fp32_shipped(decision)
     return fp32, {"shipped": "fp32", **decision}
 
@@ -466,6 +467,9 @@ def _warn_fp32_shipped(decision: dict[str, Any]) -> None:
 
 
 SPEED_UNITS = {"ms": "ms", "instructions": "instructions per inference"}
+# Per artifact and round: 20 runs of a small model; of a large one (100+ ms a run) what fits
+# in the budget, so timing a 3-GMAC detector takes seconds, not a minute.
+HOST_SPEED_RUNS, HOST_SPEED_ROUNDS, HOST_SPEED_BUDGET_S, HOST_SPEED_WARMUP = 20, 3, 1.5, 3
 DEVICE_SPEED_ROUNDS, DEVICE_SPEED_SETTINGS = 3, ProfileSettings(warmup=3, runs=20, ops=False)
 # Emulated wall time is not latency; the instruction count is taken apart from the timed runs.
 EMULATED_SPEED_SETTINGS = ProfileSettings(warmup=0, runs=1, ops=False)
@@ -474,7 +478,7 @@ EMULATED_SPEED_SETTINGS = ProfileSettings(warmup=0, runs=1, ops=False)
 def _time_here(paths: dict[str, Path], target: Target) -> dict[str, Any]:
     """Alternating rounds of both artifacts in this process, at the target's threads."""
     runners = {name: open_runner(path, threads=target.threads, options=target.runtime) for name, path in paths.items()}
-    latency = compare_latency(runners, runs=20, rounds=3)
+    latency = compare_latency(runners, HOST_SPEED_RUNS, HOST_SPEED_ROUNDS, HOST_SPEED_BUDGET_S, HOST_SPEED_WARMUP)
     return {"measured": True, "on": "this host", "metric": "ms", "threads": target.threads,
             **{f"{name}_ms": round(latency[name]["best_median_ms"], 4) for name in paths}}
 

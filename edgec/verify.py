@@ -9,6 +9,7 @@ with labels, the accuracy of both models.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import os
@@ -344,7 +345,9 @@ class Verification:
 def compare(source: Runner, artifact: Runner, inputs: InputSet, criterion: Criterion) -> Verification:
     """Run both models on every batch and compare each output."""
     _check_signatures(source, artifact)
-    outputs = compare_outputs(run_all(source, inputs.batches), run_all(artifact, inputs.batches), inputs.labels, criterion)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both runtimes release the GIL while they run
+        ref, got = pool.map(lambda runner: run_all(runner, inputs.batches), (source, artifact))
+    outputs = compare_outputs(ref, got, inputs.labels, criterion)
     return Verification(
         passed=all(o.passed for o in outputs),
         criterion=criterion,
@@ -376,8 +379,15 @@ def compare_outputs(
 
 
 def run_all(runner: Runner, batches: Sequence[Sample]) -> dict[str, np.ndarray]:
-    """Every output of ``runner`` on every batch, stacked on a new first axis."""
-    results = [runner.run(b) for b in batches]
+    """Every output of ``runner`` on every batch, stacked on a new first axis.
+
+    A runner that may be shared between threads runs its batches on every core at once;
+    each run keeps its own thread count, so the outputs are the same as one by one."""
+    if runner.thread_safe and len(batches) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(len(batches), os.cpu_count() or 1)) as pool:
+            results = list(pool.map(runner.run, batches))
+    else:
+        results = [runner.run(b) for b in batches]
     return {name: np.stack([r[name] for r in results]) for name in results[0]}
 
 

@@ -30,7 +30,8 @@ REPO = MODELS_DIR.parent
 CACHE = REPO / "build" / "cache"
 TORCH_ORDER = ["mobilenetv2", "resnet", "mobilenetv3", "unet", "vgg", "mlp", "transformer"]
 PRETRAINED = ["blazeface", "face_landmark", "selfie_segmentation", "hand_recrop", "palm_detection"]
-ORDER = [*TORCH_ORDER, "keras_cnn", *PRETRAINED]
+LARGE = ["detector"]  # built only by their own slow tests and `make bench`'s build_time section
+ORDER = [*TORCH_ORDER, "keras_cnn", *PRETRAINED, *LARGE]
 PHOTOS = "data/photos"
 LAYOUT_NAMES = {"nchw": "NCHW", "nhwc": "NHWC", "flat": "NC", "tokens": "NTC"}
 
@@ -48,6 +49,7 @@ DESCRIPTIONS = {
     "selfie_segmentation": "MediaPipe selfie segmentation (pretrained, via tf2onnx --tflite): encoder-decoder with HardSwish, squeeze-excite, bilinear Resize, ConvTranspose.",
     "hand_recrop": "MediaPipe holistic hand re-crop regressor (pretrained, via tf2onnx --tflite): PRelu, Pad, Slice.",
     "palm_detection": "MediaPipe palm detector, lite (pretrained, via tf2onnx --tflite): PRelu, Resize, Concat, two outputs (boxes, scores).",
+    "detector": "YOLOX-style anchor-free detector at 416x416 (seeded random weights, BatchNorm statistics from the calibration photos): CSP backbone with BatchNorm + SiLU, PAN neck with nearest Resize and Concat, decoupled heads at strides 8/16/32; ~3 GMACs.",
 }
 
 
@@ -146,6 +148,23 @@ def make_pretrained(name: str, out: Path) -> dict:
     return record
 
 
+def make_detector(out: Path) -> dict:
+    """The large model: random weights normalized on the calibration photos, evaluated on the
+    held-out ones like the pretrained detectors (agreement with the source, no labels)."""
+    import torch_nets
+    from edgec.images import ImagePreprocess, read_image_folder
+    from edgec.runtime import TensorSpec
+
+    size = torch_nets.DETECTOR_SIZE
+    spec = [TensorSpec("image", (1, 3, size, size), np.dtype(np.float32))]
+    photos_array = read_image_folder(out / PHOTOS / "calib", spec, ImagePreprocess())["image"]
+    path = out / "detector.onnx"
+    path.write_bytes(torch_nets.export_detector(torch_nets.detector(photos_array)))
+    record = entry("detector", path, "torch", "detection", "nchw", None)
+    record.update(eval_data=f"models/{PHOTOS}/eval", calib_data=f"models/{PHOTOS}/calib", input_range=[0.0, 1.0], large=True)
+    return record
+
+
 def build(names: list[str], out: Path) -> list[dict]:
     digits = data.load()
     data.write_data(digits, out / "data")
@@ -154,6 +173,7 @@ def build(names: list[str], out: Path) -> list[dict]:
     makers["keras_cnn"] = lambda: make_keras(digits, out)
     for n in PRETRAINED:
         makers[n] = lambda n=n: make_pretrained(n, out)
+    makers["detector"] = lambda: make_detector(out)
     entries = []
     for name in names:
         start = time.perf_counter()

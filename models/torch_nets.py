@@ -294,3 +294,117 @@ def noisy_eval_inputs(images: np.ndarray, seed: int = 1) -> np.ndarray:
     """The denoiser's evaluation inputs: eval images plus seeded noise."""
     rng = np.random.default_rng(seed)
     return (images + NOISE * rng.standard_normal(images.shape)).astype(np.float32)
+
+
+class ConvBnAct(nn.Sequential):
+    def __init__(self, cin: int, cout: int, k: int = 3, stride: int = 1):
+        super().__init__(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.SiLU())
+
+
+class CSPBlock(nn.Module):
+    """Cross-stage partial block: half the channels go through residual 1x1→3x3 bottlenecks,
+    the other half around them, then Concat and a 1x1 fuse (YOLOv5/YOLOX's C3)."""
+
+    def __init__(self, cin: int, cout: int, depth: int, residual: bool = True):
+        super().__init__()
+        hidden = cout // 2
+        self.main, self.bypass = ConvBnAct(cin, hidden, 1), ConvBnAct(cin, hidden, 1)
+        self.blocks = nn.ModuleList(nn.Sequential(ConvBnAct(hidden, hidden, 1), ConvBnAct(hidden, hidden, 3)) for _ in range(depth))
+        self.residual = residual
+        self.fuse = ConvBnAct(2 * hidden, cout, 1)
+
+    def forward(self, x):
+        y = self.main(x)
+        for block in self.blocks:
+            y = y + block(y) if self.residual else block(y)
+        return self.fuse(torch.cat([y, self.bypass(x)], 1))
+
+
+class DecoupledHead(nn.Module):
+    """YOLOX's head at one stride: a 1x1 stem, then separate 3x3 branches for classes and for
+    box + objectness; output channels [box 4, objectness 1, classes], scores through Sigmoid."""
+
+    def __init__(self, cin: int, width: int, classes: int):
+        super().__init__()
+        self.stem = ConvBnAct(cin, width, 1)
+        self.cls_branch = nn.Sequential(ConvBnAct(width, width), ConvBnAct(width, width))
+        self.reg_branch = nn.Sequential(ConvBnAct(width, width), ConvBnAct(width, width))
+        self.cls, self.box, self.obj = nn.Conv2d(width, classes, 1), nn.Conv2d(width, 4, 1), nn.Conv2d(width, 1, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        features = self.reg_branch(x)
+        return torch.cat([self.box(features), torch.sigmoid(self.obj(features)), torch.sigmoid(self.cls(self.cls_branch(x)))], 1)
+
+
+class Detector(nn.Module):
+    """Anchor-free YOLOX-style detector for 416x416 RGB: CSP backbone (BatchNorm + SiLU),
+    PAN neck (nearest Upsample → Resize, Concat, strided downsampling), decoupled heads at
+    strides 8/16/32. Most compute sits in wide, high-resolution maps (few parameters)."""
+
+    def __init__(self, classes: int = 20, widths: tuple[int, ...] = (32, 96, 128, 112, 128), head_width: int = 48):
+        super().__init__()
+        w = widths
+        self.stem = ConvBnAct(3, w[0], 3, 2)
+        self.dark2 = nn.Sequential(ConvBnAct(w[0], w[1], 3, 2), CSPBlock(w[1], w[1], 3))
+        self.dark3 = nn.Sequential(ConvBnAct(w[1], w[2], 3, 2), CSPBlock(w[2], w[2], 3))
+        self.dark4 = nn.Sequential(ConvBnAct(w[2], w[3], 3, 2), CSPBlock(w[3], w[3], 3))
+        self.dark5 = nn.Sequential(ConvBnAct(w[3], w[4], 3, 2), CSPBlock(w[4], w[4], 1, residual=False))
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.lateral5, self.top_down4 = ConvBnAct(w[4], w[3], 1), CSPBlock(2 * w[3], w[3], 1, residual=False)
+        self.lateral4, self.top_down3 = ConvBnAct(w[3], w[2], 1), CSPBlock(2 * w[2], w[2], 1, residual=False)
+        self.down3, self.bottom_up4 = ConvBnAct(w[2], w[2], 3, 2), CSPBlock(2 * w[2], w[3], 1, residual=False)
+        self.down4, self.bottom_up5 = ConvBnAct(w[3], w[3], 3, 2), CSPBlock(2 * w[3], w[4], 1, residual=False)
+        self.heads = nn.ModuleList(DecoupledHead(c, head_width, classes) for c in (w[2], w[3], w[4]))
+
+    def forward(self, x):
+        c3 = self.dark3(self.dark2(self.stem(x)))
+        c4 = self.dark4(c3)
+        c5 = self.dark5(c4)
+        p5 = self.lateral5(c5)
+        p4 = self.top_down4(torch.cat([self.up(p5), c4], 1))
+        q4 = self.lateral4(p4)
+        n3 = self.top_down3(torch.cat([self.up(q4), c3], 1))
+        n4 = self.bottom_up4(torch.cat([self.down3(n3), q4], 1))
+        n5 = self.bottom_up5(torch.cat([self.down4(n4), p5], 1))
+        return tuple(head(level) for head, level in zip(self.heads, (n3, n4, n5)))
+
+
+DETECTOR_SIZE = 416
+DETECTOR_OUTPUTS = ["stride8", "stride16", "stride32"]
+OBJECT_PRIOR = 0.01  # YOLOX starts scores at this probability (bias −4.6)
+
+
+def detector(photos: np.ndarray, seed: int = 0) -> nn.Module:
+    """A Detector with seeded random weights that behaves like a trained network: random
+    BatchNorm scales and shifts, then its statistics measured on ``photos`` (N×3×416×416,
+    range 0..1), so every layer sees normalized activations; score biases at YOLOX's prior."""
+    _deterministic(seed)
+    model = Detector()
+    prior = -math.log((1 - OBJECT_PRIOR) / OBJECT_PRIOR)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.normal_(0.0, 0.2)
+                module.momentum = None  # cumulative average over the photos below
+        for head in model.heads:
+            head.obj.bias.fill_(prior)
+            head.cls.bias.fill_(prior)
+        model.train()
+        for image in torch.from_numpy(photos):
+            model(image[None])
+    return model.eval()
+
+
+def export_detector(model: nn.Module) -> bytes:
+    """Opset 17, BatchNorm nodes kept (as the digits ResNet), three outputs [box 4, obj 1, classes]."""
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model, torch.zeros(1, 3, DETECTOR_SIZE, DETECTOR_SIZE), buffer, opset_version=17, dynamo=False,
+        input_names=["image"], output_names=DETECTOR_OUTPUTS, training=torch.onnx.TrainingMode.EVAL,
+        do_constant_folding=False,
+    )
+    proto = onnx.load_from_string(buffer.getvalue())
+    proto.producer_version = torch.__version__.split("+")[0]
+    return proto.SerializeToString()

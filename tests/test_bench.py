@@ -64,3 +64,14 @@ def test_pruning_row_times_pruned_against_unpruned_and_reads_accuracy(tmp_path):
     assert row["pruned"]["mac_reduction"] >= 0.3 and row["pruned"]["size_bytes"] < row["unpruned"]["size_bytes"]
     assert row["sparse_50"]["deflated_bytes"] < row["unpruned"]["deflated_bytes"]
     assert 0.9 < row["pruned"]["top1"] <= 1.0
+
+
+def test_build_time_row_times_each_stage_of_a_build_in_its_own_process(tmp_path):
+    bench = Bench(tmp_path, runs=2)
+    row = bench.build_time_row(next(e for e in bench.zoo if e["name"] == "mlp"), "ort-x86", "int8")
+    assert row["passed"] and row["shipped"] in ("int8", "fp32")
+    stages = [s["stage"] for s in row["stages"]]
+    assert stages[0].startswith("Loading") and any(s.startswith("Verifying") for s in stages)
+    assert sum(s["seconds"] for s in row["stages"]) <= row["build_seconds"] + 0.05 <= row["wall_seconds"] + 0.05
+    assert row["cpu_seconds"] > 0 and row["peak_rss_mb"] > 100  # the child's own: ORT and numpy alone take more
+    assert (tmp_path / "mlp" / "ort-x86-int8-timed" / "report.json").is_file()

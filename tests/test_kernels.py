@@ -65,7 +65,7 @@ def test_slower_kernels_are_listed_worst_first():
     assert slower_in_int8(rows) == "PRelu 0.6 ms (fp32 0.1 ms)"
 
 
-def _int8_slower(runners, runs, rounds):
+def _int8_slower(runners, *timing):
     return {"fp32": {"best_median_ms": 1.0}, "int8": {"best_median_ms": 2.0}}
 
 

@@ -22,7 +22,7 @@ from edgec.recipe import Step
 from edgec.targets import known_targets
 
 ZOO = {e["name"]: e for e in json.loads((REPO / "models" / "zoo.json").read_text())}
-CNNS = sorted(name for name, e in ZOO.items() if name not in ("mlp", "transformer"))
+CNNS = sorted(name for name, e in ZOO.items() if name not in ("mlp", "transformer") and not e.get("large"))
 ALL_TARGETS = ("mobilenetv3", "keras_cnn")
 ORT_ONLY = ("blazeface", "face_landmark", "palm_detection", "selfie_segmentation")
 CASES = [

@@ -28,6 +28,12 @@ Sections of the JSON:
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
   (``pip install -e '.[compare]'``): which models it converts, and its fp32/int8 latency
   next to edgec's where both convert.
+* ``build_time``: how long edgec itself takes: the large detector and two small zoo models,
+  fp32 and int8 (calibrated on the zoo's calibration split, the target's criterion, speed
+  check on: the build a user runs), for ORT and TFLite on x86. Each build runs in a fresh
+  process (``edgec.bench.timing``); the row holds wall time per build stage, the build's and
+  the process's wall time (the difference is start-up: imports), CPU time of all its threads,
+  its peak RSS, and the verification verdict.
 * ``summary``: the ratios those sections are read for.
 
 Latencies that are compared are measured in the same process in alternating rounds and
@@ -51,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from edgec.bench import onnx2tf
+from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
@@ -82,6 +89,8 @@ RECOVERY_VARIANTS = {
 }
 FACTORIZATION = {"mac_reduction": 0.3}
 ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory placement moved latency by up to 8%
+BUILD_TIME_MODELS = ("detector", "mobilenetv2", "blazeface")
+BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -249,6 +258,13 @@ class Bench:
             "speedup": {name: _ratio(latency, "unfactorized", name) for name in variants},
         }
 
+    def build_time_row(self, entry: dict, target: str, precision: str) -> dict:
+        """The build a user runs, timed stage by stage in a fresh process."""
+        timing = timed_build(self.source(entry), target, self.work / entry["name"] / f"{target}-{precision}-timed",
+                             REPO / entry["eval_data"], precision, REPO / entry["calib_data"] if precision == "int8" else None,
+                             tuple(entry.get("input_range", (0.0, 1.0))))
+        return {"model": entry["name"], "macs": entry["macs"], "target": target, "precision": precision, **timing}
+
     def round_trip_row(self, entry: dict) -> dict:
         original = REPO / "models" / entry["original_tflite"]
         artifacts = {"edgec": self.build(entry, TFLITE_TARGET)[0].artifacts[0]}
@@ -333,6 +349,8 @@ def _summary(report: dict) -> dict:
         "pruned_speedup_geomean": _geomean([r["speedup_vs_unpruned"]["pruned"] for r in rows["pruning"]]),
         "pruned_worst_top1_loss": max((round(r["top1_source"] - r["pruned"]["top1"], 4) for r in rows["pruning"]), default=None),
     }
+    for row in report["build_time"] or ():
+        summary[f"build_seconds_{row['model']}_{row['target']}_{row['precision']}"] = row["wall_seconds"]
     for device in ARM_DEVICES if report["arm_int8_cost"] else ():
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
         summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
@@ -361,7 +379,7 @@ def _converted(rows: list[dict]) -> str:
 
 def _print_row(section: str, row: dict) -> None:
     brief = {k: v.get("edgec_vs_onnx2tf", v) if isinstance(v, dict) else v for k, v in row.items()
-             if k not in ("latency_ms", "artifacts", "size_bytes", "float_ops", "placement")}
+             if k not in ("latency_ms", "artifacts", "size_bytes", "float_ops", "placement", "stages")}
     print(f"[{section}] {json.dumps(brief, default=str)[:200]}", flush=True)
 
 
@@ -374,7 +392,9 @@ def _emulator_ready() -> bool:
 
 
 def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[str] | None = None) -> dict:
-    chosen = [e for e in bench.zoo if not models or e["name"] in models]
+    # Large models only where asked for by name, and in build_time.
+    chosen = [e for e in bench.zoo if e["name"] in models] if models else [e for e in bench.zoo if not e.get("large")]
+    timed = [e for e in bench.zoo if e["name"] in (models or BUILD_TIME_MODELS)]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
         "results": [(e, t) for e in chosen for t in targets],
@@ -386,11 +406,12 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "factorization": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
+        "build_time": [(e, t, p) for e in timed for t in BUILD_TIME_TARGETS for p in ("fp32", "int8")],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row,
-              "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row}
+              "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row}
     for section, jobs in sections.items():
         if only and section not in only:
             report[section] = None

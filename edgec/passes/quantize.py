@@ -11,7 +11,10 @@ that ranking that meets the accuracy goal is kept in float (checked with real in
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import dataclasses
+import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -28,6 +31,7 @@ from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax
 
 from edgec.errors import QuantizationError
 from edgec.graph import constant
+from edgec.memo import Recent, fingerprint
 from edgec.passes.pipeline import PassOutcome
 from edgec.passes.qdq import integer_pads
 from edgec.quiet import captured_stderr
@@ -41,7 +45,9 @@ CALIBRATION_METHODS = {
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
 }
-SENSITIVITY_SAMPLES = 4  # batches each tensor's sensitivity is measured on
+SENSITIVITY_SAMPLES = 4  # batches the most sensitive tensors' sensitivity is measured on
+COARSE_SAMPLES = 1  # batches every tensor is first measured on, to find the most sensitive
+REFINED = 16  # the most sensitive tensors by the first measurement, measured again on all
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 _TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
 # Ops ONNX Runtime runs in integer (QLinear*/QGemm kernels, or moves int8 data unchanged).
@@ -187,16 +193,18 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         def runner(keep: set[str]) -> Runner:
             return OrtRunner(quantize(keep).SerializeToString(), threads=1, optimization=self.optimization)
 
-        reference = run_all(OrtRunner(source.SerializeToString(), threads=1, optimization="disabled"), self.check.batches)
-        search = PrecisionSearch(reference, self.check, runner)
-        kept_float = set() if self.goal is None else search.run(self.goal, rank_candidates(source, ranges, self.scheme, self.check))
+        kept_float, steps = set(), []
+        if self.goal is not None:
+            reference = run_all(OrtRunner(source.SerializeToString(), threads=1, optimization="disabled"), self.check.batches)
+            search = PrecisionSearch(reference, self.check, runner)
+            kept_float, steps = search.run(self.goal, lambda: rank_candidates(source, ranges, self.scheme, self.check)), search.steps
         quantized = quantize(kept_float)
         details = {
             "scheme": self.scheme.to_dict(),
             "calibration_batches": len(self.calibration.batches),
             "goal": None if self.goal is None else dataclasses.asdict(self.goal),
             "output_heads": heads,
-            "search": search.steps,
+            "search": steps,
             "kept_float": sorted(kept_float),
             "quantized_ops": _count_quantized(quantized, self.scheme),
         }
@@ -236,11 +244,22 @@ class _Reader(CalibrationDataReader):
         return next(self._batches, None)
 
 
+_RANGES: Recent[TensorsData] = Recent(4)
+
+
 def calibrate(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], scheme: QuantScheme) -> TensorsData:
     """Activation ranges of every quantizable tensor, by the scheme's method.
 
-    ORT's calibrators work on files; they live in a private temporary directory.
+    Remembered for the last few (model, samples, scheme): a build quantizes the model it
+    keeps again after comparing recovery variants. Each caller gets its own copy, since ORT's
+    quantizer adjusts the ranges it is given (Relu/Clip inputs take their outputs' range).
     """
+    key = fingerprint(model.SerializeToString(), batches, scheme.method, scheme.percentile, scheme.op_types)
+    return copy.deepcopy(_RANGES.get(key, lambda: _calibrated(model, batches, scheme)))
+
+
+def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], scheme: QuantScheme) -> TensorsData:
+    """ORT's calibrators work on files; they live in a private temporary directory."""
     options = {"symmetric": False}
     if scheme.method == "percentile":
         options["percentile"] = scheme.percentile
@@ -295,7 +314,12 @@ class PrecisionSearch:
         self.reference, self.check, self.make_runner = reference, check, make_runner
         self.steps: list[dict[str, Any]] = []
 
-    def run(self, goal: AccuracyGoal, ranking: list[Candidate]) -> set[str]:
+    def run(self, goal: AccuracyGoal, rank: Callable[[], list[Candidate]]) -> set[str]:
+        """The nodes to keep float. ``rank`` is called only if the all-int8 model misses the
+        goal: ranking is the expensive part, and a model that meets the goal needs none."""
+        if self._passes(goal, []):
+            return set()
+        ranking = rank()
         good = self._first_passing(goal, ranking)
         if good is None:
             raise QuantizationError(
@@ -307,38 +331,49 @@ class PrecisionSearch:
         return _nodes(ranking[:good])
 
     def _first_passing(self, goal: AccuracyGoal, ranking: list[Candidate]) -> int | None:
-        """Smallest k (doubling, then bisection) such that keeping ranking[:k] float passes."""
-        failed, k = -1, 0
-        while k <= len(ranking):
-            if self._passes(goal, ranking, k):
-                return self._bisect(goal, ranking, failed, k)
-            failed, k = k, max(1, 2 * k)
-            if failed == len(ranking):
-                return None
+        """Smallest k (doubling from a guess, then bisection) such that keeping ranking[:k]
+        float passes (k = 0 failed)."""
+        failed, k = 0, _guess(goal, ranking)
+        while failed < len(ranking):
             k = min(k, len(ranking))
+            if self._passes(goal, ranking[:k]):
+                return self._bisect(goal, ranking, failed, k)
+            failed, k = k, 2 * k
         return None
 
     def _bisect(self, goal: AccuracyGoal, ranking: list[Candidate], failed: int, good: int) -> int:
         """Narrow down to within an eighth of ``good``: a few more float tensors cost less than more checks."""
         while good - failed > max(1, good // 8):
             middle = (failed + good) // 2
-            if self._passes(goal, ranking, middle):
+            if self._passes(goal, ranking[:middle]):
                 good = middle
             else:
                 failed = middle
         return good
 
-    def _passes(self, goal: AccuracyGoal, ranking: list[Candidate], k: int) -> bool:
-        runner = self.make_runner(_nodes(ranking[:k]))
+    def _passes(self, goal: AccuracyGoal, kept: list[Candidate]) -> bool:
+        runner = self.make_runner(_nodes(kept))
         outputs = compare_outputs(self.reference, run_all(runner, self.check.batches), self.check.labels, Criterion())
         passed = goal.met_by(outputs)
         self.steps.append({
-            "kept_float_tensors": k,
+            "kept_float_tensors": len(kept),
             "cosine": {o.name: round(o.cosine, 5) for o in outputs},
             "top1_drop": {o.name: round(o.accuracy_source - o.accuracy_artifact, 5) for o in outputs if o.accuracy_source is not None},
             "passed": passed,
         })
         return passed
+
+
+def _guess(goal: AccuracyGoal, ranking: list[Candidate]) -> int:
+    """Where the search starts: the shortest prefix whose float keeping leaves a summed damage
+    (1 − cosine; small output errors add up roughly linearly) within the goal's. A model
+    that needs 150 tensors float gets there in a few checks instead of doubling from one."""
+    allowed, left = 1.0 - goal.min_cosine, sum(c.damage for c in ranking)
+    for k, candidate in enumerate(ranking):
+        if left <= allowed:
+            return max(k, 1)
+        left -= candidate.damage
+    return max(len(ranking), 1)
 
 
 def _nodes(candidates: Sequence[Candidate]) -> set[str]:
@@ -352,21 +387,28 @@ def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantSc
     on a boolean graph input), so one session measures every tensor's
     end-to-end effect: AIMET's per-layer sensitivity without a model per layer. An
     activation is spared by keeping its producer and consumers float; a weight by keeping
-    its layer float. The first ``SENSITIVITY_SAMPLES`` batches of ``samples`` are used.
+    its layer float. Every tensor is measured on the first ``COARSE_SAMPLES`` batches of
+    ``samples``; the ``REFINED`` most sensitive of them again on ``SENSITIVITY_SAMPLES``
+    batches and re-sorted. The search only keeps a prefix float and checks each prefix on all
+    its samples with real int8 kernels, so a rougher order costs at most a few more float tensors.
     """
-    samples = head(samples, SENSITIVITY_SAMPLES)
     quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
     outputs = {o.name for o in model.graph.output}
     activations = sorted({t for n in quantizable for t in [*n.input, *n.output]} & set(ranges.data) - outputs)
     weights = dict(_quantized_weights(model, scheme))
     probe = _Probe(model, {t: _activation_grid(ranges, t, scheme) for t in activations}, weights)
     names = {n.name for n in quantizable}
-    candidates = [
-        Candidate(t, probe.damage(t, samples), tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)))
-        for t in activations
-    ]
-    candidates += [Candidate(w, probe.damage(w, samples), (node,)) for w, (node, _) in weights.items() if node in names]
-    return sorted(candidates, key=lambda c: (-c.damage, c.tensor))
+    spared = {t: tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)) for t in activations}
+    spared.update({w: (node,) for w, (node, _) in weights.items() if node in names})
+    coarse = _by_damage(probe.damages(list(spared), head(samples, COARSE_SAMPLES)), spared)
+    refined = coarse[:REFINED]
+    if len(samples.batches) <= COARSE_SAMPLES:
+        return coarse
+    return _by_damage(probe.damages([c.tensor for c in refined], head(samples, SENSITIVITY_SAMPLES)), spared) + coarse[len(refined):]
+
+
+def _by_damage(damages: dict[str, float], spared: dict[str, tuple[str, ...]]) -> list[Candidate]:
+    return sorted((Candidate(t, d, spared[t]) for t, d in damages.items()), key=lambda c: (-c.damage, c.tensor))
 
 
 def _activation_grid(ranges: TensorsData, tensor: str, scheme: QuantScheme) -> tuple[float, np.ndarray]:
@@ -407,10 +449,10 @@ class _Probe:
             constant = onnx.helper.make_node("Constant", [], [f"{tensor}__q"], value=onnx.numpy_helper.from_array(quantized))
             inserted[tensor] = self._switch(probe, tensor, [constant])
         _insert_after_producers(probe.graph, inserted)
-        self.session = ort.InferenceSession(probe.SerializeToString(), session_options(0), providers=["CPUExecutionProvider"])
+        # One thread per run, runs in parallel: deterministic, and no intra-op sync per layer.
+        self.session = ort.InferenceSession(probe.SerializeToString(), session_options(1), providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in model.graph.output]
         self.off = {name: np.zeros((), np.bool_) for name in self.switches.values()}
-        self.reference: list | None = None
 
     def _switch(self, probe: onnx.ModelProto, tensor: str, quantized: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         """Rewire consumers of ``tensor`` to an If choosing ``quantized``'s output or ``tensor``."""
@@ -428,12 +470,17 @@ class _Probe:
             else_branch=onnx.helper.make_graph([keep], f"{tensor}__off", [], branch),
         )]
 
-    def damage(self, tensor: str, samples: InputSet) -> float:
-        """1 − the lowest output cosine over ``samples`` with only ``tensor`` quantized."""
-        if self.reference is None:
-            self.reference = self._run(samples, {})
-        quantized = self._run(samples, {self.switches[tensor]: np.ones((), np.bool_)})
-        return max(1.0 - cosine(a, b) for a, b in zip(self.reference, quantized, strict=True))
+    def damages(self, tensors: Sequence[str], samples: InputSet) -> dict[str, float]:
+        """Per tensor, 1 − the lowest output cosine over ``samples`` with only it quantized;
+        the sessions' runs release the GIL, so tensors are measured on every core at once."""
+        reference = self._run(samples, {})
+
+        def damage(tensor: str) -> float:
+            quantized = self._run(samples, {self.switches[tensor]: np.ones((), np.bool_)})
+            return max(1.0 - cosine(a, b) for a, b in zip(reference, quantized, strict=True))
+
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return dict(zip(tensors, pool.map(damage, tensors), strict=True))
 
     def _run(self, samples: InputSet, on: dict[str, np.ndarray]) -> list[np.ndarray]:
         runs = [self.session.run(self.outputs, {**dict(batch), **self.off, **on}) for batch in samples.batches]

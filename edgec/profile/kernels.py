@@ -68,9 +68,10 @@ def conv_kinds(path: Path) -> dict[str, str]:
     return kinds
 
 
-def compare_kernels(fp32: Path, int8: Path, threads: int) -> list[dict[str, Any]]:
-    """Each kernel family's time in both artifacts, the families int8 loses most on first."""
-    before, after = kernel_times(fp32, threads), kernel_times(int8, threads)
+def compare_kernels(fp32: Path, int8: Path, threads: int, runs: int = 20) -> list[dict[str, Any]]:
+    """Each kernel family's time in both artifacts (``runs`` profiled runs each), the families
+    int8 loses most on first."""
+    before, after = kernel_times(fp32, threads, runs), kernel_times(int8, threads, runs)
     rows = [{"kernel": k, "fp32_ms": round(before.get(k, 0.0), 4), "int8_ms": round(after.get(k, 0.0), 4)}
             for k in sorted(before.keys() | after.keys())]
     return sorted(rows, key=lambda r: (r["fp32_ms"] - r["int8_ms"], r["kernel"]))

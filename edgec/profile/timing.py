@@ -46,8 +46,10 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
     return LatencyStats.from_samples(timed_samples(runner, feeds, runs, budget_s))
 
 
-def compare_latency(runners: dict[str, Runner | Callable[[], Runner]], runs: int, rounds: int = 5) -> dict[str, dict]:
-    """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each.
+def compare_latency(runners: dict[str, Runner | Callable[[], Runner]], runs: int, rounds: int = 5,
+                    budget_s: float | None = None, warmup: int = 10) -> dict[str, dict]:
+    """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each (or as
+    many as fit in ``budget_s`` per runner and round, at least 3), after ``warmup`` runs each round.
 
     ``best_median_ms`` (the lowest round median) is what ratios use: on a shared, noisy
     machine, interference only ever adds time, so the quietest round is the truest one.
@@ -63,5 +65,5 @@ def compare_latency(runners: dict[str, Runner | Callable[[], Runner]], runs: int
     for round_index in range(rounds):
         for name, runner in runners.items():
             instance = made[name] if isinstance(runner, Runner) or round_index == 0 else runner()
-            medians[name].append(measure(instance, feeds[name], runs=runs).median_ms)
+            medians[name].append(measure(instance, feeds[name], warmup, runs, budget_s).median_ms)
     return {name: {"best_median_ms": min(m), "round_medians_ms": m} for name, m in medians.items()}

@@ -34,6 +34,7 @@ class Runner(abc.ABC):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     runtime: str
+    thread_safe = False  # whether several threads may call ``run`` at once
 
     @abc.abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -39,7 +39,9 @@ def read_metadata(content: bytes, name: str) -> bytes | None:
 class LiteRTRunner(Runner):
     runtime = "litert"
 
-    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, xnnpack: bool = True):
+    def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, xnnpack: bool = True,
+                 io: dict[str, Any] | None = None):
+        """``io``: the ``edgec.io`` mapping, for a file that does not carry it (yet)."""
         content = model if isinstance(model, bytes) else Path(model).read_bytes()
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         with captured_stderr() as log:
@@ -54,8 +56,7 @@ class LiteRTRunner(Runner):
                     f"LiteRT cannot load the model: {detail}",
                     hint="Check that the file is a complete .tflite flatbuffer built for this LiteRT version.",
                 ) from exc
-        io_map = json.loads(read_metadata(content, IO_METADATA) or b"null")
-        self._bind(io_map)
+        self._bind(io if io is not None else json.loads(read_metadata(content, IO_METADATA) or b"null"))
 
     def placement(self) -> dict[str, Any]:
         """How the runtime placed the graph: delegate (XNNPACK) partitions, and the ops left

@@ -54,6 +54,7 @@ def session_options(threads: int, optimization: str = "all") -> ort.SessionOptio
 
 class OrtRunner(Runner):
     runtime = "onnxruntime"
+    thread_safe = True  # InferenceSession.run is
 
     def __init__(self, model: str | os.PathLike[str] | bytes, threads: int = 1, optimization: str = "all",
                  profile_prefix: str | None = None, user_file: str | None = None):

@@ -7,6 +7,7 @@ small rule (``edgec.lower.tflite.ops``); TensorFlow's own converter emits the fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -31,6 +32,7 @@ from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
 from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import Pipeline
+from edgec.memo import Recent, fingerprint
 from edgec.model import to_bytes
 from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, calibrate, head, rank_candidates
 from edgec.runtime import Runner
@@ -51,24 +53,40 @@ def prepare(model: ir.Model) -> tuple[ir.Model, list]:
     return Pipeline([FuseGelu(), DecomposeBatchNorm(), ChannelsLast(), *cleanup_passes()])(model)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Converted:
+    """A model through the ONNX passes, Keras and TensorFlow's converter (fp32, fp16, or
+    calibrated for int8), with what the rest of the lowering needs to know about it."""
+
+    content: bytes
+    records: list
+    io: dict
+    layers: dict[str, list[str]]
+    keras_layers: int
+    output_producers: dict[str, str]  # graph output → the node that computes it
+
+
+# An int8 build converts the model it keeps twice (measuring recovery variants, then with the
+# precision search): the conversion is most of a lowering's time, and deterministic.
+_CONVERTED: Recent[_Converted] = Recent(2)
+
+
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
     _refuse_quantized(model, target)
-    source = to_bytes(model) if options.precision == "int8" else b""  # the float reference for int8 checks
-    model, records = prepare(model)
-    keras_lowering = to_keras(model, target.name, loops=options.precision != "int8")
-    io = keras_lowering.io
-    representative = [_keras_inputs(sample, io) for sample in options.calibration.batches]
-    content = keras_to_tflite(keras_lowering.model, target.name, options.precision, representative)
-    details: dict = {}
+    source = to_bytes(model)  # the float reference of int8 checks, and what the conversion is remembered by
+    calibration = options.calibration.batches if options.precision == "int8" else []
+    key = fingerprint(source, target.name, options.precision, calibration)
+    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration))
+    content, details = converted.content, {}
     if options.precision == "int8":
-        content, details = _Int8(content, target, options, keras_lowering).build(source)
+        content, details = _Int8(content, target, options, converted).build(source)
     content = canonical(content)  # one file whatever the exporter's node order; see order.py
-    content = add_metadata(_with_io(content, io), OP_NODES_METADATA, json.dumps(_op_nodes(content, keras_lowering, model)).encode())
+    content = add_metadata(_with_io(content, converted.io), OP_NODES_METADATA, json.dumps(_op_nodes(content, converted)).encode())
     details = {
         "precision": options.precision,
-        "passes": [r.to_dict() for r in records],
-        "io": io,
-        "keras_layers": len(keras_lowering.model.layers),
+        "passes": [r.to_dict() for r in converted.records],
+        "io": converted.io,
+        "keras_layers": converted.keras_layers,
         "tflite_ops": op_histogram(content),
         **details,
     }
@@ -89,17 +107,25 @@ def _refuse_quantized(model: ir.Model, target: Target) -> None:
         )
 
 
-def _op_nodes(content: bytes, lowering: KerasLowering, model: ir.Model) -> list[list[str]]:
+def _op_nodes(content: bytes, converted: _Converted) -> list[list[str]]:
     """The source nodes each TFLite op computes (for naming profile rows): those whose Keras
     layers the op's name carries; an op producing a graph output, whose tensor the converter
     names after the signature instead, by the node that produces that output."""
-    nodes = op_nodes(op_names(content), lowering.layers)
-    producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
-    sources = {entry["key"]: producers.get(entry["name"]) for entry in lowering.io["outputs"]}
+    nodes = op_nodes(op_names(content), converted.layers)
+    sources = {entry["key"]: converted.output_producers.get(entry["name"]) for entry in converted.io["outputs"]}
     for op, key in _output_ops(content).items():
         if not nodes[op] and sources.get(key):
             nodes[op] = [sources[key]]
     return nodes
+
+
+def _convert(model: ir.Model, target: Target, precision: str, calibration: list) -> _Converted:
+    model, records = prepare(model)
+    keras_lowering = to_keras(model, target.name, loops=precision != "int8")
+    representative = [_keras_inputs(sample, keras_lowering.io) for sample in calibration]
+    content = keras_to_tflite(keras_lowering.model, target.name, precision, representative)
+    producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
+    return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers), producers)
 
 
 def _with_io(content: bytes, io: dict) -> bytes:
@@ -117,7 +143,7 @@ class _Int8:
     most sensitive ops also stay float, as few as meet it (``PrecisionSearch``).
     """
 
-    def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: KerasLowering):
+    def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: _Converted):
         self.calibrated, self.target, self.options, self.lowering = calibrated, target, options, lowering
 
     def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
@@ -152,11 +178,13 @@ class _Int8:
         reference = run_all(OrtRunner(source, threads=1, optimization="disabled"), check.batches)
 
         def runner(keep: set[str]) -> Runner:
-            content = _with_io(self.quantize(float_ops, keep), self.lowering.io)
-            return LiteRTRunner(content, threads=1, xnnpack=self.target.runtime.get("xnnpack", True))
+            # The io mapping given directly: writing it into each candidate file took seconds.
+            return LiteRTRunner(self.quantize(float_ops, keep), threads=1, xnnpack=self.target.runtime.get("xnnpack", True),
+                                io=self.lowering.io)
 
         search = PrecisionSearch(reference, check, runner)
-        return search.run(self.options.goal, self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))), search.steps
+        ranking = lambda: self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))  # noqa: E731
+        return search.run(self.options.goal, ranking), search.steps
 
     def _op_ranking(self, ranking: list[Candidate]) -> list[Candidate]:
         """The ONNX ranking in TFLite op names: each candidate's nodes → the Keras layers
