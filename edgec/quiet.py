@@ -4,6 +4,7 @@ banners) out of edgec's output, while keeping it for error messages."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -12,18 +13,37 @@ from typing import IO
 
 
 @contextlib.contextmanager
+def _redirected(fds: tuple[int, ...], target: int) -> Iterator[None]:
+    """Point file descriptors ``fds`` at ``target`` for the duration of the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(fd) for fd in fds]
+    for fd in fds:
+        os.dup2(target, fd)
+    try:
+        yield
+    finally:
+        for fd, copy in zip(fds, saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
+@contextlib.contextmanager
 def captured_stderr() -> Iterator[IO[str]]:
     """Redirect file descriptor 2 into a temporary file for the duration of the block."""
     with tempfile.TemporaryFile(mode="w+") as log:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
         try:
-            yield log
+            with _redirected((2,), log.fileno()):
+                yield log
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
             log.seek(0)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Discard what is written to stdout and stderr, by Python and by native code alike."""
+    with open(os.devnull, "wb") as null, contextlib.redirect_stdout(io.StringIO()), _redirected((1, 2), null.fileno()):
+        yield
 
 
 def import_tensorflow():

@@ -10,11 +10,7 @@ Identity/Dropout and dead nodes are gone.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +24,7 @@ from edgec.errors import DynamicShapeError, ModelCheckError
 from edgec.graph import attr, constant, replace_initializer_data, set_bias, sole_consumer, take_name
 from edgec.model import to_proto
 from edgec.passes.pipeline import PassOutcome
+from edgec.quiet import silenced
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -334,29 +331,11 @@ class Simplify(ir.passes.FunctionalPass):
 
 
 def _onnxsim(proto: onnx.ModelProto) -> onnx.ModelProto:
-    with _quiet():  # onnxsim prints (rich in Python, iostream in C++); edgec's output is the user's
+    with silenced():  # onnxsim prints (rich in Python, iostream in C++); edgec's output is the user's
         simplified, _ = onnxsim.simplify(
             proto, skip_fuse_bn=True, tensor_size_threshold=f"{FOLD_OUTPUT_LIMIT * 4}B"  # float32 elements
         )
     return simplified
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Discard what is written to stdout and stderr, by Python and by native code alike."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(fd) for fd in (1, 2)]
-    with open(os.devnull, "wb") as null:
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                for fd in (1, 2):
-                    os.dup2(null.fileno(), fd)
-                yield
-        finally:
-            for fd, copy in zip((1, 2), saved):
-                os.dup2(copy, fd)
-                os.close(copy)
 
 
 def _fold_instead(model: ir.Model, exc: Exception) -> PassOutcome:
