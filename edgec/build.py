@@ -229,6 +229,10 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     if options.profile_device:
         with progress.stage(f"Profiling {lowered.primary} on {options.profile_device.name}"):
             report["profile"], files["report.html"] = _profile(lowered, options, out.path)
+    if "finetune" in report:
+        from edgec.report.training import with_training
+
+        files["report.html"] = with_training(files.get("report.html", b"").decode() or None, report["finetune"]).encode()
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)

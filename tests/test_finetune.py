@@ -79,7 +79,9 @@ def test_distillation_without_labels_brings_a_pruned_model_back(tmp_path):
     assert record["labeled"] is False and record["metric"] == "min_output_cosine"
     assert record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
     assert record["after"] > record["before"] and len(record["losses"]) == record["epochs"]
-    assert "model.finetuned.onnx" in listing(tmp_path / "distill")
+    assert {"model.finetuned.onnx", "report.html"} <= set(listing(tmp_path / "distill"))
+    html = (tmp_path / "distill" / "report.html").read_text()
+    assert "Fine-tuning" in html and "<svg" in html and "distillation from the source model" in html
 
 
 def test_labeled_builds_are_deterministic(tmp_path):
