@@ -9,8 +9,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, listing, run_ort, save
+from typer.testing import CliRunner
 
 from edgec.build import BuildOptions, build, canonicalize
+from edgec.cli import app
 from edgec.errors import EdgecError, InputDataError, OptionError, RecipeError
 from edgec.lower.tflite import prepare, to_keras
 from edgec.model import to_proto
@@ -109,3 +111,14 @@ def test_user_errors(tmp_path, data, options, error, words):
 def test_training_steps_run_only_in_builds():
     with pytest.raises(RecipeError, match="only a build"):
         make_passes([Step("finetune", {"data": "x.npz"})], calibration=lambda: None)
+
+
+def test_command_line_shows_each_epoch(tmp_path):
+    np.savez(tmp_path / "data.npz", **_samples(_net(), 16, seed=5, labels=False))
+    result = CliRunner().invoke(app, ["build", str(save(_net(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                                      "--finetune", str(tmp_path / "data.npz"), "--epochs", "2", "--lr", "1e-3",
+                                      "--batch-size", "4", "--finetune-budget-s", "600", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["finetune"]["options"]["lr"] == 1e-3 and report["finetune"]["options"]["batch_size"] == 4
+    assert "epoch   1/2" in result.output and "model.finetuned.onnx" in listing(tmp_path / "out")
