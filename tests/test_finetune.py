@@ -76,8 +76,9 @@ def _build(tmp_path, name: str, data: dict, steps=(), **finetune):
 def test_distillation_without_labels_brings_a_pruned_model_back(tmp_path):
     data = _samples(_net(), 64, seed=1, labels=False)
     result = _build(tmp_path, "distill", data, [Step("prune", {"rate": 0.5, "round_to": 1, "reconstruct": False})],
-                    epochs=4, lr=3e-3)
+                    epochs=4, lr=3e-3, mix=1)
     record = result.report["finetune"]
+    assert (record["samples"], record["validation_samples"]) == (2 * 58, 6)  # a blend per training sample
     assert record["labeled"] is False and record["metric"] == "min_output_cosine"
     assert record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
     assert record["after"] > record["before"] and len(record["losses"]) == record["epochs"]

@@ -66,20 +66,42 @@ class Split:
                      None if self.labels is None else self.labels[index])
 
 
-def training_data(data: InputSet, teacher: Runner, io: dict, validation: float, seed: int) -> tuple[Split, Split]:
+def training_data(data: InputSet, teacher: Runner, io: dict, validation: float, seed: int, mix: int = 0) -> tuple[Split, Split]:
     """(train, validation) from ``data``: inputs and teacher outputs moved into the Keras
-    layout, split by a seeded permutation (at least one model batch held back)."""
+    layout, split by a seeded permutation (at least one model batch held back). ``mix``
+    adds that many blends per training sample (below)."""
     if len(data.batches) < 2:
         raise InputDataError(f"Fine-tuning data {data.source} has {len(data.batches)} sample(s); it needs at least 2 "
                              "(one is held back to validate).", hint="Give more samples.")
-    targets = run_all(teacher, data.batches)
-    inputs = [np.stack([b[e["name"]].transpose(e["perm"]) for b in data.batches]) for e in io["inputs"]]
-    outputs = [np.ascontiguousarray(targets[e["name"]].transpose(0, *[p + 1 for p in e["perm"]])) for e in io["outputs"]]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data.batches))
+    held = min(len(order) - 1, max(1, round(validation * len(order))))
     labels = None if data.labels is None else np.asarray(data.labels).reshape(len(data.batches), -1)
-    whole = Split(inputs, outputs, labels)
-    order = np.random.default_rng(seed).permutation(len(whole))
-    held = min(len(whole) - 1, max(1, round(validation * len(whole))))
-    return whole.take(np.sort(order[held:])), whole.take(np.sort(order[:held]))
+    train, kept = _blended(data.batches, labels, np.sort(order[held:]), mix, rng)
+    return (_split(train, None if labels is None else labels[kept], teacher, io),
+            _split([data.batches[i] for i in np.sort(order[:held])], None if labels is None else labels[np.sort(order[:held])], teacher, io))
+
+
+def _blended(batches: list, labels, index: np.ndarray, mix: int, rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """The samples at ``index`` plus ``mix`` blends of each with another one (``λ·a + (1−λ)·b``,
+    λ in [0.5, 1) on float inputs; a blend keeps ``a``'s label). For distillation a blend is as
+    good a question as a real sample, since the source model answers it: few photos then teach
+    more of the input space. Returns the samples and which original each one's label is."""
+    samples, origin = [batches[i] for i in index], list(index)
+    for _ in range(mix):
+        for i, j in zip(index, rng.permutation(index)):
+            weight = rng.uniform(0.5, 1.0)
+            samples.append({k: (weight * v + (1 - weight) * batches[j][k]).astype(v.dtype) if np.issubdtype(v.dtype, np.floating) else v
+                            for k, v in batches[i].items()})
+            origin.append(i)
+    return samples, np.array(origin)
+
+
+def _split(batches: list, labels, teacher: Runner, io: dict) -> Split:
+    targets = run_all(teacher, batches)
+    inputs = [np.stack([b[e["name"]].transpose(e["perm"]) for b in batches]) for e in io["inputs"]]
+    outputs = [np.ascontiguousarray(targets[e["name"]].transpose(0, *[p + 1 for p in e["perm"]])) for e in io["outputs"]]
+    return Split(inputs, outputs, labels)
 
 
 def classifier_output(model: ir.Model, io_outputs: list[dict], labels: np.ndarray) -> tuple[int, int]:

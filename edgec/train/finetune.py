@@ -35,6 +35,7 @@ class FinetuneOptions:
     patience: int = 2  # epochs without a better validation metric before stopping
     temperature: float = 2.0
     distill_weight: float = 1.0
+    mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
     seed: int | None = None  # the build's --seed when None
 
     def __post_init__(self) -> None:
@@ -49,6 +50,7 @@ class FinetuneOptions:
         at_least("patience", self.patience, 1)
         above("temperature", self.temperature, 0)
         at_least("distill_weight", self.distill_weight, 0)
+        at_least("mix", self.mix, 0)
         at_least("seed", self.seed, 0)
 
 
@@ -71,7 +73,7 @@ class Finetune(ir.passes.InPlacePass):
         weights = trace(model, lowering.model, codes, offsets)
         frozen_nodes = self._freeze(lowering, weights.frozen)
         teacher = OrtRunner(self.context.source, threads=1, optimization="disabled")
-        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed)
+        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix)
         found = heads(model, lowering.io["outputs"])
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
         settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed)
