@@ -37,7 +37,7 @@ from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import Device, ProfileSettings, compare_latency, foreign_device_warning, get_device, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
-from edgec.recipe import Step, make_passes, trains
+from edgec.recipe import Step, check_training_steps, make_passes, trains
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
@@ -121,6 +121,7 @@ class BuildOptions:
         within(option("max_drop"), self.max_drop, 0, 1, include_high=False)
         at_least(option("seed"), self.seed, 0)
         one_of(option("calib_method"), self.calib_method, CALIBRATION_METHODS)
+        check_training_steps(self.recipe)
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",

@@ -131,6 +131,16 @@ def make_passes(steps: Sequence[Step], calibration: Calibration, training: Any =
     return passes
 
 
+def check_training_steps(steps: Sequence[Step]) -> None:
+    """Training steps' options, checked where they are given (before any work); the other
+    families check theirs when their passes are made."""
+    from edgec.train import FinetuneOptions
+
+    for step in steps:
+        if step.name == "finetune":
+            options_from(FinetuneOptions, step.options, step.name)
+
+
 def trains(steps: Sequence[Step]) -> bool:
     """Whether a recipe trains the model (its ONNX is then saved as fine-tuned, not compressed)."""
     return any(step.name in TRAINING_FAMILIES for step in steps)

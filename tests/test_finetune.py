@@ -109,6 +109,13 @@ def test_user_errors(tmp_path, data, options, error, words):
     assert listing(tmp_path / "bad") == []
 
 
+def test_options_are_checked_before_any_work():
+    with pytest.raises(OptionError, match=r"lr \(--lr\) must be greater than 0"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "lr": 0})])
+    with pytest.raises(RecipeError, match="no option"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "epoch": 3})])
+
+
 def test_training_steps_run_only_in_builds():
     with pytest.raises(RecipeError, match="only a build"):
         make_passes([Step("finetune", {"data": "x.npz"})], calibration=lambda: None)

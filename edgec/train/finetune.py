@@ -8,7 +8,6 @@ from typing import Any
 
 import onnx_ir as ir
 
-from edgec.checks import at_least, above, within
 from edgec.errors import EdgecError
 from edgec.lower.tflite import prepare, to_keras
 from edgec.model import to_bytes
@@ -16,42 +15,10 @@ from edgec.passes.layout import inverse
 from edgec.passes.pipeline import PassOutcome
 from edgec.runtime.ort import OrtRunner
 from edgec.train.data import Split, classifier_output, heads, training_data
-from edgec.train import TrainingContext
+from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
 from edgec.train.trace import coded_copy, layer_weights, trace
 from edgec.verify import load_inputs, run_all
-
-
-@dataclasses.dataclass(frozen=True)
-class FinetuneOptions:
-    """Options of the ``finetune`` step (``--finetune DATA --epochs N --lr ...``)."""
-
-    data: str
-    epochs: int = 5
-    lr: float = 1e-4  # Adam at its default 1e-3 cost the zoo resnet 4.7 points in one epoch
-    batch_size: int = 32
-    budget_s: float | None = None
-    validation: float = 0.1  # share of the data held back for early stopping
-    patience: int = 2  # epochs without a better validation metric before stopping
-    temperature: float = 2.0
-    distill_weight: float = 1.0
-    mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
-    seed: int | None = None  # the build's --seed when None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.data, str) or not self.data:
-            raise EdgecError("The finetune step needs data: a .npz/.npy file or a folder of images.",
-                             hint='Give --finetune DATA, or data = "..." in the recipe step.')
-        at_least("epochs (--epochs)", self.epochs, 1)
-        above("lr (--lr)", self.lr, 0)
-        at_least("batch_size (--batch-size)", self.batch_size, 1)
-        above("budget_s (--finetune-budget-s)", self.budget_s, 0)
-        within("validation", self.validation, 0, 1, include_high=False)
-        at_least("patience", self.patience, 1)
-        above("temperature", self.temperature, 0)
-        at_least("distill_weight", self.distill_weight, 0)
-        at_least("mix", self.mix, 0)
-        at_least("seed", self.seed, 0)
 
 
 class Finetune(ir.passes.InPlacePass):
