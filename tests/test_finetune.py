@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx import numpy_helper
 import pytest
 from helpers import GraphBuilder, listing, run_ort, save
 from typer.testing import CliRunner
@@ -94,6 +96,15 @@ def test_labeled_builds_are_deterministic(tmp_path):
     for file in ("model.finetuned.onnx", "model.onnx"):
         assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
     assert json.dumps(first.report["finetune"]) == json.dumps(second.report["finetune"])
+
+
+def test_clustering_leaves_each_kernel_few_values(tmp_path):
+    result = _build(tmp_path, "clustered", _samples(_net(), 16, seed=6, labels=False), clusters=4, epochs=1)
+    model = onnx.load(tmp_path / "clustered" / "model.finetuned.onnx")
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values = {n.name: len(np.unique(weights[n.input[1]])) for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert values["conv"] <= 4 and values["fc"] <= 4 and values["depthwise"] > 4  # depthwise kernels stay as they are
+    assert result.report["finetune"]["options"]["clusters"] == 4
 
 
 @pytest.mark.parametrize("data, options, error, words", [

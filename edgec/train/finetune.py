@@ -14,6 +14,7 @@ from edgec.model import to_bytes
 from edgec.passes.layout import inverse
 from edgec.passes.pipeline import PassOutcome
 from edgec.runtime.ort import OrtRunner
+from edgec.train.clustering import clustered, stripped
 from edgec.train.data import Split, classifier_output, heads, training_data
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
@@ -44,10 +45,11 @@ class Finetune(ir.passes.InPlacePass):
         found = heads(model, lowering.io["outputs"])
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
         settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed)
-        trainer = Trainer(lowering.model, found, classifier, train, settings)
+        trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
+        trainer = Trainer(trained, found, classifier, train, settings)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
-        changed = weights.write_back(model, lowering.model)
+        changed = weights.write_back(model, stripped(trained) if o.clusters else trained)
         after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
         details = {
@@ -64,7 +66,7 @@ class Finetune(ir.passes.InPlacePass):
             details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
                                f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
                                f"{'...' if len(frozen_nodes) > 5 else ''}.")
-        return PassOutcome(model, bool(changed) and history.best_epoch > 0, details)
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters)), details)
 
     @staticmethod
     def _freeze(lowering, frozen_layers: list[str]) -> list[str]:

@@ -115,6 +115,8 @@ class Trainer:
         s = self.settings
         keras.utils.set_random_seed(s.seed)
         tf.config.experimental.enable_op_determinism()
+        # Not the user's to act on: vectorized_map's while-loop fallback (TFMOT's gather), retracing for a short last batch.
+        tf.get_logger().setLevel("ERROR")
         optimizer = keras.optimizers.Adam(s.lr)
         variables = self.model.trainable_variables
         labeled = self.labeled(train)
