@@ -52,8 +52,8 @@ class Progress(Protocol):
 
     def pass_done(self, record: PassRecord, seconds: float) -> None: ...
 
-    # Optional: called after each fine-tuning epoch with {"epoch", "epochs", "loss", "metric", "seconds"}.
-    # def epoch(self, info: dict) -> None: ...
+    # A progress may also have ``epoch(info)``, called after each fine-tuning epoch with
+    # {"epoch", "epochs", "loss", "validation_loss", "metric", "seconds"} (edgec.train).
 
 
 class SilentProgress:
