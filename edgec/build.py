@@ -37,7 +37,7 @@ from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
 from edgec.profile import Device, ProfileSettings, compare_latency, foreign_device_warning, get_device, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
-from edgec.recipe import Step, make_passes
+from edgec.recipe import Step, check_training_steps, make_passes, trains
 from edgec.report import versions, write_json
 from edgec.runtime import Runner, TensorSpec, open_runner
 from edgec.runtime.ort import OrtRunner
@@ -51,6 +51,9 @@ class Progress(Protocol):
     def stage(self, description: str) -> contextlib.AbstractContextManager: ...
 
     def pass_done(self, record: PassRecord, seconds: float) -> None: ...
+
+    # A progress may also have ``epoch(info)``, called after each fine-tuning epoch with
+    # {"epoch", "epochs", "loss", "validation_loss", "metric", "seconds"} (edgec.train).
 
 
 class SilentProgress:
@@ -74,6 +77,10 @@ class _Marked:
 
     def pass_done(self, record: PassRecord, seconds: float) -> None:
         self.shown.pass_done(record, seconds)
+
+    def epoch(self, info: dict) -> None:
+        if hasattr(self.shown, "epoch"):
+            self.shown.epoch(info)
 
 
 @dataclasses.dataclass
@@ -114,6 +121,7 @@ class BuildOptions:
         within(option("max_drop"), self.max_drop, 0, 1, include_high=False)
         at_least(option("seed"), self.seed, 0)
         one_of(option("calib_method"), self.calib_method, CALIBRATION_METHODS)
+        check_training_steps(self.recipe)
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
@@ -200,7 +208,8 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
         model, more, extra["compression"] = compress(model, options.recipe, calibration, source, options, progress)
         records += more
         reference = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
-        compressed[f"{path.stem}.compressed.onnx"] = to_bytes(model)
+        compressed[f"{path.stem}.{_compressed_kind(options.recipe)}.onnx"] = to_bytes(model)
+        extra.update({"finetune": r.details for r in more if r.name == "finetune"})
     if precision == "int8":
         lowered, more, int8 = _lower_int8(model, path.stem, target, calibration(), options, progress)
         extra.update(int8)
@@ -210,7 +219,7 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     else:
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             lowered = lower(model, target, path.stem, LowerOptions(precision))
-    with progress.stage("Verifying against the " + ("compressed" if compressed else "source") + " model"):
+    with progress.stage("Verifying against the " + (_compressed_kind(options.recipe) if compressed else "source") + " model"):
         verification = verify_bytes(reference or source, lowered, target, options, criterion(target, precision, options))
     if not verification.passed:
         raise _verification_error(verification, fp32_instead_of_int8=precision != (options.precision or target.precision))
@@ -221,6 +230,10 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     if options.profile_device:
         with progress.stage(f"Profiling {lowered.primary} on {options.profile_device.name}"):
             report["profile"], files["report.html"] = _profile(lowered, options, out.path)
+    if "finetune" in report:
+        from edgec.report.training import with_training
+
+        files["report.html"] = with_training(files.get("report.html", b"").decode() or None, report["finetune"]).encode()
     files["report.json"] = write_json(report)
     written = out.commit(files, last="report.json")
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
@@ -266,8 +279,9 @@ def compress(model: ir.Model, steps: Sequence[Step], calibration: Callable[[], I
     after, and how far the compressed model's outputs moved from the source's on the
     verification inputs (the artifact is then verified against the compressed model)."""
     before = summarize(model)
+    training = _training_context(model, options, progress) if trains(steps) else None
     with progress.stage(f"Compressing ({', '.join(s.name for s in steps)})"):
-        model, records = Pipeline(make_passes(steps, calibration), progress.pass_done)(model)
+        model, records = Pipeline(make_passes(steps, calibration, training), progress.pass_done)(model)
     after = summarize(model)
     with progress.stage("Measuring the compressed model against the source"):
         compressed = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
@@ -279,6 +293,17 @@ def compress(model: ir.Model, steps: Sequence[Step], calibration: Callable[[], I
         "mac_reduction": round(1 - after["macs"] / before["macs"], 6) if before["macs"] else 0.0,
         "vs_source": error.to_dict(),
     }
+
+
+def _training_context(source: ir.Model, options: BuildOptions, progress: Progress):
+    """What fine-tuning steps distill from (the model before compression) and report to."""
+    from edgec.train import TrainingContext
+
+    return TrainingContext(to_bytes(source), options.seed, options.images, getattr(progress, "epoch", None))
+
+
+def _compressed_kind(steps: Sequence[Step]) -> str:
+    return "finetuned" if trains(steps) else "compressed"
 
 
 def _lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet, options: BuildOptions,

@@ -117,6 +117,13 @@ class ConsoleProgress:
             yield
         self.console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]", highlight=False)
 
+    def epoch(self, info: dict) -> None:
+        """One line per fine-tuning epoch: a bar of epochs done, the loss and the validation metric."""
+        done = round(20 * info["epoch"] / info["epochs"])
+        self.console.print(f"  epoch {info['epoch']:>3}/{info['epochs']} [cyan]{'━' * done}[/][dim]{'━' * (20 - done)}[/] "
+                           f"loss {info['loss']:.4f}  validation loss {info['validation_loss']:.4f}, metric {info['metric']:.4f} [dim]({info['seconds']:.1f} s)[/]",
+                           highlight=False)
+
     def pass_done(self, record, seconds: float) -> None:
         if self.verbose:
             self.console.print(
@@ -176,6 +183,11 @@ def build(
     factorize: Annotated[Optional[list[str]], typer.Option("--factorize", help="Low-rank factorization step, e.g. mac_reduction=0.3 or energy=0.9,method=tucker2 (options: see README). Repeatable; runs after --recipe's steps.")] = None,
     prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Remove whole channels, e.g. \"mac_reduction=0.3\" or \"rate=0.25,importance=l1,exclude=['conv1']\" (options: see README); re-fits the layers after on --calib data. Repeatable, runs after --recipe.")] = None,
     sparsify: Annotated[Optional[list[str]], typer.Option("--sparsify", help="Zero the smallest weights, e.g. \"sparsity=0.5\", \"pattern=2:4\" or \"sparsity=0.7,scope=global\" (smaller zipped files; no speed-up on ORT or TFLite). Repeatable, runs after --prune.")] = None,
+    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Fine-tune after compression on these samples (same formats as --inputs): distillation from the source model, plus cross-entropy with a 'label' array. Saves <model>.finetuned.onnx.")] = None,
+    epochs: Annotated[int, typer.Option(help="--finetune: at most this many epochs (early stopping on a held-back tenth).")] = 5,
+    lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
+    finetune_budget_s: Annotated[Optional[float], typer.Option("--finetune-budget-s", help="--finetune: stop after the epoch that would overrun this many seconds.")] = None,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,
@@ -198,7 +210,7 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, speed_device=speed_device, equalize=equalize,
-        equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, factorize, prune, sparsify),
+        equalize_relu6=equalize_relu6, bias_correction=bias_correction, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
     result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
@@ -214,15 +226,26 @@ def build(
 
 
 def compose_recipe(recipe_file: Path | None, factorize: list[str] | None = None, prune: list[str] | None = None,
-                   sparsify: list[str] | None = None) -> list:
-    """The build's compression steps: the recipe file's, in file order, then the options'."""
+                   sparsify: list[str] | None = None, finetune=None) -> list:
+    """The build's compression steps: the recipe file's, in file order, then the options',
+    fine-tuning last."""
     from edgec.recipe import load_recipe, parse_step
 
     steps = load_recipe(recipe_file) if recipe_file else []
     steps += [parse_step("factorize", text) for text in factorize or ()]
     steps += [parse_step("prune", text) for text in prune or ()]
     steps += [parse_step("sparsify", text) for text in sparsify or ()]
-    return steps
+    return steps + ([finetune] if finetune else [])
+
+
+def finetune_step(data: Path | None, epochs: int, lr: float, batch_size: int, budget_s: float | None):
+    """The ``finetune`` recipe step of ``--finetune DATA`` and its options, or None."""
+    from edgec.recipe import Step
+
+    if data is None:
+        return None
+    options = {"data": str(data), "epochs": epochs, "lr": lr, "batch_size": batch_size}
+    return Step("finetune", options | ({"budget_s": budget_s} if budget_s is not None else {}))
 
 
 def _print_compression(compression: dict | None) -> None:
@@ -262,6 +285,11 @@ def verify(
     artifact: Annotated[Path, typer.Argument(help="An artifact built from it (.tflite, .onnx or .ort).")],
     inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs file, as for build.")] = None,
     max_samples: Annotated[Optional[int], typer.Option(help="Verify on at most this many batches.")] = None,
+    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Fine-tune after compression on these samples (same formats as --inputs): distillation from the source model, plus cross-entropy with a 'label' array. Saves <model>.finetuned.onnx.")] = None,
+    epochs: Annotated[int, typer.Option(help="--finetune: at most this many epochs (early stopping on a held-back tenth).")] = 5,
+    lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
+    finetune_budget_s: Annotated[Optional[float], typer.Option("--finetune-budget-s", help="--finetune: stop after the epoch that would overrun this many seconds.")] = None,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,

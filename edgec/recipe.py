@@ -99,20 +99,51 @@ FAMILIES: dict[str, StepFactory] = {
     "prune": _prune,
     "sparsify": _sparsify,
 }
+# Training steps need more of the build than calibration data: the source model to distill
+# from, the seed, how image folders become tensors (``edgec.train.TrainingContext``).
+def _finetune(options: Mapping[str, Any], training: Any) -> ir.passes.PassBase:
+    from edgec.train.finetune import finetune_pass  # TensorFlow: imported only when a build trains
+
+    return finetune_pass(options, training)
 
 
-def make_passes(steps: Sequence[Step], calibration: Calibration) -> list[ir.passes.PassBase]:
-    """The passes of ``steps``, in order; unknown families are an error that lists the known."""
+TRAINING_FAMILIES: dict[str, Callable[[Mapping[str, Any], Any], ir.passes.PassBase]] = {"finetune": _finetune}
+
+
+def make_passes(steps: Sequence[Step], calibration: Calibration, training: Any = None) -> list[ir.passes.PassBase]:
+    """The passes of ``steps``, in order; unknown families are an error that lists the known.
+    ``training`` (an ``edgec.train.TrainingContext``) is what training steps are built with."""
     passes = []
     for step in steps:
         factory = FAMILIES.get(step.name)
+        if step.name in TRAINING_FAMILIES:
+            if training is None:
+                raise RecipeError(f"Step '{step.name}' trains the model, which only a build does.",
+                                  hint="Use it in `edgec build` (--recipe or --finetune).")
+            passes.append(TRAINING_FAMILIES[step.name](step.options, training))
+            continue
         if factory is None:
             raise RecipeError(
                 f"Unknown compression step '{step.name}'.",
-                hint=f"Known steps: {', '.join(sorted(FAMILIES))}.",
+                hint=f"Known steps: {', '.join(sorted(FAMILIES | TRAINING_FAMILIES))}.",
             )
         passes.append(factory(step.options, calibration))
     return passes
+
+
+def check_training_steps(steps: Sequence[Step]) -> None:
+    """Training steps' options, checked where they are given (before any work); the other
+    families check theirs when their passes are made."""
+    from edgec.train import FinetuneOptions
+
+    for step in steps:
+        if step.name == "finetune":
+            options_from(FinetuneOptions, step.options, step.name)
+
+
+def trains(steps: Sequence[Step]) -> bool:
+    """Whether a recipe trains the model (its ONNX is then saved as fine-tuned, not compressed)."""
+    return any(step.name in TRAINING_FAMILIES for step in steps)
 
 
 def _top_level_pairs(text: str) -> list[str]:

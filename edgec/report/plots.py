@@ -77,3 +77,21 @@ def comparison(artifacts: Sequence[str], devices: Sequence[str], value: dict[tup
         ax.set_ylabel(unit)
         ax.legend(frameon=False)
         return _svg(fig)
+
+
+def training_curve(losses: Sequence[float], validation_losses: Sequence[float], metrics: Sequence[float], metric: str) -> str:
+    """Training and validation loss per epoch (left axis), the validation metric (right)."""
+    epochs = list(range(1, len(losses) + 1))
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 3.2))
+        ax.plot(epochs, losses, marker="o", color=_MEASURED, label="training loss")
+        ax.plot(epochs, validation_losses, marker="o", color=_MEASURED, linestyle="--", label="validation loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_xticks(epochs)
+        right = ax.twinx()
+        right.plot(epochs, metrics, marker="s", color="#c0504d", label=f"validation {metric}")
+        right.set_ylabel(metric)
+        handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], frameon=False, loc="center right")
+        return _svg(fig)

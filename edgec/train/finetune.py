@@ -1,0 +1,100 @@
+"""The ``finetune`` step: the pass that trains a model and writes its weights back (see ``edgec.train``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import onnx_ir as ir
+
+from edgec.errors import EdgecError
+from edgec.lower.tflite import prepare, to_keras
+from edgec.model import to_bytes
+from edgec.passes.layout import inverse
+from edgec.passes.pipeline import PassOutcome
+from edgec.runtime.ort import OrtRunner
+from edgec.train.clustering import clustered, stripped
+from edgec.train.data import Split, classifier_output, heads, training_data
+from edgec.train import FinetuneOptions, TrainingContext
+from edgec.train.loop import LoopSettings, Trainer
+from edgec.train.trace import coded_copy, layer_weights, trace
+from edgec.verify import load_inputs, run_all
+
+
+class Finetune(ir.passes.InPlacePass):
+    """Train the model's weights toward the source model's outputs (and labels); see the module."""
+
+    name = "finetune"
+
+    def __init__(self, options: FinetuneOptions, context: TrainingContext):
+        self.options, self.context = options, context
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        o = self.options
+        seed = self.context.seed if o.seed is None else o.seed
+        before_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
+        samples = load_inputs(o.data, before_runner.inputs, images=self.context.images)
+        coded, offsets = coded_copy(model)
+        codes = layer_weights(to_keras(prepare(coded)[0]).model)
+        lowering = to_keras(prepare(model.clone())[0])
+        weights = trace(model, lowering.model, codes, offsets)
+        frozen_nodes = self._freeze(lowering, weights.frozen)
+        teacher = OrtRunner(self.context.source, threads=1, optimization="disabled")
+        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix)
+        found = heads(model, lowering.io["outputs"])
+        classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
+        settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed)
+        trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
+        trainer = Trainer(trained, found, classifier, train, settings)
+        before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
+        history = trainer.fit(train, validation, self.context.on_epoch)
+        changed = weights.write_back(model, stripped(trained) if o.clusters else trained)
+        after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
+        after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
+        details = {
+            "data": samples.source, "labeled": classifier is not None, "samples": len(train), "validation_samples": len(validation),
+            "heads": [h.to_dict() for h in found], "metric": "top1" if classifier is not None else "min_output_cosine",
+            "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "data"} | {"seed": seed},
+            "epochs": len(history.losses), "best_epoch": history.best_epoch, "stopped": history.stopped,
+            "losses": history.losses, "validation_losses": history.validation_losses, "validation_metric": history.metrics,
+            "before": round(before, 6), "after": round(after, 6),
+            "trained_layers": sum(1 for layer in lowering.model.layers if layer.weights and layer.trainable),
+            "frozen_nodes": frozen_nodes, "initializers_updated": len(changed),
+        }
+        if frozen_nodes:
+            details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
+                               f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
+                               f"{'...' if len(frozen_nodes) > 5 else ''}.")
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters)), details)
+
+    @staticmethod
+    def _freeze(lowering, frozen_layers: list[str]) -> list[str]:
+        """Freeze the layers whose weights cannot go back; the ONNX nodes they came from."""
+        if not any(layer.weights for layer in lowering.model.layers):
+            raise EdgecError("The model has no layer with weights to fine-tune.", hint="Build without --finetune.")
+        for name in frozen_layers:
+            lowering.model.get_layer(name).trainable = False
+        if all(not layer.trainable for layer in lowering.model.layers if layer.weights):
+            raise EdgecError(f"No layer of the model can be fine-tuned: {', '.join(frozen_layers[:5])} compute their weights "
+                             "in ways edgec cannot write back to ONNX.", hint="Build without --finetune.")
+        return sorted(node for node, layers in lowering.layers.items() if set(layers) & set(frozen_layers))
+
+
+def _onnx_predict(runner: OrtRunner, io: dict) -> Callable[[Split], list]:
+    """Outputs of an ONNX model in ORT, in the Keras layout ``Split`` targets use."""
+
+    def predict(split: Split) -> list:
+        batches = [{e["name"]: split.inputs[k][i].transpose(inverse(e["perm"])) for k, e in enumerate(io["inputs"])}
+                   for i in range(len(split))]
+        got = run_all(runner, batches)
+        return [got[e["name"]].transpose(0, *[p + 1 for p in e["perm"]]) for e in io["outputs"]]
+
+    return predict
+
+
+def finetune_pass(options: Mapping[str, Any], context: TrainingContext) -> Finetune:
+    """The recipe family's factory (see ``edgec.recipe``)."""
+    from edgec.recipe import options_from
+
+    return Finetune(options_from(FinetuneOptions, options, "finetune"), context)

@@ -1,0 +1,143 @@
+"""Fine-tuning (edgec.train): weights traced back to ONNX exactly, distillation that helps,
+labels, determinism, and the errors a user can cause. Tiny models, one or two epochs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+import pytest
+from helpers import GraphBuilder, listing, run_ort, save
+from typer.testing import CliRunner
+
+from edgec.build import BuildOptions, build, canonicalize
+from edgec.cli import app
+from edgec.errors import EdgecError, InputDataError, OptionError, RecipeError
+from edgec.lower.tflite import prepare, to_keras
+from edgec.model import to_proto
+from edgec.recipe import Step, make_passes
+from edgec.train.trace import coded_copy, layer_weights, trace
+
+
+def _net(alpha: float = 1.0, seed: int = 0):
+    """Conv → PRelu → depthwise Conv → Flatten → Gemm → Softmax: the layout pass folds the
+    channels-last Flatten into the Gemm's rows, the Conv rules transpose OIHW."""
+    g = GraphBuilder(seed=seed)
+    x = g.op("Conv", ["x", g.weight(8, 2, 3, 3), g.weight(8)], name="conv", pads=[1, 1, 1, 1])
+    x = g.op("PRelu", [x, g.const(np.full((8, 1, 1), 0.1, np.float32))], name="prelu")
+    x = g.op("Conv", [x, g.weight(8, 1, 3, 3), g.weight(8)], name="depthwise", group=8, strides=[2, 2], pads=[1, 1, 1, 1])
+    x = g.op("Flatten", [x])
+    x = g.op("Gemm", [x, g.weight(4, 8 * 3 * 3, scale=0.1), g.weight(4)], name="fc", transB=1, alpha=alpha)
+    y = g.op("Softmax", [x], name="softmax", axis=1)
+    return g.model({"x": [1, 2, 6, 6]}, {y: [1, 4]})
+
+
+def _lowered(proto):
+    model = canonicalize(ir.serde.deserialize_model(proto), {})[0]
+    coded, offsets = coded_copy(model)
+    codes = layer_weights(to_keras(prepare(coded)[0]).model)
+    lowering = to_keras(prepare(model.clone())[0])
+    return model, lowering, trace(model, lowering.model, codes, offsets)
+
+
+def test_trained_weights_go_back_to_onnx_exactly():
+    model, lowering, weights = _lowered(_net())
+    assert weights.frozen == [] and {t.layer for t in weights.traced} == {"conv", "prelu", "depthwise", "fc"}
+    rng = np.random.default_rng(3)
+    for layer in lowering.model.layers:  # "training": move every weight
+        layer.set_weights([w + rng.standard_normal(w.shape).astype(np.float32) * 0.1 for w in layer.get_weights()])
+    assert len(weights.write_back(model, lowering.model)) == 7
+    x = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    want = lowering.model(x.transpose(0, 2, 3, 1)).numpy()
+    np.testing.assert_allclose(run_ort(to_proto(model), {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_weight_the_rule_computes_is_left_untrained():
+    _, _, weights = _lowered(_net(alpha=0.5))  # Keras kernel = alpha * B: not a copy
+    assert weights.frozen == ["fc"] and "fc" not in {t.layer for t in weights.traced}
+
+
+def _samples(proto, count: int, seed: int, labels: bool) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal((count, 2, 6, 6)).astype(np.float32)
+    arrays = {"x": x}
+    if labels:
+        arrays["label"] = np.array([run_ort(proto, {"x": s[None]})[0].argmax() for s in x])
+    return arrays
+
+
+def _build(tmp_path, name: str, data: dict, steps=(), **finetune):
+    source = save(_net(), tmp_path)
+    np.savez(tmp_path / "data.npz", **data)
+    step = Step("finetune", {"data": str(tmp_path / "data.npz"), "epochs": 2, "batch_size": 8} | finetune)
+    return build(source, "ort-x86", tmp_path / name, BuildOptions(recipe=[*steps, step], calib=str(tmp_path / "data.npz")))
+
+
+def test_distillation_without_labels_brings_a_pruned_model_back(tmp_path):
+    data = _samples(_net(), 64, seed=1, labels=False)
+    result = _build(tmp_path, "distill", data, [Step("prune", {"rate": 0.5, "round_to": 1, "reconstruct": False})],
+                    epochs=4, lr=3e-3, mix=1)
+    record = result.report["finetune"]
+    assert (record["samples"], record["validation_samples"]) == (2 * 58, 6)  # a blend per training sample
+    assert record["labeled"] is False and record["metric"] == "min_output_cosine"
+    assert record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
+    assert record["after"] > record["before"] and len(record["losses"]) == record["epochs"]
+    assert {"model.finetuned.onnx", "report.html"} <= set(listing(tmp_path / "distill"))
+    html = (tmp_path / "distill" / "report.html").read_text()
+    assert "Fine-tuning" in html and "<svg" in html and "distillation from the source model" in html
+
+
+def test_labeled_builds_are_deterministic(tmp_path):
+    data = _samples(_net(), 24, seed=2, labels=True)
+    first, second = (_build(tmp_path, name, data) for name in ("a", "b"))
+    assert first.report["finetune"]["labeled"] and first.report["finetune"]["metric"] == "top1"
+    for file in ("model.finetuned.onnx", "model.onnx"):
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+    assert json.dumps(first.report["finetune"]) == json.dumps(second.report["finetune"])
+
+
+def test_clustering_leaves_each_kernel_few_values(tmp_path):
+    result = _build(tmp_path, "clustered", _samples(_net(), 16, seed=6, labels=False), clusters=4, epochs=1)
+    model = onnx.load(tmp_path / "clustered" / "model.finetuned.onnx")
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    values = {n.name: len(np.unique(weights[n.input[1]])) for n in model.graph.node if n.op_type in ("Conv", "Gemm")}
+    assert values["conv"] <= 4 and values["fc"] <= 4 and values["depthwise"] > 4  # depthwise kernels stay as they are
+    assert result.report["finetune"]["options"]["clusters"] == 4
+
+
+@pytest.mark.parametrize("data, options, error, words", [
+    ({"y": np.zeros((4, 2, 6, 6), np.float32)}, {}, InputDataError, "'x'"),
+    ({"x": np.zeros((4, 2, 6, 6), np.float32), "label": np.array([0, 1, 2, 9])}, {}, InputDataError, "[0, 4)"),
+    ({"x": np.zeros((4, 2, 6, 6), np.float32)}, {"budget_s": 1e-6}, EdgecError, "too small for one epoch"),
+    ({"x": np.zeros((4, 2, 6, 6), np.float32)}, {"epochs": 0}, OptionError, "epochs (--epochs)"),
+])
+def test_user_errors(tmp_path, data, options, error, words):
+    with pytest.raises(error, match=None) as caught:
+        _build(tmp_path, "bad", data, **options)
+    assert words in str(caught.value)
+    assert listing(tmp_path / "bad") == []
+
+
+def test_options_are_checked_before_any_work():
+    with pytest.raises(OptionError, match=r"lr \(--lr\) must be greater than 0"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "lr": 0})])
+    with pytest.raises(RecipeError, match="no option"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "epoch": 3})])
+
+
+def test_training_steps_run_only_in_builds():
+    with pytest.raises(RecipeError, match="only a build"):
+        make_passes([Step("finetune", {"data": "x.npz"})], calibration=lambda: None)
+
+
+def test_command_line_shows_each_epoch(tmp_path):
+    np.savez(tmp_path / "data.npz", **_samples(_net(), 16, seed=5, labels=False))
+    result = CliRunner().invoke(app, ["build", str(save(_net(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                                      "--finetune", str(tmp_path / "data.npz"), "--epochs", "2", "--lr", "1e-3",
+                                      "--batch-size", "4", "--finetune-budget-s", "600", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    assert report["finetune"]["options"]["lr"] == 1e-3 and report["finetune"]["options"]["batch_size"] == 4
+    assert "epoch   1/2" in result.output and "model.finetuned.onnx" in listing(tmp_path / "out")
