@@ -299,7 +299,10 @@ def _training_context(source: ir.Model, options: BuildOptions, progress: Progres
     """What fine-tuning steps distill from (the model before compression) and report to."""
     from edgec.train import TrainingContext
 
-    return TrainingContext(to_bytes(source), options.seed, options.images, getattr(progress, "epoch", None))
+    def read(path: str, specs: list[TensorSpec]) -> InputSet:
+        return load_inputs(path, specs, images=options.images)
+
+    return TrainingContext(to_bytes(source), read, options.seed, getattr(progress, "epoch", None))
 
 
 def _compressed_kind(steps: Sequence[Step]) -> str:

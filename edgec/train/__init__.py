@@ -23,21 +23,24 @@ from collections.abc import Callable
 
 from edgec.checks import above, at_least, within
 from edgec.errors import EdgecError
-from edgec.images import ImagePreprocess
+from edgec.runtime import TensorSpec
+from edgec.verify import InputSet
 
 # Called after each epoch with {"epoch", "epochs", "loss", "metric", "seconds"}.
 EpochObserver = Callable[[dict], None]
+# Reads a step's ``data`` (a path) as samples for these inputs; the build owns the filesystem.
+SampleReader = Callable[[str, list[TensorSpec]], InputSet]
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainingContext:
     """What a training step needs from the build: the source model to distill from (ONNX
-    bytes), the seed, how image folders become tensors, and where to report each epoch.
+    bytes), the seed, how its data is read, and where to report each epoch.
     (This module stays free of TensorFlow; the step itself is ``edgec.train.finetune``.)"""
 
     source: bytes
+    read: SampleReader
     seed: int = 0
-    images: ImagePreprocess = ImagePreprocess()
     on_epoch: EpochObserver | None = None
 
 

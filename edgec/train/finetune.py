@@ -19,7 +19,7 @@ from edgec.train.data import Split, classifier_output, heads, training_data
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
 from edgec.train.trace import coded_copy, layer_weights, trace
-from edgec.verify import load_inputs, run_all
+from edgec.verify import run_all
 
 
 class Finetune(ir.passes.InPlacePass):
@@ -34,7 +34,7 @@ class Finetune(ir.passes.InPlacePass):
         o = self.options
         seed = self.context.seed if o.seed is None else o.seed
         before_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
-        samples = load_inputs(o.data, before_runner.inputs, images=self.context.images)
+        samples = self.context.read(o.data, before_runner.inputs)
         coded, offsets = coded_copy(model)
         codes = layer_weights(to_keras(prepare(coded)[0]).model)
         lowering = to_keras(prepare(model.clone())[0])
