@@ -327,9 +327,9 @@ class PrecisionSearch:
     most (``rank`` measures them with everything else quantized and the float set so far
     float, and is asked again after every step), as many as their gains predict the goal
     needs (``_guess``), and is kept only if the real int8 artifact gets closer to the goal,
-    else retried with half as many. So the measured accuracy rises with every float tensor
-    added, and the search stops at the first float set that meets the goal, shrunk by
-    bisection to the shortest prefix of its last step that still does. Ranking each tensor
+    else retried twice as long. So the measured accuracy rises with every float tensor
+    kept, and the search stops at the first float set that meets the goal (all candidates
+    at the latest), shrunk by bisection to the shortest prefix of its last step that still does. Ranking each tensor
     quantized *alone* did not hold on a DenseNet-style net: TFLite requantizes the inputs of
     a concatenation to one shared scale, and keeping 1, 2, 4... of the most sensitive
     tensors float made the cosine worse (0.977 → 0.970) until everything was float.
@@ -351,25 +351,23 @@ class PrecisionSearch:
         if passed:
             return set()
         kept: list[Candidate] = []
-        ranking, skipped = rank(set()), []
-        size = _guess(goal, best, ranking)
-        while ranking and len(self.steps) < MAX_CHECKS:
+        ranking = rank(set())
+        size = _first_guess(goal, ranking)
+        while size < len(ranking) and len(self.steps) < MAX_CHECKS:
             step = ranking[:size]
             passed, score = self._measure(goal, kept + step)
             if passed:
                 return _nodes(kept + step[: self._shortest(goal, kept, step)])
             if score > best:  # a step that helps is kept; the rest is re-ranked with it float
                 kept, best = kept + step, score
-                ranking, skipped = rank({c.tensor for c in kept}), []
+                ranking = rank({c.tensor for c in kept})
                 size = _guess(goal, best, ranking)
-            elif size > 1:
-                size //= 2
-            else:  # the most helpful candidate does not help the real artifact now: try the next
-                skipped, ranking = skipped + ranking[:1], ranking[1:]
-        return self._everything(goal, kept, ranking + skipped)
+            else:  # errors that only go away together (a concatenation's shared scale): a longer step
+                size *= 2
+        return self._everything(goal, kept, ranking)
 
     def _everything(self, goal: AccuracyGoal, kept: list[Candidate], rest: list[Candidate]) -> set[str]:
-        """Out of checks (or of helpful candidates): all the rest float, shrunk if that passes."""
+        """The last step (the longest, or the checks are spent): all the rest float, shrunk if that passes."""
         passed, _ = self._measure(goal, kept + rest)
         if not passed:
             raise QuantizationError(
@@ -413,12 +411,22 @@ class PrecisionSearch:
 MAX_CHECKS = 12
 
 
+def _first_guess(goal: AccuracyGoal, ranking: list[Candidate]) -> int:
+    """The first step, from damages measured alone: the shortest prefix whose float keeping
+    leaves a summed damage (1 − cosine; small output errors add up roughly linearly) within
+    the goal's. A model that needs 150 tensors float gets there in a few checks."""
+    allowed, left = 1.0 - goal.min_cosine, sum(c.gain for c in ranking)
+    for k, candidate in enumerate(ranking):
+        if left <= allowed:
+            return max(k, 1)
+        left -= candidate.gain
+    return max(len(ranking), 1)
+
+
 def _guess(goal: AccuracyGoal, margin: float, ranking: list[Candidate]) -> int:
-    """How many of ``ranking`` the next step takes back to float: the shortest prefix whose
-    summed gains (1 − cosine; small output errors add up roughly linearly) close the
-    ``margin`` the model misses the goal by. A model that needs 150 tensors float gets
-    there in a few checks instead of one tensor at a time; when the gains do not add up to
-    the goal (errors compound), all of them."""
+    """How many of ``ranking`` a later step takes back to float: the shortest prefix whose
+    summed gains close the ``margin`` the model misses the goal by; when they do not add up
+    to it (errors compound), all of them."""
     total = 0.0
     for k, candidate in enumerate(ranking, 1):
         total += max(candidate.gain, 0.0)
@@ -437,14 +445,16 @@ class Ranking:
 
     A probe copy of the model fake-quantizes every candidate behind its own switch (an If
     on a boolean graph input), so one session measures the model quantized everywhere but
-    where a switch is off: the damage of each tensor measured *with the rest quantized*,
-    without a model per tensor. An activation is spared by keeping its producer and
-    consumers float; a weight by keeping its layer float. The tensors already chosen float
-    are off as the int8 artifact will have them. The first ranking measures every
-    tensor on the first ``COARSE_SAMPLES`` batches of ``samples``; each ranking measures
-    the ``REFINED`` most helpful of the previous order again on ``SENSITIVITY_SAMPLES``
-    batches, with the tensors already chosen float, and re-sorts them. The search checks
-    every step with real int8 kernels, so a rougher order costs checks, not accuracy.
+    where a switch says, without a model per tensor. An activation is spared by keeping its
+    producer and consumers float; a weight by keeping its layer float. The first order is
+    each tensor's damage quantized *alone* (every tensor on the first ``COARSE_SAMPLES``
+    batches of ``samples``, the ``REFINED`` worst again on ``SENSITIVITY_SAMPLES``): cheap,
+    since a run with one switch on costs what the float model does, and what found the
+    large detector's 200 float tensors in a few checks. After each step the search takes,
+    the ``REFINED`` first of the order are measured again *in the quantized model*: how much
+    sparing each raises the cosine with every tensor quantized but those the chosen float
+    nodes leave float, and re-sorted. The search checks every step with real int8 kernels,
+    so a rougher order costs checks, not accuracy.
     """
 
     def __init__(self, model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet):
@@ -466,11 +476,14 @@ class Ranking:
         self.gains: dict[str, float] | None = None  # the latest measurement of each tensor
 
     def __call__(self, kept: Collection[str] = ()) -> list[Candidate]:
-        off = self._float_tensors(set().union(*(self.spared[t] for t in kept if t in self.spared)))
-        if self.gains is None:
-            self.gains = self.probe.gains(self.floated, head(self.samples, COARSE_SAMPLES), off)
-        refined = {t: self.floated[t] for t in self._order(kept)[:REFINED]}
-        self.gains.update(self.probe.gains(refined, head(self.samples, SENSITIVITY_SAMPLES), off))
+        if self.gains is None:  # the first order: each tensor quantized alone, the rest float
+            self.gains = self.probe.damages(list(self.spared), head(self.samples, COARSE_SAMPLES))
+            if len(self.samples.batches) > COARSE_SAMPLES:
+                self.gains.update(self.probe.damages(self._order(kept)[:REFINED], head(self.samples, SENSITIVITY_SAMPLES)))
+        if kept:  # then measured in the quantized model, with the float set chosen so far
+            off = self._float_tensors(set().union(*(self.spared[t] for t in kept if t in self.spared)))
+            refined = {t: self.floated[t] for t in self._order(kept)[:REFINED]}
+            self.gains.update(self.probe.gains(refined, head(self.samples, SENSITIVITY_SAMPLES), off))
         return [Candidate(t, self.gains[t], self.spared[t]) for t in self._order(kept)]
 
     def _float_tensors(self, nodes: set[str]) -> set[str]:
@@ -541,20 +554,30 @@ class _Probe:
             else_branch=onnx.helper.make_graph([keep], f"{tensor}__off", [], branch),
         )]
 
+    def damages(self, tensors: Sequence[str], samples: InputSet) -> dict[str, float]:
+        """Per tensor, 1 − the lowest output cosine over ``samples`` with only it quantized."""
+        lowest = self._lowest(samples, [{t} for t in tensors], quantized=True)
+        return {tensor: 1.0 - value for tensor, value in zip(tensors, lowest, strict=True)}
+
     def gains(self, groups: Mapping[str, Collection[str]], samples: InputSet, kept: Collection[str]) -> dict[str, float]:
         """Per group of tensors, how much the lowest output cosine over ``samples`` rises when
-        its tensors are float too, with every tensor but ``kept`` quantized; the sessions' runs
-        release the GIL, so groups are measured on every core at once."""
+        its tensors are float too, with every tensor but ``kept`` quantized."""
+        kept = set(kept)
+        base, *spared = self._lowest(samples, [kept, *(kept | set(group) for group in groups.values())], quantized=False)
+        return {name: value - base for name, value in zip(groups, spared, strict=True)}
+
+    def _lowest(self, samples: InputSet, sets: Sequence[Collection[str]], quantized: bool) -> list[float]:
+        """Per set of tensors, the lowest output cosine over ``samples`` with only those
+        tensors quantized (``quantized``) or all but those; the sessions' runs release the
+        GIL, so the sets are measured on every core at once."""
         reference = self._run(samples, {})
 
-        def lowest(off: Collection[str]) -> float:
-            quantized = self._run(samples, {switch: np.asarray(t not in off) for t, switch in self.switches.items()})
-            return min(cosine(a, b) for a, b in zip(reference, quantized, strict=True))
+        def lowest(chosen: Collection[str]) -> float:
+            got = self._run(samples, {switch: np.asarray((t in chosen) == quantized) for t, switch in self.switches.items()})
+            return min(cosine(a, b) for a, b in zip(reference, got, strict=True))
 
-        kept = set(kept)
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            base, *spared = pool.map(lowest, [kept, *(kept | set(group) for group in groups.values())])
-        return {name: value - base for name, value in zip(groups, spared, strict=True)}
+            return list(pool.map(lowest, sets))
 
     def _run(self, samples: InputSet, on: dict[str, np.ndarray]) -> list[np.ndarray]:
         runs = [self.session.run(self.outputs, {**dict(batch), **self.off, **on}) for batch in samples.batches]
