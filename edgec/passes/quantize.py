@@ -360,6 +360,7 @@ class PrecisionSearch:
                 return _nodes(kept + step[: self._shortest(goal, kept, step)])
             if score > best:  # a step that helps is kept; the rest is re-ranked with it float
                 kept, best = kept + step, score
+                self.steps[-1]["taken"] = True
                 ranking = rank({c.tensor for c in kept})
                 size = _guess(goal, best, ranking)
             else:  # errors that only go away together (a concatenation's shared scale): a longer step
