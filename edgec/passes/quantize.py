@@ -13,9 +13,9 @@ kept only if it brings the model closer to the accuracy goal.
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import copy
 import dataclasses
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -146,7 +146,9 @@ class Candidate:
     """A tensor, how much keeping it float helps the quantized model, and the nodes kept float to spare it."""
 
     tensor: str
-    gain: float  # rise of the lowest output cosine when it is float too, the rest quantized (``Ranking``)
+    # What sparing it is worth (``Ranking``): its damage quantized alone in the first order, then
+    # the rise of the lowest output cosine when it is float too, the rest quantized.
+    gain: float
     nodes: tuple[str, ...]
 
 
@@ -323,16 +325,17 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 class PrecisionSearch:
     """Greedy mixed precision, measured in the quantized model, never worse for more float.
 
-    Each step takes back to float the candidates whose return helps the *quantized* model
-    most (``rank`` measures them with everything else quantized and the float set so far
-    float, and is asked again after every step), as many as their gains predict the goal
-    needs (``_guess``), and is kept only if the real int8 artifact gets closer to the goal,
-    else retried twice as long. So the measured accuracy rises with every float tensor
-    kept, and the search stops at the first float set that meets the goal (all candidates
-    at the latest), shrunk by bisection to the shortest prefix of its last step that still does. Ranking each tensor
-    quantized *alone* did not hold on a DenseNet-style net: TFLite requantizes the inputs of
-    a concatenation to one shared scale, and keeping 1, 2, 4... of the most sensitive
-    tensors float made the cosine worse (0.977 → 0.970) until everything was float.
+    Each step keeps float the first candidates of ``rank``'s order, as many as their
+    measured worth predicts the goal needs (``_first_guess``, ``_guess``), and is kept only
+    if the real int8 artifact gets closer to the goal; else a step twice as long is tried.
+    After a kept step, ``rank`` re-measures the first candidates in the quantized model with
+    the float set so far. So the measured accuracy only rises along the steps kept, and the
+    search stops at the first float set that meets the goal (all candidates at the latest),
+    shrunk by bisection to the shortest prefix of its last step that still does. Taking
+    prefixes of a ranking measured once did not hold on a DenseNet-style net: TFLite
+    requantizes the inputs of a concatenation to one shared scale, and keeping 1, 2, 4...
+    of the most sensitive tensors float made the cosine worse (0.977 → 0.970) until
+    everything was float.
 
     Backend-independent: ``make_runner`` builds and opens the int8 artifact that keeps a
     given set of nodes float (QDQ in ONNX Runtime, or a .tflite), and ``reference`` holds
