@@ -146,6 +146,9 @@ def test_speed_check_ships_the_faster_artifact_and_says_so(tmp_path):
     quantized = any(n.op_type.startswith("QLinear") or n.op_type == "QuantizeLinear"
                     for n in onnx.load(result.artifacts[0]).graph.node)
     assert quantized == (decision["shipped"] == "int8")
+    int8 = result.report["int8"]  # never int8 MACs in a shipped fp32 artifact
+    assert int8["shipped"] == decision["shipped"]
+    assert int8["int8_macs_fraction"] == (int8["int8_artifact"]["int8_macs_fraction"] if quantized else 0.0)
 
 
 def test_speed_check_is_skipped_for_another_architecture(tmp_path):
