@@ -8,7 +8,7 @@ not static gets ``None`` and is listed so the user can pin ``--input-shape``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import onnx_ir as ir
@@ -120,6 +120,23 @@ def layer_table(graph: ir.Graph) -> list[dict[str, Any]]:
             "macs": counter(node),
         })
     return rows
+
+
+def int8_coverage(model: ir.Model, int8_nodes: Collection[str], why_float: Mapping[str, str]) -> dict[str, Any]:
+    """How much of ``model``'s MAC work an int8 artifact runs in int8: ``int8_nodes`` names
+    the MAC-bearing nodes it computes with integer kernels; every other one is listed as a
+    float layer with its reason from ``why_float`` (by node name). The fraction is what a
+    user asking for int8 gets: a model whose convolutions stay float is not an int8 model."""
+    layers = [row for row in layer_table(model.graph) if row["macs"]]
+    total = sum(row["macs"] for row in layers)
+    int8 = sum(row["macs"] for row in layers if row["name"] in int8_nodes)
+    return {
+        "macs": total,
+        "int8_macs": int8,
+        "int8_macs_fraction": round(int8 / total, 4) if total else None,
+        "float_layers": [{"name": row["name"], "op": row["op"], "macs": row["macs"], "why": why_float.get(row["name"], "not quantized")}
+                         for row in layers if row["name"] not in int8_nodes],
+    }
 
 
 def parameter_count(graph: ir.Graph) -> int:

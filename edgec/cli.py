@@ -219,6 +219,7 @@ def build(
         return
     _print_artifacts(result)
     _print_compression(result.report.get("compression"))
+    _print_int8(result.report.get("int8"))
     _print_verification(result.verification.to_dict())
     if "profile" in result.report:
         _print_profile([result.report["profile"]])
@@ -258,6 +259,24 @@ def _print_compression(compression: dict | None) -> None:
         agree = f", top-1 agreement {o['top1_agreement']:.3f}" if "top1_agreement" in o else ""
         acc = f", accuracy {o['accuracy_source']:.3f} → {o['accuracy_artifact']:.3f}" if "accuracy_source" in o else ""
         out.print(f"  vs source, output {o['name']}: cosine {o['cosine']:.5f}{agree}{acc}", highlight=False)
+
+
+def _print_int8(int8: dict | None) -> None:
+    """What an int8 request got: the share of MACs in int8 and the layers kept float."""
+    if not int8:
+        return
+    built = int8["int8_artifact"]
+    if built["int8_macs_fraction"] is None:
+        return
+    shipped = "" if int8["shipped"] == "int8" else " (the speed check shipped fp32 instead: 0% of MACs in int8)"
+    layers = built["float_layers"]
+    named = ", ".join(f"{layer['name']} ({layer['why']})" for layer in layers[:MAX_LISTED])
+    more = f" and {len(layers) - MAX_LISTED} more (report.json → int8)" if len(layers) > MAX_LISTED else ""
+    out.print(f"int8: {built['int8_macs_fraction']:.1%} of {built['macs']:,} MACs run in int8{shipped}"
+              f"{f'; float layers: {named}{more}' if layers else ''}", highlight=False)
+
+
+MAX_LISTED = 5  # float layers named on the console
 
 
 def _print_artifacts(result) -> None:

@@ -40,6 +40,7 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
         quantize = QuantizeStatic(options.calibration, options.scheme, options.goal, options.keep_float, optimization=level)
         model, records = Pipeline([quantize])(model)
         details["quantization"] = records[0].details
+        details["int8_coverage"] = details["quantization"].pop("int8_coverage")
     optimized = _optimized_onnx(to_proto(model), level, target, model)
     # The .ort file stores the already optimized graph as it is, so both formats are the same graph.
     saved = {"onnx": optimized, "ort": stable_ort(_save(optimized, "disabled", "ort", target, model))}

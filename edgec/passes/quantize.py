@@ -4,9 +4,10 @@ mixed precision.
 ONNX Runtime's quantization tooling does the mechanics (range collectors, QDQ insertion);
 edgec owns the choices: the scheme per target (``[quantize]`` in ``targets/*.toml``), which
 op types have fast integer kernels, and which tensors stay float so every output keeps its
-accuracy. Sensitivity is measured, not guessed: how far quantizing each activation and
-weight alone moves the outputs on calibration data ranks them, then the smallest prefix of
-that ranking that meets the accuracy goal is kept in float (checked with real int8 kernels).
+accuracy. Sensitivity is measured, not guessed: how much keeping each activation and weight
+float helps the quantized model on calibration data ranks them, and a greedy search keeps
+float the most helpful ones, step by step, each step checked with real int8 kernels and
+kept only if it brings the model closer to the accuracy goal.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from __future__ import annotations
 import concurrent.futures
 import copy
 import dataclasses
+import functools
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsDat
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, load_model_with_shape_infer
 
+from edgec.analysis import int8_coverage
 from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.memo import Recent, fingerprint
@@ -122,6 +125,14 @@ class AccuracyGoal:
     def met_by(self, outputs: Sequence[OutputComparison]) -> bool:
         return all(self._output_ok(o) for o in outputs)
 
+    def margin(self, outputs: Sequence[OutputComparison]) -> float:
+        """How far ``outputs`` are inside the goal (negative: outside), in cosine and top-1
+        fraction alike, by the output and measure that fall shortest."""
+        margins = [o.cosine - self.min_cosine for o in outputs]
+        if self.max_top1_drop is not None:
+            margins += [self.max_top1_drop - (o.accuracy_source - o.accuracy_artifact) for o in outputs if o.accuracy_source is not None]
+        return min(margins)
+
     def _output_ok(self, o: OutputComparison) -> bool:
         if o.cosine < self.min_cosine:
             return False
@@ -132,10 +143,12 @@ class AccuracyGoal:
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-    """A tensor, how far quantizing it alone moves the outputs, and the nodes kept float to spare it."""
+    """A tensor, how much keeping it float helps the quantized model, and the nodes kept float to spare it."""
 
     tensor: str
-    damage: float  # 1 - lowest output cosine with only this tensor quantized
+    # What sparing it is worth (``Ranking``): its damage quantized alone in the first order, then
+    # the rise of the lowest output cosine when it is float too, the rest quantized.
+    gain: float
     nodes: tuple[str, ...]
 
 
@@ -197,7 +210,8 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         if self.goal is not None:
             reference = run_all(OrtRunner(source.SerializeToString(), threads=1, optimization="disabled"), self.check.batches)
             search = PrecisionSearch(reference, self.check, runner)
-            kept_float, steps = search.run(self.goal, lambda: rank_candidates(source, ranges, self.scheme, self.check)), search.steps
+            ranking = functools.cache(lambda: Ranking(source, ranges, self.scheme, self.check))  # built only if it is needed
+            kept_float, steps = search.run(self.goal, lambda kept: ranking()(kept)), search.steps
         quantized = quantize(kept_float)
         details = {
             "scheme": self.scheme.to_dict(),
@@ -207,6 +221,12 @@ class QuantizeStatic(ir.passes.FunctionalPass):
             "search": steps,
             "kept_float": sorted(kept_float),
             "quantized_ops": _count_quantized(quantized, self.scheme),
+            "int8_coverage": {
+                **int8_coverage(model, {n.name for n in integer_nodes(quantized, self.scheme)},
+                                {**{n: "precision search" for n in kept_float}, **{n: "output head" for n in heads},
+                                 **{n: "--keep-float" for n in self.exclude}}),
+                "all_int8_check": steps[0] if steps else None,
+            },
         }
         return PassOutcome(ir.serde.deserialize_model(quantized), True, details)
 
@@ -303,7 +323,19 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 class PrecisionSearch:
-    """Finds the shortest prefix of a sensitivity ranking that, kept float, meets the goal.
+    """Greedy mixed precision, measured in the quantized model, never worse for more float.
+
+    Each step keeps float the first candidates of ``rank``'s order, as many as their
+    measured worth predicts the goal needs (``_first_guess``, ``_guess``), and is kept only
+    if the real int8 artifact gets closer to the goal; else a step twice as long is tried.
+    After a kept step, ``rank`` re-measures the first candidates in the quantized model with
+    the float set so far. So the measured accuracy only rises along the steps kept, and the
+    search stops at the first float set that meets the goal (all candidates at the latest),
+    shrunk by bisection to the shortest prefix of its last step that still does. Taking
+    prefixes of a ranking measured once did not hold on a DenseNet-style net: TFLite
+    requantizes the inputs of a concatenation to one shared scale, and keeping 1, 2, 4...
+    of the most sensitive tensors float made the cosine worse (0.977 → 0.970) until
+    everything was float.
 
     Backend-independent: ``make_runner`` builds and opens the int8 artifact that keeps a
     given set of nodes float (QDQ in ONNX Runtime, or a .tflite), and ``reference`` holds
@@ -314,44 +346,58 @@ class PrecisionSearch:
         self.reference, self.check, self.make_runner = reference, check, make_runner
         self.steps: list[dict[str, Any]] = []
 
-    def run(self, goal: AccuracyGoal, rank: Callable[[], list[Candidate]]) -> set[str]:
-        """The nodes to keep float. ``rank`` is called only if the all-int8 model misses the
-        goal: ranking is the expensive part, and a model that meets the goal needs none."""
-        if self._passes(goal, []):
+    def run(self, goal: AccuracyGoal, rank: Callable[[Collection[str]], list[Candidate]]) -> set[str]:
+        """The nodes to keep float. ``rank(float_tensors)`` gives the candidates not yet float,
+        most helpful first; it is called only if the all-int8 model misses the goal: ranking
+        is the expensive part, and a model that meets the goal needs none."""
+        passed, best = self._measure(goal, [])
+        if passed:
             return set()
-        ranking = rank()
-        good = self._first_passing(goal, ranking)
-        if good is None:
+        kept: list[Candidate] = []
+        ranking = rank(set())
+        size = _first_guess(goal, ranking)
+        while size < len(ranking) and len(self.steps) < MAX_CHECKS:
+            step = ranking[:size]
+            passed, score = self._measure(goal, kept + step)
+            if passed:
+                return _nodes(kept + step[: self._shortest(goal, kept, step)])
+            if score > best:  # a step that helps is kept; the rest is re-ranked with it float
+                kept, best = kept + step, score
+                self.steps[-1]["taken"] = True
+                ranking = rank({c.tensor for c in kept})
+                size = _guess(goal, best, ranking)
+            else:  # errors that only go away together (a concatenation's shared scale): a longer step
+                size *= 2
+        return self._everything(goal, kept, ranking)
+
+    def _everything(self, goal: AccuracyGoal, kept: list[Candidate], rest: list[Candidate]) -> set[str]:
+        """The last step (the longest, or the checks are spent): all the rest float, shrunk if that passes."""
+        passed, _ = self._measure(goal, kept + rest)
+        if not passed:
             raise QuantizationError(
                 f"No int8 form of this model meets the accuracy goal (cosine ≥ {goal.min_cosine:g} per output"
                 f"{'' if goal.max_top1_drop is None else f', top-1 drop ≤ {goal.max_top1_drop:g}'}) even with "
-                f"all {len(ranking)} sensitive tensors kept float (cosine then: {self.steps[-1]['cosine']}).",
+                f"all {len(kept) + len(rest)} sensitive tensors kept float (cosine then: {self.steps[-1]['cosine']}).",
                 hint="Check the calibration data (real samples, right preprocessing), relax --min-cosine/--max-drop, or build fp32.",
             )
-        return _nodes(ranking[:good])
+        return _nodes(kept + rest[: self._shortest(goal, kept, rest)])
 
-    def _first_passing(self, goal: AccuracyGoal, ranking: list[Candidate]) -> int | None:
-        """Smallest k (doubling from a guess, then bisection) such that keeping ranking[:k]
-        float passes (k = 0 failed)."""
-        failed, k = 0, _guess(goal, ranking)
-        while failed < len(ranking):
-            k = min(k, len(ranking))
-            if self._passes(goal, ranking[:k]):
-                return self._bisect(goal, ranking, failed, k)
-            failed, k = k, 2 * k
-        return None
-
-    def _bisect(self, goal: AccuracyGoal, ranking: list[Candidate], failed: int, good: int) -> int:
-        """Narrow down to within an eighth of ``good``: a few more float tensors cost less than more checks."""
-        while good - failed > max(1, good // 8):
+    def _shortest(self, goal: AccuracyGoal, kept: list[Candidate], step: list[Candidate]) -> int:
+        """The shortest prefix of ``step`` that, float with ``kept``, passes (all of it does,
+        none of it does not), to within an eighth of the float set: a few more float tensors
+        cost less than more checks."""
+        failed, good = 0, len(step)
+        while good - failed > max(1, (len(kept) + good) // 8):
             middle = (failed + good) // 2
-            if self._passes(goal, ranking[:middle]):
+            if self._measure(goal, kept + step[:middle])[0]:
                 good = middle
             else:
                 failed = middle
         return good
 
-    def _passes(self, goal: AccuracyGoal, kept: list[Candidate]) -> bool:
+    def _measure(self, goal: AccuracyGoal, kept: list[Candidate]) -> tuple[bool, float]:
+        """Whether the artifact keeping ``kept`` float meets the goal, and by how much
+        (``goal.margin``; negative when it misses)."""
         runner = self.make_runner(_nodes(kept))
         outputs = compare_outputs(self.reference, run_all(runner, self.check.batches), self.check.labels, Criterion())
         passed = goal.met_by(outputs)
@@ -361,18 +407,35 @@ class PrecisionSearch:
             "top1_drop": {o.name: round(o.accuracy_source - o.accuracy_artifact, 5) for o in outputs if o.accuracy_source is not None},
             "passed": passed,
         })
-        return passed
+        return passed, goal.margin(outputs)
 
 
-def _guess(goal: AccuracyGoal, ranking: list[Candidate]) -> int:
-    """Where the search starts: the shortest prefix whose float keeping leaves a summed damage
-    (1 − cosine; small output errors add up roughly linearly) within the goal's. A model
-    that needs 150 tensors float gets there in a few checks instead of doubling from one."""
-    allowed, left = 1.0 - goal.min_cosine, sum(c.damage for c in ranking)
+# Real-kernel checks a search makes before it keeps every candidate left float (the
+# bisection of a passing step comes on top: a few checks).
+MAX_CHECKS = 12
+
+
+def _first_guess(goal: AccuracyGoal, ranking: list[Candidate]) -> int:
+    """The first step, from damages measured alone: the shortest prefix whose float keeping
+    leaves a summed damage (1 − cosine; small output errors add up roughly linearly) within
+    the goal's. A model that needs 150 tensors float gets there in a few checks."""
+    allowed, left = 1.0 - goal.min_cosine, sum(c.gain for c in ranking)
     for k, candidate in enumerate(ranking):
         if left <= allowed:
             return max(k, 1)
-        left -= candidate.damage
+        left -= candidate.gain
+    return max(len(ranking), 1)
+
+
+def _guess(goal: AccuracyGoal, margin: float, ranking: list[Candidate]) -> int:
+    """How many of ``ranking`` a later step takes back to float: the shortest prefix whose
+    summed gains close the ``margin`` the model misses the goal by; when they do not add up
+    to it (errors compound), all of them."""
+    total = 0.0
+    for k, candidate in enumerate(ranking, 1):
+        total += max(candidate.gain, 0.0)
+        if total >= -margin:
+            return k
     return max(len(ranking), 1)
 
 
@@ -380,35 +443,60 @@ def _nodes(candidates: Sequence[Candidate]) -> set[str]:
     return {node for c in candidates for node in c.nodes}
 
 
-def rank_candidates(model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet) -> list[Candidate]:
-    """Tensors by how far quantizing each one *alone* moves the model's outputs, worst first.
+class Ranking:
+    """Candidates for keeping float, by how much taking each back to float helps the
+    quantized model: ``ranking(float_tensors)``, most helpful first.
 
     A probe copy of the model fake-quantizes every candidate behind its own switch (an If
-    on a boolean graph input), so one session measures every tensor's
-    end-to-end effect: AIMET's per-layer sensitivity without a model per layer. An
-    activation is spared by keeping its producer and consumers float; a weight by keeping
-    its layer float. Every tensor is measured on the first ``COARSE_SAMPLES`` batches of
-    ``samples``; the ``REFINED`` most sensitive of them again on ``SENSITIVITY_SAMPLES``
-    batches and re-sorted. The search only keeps a prefix float and checks each prefix on all
-    its samples with real int8 kernels, so a rougher order costs at most a few more float tensors.
+    on a boolean graph input), so one session measures the model quantized everywhere but
+    where a switch says, without a model per tensor. An activation is spared by keeping its
+    producer and consumers float; a weight by keeping its layer float. The first order is
+    each tensor's damage quantized *alone* (every tensor on the first ``COARSE_SAMPLES``
+    batches of ``samples``, the ``REFINED`` worst again on ``SENSITIVITY_SAMPLES``): cheap,
+    since a run with one switch on costs what the float model does, and what found the
+    large detector's 200 float tensors in a few checks. After each step the search takes,
+    the ``REFINED`` first of the order are measured again *in the quantized model*: how much
+    sparing each raises the cosine with every tensor quantized but those the chosen float
+    nodes leave float, and re-sorted. The search checks every step with real int8 kernels,
+    so a rougher order costs checks, not accuracy.
     """
-    quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
-    outputs = {o.name for o in model.graph.output}
-    activations = sorted({t for n in quantizable for t in [*n.input, *n.output]} & set(ranges.data) - outputs)
-    weights = dict(_quantized_weights(model, scheme))
-    probe = _Probe(model, {t: _activation_grid(ranges, t, scheme) for t in activations}, weights)
-    names = {n.name for n in quantizable}
-    spared = {t: tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)) for t in activations}
-    spared.update({w: (node,) for w, (node, _) in weights.items() if node in names})
-    coarse = _by_damage(probe.damages(list(spared), head(samples, COARSE_SAMPLES)), spared)
-    refined = coarse[:REFINED]
-    if len(samples.batches) <= COARSE_SAMPLES:
-        return coarse
-    return _by_damage(probe.damages([c.tensor for c in refined], head(samples, SENSITIVITY_SAMPLES)), spared) + coarse[len(refined):]
 
+    def __init__(self, model: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, samples: InputSet):
+        quantizable = [n for n in model.graph.node if n.op_type in scheme.op_types]
+        outputs = {o.name for o in model.graph.output}
+        activations = sorted({t for n in quantizable for t in [*n.input, *n.output]} & set(ranges.data) - outputs)
+        weights = dict(_quantized_weights(model, scheme))
+        self.probe = _Probe(model, {t: _activation_grid(ranges, t, scheme) for t in activations}, weights)
+        names = {n.name for n in quantizable}
+        self.spared = {t: tuple(sorted(n.name for n in quantizable if t in n.input or t in n.output)) for t in activations}
+        self.spared.update({w: (node,) for w, (node, _) in weights.items() if node in names})
+        by_node = {n.name: {t for t in [*n.input, *n.output] if t in self.probe.switches} for n in quantizable}
+        self.touching = {t: {n for n, tensors in by_node.items() if t in tensors} for t in self.probe.switches}
+        # A candidate is measured by turning off every tensor its nodes read or write: an optimistic
+        # estimate (sparing one tensor alone measures nothing when the next, a Relu's output,
+        # carries the same range), checked by the search with real kernels.
+        self.floated = {t: set().union(*(by_node[n] for n in nodes)) | {t} for t, nodes in self.spared.items()}
+        self.samples = samples
+        self.gains: dict[str, float] | None = None  # the latest measurement of each tensor
 
-def _by_damage(damages: dict[str, float], spared: dict[str, tuple[str, ...]]) -> list[Candidate]:
-    return sorted((Candidate(t, d, spared[t]) for t, d in damages.items()), key=lambda c: (-c.damage, c.tensor))
+    def __call__(self, kept: Collection[str] = ()) -> list[Candidate]:
+        if self.gains is None:  # the first order: each tensor quantized alone, the rest float
+            self.gains = self.probe.damages(list(self.spared), head(self.samples, COARSE_SAMPLES))
+            if len(self.samples.batches) > COARSE_SAMPLES:
+                self.gains.update(self.probe.damages(self._order(kept)[:REFINED], head(self.samples, SENSITIVITY_SAMPLES)))
+        if kept:  # then measured in the quantized model, with the float set chosen so far
+            off = self._float_tensors(set().union(*(self.spared[t] for t in kept if t in self.spared)))
+            refined = {t: self.floated[t] for t in self._order(kept)[:REFINED]}
+            self.gains.update(self.probe.gains(refined, head(self.samples, SENSITIVITY_SAMPLES), off))
+        return [Candidate(t, self.gains[t], self.spared[t]) for t in self._order(kept)]
+
+    def _float_tensors(self, nodes: set[str]) -> set[str]:
+        """The tensors that stay float when ``nodes`` do: those only float nodes read or write
+        (QDQ quantizes a tensor any int8 node touches)."""
+        return {t for t, touching in self.touching.items() if touching and touching <= nodes}
+
+    def _order(self, kept: Collection[str]) -> list[str]:
+        return sorted((t for t in self.spared if t not in kept), key=lambda t: (-self.gains[t], t))
 
 
 def _activation_grid(ranges: TensorsData, tensor: str, scheme: QuantScheme) -> tuple[float, np.ndarray]:
@@ -471,16 +559,29 @@ class _Probe:
         )]
 
     def damages(self, tensors: Sequence[str], samples: InputSet) -> dict[str, float]:
-        """Per tensor, 1 − the lowest output cosine over ``samples`` with only it quantized;
-        the sessions' runs release the GIL, so tensors are measured on every core at once."""
+        """Per tensor, 1 − the lowest output cosine over ``samples`` with only it quantized."""
+        lowest = self._lowest(samples, [{t} for t in tensors], quantized=True)
+        return {tensor: 1.0 - value for tensor, value in zip(tensors, lowest, strict=True)}
+
+    def gains(self, groups: Mapping[str, Collection[str]], samples: InputSet, kept: Collection[str]) -> dict[str, float]:
+        """Per group of tensors, how much the lowest output cosine over ``samples`` rises when
+        its tensors are float too, with every tensor but ``kept`` quantized."""
+        kept = set(kept)
+        base, *spared = self._lowest(samples, [kept, *(kept | set(group) for group in groups.values())], quantized=False)
+        return {name: value - base for name, value in zip(groups, spared, strict=True)}
+
+    def _lowest(self, samples: InputSet, sets: Sequence[Collection[str]], quantized: bool) -> list[float]:
+        """Per set of tensors, the lowest output cosine over ``samples`` with only those
+        tensors quantized (``quantized``) or all but those; the sessions' runs release the
+        GIL, so the sets are measured on every core at once."""
         reference = self._run(samples, {})
 
-        def damage(tensor: str) -> float:
-            quantized = self._run(samples, {self.switches[tensor]: np.ones((), np.bool_)})
-            return max(1.0 - cosine(a, b) for a, b in zip(reference, quantized, strict=True))
+        def lowest(chosen: Collection[str]) -> float:
+            got = self._run(samples, {switch: np.asarray((t in chosen) == quantized) for t, switch in self.switches.items()})
+            return min(cosine(a, b) for a, b in zip(reference, got, strict=True))
 
         with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-            return dict(zip(tensors, pool.map(damage, tensors), strict=True))
+            return list(pool.map(lowest, sets))
 
     def _run(self, samples: InputSet, on: dict[str, np.ndarray]) -> list[np.ndarray]:
         runs = [self.session.run(self.outputs, {**dict(batch), **self.off, **on}) for batch in samples.batches]
@@ -513,15 +614,18 @@ def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, list[onn
 
 
 def _count_quantized(model: onnx.ModelProto, scheme: QuantScheme) -> dict[str, int]:
-    """Op types of the nodes that will run in integer: input from DequantizeLinear, output
+    counts: dict[str, int] = {}
+    for node in integer_nodes(model, scheme):
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def integer_nodes(model: onnx.ModelProto, scheme: QuantScheme) -> list[onnx.NodeProto]:
+    """The nodes of a QDQ model that will run in integer: input from DequantizeLinear, output
     into QuantizeLinear (the pattern ONNX Runtime fuses into its QLinear kernels), or, for
     data movement already moved onto the integers, input from QuantizeLinear."""
     dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     quantized = {o for n in model.graph.node if n.op_type == "QuantizeLinear" for o in n.output}
     requantized = {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        fused = node.input and node.input[0] in dequantized and node.output[0] in requantized
-        if node.op_type in scheme.op_types and (fused or (node.input and node.input[0] in quantized)):
-            counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))
+    return [node for node in model.graph.node if node.op_type in scheme.op_types and node.input
+            and ((node.input[0] in dequantized and node.output[0] in requantized) or node.input[0] in quantized)]

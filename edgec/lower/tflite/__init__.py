@@ -8,6 +8,7 @@ small rule (``edgec.lower.tflite.ops``); TensorFlow's own converter emits the fl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -20,11 +21,11 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 
 # ruff: noqa: E402
 
-from edgec.analysis import is_quantized
+from edgec.analysis import int8_coverage, is_quantized
 from edgec.errors import UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions
-from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, keras_to_tflite, op_histogram, op_names, op_nodes,
-                                       output_ops as _output_ops, quantize_calibrated)
+from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, integer_ops, keras_to_tflite, op_histogram, op_names,
+                                       op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
 from edgec.passes.canonicalize import cleanup_passes
@@ -34,7 +35,7 @@ from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import Pipeline
 from edgec.memo import Recent, fingerprint
 from edgec.model import to_bytes
-from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, calibrate, head, rank_candidates
+from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, Ranking, calibrate, head
 from edgec.runtime import Runner
 from edgec.runtime.litert import IO_METADATA, OP_NODES_METADATA, LiteRTRunner
 from edgec.runtime.ort import OrtRunner
@@ -44,8 +45,9 @@ from edgec.targets import Target
 __all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
 
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
-# Never kept float: the MAC kernels int8 is for, and the float↔int8 conversions at the edges.
-ALWAYS_INT8 = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV", "QUANTIZE", "DEQUANTIZE"}
+MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+# Never kept float for XNNPACK: the MAC kernels int8 is for, and the float↔int8 conversions at the edges.
+ALWAYS_INT8 = MAC_OPS | {"QUANTIZE", "DEQUANTIZE"}
 
 
 def prepare(model: ir.Model) -> tuple[ir.Model, list]:
@@ -79,7 +81,7 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration))
     content, details = converted.content, {}
     if options.precision == "int8":
-        content, details = _Int8(content, target, options, converted).build(source)
+        content, details = _Int8(content, target, options, converted).build(source, model)
     content = canonical(content)  # one file whatever the exporter's node order; see order.py
     content = add_metadata(_with_io(content, converted.io), OP_NODES_METADATA, json.dumps(_op_nodes(content, converted)).encode())
     details = {
@@ -149,7 +151,7 @@ class _Int8:
     def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
         return quantize_calibrated(self.calibrated, self.target.name, self.options.int8_io, sorted(float_ops), sorted(float_nodes))
 
-    def build(self, source: bytes) -> tuple[bytes, dict]:
+    def build(self, source: bytes, model: ir.Model) -> tuple[bytes, dict]:
         float_ops = self._xnnpack_float_ops()
         kept, steps = self._search(source, float_ops) if self.options.goal else (set(), [])
         content = self.quantize(float_ops, kept)
@@ -159,7 +161,16 @@ class _Int8:
             "kept_float": len(kept),
             "search": steps,
             "placement": _placement(content),
+            "int8_coverage": self._coverage(content, kept, steps, model),
         }
+
+    def _coverage(self, content: bytes, kept: set[str], steps: list, model: ir.Model) -> dict:
+        """``int8_coverage`` of the .tflite: a source node runs in int8 when an integer MAC op
+        carries its Keras layers; float MAC layers were kept by the search, or have no int8 kernel."""
+        names, nodes = op_names(content), _op_nodes(content, self.lowering)
+        int8 = {node for computed, integer in zip(nodes, integer_ops(content, MAC_OPS)) if integer for node in computed}
+        searched = {node for name, computed in zip(names, nodes) if name in kept for node in computed}
+        return {**int8_coverage(model, int8, {node: "precision search" for node in searched}), "all_int8_check": steps[0] if steps else None}
 
     def _xnnpack_float_ops(self) -> set[str]:
         kept: set[str] = set()
@@ -183,8 +194,8 @@ class _Int8:
                                 io=self.lowering.io)
 
         search = PrecisionSearch(reference, check, runner)
-        ranking = lambda: self._op_ranking(rank_candidates(proto, ranges, self.options.scheme, check))  # noqa: E731
-        return search.run(self.options.goal, ranking), search.steps
+        ranking = functools.cache(lambda: Ranking(proto, ranges, self.options.scheme, check))  # built only if it is needed
+        return search.run(self.options.goal, lambda kept: self._op_ranking(ranking()(kept))), search.steps
 
     def _op_ranking(self, ranking: list[Candidate]) -> list[Candidate]:
         """The ONNX ranking in TFLite op names: each candidate's nodes → the Keras layers
@@ -197,7 +208,7 @@ class _Int8:
         for candidate in ranking:
             ops = {name for name, computed in zip(names, nodes) if name not in taken and set(computed) & set(candidate.nodes)}
             if ops:
-                ops_ranking.append(Candidate(candidate.tensor, candidate.damage, tuple(sorted(ops))))
+                ops_ranking.append(Candidate(candidate.tensor, candidate.gain, tuple(sorted(ops))))
                 taken |= ops
         rest = tuple(sorted(set(names) - taken))
         return ops_ranking + ([Candidate("(unmapped ops)", 0.0, rest)] if rest else [])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import flatbuffers
 import numpy as np
@@ -84,11 +84,22 @@ def op_nodes(names: list[str], layers: dict[str, list[str]]) -> list[list[str]]:
 
 
 def output_ops(content: bytes) -> dict[int, str]:
-    """Op index → signature output key, for the ops of the main subgraph that produce an output."""
+    """Op index → signature output key, for the ops of the main subgraph that produce an
+    output, and for the op whose int8 result the DEQUANTIZE producing a float output reads
+    (the converter names both after the signature, not after their layers)."""
     model = tfl_schema.Model.GetRootAs(content, 0)
     graph, signature = model.Subgraphs(0), model.SignatureDefs(0)
     keys = {signature.Outputs(i).TensorIndex(): signature.Outputs(i).Name().decode() for i in range(signature.OutputsLength())}
-    return {i: keys[graph.Operators(i).Outputs(0)] for i in range(graph.OperatorsLength()) if graph.Operators(i).Outputs(0) in keys}
+    producer = {graph.Operators(i).Outputs(0): i for i in range(graph.OperatorsLength())}
+    builtins = [op for op, _ in _operators(content)]
+    found = {}
+    for tensor, key in keys.items():
+        op = producer.get(tensor)
+        while op is not None:
+            found[op] = key
+            dequantize = graph.Operators(op).InputsLength() == 1 and builtins[op] == "DEQUANTIZE"
+            op = producer.get(graph.Operators(op).Inputs(0)) if dequantize else None
+    return found
 
 
 def _converted(convert, name: str, target: str) -> bytes:
@@ -141,8 +152,16 @@ def float_op_histogram(content: bytes) -> dict[str, int]:
     After full-integer quantization only the I/O (DE)QUANTIZE ops and ops the runtime has
     no int8 kernel for are left here.
     """
-    floats = (tfl_schema.TensorType.FLOAT32, tfl_schema.TensorType.FLOAT16)
-    return _count(op for op, output_type in _operators(content) if output_type in floats and op != "DEQUANTIZE")
+    return _count(op for op, output_type in _operators(content) if output_type in _FLOATS and op != "DEQUANTIZE")
+
+
+_FLOATS = (tfl_schema.TensorType.FLOAT32, tfl_schema.TensorType.FLOAT16)
+
+
+def integer_ops(content: bytes, builtins: Collection[str]) -> list[bool]:
+    """For each op of the main subgraph, whether it is one of ``builtins`` computing in integer
+    (its first output is not float)."""
+    return [op in builtins and output_type not in _FLOATS for op, output_type in _operators(content)]
 
 
 def _operators(content: bytes) -> list[tuple[str, int]]:
