@@ -155,6 +155,7 @@ def build(
             warnings.warn(foreign, EdgecWarning, stacklevel=2)
     check_precision(target, options.precision or target.precision)
     _warn_ignored(options, target, options.precision or target.precision)
+    _check_calib_method(options, target)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
@@ -163,7 +164,7 @@ def build(
         raise
 
 
-ORT_ONLY_OPTIONS = ("calib_method", "keep_float")  # the TFLite lowering has neither
+ORT_ONLY_OPTIONS = ("keep_float",)  # the TFLite lowering has none
 FLAGS = {"speed_check": "--no-speed-check", "speed_device": "--speed-check-on", "equalize": "--equalize/--no-equalize",
          "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
 
@@ -177,6 +178,15 @@ def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None
         why = f"a {precision} build" if precision != "int8" else f"the {target.backend} backend"
         warnings.warn(f"{', '.join(option(k, FLAGS.get(k)) for k in ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {why}; "
                       "ignored.", EdgecWarning, stacklevel=3)
+
+
+TFLITE_CALIB_METHODS = ("minmax", "mse")  # the converter calibrates min/max; edgec.ranges refines to mse
+
+
+def _check_calib_method(options: BuildOptions, target: Target) -> None:
+    if target.backend == "tflite" and options.calib_method not in (None, *TFLITE_CALIB_METHODS):
+        raise QuantizationError(f"--calib-method {options.calib_method} is not available for {target.name}.",
+                                hint=f"Use one of {', '.join(TFLITE_CALIB_METHODS)} for TFLite targets (all four for ONNX Runtime).")
 
 
 def _check_speed_device(device: Device | None, target: Target) -> None:

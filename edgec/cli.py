@@ -164,7 +164,7 @@ def build(
     calib: Annotated[Optional[Path], typer.Option("--calib", help="int8 calibration samples: .npz keyed by input name, .npy for one input (samples on axis 0), or a folder of images.")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibrate on at most this many batches of --calib.")] = 128,
     int8_io: Annotated[bool, typer.Option("--int8-io", help="int8 artifacts take and return int8 tensors (default: float I/O).")] = False,
-    calib_method: Annotated[Optional[str], typer.Option(help="int8 activation ranges: minmax, percentile or entropy (the target's default otherwise).")] = None,
+    calib_method: Annotated[Optional[str], typer.Option(help="int8 activation ranges: minmax, mse (least squared quantization error), percentile or entropy (ORT only); the target's default otherwise.")] = None,
     max_drop: Annotated[Optional[float], typer.Option(help="int8: largest top-1 accuracy drop (0.01 = one point) on labeled --calib data; the most sensitive layers stay float until it holds.")] = None,
     keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="int8: keep this node in float. Repeatable.")] = None,
     speed_check: Annotated[bool, typer.Option(help="int8: time it against fp32 on this host (same arch as the target) and ship fp32 if int8 is not faster.")] = True,
