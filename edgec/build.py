@@ -32,6 +32,7 @@ from edgec.model import load, load_proto, to_bytes
 from edgec.outputs import OutputDir
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
+from edgec.passes.adaround import AdaRound
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
@@ -99,6 +100,7 @@ class BuildOptions:
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
+    adaround: bool = False  # learn each weight's rounding on --calib (AdaRound) before bias correction
     # Compression passes run after canonicalization (pruning, factorization...; see edgec.recipe)
     recipe: Sequence[Step] = ()
     profile_device: str | Device | None = None  # profile the artifact on this device (report "profile" + report.html)
@@ -117,7 +119,7 @@ class BuildOptions:
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
-                "bias_correction")
+                "bias_correction", "adaround")
 RANDOM_CALIBRATION_WARNING = (
     "Calibrating with random inputs: activation ranges and statistics will not match real data, "
     "and int8 or compressed accuracy may suffer. Pass --calib with real samples."
@@ -389,6 +391,9 @@ def _calibration(model: ir.Model, options: BuildOptions) -> InputSet:
     return random_inputs(specs, seed=options.seed + 1, count=options.calib_samples)
 
 
+ADAROUND_SAMPLES = 16  # calibration batches AdaRound draws each layer's fitting rows from
+
+
 def recover_accuracy(
     model: ir.Model, calibration: InputSet, scheme: QuantScheme, options: BuildOptions, progress: Progress | None = None
 ) -> tuple[list[tuple[ir.Model, list[PassRecord]]], dict[str, Any]]:
@@ -406,7 +411,10 @@ def recover_accuracy(
     equalize = options.equalize if options.equalize is not None else not scheme.per_channel
     decisions: dict[str, Any] = {"equalization": {"applied": equalize}, "bias_correction": {"applied": bool(options.bias_correction)}}
     with progress.stage("Preparing for int8 (cross-layer equalization, bias correction)"):
-        base = Pipeline([CrossLayerEqualization(options.equalize_relu6)] if equalize else [], progress.pass_done)(model.clone())
+        first = [CrossLayerEqualization(options.equalize_relu6)] if equalize else []
+        if options.adaround:
+            first.append(AdaRound(calibration.batches[:ADAROUND_SAMPLES], scheme.weight_qmax))
+        base = Pipeline(first, progress.pass_done)(model.clone())
         if options.bias_correction is False:
             return [base], decisions
         correct = Pipeline([BiasCorrection(calibration.batches, scheme.weight_qmax, scheme.per_channel)], progress.pass_done)

@@ -105,7 +105,9 @@ def _patches(node: ir.Node, x: np.ndarray) -> np.ndarray:
 
 def _outputs(rows: np.ndarray, view: np.ndarray) -> np.ndarray:
     """[rows, group, out_per_group]: each group's inputs times its weights."""
-    return np.einsum("rgit,goit->rgo", rows, view)
+    flat_rows = rows.reshape(rows.shape[0], rows.shape[1], -1).transpose(1, 0, 2)  # [g, r, k]
+    flat_view = view.reshape(view.shape[0], view.shape[1], -1)  # [g, o, k]
+    return (flat_rows @ flat_view.transpose(0, 2, 1)).transpose(1, 0, 2)
 
 
 def adaround(view: np.ndarray, rows: np.ndarray, qmax: int, iterations: int, weight: float,
@@ -130,7 +132,8 @@ def adaround(view: np.ndarray, rows: np.ndarray, qmax: int, iterations: int, wei
         h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0, 1)
         soft = scale * np.clip(floor + h, -qmax, qmax)
         error = _outputs(batch, soft) - _outputs(batch, view)
-        grad_w = 2 * np.einsum("rgo,rgit->goit", error, batch) / len(batch)
+        flat_batch = batch.reshape(batch.shape[0], batch.shape[1], -1).transpose(1, 0, 2)  # [g, r, k]
+        grad_w = (2 * error.transpose(1, 2, 0) @ flat_batch / len(batch)).reshape(view.shape)
         warm = step < WARMUP * iterations  # the regularizer starts after a warm-up, as in the paper
         beta = 20 + (2 - 20) * (step - WARMUP * iterations) / max((1 - WARMUP) * iterations, 1)
         edge = 2 * h - 1
