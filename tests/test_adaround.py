@@ -34,3 +34,22 @@ def test_pass_snaps_conv_weights_to_the_int8_grid():
     assert np.allclose(quantize_dequantize(view, 127), view, atol=1e-6)
     nearest, learned = result.details["mse"][conv.name]
     assert learned <= nearest
+
+
+def test_fitting_rows_reproduce_the_convolution(monkeypatch):
+    """The im2col rows times the weights are the Conv's output, whatever its pads, strides,
+    dilations and groups."""
+    import onnxruntime as ort
+
+    from edgec.passes import adaround as module
+
+    g = GraphBuilder(seed=3)
+    y = g.op("Conv", ["x", g.weight(6, 2, 3, 3)], pads=[1, 0, 1, 2], strides=[2, 1], dilations=[1, 2], group=2)
+    proto = g.model({"x": (2, 4, 9, 9)}, {y: None})
+    x = np.random.default_rng(0).standard_normal((2, 4, 9, 9)).astype(np.float32)
+    expected = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    conv = next(iter(ir.serde.deserialize_model(proto).graph))
+    monkeypatch.setattr(module, "ROWS", 10**6)  # every row, in order
+    rows = module._rows(conv, x, np.random.default_rng(0))
+    got = module._outputs(rows, weight_view(conv, constant(conv.inputs[1]).astype(np.float64)))
+    assert np.allclose(got.reshape(len(rows), -1), expected.transpose(0, 2, 3, 1).reshape(-1, 6), atol=1e-5)

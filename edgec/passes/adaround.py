@@ -80,27 +80,32 @@ def _layers(graph: ir.Graph) -> tuple[list[ir.Node], dict[str, str]]:
 
 
 def _rows(node: ir.Node, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Up to ``ROWS`` input rows of the layer as ``[rows, group, in_per_group, taps]``."""
+    """Up to ``ROWS`` input rows of the layer, drawn at random, as ``[rows, group, in_per_group, taps]``."""
     if node.op_type == "Gemm":
-        rows = x.reshape(-1, 1, x.shape[-1], 1)
-    else:
-        rows = _patches(node, x)
-    chosen = rng.choice(len(rows), min(ROWS, len(rows)), replace=False) if len(rows) > ROWS else np.arange(len(rows))
-    return rows[np.sort(chosen)].astype(np.float64)
+        rows = x.reshape(-1, x.shape[-1])
+        return rows[_chosen(len(rows), rng)].reshape(-1, 1, x.shape[-1], 1).astype(np.float64)
+    windows = _windows(node, x)  # a strided view: only the chosen patches are copied
+    n, c, oh, ow = windows.shape[:4]
+    samples, hs, ws = np.unravel_index(_chosen(n * oh * ow, rng), (n, oh, ow))
+    patches = windows[samples, :, hs, ws]  # [rows, c, kh, kw]
+    group = attr(node, "group", 1)
+    return patches.reshape(len(patches), group, c // group, -1).astype(np.float64)
 
 
-def _patches(node: ir.Node, x: np.ndarray) -> np.ndarray:
-    """im2col of an NCHW input for this Conv's kernel, strides, dilations and pads."""
+def _chosen(count: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(count, ROWS, replace=False)) if count > ROWS else np.arange(count)
+
+
+def _windows(node: ir.Node, x: np.ndarray) -> np.ndarray:
+    """The Conv's input patches of an NCHW input, ``[n, c, oh, ow, kh, kw]``, for its kernel,
+    strides, dilations and pads."""
     kh, kw = constant(node.inputs[1]).shape[2:]
     sh, sw = attr(node, "strides", [1, 1])
     dh, dw = attr(node, "dilations", [1, 1])
     top, left, bottom, right = attr(node, "pads", [0, 0, 0, 0])
     x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     windows = np.lib.stride_tricks.sliding_window_view(x, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [n, c, oh, ow, kh, kw]
-    n, c, oh, ow = windows.shape[:4]
-    group = attr(node, "group", 1)
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, group, c // group, kh * kw)
+    return windows[:, :, ::sh, ::sw, ::dh, ::dw]
 
 
 def _outputs(rows: np.ndarray, view: np.ndarray) -> np.ndarray:
