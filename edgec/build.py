@@ -32,6 +32,7 @@ from edgec.model import load, load_proto, to_bytes
 from edgec.outputs import OutputDir
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
+from edgec.passes.adaround import AdaRound
 from edgec.passes.bias_correction import BiasCorrection
 from edgec.passes.equalize import CrossLayerEqualization
 from edgec.passes.quantize import CALIBRATION_METHODS, CHECK_BATCHES, AccuracyGoal, QuantScheme
@@ -106,6 +107,7 @@ class BuildOptions:
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
+    adaround: bool = False  # learn each weight's rounding on --calib (AdaRound) before bias correction
     # Compression passes run after canonicalization (pruning, factorization...; see edgec.recipe)
     recipe: Sequence[Step] = ()
     profile_device: str | Device | None = None  # profile the artifact on this device (report "profile" + report.html)
@@ -125,7 +127,7 @@ class BuildOptions:
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
-                "bias_correction")
+                "bias_correction", "adaround")
 RANDOM_CALIBRATION_WARNING = (
     "Calibrating with random inputs: activation ranges and statistics will not match real data, "
     "and int8 or compressed accuracy may suffer. Pass --calib with real samples."
@@ -163,6 +165,7 @@ def build(
             warnings.warn(foreign, EdgecWarning, stacklevel=2)
     check_precision(target, options.precision or target.precision)
     _warn_ignored(options, target, options.precision or target.precision)
+    _check_calib_method(options, target)
     out = OutputDir(out_dir)
     try:
         return _build(Path(model_path), target, out, options, progress)
@@ -171,7 +174,7 @@ def build(
         raise
 
 
-ORT_ONLY_OPTIONS = ("calib_method", "keep_float")  # the TFLite lowering has neither
+ORT_ONLY_OPTIONS = ("keep_float",)  # the TFLite lowering has none
 FLAGS = {"speed_check": "--no-speed-check", "speed_device": "--speed-check-on", "equalize": "--equalize/--no-equalize",
          "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
 
@@ -185,6 +188,15 @@ def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None
         why = f"a {precision} build" if precision != "int8" else f"the {target.backend} backend"
         warnings.warn(f"{', '.join(option(k, FLAGS.get(k)) for k in ignored)} {'does' if len(ignored) == 1 else 'do'} nothing in {why}; "
                       "ignored.", EdgecWarning, stacklevel=3)
+
+
+TFLITE_CALIB_METHODS = ("minmax", "mse")  # the converter calibrates min/max; edgec.ranges refines to mse
+
+
+def _check_calib_method(options: BuildOptions, target: Target) -> None:
+    if target.backend == "tflite" and options.calib_method not in (None, *TFLITE_CALIB_METHODS):
+        raise QuantizationError(f"--calib-method {options.calib_method} is not available for {target.name}.",
+                                hint=f"Use one of {', '.join(TFLITE_CALIB_METHODS)} for TFLite targets (all four for ONNX Runtime).")
 
 
 def _check_speed_device(device: Device | None, target: Target) -> None:
@@ -476,6 +488,9 @@ def _subset(samples: InputSet, indices: Sequence[int], source: str) -> InputSet:
     return InputSet([samples.batches[i] for i in indices], source, labels)
 
 
+ADAROUND_SAMPLES = 16  # calibration batches AdaRound draws each layer's fitting rows from
+
+
 def recover_accuracy(
     model: ir.Model, calibration: InputSet, scheme: QuantScheme, options: BuildOptions, progress: Progress | None = None
 ) -> tuple[list[tuple[ir.Model, list[PassRecord]]], dict[str, Any]]:
@@ -493,7 +508,10 @@ def recover_accuracy(
     equalize = options.equalize if options.equalize is not None else not scheme.per_channel
     decisions: dict[str, Any] = {"equalization": {"applied": equalize}, "bias_correction": {"applied": bool(options.bias_correction)}}
     with progress.stage("Preparing for int8 (cross-layer equalization, bias correction)"):
-        base = Pipeline([CrossLayerEqualization(options.equalize_relu6)] if equalize else [], progress.pass_done)(model.clone())
+        first = [CrossLayerEqualization(options.equalize_relu6)] if equalize else []
+        if options.adaround:
+            first.append(AdaRound(calibration.batches[:ADAROUND_SAMPLES], scheme.weight_qmax))
+        base = Pipeline(first, progress.pass_done)(model.clone())
         if options.bias_correction is False:
             return [base], decisions
         correct = Pipeline([BiasCorrection(calibration.batches, scheme.weight_qmax, scheme.per_channel)], progress.pass_done)

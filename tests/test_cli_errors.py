@@ -271,7 +271,7 @@ def test_gemm_bias_that_does_not_broadcast(tmp_path):
     (["--max-drop", "1"], "max_drop (--max-drop) must be in [0, 1), not 1.0"),
     (["--max-samples", "0"], "max_samples (--max-samples) must be at least 1"),
     (["--seed", "-1"], "seed (--seed) must be at least 0"),
-    (["--calib-method", "kmeans"], "calib_method (--calib-method) must be one of entropy, minmax, percentile"),
+    (["--calib-method", "kmeans"], "calib_method (--calib-method) must be one of entropy, minmax, mse, percentile"),
     (["--image-range", "5,1"], "LO,HI needs LO < HI, not 5,1"),
     (["--image-std", "0.2,0,0.2"], "std (--image-std) must be greater than 0, not 0.0"),
 ])

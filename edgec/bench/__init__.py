@@ -28,6 +28,10 @@ Sections of the JSON:
 * ``onnx2tf``: the field's standard converter on the same models, when it is installed
   (``pip install -e '.[compare]'``): which models it converts, and its fp32/int8 latency
   next to edgec's where both convert.
+* ``int8_quality``: every zoo model with a calibration split, int8 on tflite-x86 and ort-x86
+  at the target's criterion (precision search on, speed check off), calibrated with
+  ``minmax`` and with ``mse`` ranges and with AdaRound: the fraction of MACs in int8 when the
+  report has it, the lowest output cosine on the held-out split and the top-1 drop.
 * ``build_time``: how long edgec itself takes: the large detector and two small zoo models,
   fp32 and int8 (calibrated on the zoo's calibration split, the target's criterion, speed
   check on: the build a user runs), for ORT and TFLite on x86. Each build runs in a fresh
@@ -78,6 +82,9 @@ from edgec.runtime.ort import OrtRunner
 from edgec.targets import known_targets
 
 REPO = Path(__file__).resolve().parents[2]
+# int8_quality's variants: activation ranges and weight rounding, each alone.
+INT8_QUALITY_VARIANTS = {"minmax": {"calib_method": "minmax"}, "mse": {"calib_method": "mse"},
+                         "adaround": {"calib_method": "minmax", "adaround": True}}
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
 PRUNING_VARIANTS = {
@@ -232,6 +239,22 @@ class Bench:
             variants[name] = {"cosine": round(output.cosine, 6), "mean_abs_error": round(output.mean_abs_error, 5),
                               "top1": output.accuracy_artifact, "top1_agreement": output.top1_agreement}
         return {"model": entry["name"], "target": target, "variants": variants}
+
+    def int8_quality_row(self, entry: dict, target: str) -> dict:
+        """Post-training int8 quality per calibration choice (see the module docstring)."""
+        row: dict = {"model": entry["name"], "target": target}
+        for variant, options in INT8_QUALITY_VARIANTS.items():
+            try:
+                result = self.edgec_int8(entry, target, f"quality-{variant}", min_cosine=None, **options)
+            except EdgecError as exc:
+                row[variant] = {"error": str(exc)}
+                continue
+            outputs = result.verification.outputs
+            drop = [o.accuracy_source - o.accuracy_artifact for o in outputs if o.accuracy_source is not None]
+            row[variant] = {"int8_macs_fraction": result.report["int8"]["int8_macs_fraction"],
+                            "min_cosine": round(min(o.cosine for o in outputs), 6),
+                            "top1_drop": round(max(drop), 4) if drop else None}
+        return row
 
     def arm_cost_row(self, entry: dict) -> dict:
         """Instructions per inference of the fp32 and int8 .tflite on each emulated ARM core."""
@@ -479,13 +502,14 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "factorization": [(e,) for e in chosen if e.get("calib_data") and e["task"] == "classification"],
         "round_trip": [(e,) for e in chosen if e.get("original_tflite")],
         "onnx2tf": [(e,) for e in chosen] if onnx2tf.available() else None,
+        "int8_quality": [(e, t) for e in chosen if e.get("calib_data") for t in (TFLITE_TARGET, ORT_TARGET)],
         "build_time": [(e, t, p) for e in timed for t in BUILD_TIME_TARGETS for p in ("fp32", "int8")],
         "finetune": ([(e,) for e in chosen if e.get("calib_data") and (e["task"] == "classification" or "photos" in e["calib_data"])]
                      if _sklearn_ready() else None),
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
-              "factorization": bench.factorization_row,
+              "factorization": bench.factorization_row, "int8_quality": bench.int8_quality_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row,
               "finetune": bench.finetune_row}
     for section, jobs in sections.items():

@@ -27,17 +27,19 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantType
-from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorData, TensorsData, create_calibrator
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, load_model_with_shape_infer
 
 from edgec.analysis import int8_coverage
+from edgec.activations import activations
 from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.memo import Recent, fingerprint
 from edgec.passes.pipeline import PassOutcome
 from edgec.passes.qdq import integer_pads
 from edgec.quiet import captured_stderr
+from edgec.ranges import Histogram
 from edgec.runtime import Runner
 from edgec.runtime.ort import OrtRunner, session_options
 from edgec.verify import Criterion, InputSet, OutputComparison, compare_outputs, cosine, run_all
@@ -47,6 +49,7 @@ CALIBRATION_METHODS = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
     "entropy": CalibrationMethod.Entropy,
+    "mse": CalibrationMethod.MinMax,  # the bounds of the histograms edgec.ranges chooses in
 }
 SENSITIVITY_SAMPLES = 4  # batches the most sensitive tensors' sensitivity is measured on
 COARSE_SAMPLES = 1  # batches every tensor is first measured on, to find the most sensitive
@@ -278,6 +281,23 @@ def calibrate(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]
     return copy.deepcopy(_RANGES.get(key, lambda: _calibrated(model, batches, scheme)))
 
 
+RANGE_SAMPLES = 32  # calibration batches histogrammed for error-minimizing ("mse") ranges
+
+
+def _least_error(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], bounds: TensorsData) -> TensorsData:
+    """Each tensor's range of least squared quantization error (``edgec.ranges``), searched
+    within its min/max ``bounds``."""
+    graph = ir.serde.deserialize_model(model).graph
+    values = {v.name: v for v in graph.inputs} | {v.name: v for node in graph for v in node.outputs}
+    names = [name for name in bounds if name in values]
+    histograms = {name: Histogram(float(bounds[name].range_value[0]), float(bounds[name].range_value[1])) for name in names}
+    for arrays in activations(ir.serde.deserialize_model(model), [values[name] for name in names], batches[:RANGE_SAMPLES]):
+        for name, histogram in histograms.items():
+            histogram.add(np.asarray(arrays[name]))
+    chosen = {name: TensorData(**dict(zip(("lowest", "highest"), map(np.float32, h.best_range())))) for name, h in histograms.items()}
+    return TensorsData(CalibrationMethod.MinMax, {**{name: bounds[name] for name in bounds}, **chosen})
+
+
 def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], scheme: QuantScheme) -> TensorsData:
     """ORT's calibrators work on files; they live in a private temporary directory."""
     options = {"symmetric": False}
@@ -291,7 +311,8 @@ def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarra
             calibrate_method=CALIBRATION_METHODS[scheme.method], extra_options=options,
         )
         calibrator.collect_data(_Reader(batches))
-        return calibrator.compute_data()
+        ranges = calibrator.compute_data()
+    return _least_error(model, batches, ranges) if scheme.method == "mse" else ranges
 
 
 def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, keep_float: Sequence[str] = ()) -> onnx.ModelProto:

@@ -28,11 +28,12 @@ from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, intege
                                        op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
+from edgec.lower.tflite.ranges import refine_ranges
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
 from edgec.passes.layout import ChannelsLast
-from edgec.passes.pipeline import Pipeline
+from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.memo import Recent, fingerprint
 from edgec.model import to_bytes
 from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, Ranking, calibrate, head
@@ -44,6 +45,7 @@ from edgec.targets import Target
 
 __all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
 
+RANGE_SAMPLES = 32  # calibration batches the float model runs on to histogram every tensor
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
 MAC_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
 # Never kept float for XNNPACK: the MAC kernels int8 is for, and the float↔int8 conversions at the edges.
@@ -77,8 +79,9 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     _refuse_quantized(model, target)
     source = to_bytes(model)  # the float reference of int8 checks, and what the conversion is remembered by
     calibration = options.calibration.batches if options.precision == "int8" else []
-    key = fingerprint(source, target.name, options.precision, calibration)
-    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration))
+    method = options.scheme.method if options.precision == "int8" else None
+    key = fingerprint(source, target.name, options.precision, calibration, method)
+    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration, method))
     content, details = converted.content, {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
@@ -121,11 +124,15 @@ def _op_nodes(content: bytes, converted: _Converted) -> list[list[str]]:
     return nodes
 
 
-def _convert(model: ir.Model, target: Target, precision: str, calibration: list) -> _Converted:
+def _convert(model: ir.Model, target: Target, precision: str, calibration: list, method: str | None = None) -> _Converted:
     model, records = prepare(model)
     keras_lowering = to_keras(model, target.name, loops=precision != "int8")
     representative = [_keras_inputs(sample, keras_lowering.io) for sample in calibration]
     content = keras_to_tflite(keras_lowering.model, target.name, precision, representative)
+    if method == "mse":
+        named = [dict(zip(keras_lowering.model.input_names, sample)) for sample in representative[:RANGE_SAMPLES]]
+        content, record = refine_ranges(content, named)
+        records = [*records, PassRecord("activation-ranges", True, 0, 0, {"method": method, **record})]
     producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
     return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers), producers)
 
