@@ -37,7 +37,7 @@ def keras_to_tflite(
     Keras-ordered, Keras-layout input arrays per sample) that ``quantize_calibrated`` turns
     into int8 as often as needed without calibrating again."""
     logging.getLogger("absl").setLevel(logging.ERROR)
-    converter = _converter(model)
+    converter = _converted(lambda: _converter(model), model.name, target)  # tracing can fail like converting
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
