@@ -8,7 +8,7 @@ configurations (seeded by ``i``), so a resumed run measures what an uninterrupte
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -32,17 +32,20 @@ CALIBRATION_BATCHES = 4  # random int8 calibration samples per configuration
 
 
 def calibrate(device: Device, store: PredictorStore, minutes: float, threads: int,
-              progress: Callable[[int, float], None] = lambda samples, seconds: None) -> Predictor:
+              progress: Callable[[int, float], None] = lambda samples, seconds: None,
+              ops: Sequence[str] = tuple(SIZES), precisions: Sequence[str] = PRECISIONS,
+              batch_size: int | None = None) -> Predictor:
     """Measure batches on ``device`` for ``minutes`` (at least one batch), then fit and save.
 
-    ``progress(samples measured, seconds elapsed)`` is called after every batch."""
+    ``progress(samples measured, seconds elapsed)`` is called after every batch; batches
+    cycle over ``ops`` × ``precisions``, ``batch_size`` samples each (default: the device kind's)."""
     target = load_target(TFLITE_TARGETS[device.arch])
     records = store.samples()
     start = time.monotonic()
-    pairs = [(op, precision) for op in SIZES for precision in PRECISIONS]
+    pairs = [(op, precision) for op in ops for precision in precisions]
     while True:
         batch = len({r["batch"] for r in records})
-        size = BATCH[device.kind]
+        size = batch_size or BATCH[device.kind]
         rng = np.random.default_rng(batch)
         samples = [draw(*pairs[(batch * size + j) % len(pairs)], rng) for j in range(size)]
         records += store.append(_measure(device, target, samples, batch, threads))

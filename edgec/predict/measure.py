@@ -56,7 +56,8 @@ def _count_emulated(device: Device, artifacts: list[bytes]) -> list[float | None
         marks = folder / "marks.txt"
         command = [*counting_command(emulation, marks), BATCH_RUNNER.name,
                    "--runs", str(COUNTED_RUNS), *names]
-        completed = run_with_timeout(device, command, cwd=folder, env=guest_env(emulation, folder))
+        completed = run_with_timeout(device, command, device.timeout_s * len(artifacts), cwd=folder,
+                                     env=guest_env(emulation, folder))
         results = _results(device, completed)
         totals = [int(line.split()[0]) for line in marks.read_text().splitlines()] if marks.is_file() else []
     if len(totals) != 2 * len(artifacts) or len(results) != len(artifacts):
