@@ -12,14 +12,15 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from edgec.errors import DeviceError
-from edgec.profile import compare_latency
+from edgec.profile import device_runner
 from edgec.profile.devices import Device
 from edgec.profile.emulator import counting_command, guest_env, ready_emulation
 from edgec.profile.transport import RUNNER, read_result, run_with_timeout
-from edgec.runtime.litert import LiteRTRunner
 
-LOCAL_RUNS, LOCAL_ROUNDS = 20, 3  # timed runs per round; rounds alternate over the batch
+LOCAL_RUNS, LOCAL_ROUNDS, LOCAL_WARMUP = 20, 3, 3  # timed runs per round; rounds alternate over the batch
 COUNTED_RUNS = 2  # instruction counts per inference are deterministic: few runs suffice
 BATCH_RUNNER = Path(__file__).with_name("batch_runner.py")  # a guest script: never imported here
 
@@ -36,10 +37,21 @@ def measure_batch(device: Device, artifacts: list[bytes], threads: int) -> list[
 
 
 def _time_here(artifacts: list[bytes], threads: int) -> list[float | None]:
-    """Best round median (ms) of alternating rounds: load only ever adds time."""
-    runners = {str(i): LiteRTRunner(content, threads=threads, xnnpack=True) for i, content in enumerate(artifacts)}
-    latency = compare_latency(runners, LOCAL_RUNS, rounds=LOCAL_ROUNDS, warmup=3)
-    return [latency[str(i)]["best_median_ms"] for i in range(len(artifacts))]
+    """Best round median (ms) of alternating rounds (load only ever adds time), each run as
+    the device runner runs it: the artifact's own tensors in, invoke, out."""
+    with tempfile.TemporaryDirectory(prefix="edgec-calibrate-") as folder:
+        models = []
+        for i, content in enumerate(artifacts):
+            (Path(folder) / f"k{i}.tflite").write_bytes(content)
+            models.append(device_runner.LiteRtModel(str(Path(folder) / f"k{i}.tflite"), threads))
+    feeds = [device_runner.random_feeds(model.inputs, 0) for model in models]
+    medians: list[list[float]] = [[] for _ in models]
+    for _ in range(LOCAL_ROUNDS):
+        for model, feed, rounds in zip(models, feeds, medians):
+            for _ in range(LOCAL_WARMUP):
+                model.run(feed)
+            rounds.append(float(np.median(device_runner.timed_samples(model, feed, LOCAL_RUNS))))
+    return [min(rounds) for rounds in medians]
 
 
 def _count_emulated(device: Device, artifacts: list[bytes]) -> list[float | None]:

@@ -1,10 +1,11 @@
 """A device's predictor: one regressor per kernel kind and precision, fitted on calibration
 measurements, saved with the data it was fitted on.
 
-Each regressor has two stages. A non-negative linear model of the work (MACs, elements read
-and written) gives the cost's scale and extrapolates sensibly past the sampled sizes; a
-random forest on the log of the shape numbers corrects it by a factor (tiling, cache and
-kernel-choice effects, which nn-Meter also fits with random forests). A fixed seed and one
+Each regressor has two stages. A power law of the work (log cost linear in the logs of MACs,
+elements read and elements written) gives the cost's scale and extrapolates sensibly past
+the sampled sizes; a random forest on the logs of all shape numbers corrects it by a factor
+(tiling, cache and kernel-choice effects, which nn-Meter also fits with random forests).
+Fitting logs keeps a few slow outliers from swamping the rest. A fixed seed and one
 job make predictions deterministic.
 """
 
@@ -50,42 +51,40 @@ def cache_dir(option: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _log_features(shapes: np.ndarray) -> np.ndarray:
+    """The shape numbers with elements in (both inputs) and out, and the work's three
+    measures first (MACs, elements in, elements out), all as log(1 + x)."""
     index = {name: i for i, name in enumerate(FEATURES)}
-    elems_in = shapes[:, index["hin"]] * shapes[:, index["win"]] * shapes[:, index["cin"]]
+    elems_in = shapes[:, index["hin"]] * shapes[:, index["win"]] * shapes[:, index["cin"]] + shapes[:, index["in2"]]
     elems_out = shapes[:, index["hout"]] * shapes[:, index["wout"]] * shapes[:, index["cout"]]
-    return np.log1p(np.column_stack([shapes, elems_in, elems_out]))
+    return np.log1p(np.column_stack([shapes[:, index["macs"]], elems_in, elems_out, shapes]))
 
 
-def _work(shapes: np.ndarray) -> np.ndarray:
-    """MACs, elements in (both inputs), elements out: what the linear stage weighs."""
-    raw = np.expm1(_log_features(shapes))
-    index = {name: i for i, name in enumerate(FEATURES)}
-    return np.column_stack([raw[:, index["macs"]], raw[:, -2] + raw[:, index["in2"]], raw[:, -1]])
+WORK = 3  # the first three log features: what the power law is fitted on
 
 
 @dataclasses.dataclass
 class KindRegressor:
     """Cost of one kernel kind at one precision from its shape numbers."""
 
-    linear: LinearRegression
-    forest: RandomForestRegressor | None
-    floor: float  # the linear stage's least scale: half the cheapest sample
+    power: LinearRegression  # log cost from log work: a power law, which extrapolates past the samples
+    forest: RandomForestRegressor | None  # the power law's residual (log) from all shape numbers
     samples: int
 
     @classmethod
     def fit(cls, shapes: np.ndarray, costs: np.ndarray) -> KindRegressor:
-        regressor = cls(LinearRegression(positive=True).fit(_work(shapes), costs), None, float(costs.min()) / 2, len(costs))
+        features, log_costs = _log_features(shapes), np.log(costs)
+        regressor = cls(LinearRegression().fit(features[:, :WORK], log_costs), None, len(costs))
         if len(costs) >= MIN_FOREST:
             regressor.forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, random_state=0, n_jobs=1)
-            regressor.forest.fit(_log_features(shapes), np.log(costs / regressor._scale(shapes)))
+            regressor.forest.fit(features, log_costs - regressor.power.predict(features[:, :WORK]))
         return regressor
 
-    def _scale(self, shapes: np.ndarray) -> np.ndarray:
-        return np.maximum(self.linear.predict(_work(shapes)), self.floor)
-
     def predict(self, shapes: np.ndarray) -> np.ndarray:
-        scale = self._scale(shapes)
-        return scale if self.forest is None else scale * np.exp(self.forest.predict(_log_features(shapes)))
+        features = _log_features(shapes)
+        log_costs = self.power.predict(features[:, :WORK])
+        if self.forest is not None:
+            log_costs += self.forest.predict(features)
+        return np.exp(log_costs)
 
 
 @dataclasses.dataclass

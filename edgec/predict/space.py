@@ -43,7 +43,8 @@ def _spatial(rng: np.random.Generator) -> dict[str, int]:
 
 
 def _conv(rng: np.random.Generator) -> dict[str, int]:
-    return {**_spatial(rng), "cout": _log_int(rng, 4, 512), "k": int(rng.choice([1, 1, 3, 3, 5, 7])),
+    spatial = _spatial(rng)  # output channels within 4x of the input's, as networks have them
+    return {**spatial, "cout": max(4, min(512, int(spatial["c"] * 2 ** rng.uniform(-2, 2)))), "k": int(rng.choice([1, 1, 3, 3, 5, 7])),
             "stride": int(rng.choice([1, 1, 2]))}
 
 
