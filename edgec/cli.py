@@ -503,7 +503,7 @@ DevicesOpt = Annotated[Optional[Path], typer.Option("--devices", help="A device 
 @_handles_errors
 def calibrate(
     device: Annotated[str, typer.Argument(help="Device to calibrate (local, emulated-a53, emulated-a76).")],
-    minutes: Annotated[float, typer.Option("--minutes", help="Measure for about this long (at least one batch), then fit.")] = 10.0,
+    minutes: Annotated[float, typer.Option("--minutes", help="Measure for about this long, then fit (0: refit on what was measured).")] = 10.0,
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's).")] = None,
     cache_dir: CacheOpt = None,
     devices: DevicesOpt = None,
@@ -512,12 +512,12 @@ def calibrate(
     """Measure single-kernel models on DEVICE and fit its latency predictor; resumes an interrupted run."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from edgec.checks import above, at_least
+    from edgec.checks import at_least
     from edgec.predict import PredictorStore, cache_dir as cache_folder
     from edgec.predict.calibrate import calibrate as run_calibration
     from edgec.profile import get_device
 
-    above("--minutes", minutes, 0)
+    at_least("--minutes", minutes, 0)
     at_least("--threads", threads, 1)
     target = get_device(device, devices)
     store = PredictorStore(cache_folder(cache_dir), target.name)

@@ -35,7 +35,8 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
               progress: Callable[[int, float], None] = lambda samples, seconds: None,
               ops: Sequence[str] = tuple(SIZES), precisions: Sequence[str] = PRECISIONS,
               batch_size: int | None = None) -> Predictor:
-    """Measure batches on ``device`` for ``minutes`` (at least one batch), then fit and save.
+    """Measure batches on ``device`` for ``minutes`` (at least one batch if there are no
+    measurements yet; none with ``minutes`` 0: a refit), then fit and save.
 
     ``progress(samples measured, seconds elapsed)`` is called after every batch; batches
     cycle over ``ops`` × ``precisions``, ``batch_size`` samples each (default: the device kind's)."""
@@ -43,15 +44,13 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
     records = store.samples()
     start = time.monotonic()
     pairs = [(op, precision) for op in ops for precision in precisions]
-    while True:
+    while not records or time.monotonic() - start < minutes * 60:
         batch = len({r["batch"] for r in records})
         size = batch_size or BATCH[device.kind]
         rng = np.random.default_rng(batch)
         samples = [draw(*pairs[(batch * size + j) % len(pairs)], rng) for j in range(size)]
         records += store.append(_measure(device, target, samples, batch, threads))
         progress(len(records), time.monotonic() - start)
-        if time.monotonic() - start >= minutes * 60:
-            break
     predictor = Predictor.fit(records, device, threads, target.name)
     store.save(predictor)
     return predictor

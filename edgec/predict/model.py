@@ -33,6 +33,7 @@ MIN_SAMPLES = 3  # fewer: the kind stays unknown
 MIN_FOREST = 8  # fewer: the linear stage alone
 FLOOR = 0.01  # a kernel costs at least this share of the trivial model (noise can make a difference negative)
 CONVERT = "CONVERT/int8"
+FORMAT = "2"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
 PICKLE, META, SAMPLES = "predictor.pkl", "predictor.json", "samples.jsonl"
 
 
@@ -167,7 +168,7 @@ def _arrays(rows: list[tuple[tuple[int, ...], float]]) -> tuple[np.ndarray, np.n
 
 def versions() -> dict[str, str]:
     """What a predictor depends on: a new runtime or scikit-learn calls for a new calibration."""
-    return {"edgec": __version__, "scikit-learn": metadata.version("scikit-learn"),
+    return {"edgec": __version__, "predictor": FORMAT, "scikit-learn": metadata.version("scikit-learn"),
             "ai-edge-litert": metadata.version("ai-edge-litert")}
 
 
@@ -204,6 +205,6 @@ class PredictorStore:
         if predictor.versions != versions():
             raise PredictorMissing(f"Device '{self.device}''s predictor was fitted with {predictor.versions}, "
                                    f"and edgec now runs {versions()}.",
-                                   hint=f"Run `edgec device calibrate {self.device}` again: it refits on the saved "
-                                        "measurements and adds new ones.")
+                                   hint=f"Run `edgec device calibrate {self.device} --minutes 0`: it refits on the "
+                                        "saved measurements (a new runtime version needs new ones: give it minutes).")
         return predictor
