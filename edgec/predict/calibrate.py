@@ -41,7 +41,7 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
     ``progress(samples measured, seconds elapsed)`` is called after every batch; batches
     cycle over ``ops`` × ``precisions``, ``batch_size`` samples each (default: the device kind's)."""
     target = load_target(TFLITE_TARGETS[device.arch])
-    records = store.samples()
+    records = [r for r in store.samples() if r["threads"] == threads]  # timings at other thread counts do not mix
     start = time.monotonic()
     pairs = [(op, precision) for op in ops for precision in precisions]
     while not records or time.monotonic() - start < minutes * 60:
@@ -64,7 +64,7 @@ def _measure(device: Device, target, samples: list[Sample], batch: int, threads:
         raise EdgecError(f"Device '{device.name}' could not run the trivial calibration model.",
                          hint="Check the device with `edgec profile` on a small artifact first.")
     return [{"batch": batch, "sample": sample.to_dict(), "kernels": [k.to_dict() for k in kernels_of(content)],
-             "cost": cost, "base": base} for (sample, content), cost in zip(lowered, costs) if cost is not None]
+             "cost": cost, "base": base, "threads": threads} for (sample, content), cost in zip(lowered, costs) if cost is not None]
 
 
 def _lower(sample: Sample, target) -> bytes | None:
