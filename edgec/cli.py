@@ -540,5 +540,81 @@ def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     out.print(table)
 
 
+# --- Latency prediction (edgec/predict): `edgec device calibrate D`, `edgec predict ARTIFACT... --device D`.
+device_app = typer.Typer(no_args_is_help=True, help="Devices: calibrate a latency predictor.")
+app.add_typer(device_app, name="device")
+CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where predictors are kept (default: $EDGEC_CACHE_DIR or ~/.cache/edgec).")]
+DevicesOpt = Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")]
+
+
+@device_app.command("calibrate")
+@_handles_errors
+def calibrate(
+    device: Annotated[str, typer.Argument(help="Device to calibrate (local, emulated-a53, emulated-a76).")],
+    minutes: Annotated[float, typer.Option("--minutes", help="Measure for about this long, then fit (0: refit on what was measured).")] = 10.0,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's).")] = None,
+    cache_dir: CacheOpt = None,
+    devices: DevicesOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure single-kernel models on DEVICE and fit its latency predictor; resumes an interrupted run."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from edgec.checks import at_least
+    from edgec.predict import PredictorStore, cache_dir as cache_folder
+    from edgec.predict.calibrate import calibrate as run_calibration
+    from edgec.profile import get_device
+
+    at_least("--minutes", minutes, 0)
+    at_least("--threads", threads, 1)
+    target = get_device(device, devices)
+    store = PredictorStore(cache_folder(cache_dir), target.name)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
+                  TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
+        predictor = run_calibration(target, store, minutes, threads or target.threads,
+                                    lambda samples, seconds: bar.update(task, completed=seconds, samples=samples))
+    kinds = ", ".join(f"{key} ({n})" for key, n in predictor.summary()["kernels"].items())
+    out.print(f"Predictor for [bold]{target.name}[/] ({predictor.metric}) in {store.folder}: {kinds}", highlight=False)
+
+
+@app.command()
+@_handles_errors
+def predict(
+    artifacts: Annotated[list[Path], typer.Argument(help=".tflite artifacts to predict.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="A device with a predictor (edgec device calibrate D).")] = "local",
+    cache_dir: CacheOpt = None,
+    devices: DevicesOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Predicted latency (instructions on an emulated core) of ARTIFACTS on a device, kernel by kernel."""
+    from edgec.predict import predict as run_predict
+    from edgec.profile import get_device
+
+    target = get_device(device, devices)
+    predictions = [run_predict(artifact, target, cache_dir) for artifact in artifacts]
+    if as_json:
+        out.print_json(data={"predictions": predictions})
+        return
+    for p in predictions:
+        unit = "ms" if p["metric"] == "ms" else " instructions"
+        out.print(f"[bold]{p['artifact']}[/] on {p['device']}: {p['predicted']:,.4g}{unit} predicted", highlight=False)
+        table = Table("kernel", "precision", "count", "share")
+        for kind, rows in _by_kind(p["kernels"]).items():
+            share = sum(r["share"] or 0 for r in rows)
+            table.add_row(kind[0], kind[1], str(len(rows)), "unknown" if rows[0]["predicted"] is None else f"{share:.1%}")
+        out.print(table)
+        if p["unknown"]:
+            err.print(f"[yellow]note:[/] no regressor for {', '.join(p['unknown'])}: their cost is not in the prediction.", highlight=False)
+
+
+def _by_kind(kernels: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for k in kernels:
+        groups.setdefault((k["kind"], k["precision"]), []).append(k)
+    return dict(sorted(groups.items(), key=lambda kv: -sum(r["share"] or 0 for r in kv[1])))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m edgec`
     sys.exit(app())

@@ -44,6 +44,12 @@ Sections of the JSON:
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
   time. Production models with 30% fewer MACs, distilled without labels on the calibration
   photos: every output's cosine to the source on the held-out photos, one-shot and fine-tuned.
+* ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
+  in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
+  (``.tflite`` for the device's architecture) against measurements taken the way calibration
+  measures (best round median here, instructions per inference on emulated cores): RMSPE
+  and the share within ±10%. The predictors are fitted on synthetic single-kernel models
+  only, so every zoo model is held out.
 * ``summary``: the ratios those sections are read for.
 
 Latencies that are compared are measured in the same process in alternating rounds and
@@ -71,6 +77,9 @@ from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import EdgecError
 from edgec.images import ImagePreprocess
+from edgec.predict import PredictorMissing, PredictorStore, cache_dir, predict
+from edgec.predict.calibrate import TFLITE_TARGETS
+from edgec.predict.measure import measure_batch
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
 from edgec.profile.emulator import setup_problem
 from edgec.profile.kernels import compare_kernels, int8_losses
@@ -107,6 +116,7 @@ BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 # Fine-tuning: (MAC reduction, fine-tuning options) for the labeled digits and the unlabeled photos.
 FINETUNE_DIGITS = (0.5, {"epochs": 20, "lr": 1e-3})
 FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 6, "validation": 0.2})
+PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -317,6 +327,33 @@ class Bench:
             "size_bytes": {"original": original.stat().st_size, **{name: p.stat().st_size for name, p in artifacts.items()}},
         }
 
+    def predictor_row(self, name: str, entries: list[dict]) -> dict:
+        """Predicted against measured cost of every zoo model in fp32 and int8 on device ``name``."""
+        device = get_device(name)
+        target = TFLITE_TARGETS[device.arch]
+        try:
+            predictor = PredictorStore(cache_dir(), name).load()
+        except PredictorMissing as exc:
+            return {"device": name, "skipped": exc.message}
+        artifacts = {}
+        for entry in entries:
+            for precision in ("fp32", "int8"):
+                try:
+                    built = self.build(entry, target)[0] if precision == "fp32" else self.edgec_int8(entry, target)
+                except EdgecError:
+                    continue
+                artifacts[(entry["name"], precision)] = built.artifacts[0]
+        measured = measure_batch(device, [path.read_bytes() for path in artifacts.values()], predictor.threads)
+        rows = []
+        for ((model, precision), path), cost in zip(artifacts.items(), measured):
+            predicted = predict(path, device)
+            rows.append({"model": model, "precision": precision, "predicted": predicted["predicted"], "measured": cost,
+                         "error": predicted["predicted"] / cost - 1, "unknown_kernels": predicted["unknown"]})
+        errors = np.array([r["error"] for r in rows])
+        return {"device": name, "metric": predictor.metric, "threads": predictor.threads, "kernels": predictor.summary()["kernels"],
+                "rmspe": round(float(np.sqrt(np.mean(errors ** 2))), 4),
+                "within_10pct": round(float(np.mean(np.abs(errors) <= 0.1)), 3), "models": rows}
+
     def plain_round_trip(self, entry: dict, original: Path) -> Path | str:
         """The original through a plain tf2onnx run (none of the zoo's fixes, as a user would
         convert it) and edgec: the artifact, or why there is none."""
@@ -450,6 +487,10 @@ def _summary(report: dict) -> dict:
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
         summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
         summary[f"{device}_int8_vs_fp32_instructions_worst"] = max(ratios)
+    for row in report["predictor"] or ():
+        if "rmspe" in row:
+            summary[f"predictor_{row['device']}_rmspe"] = row["rmspe"]
+            summary[f"predictor_{row['device']}_within_10pct"] = row["within_10pct"]
     for variant in ("plain", "data_aware") if report["factorization"] else ():
         factorized = report["factorization"]
         summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in factorized])
@@ -506,12 +547,13 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "build_time": [(e, t, p) for e in timed for t in BUILD_TIME_TARGETS for p in ("fp32", "int8")],
         "finetune": ([(e,) for e in chosen if e.get("calib_data") and (e["task"] == "classification" or "photos" in e["calib_data"])]
                      if _sklearn_ready() else None),
+        "predictor": [(d, chosen) for d in PREDICTOR_DEVICES],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row, "int8_quality": bench.int8_quality_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row,
-              "finetune": bench.finetune_row}
+              "finetune": bench.finetune_row, "predictor": bench.predictor_row}
     for section, jobs in sections.items():
         if only and section not in only:
             report[section] = None

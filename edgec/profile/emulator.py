@@ -58,11 +58,7 @@ def setup_problem(emulation: Emulation) -> str | None:
 
 def run_emulated(device: Device, artifact: Path, settings: ProfileSettings, threads: int) -> dict:
     """The runner's result for ``artifact`` on ``device``'s emulated core, with ``cost`` added."""
-    emulation = device.emulation
-    problem = setup_problem(emulation)
-    if problem:
-        raise DeviceError(f"Emulated device '{device.name}' cannot run: {problem}.", reason="not_set_up",
-                          hint=SETUP_HINT)
+    emulation = ready_emulation(device)
     if threads != 1:
         raise DeviceError(f"Emulated device '{device.name}' runs single-threaded, not with {threads} threads.",
                           reason="config", hint="Leave --threads out for emulated devices.")
@@ -70,16 +66,30 @@ def run_emulated(device: Device, artifact: Path, settings: ProfileSettings, thre
         folder = Path(folder)
         stage(artifact, folder)
         marks = folder / "marks.txt"
-        root = emulation.root / emulation.cpu
-        command = ["qemu-aarch64", "-L", str(root), "-plugin", f"{emulation.root / PLUGIN},out={marks}",
-                   str(root / GUEST_PYTHON), RUNNER.name, *runner_arguments(staged_name(artifact), settings, 1),
+        command = [*counting_command(emulation, marks), RUNNER.name, *runner_arguments(staged_name(artifact), settings, 1),
                    "--count-marker", "--count-runs", *map(str, COUNT_RUNS)]
-        result = read_result(device, run_with_timeout(device, command, cwd=folder, env=_guest_env(emulation, folder)))
+        result = read_result(device, run_with_timeout(device, command, cwd=folder, env=guest_env(emulation, folder)))
         result["cost"] = _cost(device, marks, result.pop("count"))
     return result
 
 
-def _guest_env(emulation: Emulation, home: Path) -> dict[str, str]:
+def ready_emulation(device: Device) -> Emulation:
+    """``device``'s emulation, or a DeviceError saying how to set it up."""
+    problem = setup_problem(device.emulation)
+    if problem:
+        raise DeviceError(f"Emulated device '{device.name}' cannot run: {problem}.", reason="not_set_up",
+                          hint=SETUP_HINT)
+    return device.emulation
+
+
+def counting_command(emulation: Emulation, marks: Path) -> list[str]:
+    """The guest Python under qemu with the instruction-count plugin writing ``marks``;
+    the script and its arguments follow."""
+    root = emulation.root / emulation.cpu
+    return ["qemu-aarch64", "-L", str(root), "-plugin", f"{emulation.root / PLUGIN},out={marks}", str(root / GUEST_PYTHON)]
+
+
+def guest_env(emulation: Emulation, home: Path) -> dict[str, str]:
     """Only what the guest needs, so nothing of the host's Python setup leaks in."""
     return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
             "QEMU_CPU": emulation.cpu, "PYTHONPATH": "/opt/site", "PYTHONHASHSEED": "0"}

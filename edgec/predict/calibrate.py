@@ -1,0 +1,81 @@
+"""``edgec device calibrate D``: sample kernel configurations, lower, measure on D, fit.
+
+Measurements are appended to the device's ``samples.jsonl`` batch by batch, so an
+interrupted calibration continues where it stopped; batch ``i`` always draws the same
+configurations (seeded by ``i``), so a resumed run measures what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from edgec.build import canonicalize, input_specs
+from edgec.errors import EdgecError
+from edgec.lower import LowerOptions, lower
+from edgec.predict.kernels import kernels_of
+from edgec.predict.measure import measure_batch
+from edgec.predict.model import Predictor, PredictorStore
+from edgec.predict.space import SIZES, Sample, draw, to_onnx
+from edgec.profile.devices import Device
+from edgec.targets import load_target
+from edgec.verify import random_inputs
+
+PRECISIONS = ("fp32", "int8")
+BASE = Sample("Relu", "fp32", {"h": 1, "c": 8})  # the trivial model every batch starts with
+BATCH = {"local": 16, "emulated": 24}  # emulated: the qemu plugin records at most 64 marks, two per model
+TFLITE_TARGETS = {"x86_64": "tflite-x86", "aarch64": "tflite-arm"}
+CALIBRATION_BATCHES = 4  # random int8 calibration samples per configuration
+
+
+def calibrate(device: Device, store: PredictorStore, minutes: float, threads: int,
+              progress: Callable[[int, float], None] = lambda samples, seconds: None,
+              ops: Sequence[str] = tuple(SIZES), precisions: Sequence[str] = PRECISIONS,
+              batch_size: int | None = None) -> Predictor:
+    """Measure batches on ``device`` for ``minutes`` (at least one batch if there are no
+    measurements yet; none with ``minutes`` 0: a refit), then fit and save.
+
+    ``progress(samples measured, seconds elapsed)`` is called after every batch; batches
+    cycle over ``ops`` × ``precisions``, ``batch_size`` samples each (default: the device kind's)."""
+    target = load_target(TFLITE_TARGETS[device.arch])
+    records = [r for r in store.samples() if r["threads"] == threads]  # timings at other thread counts do not mix
+    start = time.monotonic()
+    pairs = [(op, precision) for op in ops for precision in precisions]
+    while not records or time.monotonic() - start < minutes * 60:
+        batch = len({r["batch"] for r in records})
+        size = batch_size or BATCH[device.kind]
+        rng = np.random.default_rng(batch)
+        samples = [draw(*pairs[(batch * size + j) % len(pairs)], rng) for j in range(size)]
+        records += store.append(_measure(device, target, samples, batch, threads))
+        progress(len(records), time.monotonic() - start)
+    predictor = Predictor.fit(records, device, threads, target.name)
+    store.save(predictor)
+    return predictor
+
+
+def _measure(device: Device, target, samples: list[Sample], batch: int, threads: int) -> list[dict]:
+    """One batch: the base model, then each sample's artifact; records for those that ran."""
+    lowered = [(s, content) for s in samples if (content := _lower(s, target)) is not None]
+    base, *costs = measure_batch(device, [_lower(BASE, target)] + [content for _, content in lowered], threads)
+    if base is None:
+        raise EdgecError(f"Device '{device.name}' could not run the trivial calibration model.",
+                         hint="Check the device with `edgec profile` on a small artifact first.")
+    return [{"batch": batch, "sample": sample.to_dict(), "kernels": [k.to_dict() for k in kernels_of(content)],
+             "cost": cost, "base": base, "threads": threads} for (sample, content), cost in zip(lowered, costs) if cost is not None]
+
+
+def _lower(sample: Sample, target) -> bytes | None:
+    """The sample's artifact for ``target`` (int8 with int8 I/O: the kernel alone), or None
+    where the lowering refuses this configuration."""
+    model, _ = canonicalize(ir.from_proto(to_onnx(sample)), {})
+    options = LowerOptions()
+    if sample.precision == "int8":
+        options = LowerOptions("int8", random_inputs(input_specs(model), count=CALIBRATION_BATCHES), int8_io=True)
+    try:
+        lowered = lower(model, target, "kernel", options)
+    except EdgecError:
+        return None
+    return lowered.files[lowered.primary]

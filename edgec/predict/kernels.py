@@ -1,0 +1,153 @@
+"""The kernels a ``.tflite`` runs as, after XNNPACK's fusions: what latency is predicted per.
+
+nn-Meter's observation: a runtime executes a model as a sequence of *kernels* (operators
+after its fusions), and a model's latency is close to the sum of its kernels' latencies.
+With XNNPACK, a TFLite CONV_2D carries its bias and activation (one kernel); a zero PAD
+feeding a convolution is folded into it; reshapes of static shapes cost nothing. Every other
+operator is a kernel of its own, described by the few numbers its cost depends on
+(:class:`Kernel`). A kernel kind without a fitted regressor is *unknown*: reported, never
+guessed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as tfl
+
+from edgec.errors import ModelLoadError
+
+_BUILTIN_NAMES = {v: k for k, v in vars(tfl.BuiltinOperator).items() if not k.startswith("_")}
+# Operators XNNPACK runs as no kernel of their own: static reshapes (a view of the same buffer).
+FREE = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
+# A zero PAD whose only reader is one of these is folded into it by XNNPACK.
+PAD_FOLDS_INTO = {"CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D"}
+# Float ↔ int8 conversions: one kind, costed by the elements converted.
+CONVERT = {"QUANTIZE": "CONVERT", "DEQUANTIZE": "CONVERT"}
+FEATURES = ("hin", "win", "cin", "hout", "wout", "cout", "k", "stride", "in2", "macs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel: its kind (the TFLite builtin, e.g. ``CONV_2D``), precision, the shape
+    numbers its cost depends on (``FEATURES``) and the operator it stands for."""
+
+    kind: str
+    precision: str
+    shape: tuple[int, ...]
+    operator: str
+
+    @property
+    def key(self) -> str:
+        """Which regressor predicts it: kind and precision."""
+        return f"{self.kind}/{self.precision}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "precision": self.precision, "operator": self.operator,
+                **dict(zip(FEATURES, self.shape))}
+
+
+def detect(path: Path) -> list[Kernel]:
+    """The kernels of the ``.tflite`` at ``path``, in execution order."""
+    if path.suffix.lower() != ".tflite":
+        raise ModelLoadError(f"'{path}' is not a .tflite file; edgec predicts the latency of TFLite artifacts.",
+                             hint="Give a .tflite that `edgec build --target tflite-x86` or `tflite-arm` wrote.")
+    try:
+        return kernels_of(path.read_bytes())
+    except (OSError, ValueError, IndexError, TypeError) as exc:  # flatbuffers raises plain errors on garbage
+        raise ModelLoadError(f"'{path}' is not a readable .tflite: {exc}.",
+                             hint="Give a complete .tflite flatbuffer that `edgec build` wrote.") from exc
+
+
+def kernels_of(content: bytes) -> list[Kernel]:
+    """The kernels of a ``.tflite`` flatbuffer, in execution order."""
+    model = tfl.ModelT.InitFromPackedBuf(content, 0)
+    codes = [_code_name(code) for code in model.operatorCodes]
+    graph = model.subgraphs[0]
+    readers: dict[int, list[int]] = {}
+    for index, op in enumerate(graph.operators):
+        for tensor in _inputs(op):
+            readers.setdefault(tensor, []).append(index)
+    kernels = []
+    for index, op in enumerate(graph.operators):
+        kind = codes[op.opcodeIndex]
+        if kind in FREE or (kind == "PAD" and _folds(graph, op, readers, codes)):
+            continue
+        kernels.append(_kernel(CONVERT.get(kind, kind), model, graph, op, index))
+    return kernels
+
+
+def _code_name(code) -> str:
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    if builtin == tfl.BuiltinOperator.CUSTOM:
+        return f"CUSTOM:{code.customCode.decode()}"
+    return _BUILTIN_NAMES[builtin]
+
+
+def _inputs(op) -> list[int]:
+    return [int(t) for t in (op.inputs if op.inputs is not None else []) if t >= 0]
+
+
+def _folds(graph, pad, readers: dict[int, list[int]], codes: list[str]) -> bool:
+    """A PAD read only by one convolution or pooling op (XNNPACK folds it in)."""
+    users = readers.get(int(pad.outputs[0]), [])
+    return len(users) == 1 and codes[graph.operators[users[0]].opcodeIndex] in PAD_FOLDS_INTO
+
+
+def _kernel(kind: str, model, graph, op, index: int) -> Kernel:
+    tensors = graph.tensors
+    inputs = [tensors[t] for t in _inputs(op)]
+    output = tensors[int(op.outputs[0])]
+    first = inputs[0] if inputs else output
+    hin, win, cin = _hwc(first.shape)
+    hout, wout, cout = _hwc(output.shape)
+    options = op.builtinOptions
+    stride = int(getattr(options, "strideH", 1) or 1)
+    k = int(getattr(options, "filterHeight", 0) or 0)
+    if kind in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(inputs) > 1:
+        k = int(inputs[1].shape[1])
+    in2 = sum(int(np.prod(t.shape)) for t in inputs[1:] if not _constant(model, t))
+    macs = _macs(kind, hout * wout * cout, cin, k, first.shape, inputs)
+    precision = "int8" if _is_int8(inputs, output, kind) else "fp32"
+    return Kernel(kind, precision, (hin, win, cin, hout, wout, cout, k, stride, in2, macs), _name(output, index))
+
+
+def _constant(model, tensor) -> bool:
+    buffer = model.buffers[tensor.buffer]
+    return buffer.data is not None or bool(buffer.offset)
+
+
+def _hwc(shape) -> tuple[int, int, int]:
+    """Rows, columns and channels of an NHWC (or lower-rank) tensor; batch folded into rows."""
+    dims = [int(d) for d in (shape if shape is not None else [])]
+    if len(dims) >= 4:
+        return math.prod(dims[:-2]), dims[-2], dims[-1]
+    if len(dims) >= 2:
+        return math.prod(dims[:-1]), 1, dims[-1]
+    return 1, 1, dims[0] if dims else 1
+
+
+def _macs(kind: str, out_elems: int, cin: int, k: int, in_shape, inputs) -> int:
+    if kind == "CONV_2D":
+        return out_elems * k * k * cin
+    if kind == "DEPTHWISE_CONV_2D":
+        return out_elems * k * k
+    if kind == "FULLY_CONNECTED" and len(inputs) > 1:
+        return out_elems * int(inputs[1].shape[-1])
+    if kind in ("MAX_POOL_2D", "AVERAGE_POOL_2D"):
+        return out_elems * max(k, 1) ** 2
+    return max(out_elems, int(np.prod(in_shape)) if in_shape is not None else 0)
+
+
+def _is_int8(inputs, output, kind: str) -> bool:
+    if kind == "CONVERT":  # a conversion is int8 work whichever way it goes
+        return True
+    return any(t.type == tfl.TensorType.INT8 for t in [*inputs[:1], output])
+
+
+def _name(tensor, index: int) -> str:
+    return tensor.name.decode() if tensor.name else f"#{index}"

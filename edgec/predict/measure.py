@@ -1,0 +1,87 @@
+"""Measure a batch of calibration artifacts on a device: milliseconds here, instructions on
+an emulated core.
+
+A batch starts with a trivial model (``base``): what every inference costs whatever it
+computes (the interpreter's invoke, copying a few floats in and out), which calibration
+subtracts from each sample and a prediction adds once.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import DeviceError
+from edgec.profile import device_runner
+from edgec.profile.devices import Device
+from edgec.profile.emulator import counting_command, guest_env, ready_emulation
+from edgec.profile.transport import RUNNER, read_result, run_with_timeout
+
+LOCAL_RUNS, LOCAL_ROUNDS, LOCAL_WARMUP = 20, 3, 3  # timed runs per round; rounds alternate over the batch
+COUNTED_RUNS = 2  # instruction counts per inference are deterministic: few runs suffice
+BATCH_RUNNER = Path(__file__).with_name("batch_runner.py")  # a guest script: never imported here
+
+
+def measure_batch(device: Device, artifacts: list[bytes], threads: int) -> list[float | None]:
+    """The cost of one inference of each artifact (None where it failed to run)."""
+    if device.kind == "local":
+        return _time_here(artifacts, threads)
+    if device.kind == "emulated":
+        return _count_emulated(device, artifacts)
+    raise DeviceError(f"Device '{device.name}' is a {device.kind} device; calibration measures on the local "
+                      "device and on emulated cores so far.", reason="config",
+                      hint="Calibrate `local`, `emulated-a53` or `emulated-a76`.")
+
+
+def _time_here(artifacts: list[bytes], threads: int) -> list[float | None]:
+    """Best round median (ms) of alternating rounds (load only ever adds time), each run as
+    the device runner runs it: the artifact's own tensors in, invoke, out."""
+    with tempfile.TemporaryDirectory(prefix="edgec-calibrate-") as folder:
+        models = []
+        for i, content in enumerate(artifacts):
+            (Path(folder) / f"k{i}.tflite").write_bytes(content)
+            models.append(device_runner.LiteRtModel(str(Path(folder) / f"k{i}.tflite"), threads))
+    feeds = [device_runner.random_feeds(model.inputs, 0) for model in models]
+    medians: list[list[float]] = [[] for _ in models]
+    for _ in range(LOCAL_ROUNDS):
+        for model, feed, rounds in zip(models, feeds, medians):
+            for _ in range(LOCAL_WARMUP):
+                model.run(feed)
+            rounds.append(float(np.median(device_runner.timed_samples(model, feed, LOCAL_RUNS))))
+    return [min(rounds) for rounds in medians]
+
+
+def _count_emulated(device: Device, artifacts: list[bytes]) -> list[float | None]:
+    """Instructions per inference, all artifacts in one emulator process (batch_runner.py)."""
+    emulation = ready_emulation(device)
+    with tempfile.TemporaryDirectory(prefix="edgec-calibrate-") as folder:
+        folder = Path(folder)
+        names = []
+        for i, content in enumerate(artifacts):
+            names.append(f"k{i}.tflite")
+            (folder / names[-1]).write_bytes(content)
+        for script in (RUNNER, BATCH_RUNNER):
+            (folder / script.name).write_bytes(script.read_bytes())
+        marks = folder / "marks.txt"
+        command = [*counting_command(emulation, marks), BATCH_RUNNER.name,
+                   "--runs", str(COUNTED_RUNS), *names]
+        completed = run_with_timeout(device, command, device.timeout_s * len(artifacts), cwd=folder,
+                                     env=guest_env(emulation, folder))
+        results = _results(device, completed)
+        totals = [int(line.split()[0]) for line in marks.read_text().splitlines()] if marks.is_file() else []
+    if len(totals) != 2 * len(artifacts) or len(results) != len(artifacts):
+        raise DeviceError(f"Emulated device '{device.name}': the batch of {len(artifacts)} calibration models "
+                          f"left {len(totals)} instruction-count marks, not {2 * len(artifacts)}.", reason="failed")
+    return [None if "error" in r else (totals[2 * i + 1] - totals[2 * i]) / r["runs"] for i, r in enumerate(results)]
+
+
+def _results(device: Device, completed) -> list[dict]:
+    try:
+        return json.loads(completed.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        read_result(device, completed)  # raises the runner's own error, if it gave one
+        raise DeviceError(f"Calibration on device '{device.name}' failed (exit status {completed.returncode}).",
+                          reason="failed") from None

@@ -1,0 +1,99 @@
+"""Latency prediction: kernels of a lowered .tflite, a tiny calibration here, predictions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from edgec.build import canonicalize, input_specs
+from edgec.cli import app
+from edgec.lower import LowerOptions, lower
+from edgec.predict import PredictorMissing, PredictorStore, predict
+from edgec.predict.calibrate import calibrate
+from edgec.predict.kernels import detect
+from edgec.predict.measure import measure_batch
+from edgec.profile import get_device
+from edgec.profile.emulator import setup_problem
+from edgec.targets import load_target
+from edgec.verify import random_inputs
+
+
+def _small_cnn(residual: bool = True):
+    """Conv 3x3 (+Relu) → [doubled by an Add] → global average pool → fully connected."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.1, "w")
+    b = numpy_helper.from_array(np.zeros(8, np.float32), "b")
+    fc = numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "fc")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"])]
+    if residual:
+        nodes.append(helper.make_node("Add", ["r", "r"], ["s"]))
+    nodes += [helper.make_node("GlobalAveragePool", ["s" if residual else "r"], ["g"]),
+              helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, b, fc])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return canonicalize(ir.from_proto(model), {})[0]
+
+
+def _tflite(tmp_path, precision: str = "fp32", residual: bool = True):
+    model = _small_cnn(residual)
+    options = LowerOptions("int8", random_inputs(input_specs(model), count=4)) if precision == "int8" else None
+    lowered = lower(model, load_target("tflite-x86"), "cnn", options)
+    path = tmp_path / f"cnn-{precision}-{residual}.tflite"
+    path.write_bytes(lowered.files[lowered.primary])
+    return path
+
+
+def test_kernels_after_fusion(tmp_path):
+    kernels = detect(_tflite(tmp_path))
+    assert [k.key for k in kernels] == ["CONV_2D/fp32", "ADD/fp32", "MEAN/fp32", "FULLY_CONNECTED/fp32"]
+    conv = kernels[0].to_dict()  # the Relu is fused into the convolution
+    assert (conv["hin"], conv["cin"], conv["cout"], conv["k"], conv["stride"]) == (16, 8, 8, 3, 1)
+    assert conv["macs"] == 16 * 16 * 8 * 8 * 9
+    assert kernels[1].to_dict()["in2"] == 16 * 16 * 8  # the residual is an activation, not a constant
+    int8 = [k.key for k in detect(_tflite(tmp_path, "int8"))]
+    assert int8[0] == int8[-1] == "CONVERT/int8" and "CONV_2D/int8" in int8
+
+
+def test_missing_predictor_names_the_calibration(tmp_path):
+    with pytest.raises(PredictorMissing, match="edgec device calibrate local"):
+        predict(_tflite(tmp_path), get_device("local"), tmp_path / "cache")
+    result = CliRunner().invoke(app, ["predict", str(_tflite(tmp_path)), "--device", "local", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "edgec device calibrate local" in result.output
+
+
+def test_tiny_calibration_fits_resumes_and_predicts(tmp_path):
+    device, cache = get_device("local"), tmp_path / "cache"
+    store = PredictorStore(cache, "local")
+    options = {"ops": ("Conv",), "precisions": ("fp32",), "batch_size": 4}
+    calibrate(device, store, 0.001, 1, **options)
+    first = store.samples()
+    predictor = calibrate(device, store, 0.001, 1, **options)  # continues: a second batch
+    assert {r["batch"] for r in store.samples()} == {0, 1} and store.samples()[:len(first)] == first
+    assert "CONV_2D/fp32" in predictor.regressors and predictor.metric == "ms"
+    artifact = _tflite(tmp_path)
+    result = CliRunner().invoke(app, ["predict", str(artifact), "--device", "local", "--cache-dir", str(cache), "--json"])
+    assert result.exit_code == 0, result.output
+    (prediction,) = json.loads(result.output)["predictions"]
+    assert {"artifact", "device", "metric", "predicted", "kernels"} <= prediction.keys()
+    assert prediction["metric"] == "ms" and prediction["predicted"] > predictor.base
+    assert prediction["unknown"] == ["ADD/fp32", "FULLY_CONNECTED/fp32", "MEAN/fp32"]  # reported, not guessed
+    conv = prediction["kernels"][0]
+    assert conv["kind"] == "CONV_2D" and conv["predicted"] > 0
+    assert predict(artifact, device, cache) == predict(artifact, device, cache)
+
+
+@pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
+def test_emulated_batch_counts_are_deterministic(tmp_path):
+    contents = [_tflite(tmp_path, residual=r).read_bytes() for r in (False, True)]
+    device = get_device("emulated-a76")
+    counts = measure_batch(device, contents, 1)
+    assert all(count > 10_000 for count in counts)
+    assert measure_batch(device, contents, 1) == counts
