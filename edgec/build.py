@@ -40,7 +40,7 @@ from edgec.profile import Device, ProfileSettings, compare_latency, foreign_devi
 from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.recipe import Step, check_training_steps, make_passes, trains
 from edgec.report import versions, write_json
-from edgec.runtime import Runner, TensorSpec, open_runner
+from edgec.runtime import Runner, TensorSpec, compare_threads, open_runner
 from edgec.runtime.ort import OrtRunner
 from edgec.targets import Target, load_target, same_arch
 from edgec.verify import Criterion, InputSet, Verification, compare, cosine, load_calibration, load_inputs, random_inputs, run_all
@@ -434,7 +434,7 @@ def _most_accurate(source: ir.Model, variants: list[tuple[ir.Model, list[PassRec
 
 def _int8_error(reference: dict[str, np.ndarray], lowered: Lowered, target: Target, batches: list) -> float:
     with tempfile.TemporaryDirectory(prefix="edgec-check-") as tmp:
-        got = run_all(_open(Path(tmp), lowered, target, threads=1), batches)
+        got = run_all(_open(Path(tmp), lowered, target, threads=compare_threads(Path(lowered.primary).suffix)), batches)
     return float(np.mean([1.0 - cosine(reference[name], got[name]) for name in reference]))
 
 
@@ -643,7 +643,7 @@ def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: B
                  held_out: InputSet | None = None) -> Verification:
     """Write the primary artifact to a scratch file and compare it with the reference model."""
     with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
-        artifact = _open(Path(tmp), lowered, target, threads=1)
+        artifact = _open(Path(tmp), lowered, target, threads=compare_threads(Path(lowered.primary).suffix))
         return verify_runners(reference, artifact, options, criterion, held_out)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgec.errors import ModelLoadError
 from edgec.runtime.base import Runner, TensorSpec
 
-__all__ = ["Runner", "TensorSpec", "artifact_path", "import_runtime", "open_runner", "RUNNERS"]
+__all__ = ["Runner", "TensorSpec", "artifact_path", "compare_threads", "import_runtime", "open_runner", "RUNNERS"]
 
 
 def _ort(path: Path, threads: int, options: dict) -> Runner:
@@ -27,6 +27,18 @@ def _litert(path: Path, threads: int, options: dict) -> Runner:
 # File suffix → runner factory. Imports are deferred: each runtime is heavy to import.
 RUNNERS = {".onnx": _ort, ".ort": _ort, ".tflite": _litert}
 _MODULES = {_ort: "edgec.runtime.ort", _litert: "edgec.runtime.litert"}
+
+
+# Threads for runs whose outputs (not timings) are compared. LiteRT's kernels (XNNPACK,
+# ruy) split work by output tiles, never inside a sum, so their outputs do not depend on the
+# thread count (bitwise equal at 1 and 2 threads on every zoo artifact, fp32 and int8): every
+# core may help, up to a few. ORT's were not shown to be, so its comparisons stay at one.
+_COMPARE_THREADS = {".tflite": min(os.cpu_count() or 1, 4)}
+
+
+def compare_threads(suffix: str) -> int:
+    """How many threads a run whose outputs are compared may use, for artifacts of this file suffix."""
+    return _COMPARE_THREADS.get(suffix, 1)
 
 
 def import_runtime(path: str | os.PathLike[str]) -> None:

@@ -37,7 +37,7 @@ from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.memo import Recent, fingerprint
 from edgec.model import to_bytes
 from edgec.passes.quantize import CHECK_BATCHES, Candidate, PrecisionSearch, Ranking, calibrate, head
-from edgec.runtime import Runner
+from edgec.runtime import Runner, compare_threads
 from edgec.runtime.litert import IO_METADATA, OP_NODES_METADATA, LiteRTRunner
 from edgec.runtime.ort import OrtRunner
 from edgec.verify import run_all
@@ -197,7 +197,7 @@ class _Int8:
 
         def runner(keep: set[str]) -> Runner:
             # The io mapping given directly: writing it into each candidate file took seconds.
-            return LiteRTRunner(self.quantize(float_ops, keep), threads=1, xnnpack=self.target.runtime.get("xnnpack", True),
+            return LiteRTRunner(self.quantize(float_ops, keep), threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
                                 io=self.lowering.io)
 
         search = PrecisionSearch(reference, check, runner)
