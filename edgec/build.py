@@ -452,10 +452,9 @@ def _calibration(model: ir.Model, options: BuildOptions) -> tuple[InputSet, Inpu
     """Calibration samples from ``--calib``, or seeded random ones with a warning; and, when
     ``--calib`` is given without ``--inputs``, the samples held back from it to verify on."""
     specs = input_specs(model)
-    if options.calib and options.inputs:
-        return load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images), None
     if options.calib:
-        return held_out_split(load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images), options.seed)
+        loaded = load_calibration(options.calib, specs, limit=options.calib_samples, images=options.images)
+        return (loaded, None) if options.inputs else held_out_split(loaded, options.seed)
     warnings.warn(RANDOM_CALIBRATION_WARNING, EdgecWarning, stacklevel=5)
     # seed + 1: a different stream from the random verification inputs.
     return random_inputs(specs, seed=options.seed + 1, count=options.calib_samples), None
