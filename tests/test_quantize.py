@@ -18,9 +18,10 @@ from edgec.cli import app
 from edgec.errors import DeviceError, QuantizationError, TargetError
 from edgec.model import load, to_bytes
 from edgec.passes import quantize as quantize_module
-from edgec.passes.quantize import AccuracyGoal, QuantizeStatic, QuantScheme, Ranking, calibrate
+from edgec.passes.quantize import (AccuracyGoal, Candidate, PrecisionSearch, QuantizeStatic, QuantScheme, Ranking, calibrate, to_qdq,
+                                   with_shapes)
 from edgec.targets import load_target, same_arch
-from edgec.verify import random_inputs
+from edgec.verify import random_inputs, run_all
 from edgec.runtime import TensorSpec
 from edgec.runtime.ort import OrtRunner
 
@@ -108,6 +109,28 @@ def test_mixed_precision_keeps_only_what_the_goal_needs_float(tmp_path):
     assert min(final["cosine"].values()) >= 0.995
     assert "convA" in mixed.details["kept_float"]
     assert mixed.details["quantized_ops"].get("Conv", 0) >= 1  # conv0 (at least) stays int8
+
+
+def test_search_runs_each_distinct_artifact_once():
+    """Keeping float a node that is float anyway (the output head) gives the same file as
+    before: the search records the step, marked as such, without running that file again."""
+    proto, scheme, samples = outlier_model(), QuantScheme(), _calibration(4)
+    ranges, shaped = calibrate(proto, samples.batches, scheme), with_shapes(proto)
+    opened = []
+
+    def runner(content: bytes) -> OrtRunner:
+        opened.append(content)
+        return OrtRunner(content, threads=1)
+
+    reference = run_all(OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled"), samples.batches)
+    search = PrecisionSearch(reference, samples, lambda keep: to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString(),
+                             runner)
+    # The head's claimed worth makes it the first step alone; it changes nothing, so the next step is twice as long.
+    ranking = [Candidate("head-out", 1.0, ("head",)), Candidate("a-out", 0.0, ("convA",)), Candidate("b-out", 0.0, ("convB",))]
+    kept = search.run(AccuracyGoal(0.995), lambda floated: [c for c in ranking if c.tensor not in floated])
+    assert "convA" in kept
+    assert [s.get("same_artifact_as_check") for s in search.steps[:2]] == [None, 0]
+    assert len(opened) == len(set(opened)) == len(search.steps) - sum("same_artifact_as_check" in s for s in search.steps)
 
 
 def test_unknown_keep_float_name_is_an_error(tmp_path):

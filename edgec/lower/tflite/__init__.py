@@ -195,12 +195,12 @@ class _Int8:
         ranges = calibrate(proto, check.batches, self.options.scheme)
         reference = run_all(OrtRunner(source, threads=1, optimization="disabled"), check.batches)
 
-        def runner(keep: set[str]) -> Runner:
+        def runner(content: bytes) -> Runner:
             # The io mapping given directly: writing it into each candidate file took seconds.
-            return LiteRTRunner(self.quantize(float_ops, keep), threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
+            return LiteRTRunner(content, threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
                                 io=self.lowering.io)
 
-        search = PrecisionSearch(reference, check, runner)
+        search = PrecisionSearch(reference, check, lambda keep: self.quantize(float_ops, keep), runner)
         ranking = functools.cache(lambda: Ranking(proto, ranges, self.options.scheme, check))  # built only if it is needed
         return search.run(self.options.goal, lambda kept: self._op_ranking(ranking()(kept))), search.steps
 
