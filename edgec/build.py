@@ -14,12 +14,16 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import onnx_ir as ir
+
 from edgec.checks import option
 from edgec.errors import DeviceError, EdgecWarning, QuantizationError
 from edgec.lower import Lowered, LowerOptions, check_precision, lower
 from edgec.outputs import OutputDir
+from edgec.passes.pipeline import PassRecord
 from edgec.profile import Device, foreign_device_warning, get_device
 from edgec.report import write_json
+from edgec.runtime import Runner
 from edgec.stages.compress import compress, compressed_kind
 from edgec.stages.context import INT8_OPTIONS, BuildOptions, Marked, Progress, SilentProgress
 from edgec.stages.data import Samples
@@ -122,8 +126,8 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
 
 
-def _lower(model, stem: str, target: Target, samples: Samples, options: BuildOptions,
-           progress: Progress) -> tuple[Lowered, str, list, dict[str, Any]]:
+def _lower(model: ir.Model, stem: str, target: Target, samples: Samples, options: BuildOptions,
+           progress: Progress) -> tuple[Lowered, str, list[PassRecord], dict[str, Any]]:
     """The lowered artifact, the precision it ships in, the records of passes it got (int8's
     accuracy recovery, unless the speed check shipped fp32 instead) and int8's report entries."""
     precision = options.precision or target.precision
@@ -135,7 +139,7 @@ def _lower(model, stem: str, target: Target, samples: Samples, options: BuildOpt
     return lowered, shipped, records if shipped == "int8" else [], report
 
 
-def _verify(reference, lowered: Lowered, target: Target, precision: str, samples: Samples, options: BuildOptions,
+def _verify(reference: Runner, lowered: Lowered, target: Target, precision: str, samples: Samples, options: BuildOptions,
             against: str, progress: Progress) -> Verification:
     """The artifact against its reference (the ``against`` model: source, compressed or fine-tuned); a failure raises."""
     with progress.stage(f"Verifying against the {against} model"):
