@@ -23,7 +23,7 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 
 from edgec.analysis import int8_coverage, is_quantized
 from edgec.errors import UnsupportedOpError
-from edgec.lower import Lowered, LowerOptions
+from edgec.lower import Lowered, LowerOptions, ahead
 from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, integer_ops, keras_to_tflite, op_histogram, op_names,
                                        op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
@@ -43,7 +43,7 @@ from edgec.runtime.ort import OrtRunner
 from edgec.verify import run_all
 from edgec.targets import Target
 
-__all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
+__all__ = ["lower", "convert_ahead", "prepare", "to_keras", "KerasLowering"]
 
 RANGE_SAMPLES = 32  # calibration batches the float model runs on to histogram every tensor
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
@@ -78,10 +78,8 @@ _CONVERTED: Recent[_Converted] = Recent(2)
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
     _refuse_quantized(model, target)
     source = to_bytes(model)  # the float reference of int8 checks, and what the conversion is remembered by
-    calibration = options.calibration.batches if options.precision == "int8" else []
-    method = options.scheme.method if options.precision == "int8" else None
-    key = fingerprint(source, target.name, options.precision, calibration, method)
-    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration, method))
+    key, arguments = _conversion(source, target, options)
+    converted = _CONVERTED.get(key, lambda: ahead.take(key) or _convert(model, *arguments))
     content, details = converted.content, {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
@@ -96,6 +94,28 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
         **details,
     }
     return Lowered({f"{stem}.tflite": content}, f"{stem}.tflite", details)
+
+
+def convert_ahead(model: ir.Model, target: Target, options: LowerOptions) -> None:
+    """Start the conversion a later ``lower(model, target, _, options)`` needs in the worker
+    process (``edgec.lower.lower_ahead``)."""
+    if ahead.active():
+        source = to_bytes(model)
+        key, arguments = _conversion(source, target, options)
+        if key not in _CONVERTED:
+            ahead.submit(key, _convert_serialized, source, *arguments)
+
+
+def _conversion(source: bytes, target: Target, options: LowerOptions) -> tuple[str, tuple]:
+    """What a conversion is remembered by, and its arguments after the model."""
+    calibration = options.calibration.batches if options.precision == "int8" else []
+    method = options.scheme.method if options.precision == "int8" else None
+    return fingerprint(source, target.name, options.precision, calibration, method), (target, options.precision, calibration, method)
+
+
+def _convert_serialized(source: bytes, *arguments) -> _Converted:
+    """``_convert`` of a model given as bytes (in the worker process)."""
+    return _convert(ir.serde.deserialize_model(onnx.load_from_string(source)), *arguments)
 
 
 def _refuse_quantized(model: ir.Model, target: Target) -> None:
