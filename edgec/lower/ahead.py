@@ -6,7 +6,12 @@ for the speed check); a 3-GMAC detector's conversions took 8-14 s each on one co
 the other idled. Inside ``worker()``, a backend ``submit``s work the build will need next to
 one worker process, and ``take``s the result where it needs it. The work must be
 deterministic, so the result is the same in either process; work that fails in the worker
-is simply done again in the build's process, which then raises its error as it always did.
+(or a worker that dies) is simply done again in the build's process, which then raises its
+error as it always did.
+
+The worker is a Python process running ``serve``, fed pickled calls on its stdin, not a
+``multiprocessing`` child: those import the caller's main module again, which runs a user's
+unguarded build script a second time.
 """
 
 from __future__ import annotations
@@ -14,43 +19,71 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import importlib
-import multiprocessing
 import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-_pool: concurrent.futures.ProcessPoolExecutor | None = None
+_worker: _Worker | None = None
 _pending: dict[str, concurrent.futures.Future] = {}
+
+
+class _Worker:
+    """A child interpreter that runs the calls it is sent one at a time, in order."""
+
+    def __init__(self, preload: str):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+        serve = f"from {__name__} import serve; serve({preload!r})"
+        self.process = subprocess.Popen([sys.executable, "-c", serve], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgec-ahead")  # waits for the child's replies
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        return self.calls.submit(self._call, function, args)
+
+    def _call(self, function: Callable[..., Any], args: tuple) -> Any:
+        pickle.dump((function, args), self.process.stdin)
+        self.process.stdin.flush()
+        ok, result = pickle.load(self.process.stdout)  # EOFError when the child died
+        if not ok:
+            raise RuntimeError(f"in the worker process: {result}")
+        return result
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.calls.shutdown(wait=True, cancel_futures=True)  # the call in flight ends with the child's pipe
 
 
 @contextlib.contextmanager
 def worker(preload: str) -> Iterator[None]:
     """One worker process for the work submitted inside, importing module ``preload`` from
     the start; stopped (with whatever it still runs) on leaving, so nothing outlives the build."""
-    global _pool
-    if _pool is not None or (os.cpu_count() or 1) < 2:  # nested, or no second core to use
+    global _worker
+    if _worker is not None or (os.cpu_count() or 1) < 2:  # nested, or no second core to use
         yield
         return
-    _pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    _pool.submit(_import, preload)  # while the build prepares what it will submit
+    _worker = _Worker(preload)
     try:
         yield
     finally:
-        pool, _pool = _pool, None
+        stopping, _worker = _worker, None
         _pending.clear()
-        _stop(pool)
+        stopping.stop()
 
 
 def active() -> bool:
     """Whether work submitted now runs in a worker (inside ``worker()``, on two cores or more)."""
-    return _pool is not None
+    return _worker is not None
 
 
-def submit(key: str, convert: Callable[..., Any], *args: Any) -> None:
-    """Run ``convert(*args)`` (a module-level function; the arguments are pickled) in the
+def submit(key: str, function: Callable[..., Any], *args: Any) -> None:
+    """Run ``function(*args)`` (module-level; the arguments and result are pickled) in the
     worker, remembered by ``key``; nothing outside ``worker()``."""
-    if _pool is not None and key not in _pending:
-        _pending[key] = _pool.submit(convert, *args)
+    if _worker is not None and key not in _pending:
+        _pending[key] = _worker.submit(function, *args)
 
 
 def take(key: str) -> Any | None:
@@ -62,14 +95,20 @@ def take(key: str) -> Any | None:
     return future.result()
 
 
-def _import(module: str) -> None:
-    importlib.import_module(module)
-
-
-def _stop(pool: concurrent.futures.ProcessPoolExecutor) -> None:
-    """Shut the pool down without waiting for work nobody needs any more."""
-    processes = list((pool._processes or {}).values())  # noqa: SLF001 (the executor offers no terminate)
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-        process.join()
+def serve(preload: str) -> None:
+    """The worker's loop: a call from stdin, its pickled (ok, result or error) to stdout."""
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints go to stderr, not into the replies
+    importlib.import_module(preload)
+    requests = sys.stdin.buffer
+    while True:
+        try:
+            function, args = pickle.load(requests)
+        except EOFError:  # the build is done with this worker
+            return
+        try:
+            reply = (True, function(*args))
+        except Exception as exc:  # the build's process does the work again and reports its error
+            reply = (False, f"{type(exc).__name__}: {exc}")
+        pickle.dump(reply, replies)
+        replies.flush()
