@@ -23,6 +23,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,10 @@ class _Worker:
     def _call(self, function: Callable[..., Any], args: tuple) -> Any:
         pickle.dump((function, args), self.process.stdin)
         self.process.stdin.flush()
-        ok, result = pickle.load(self.process.stdout)  # EOFError when the child died
+        ok, result, warned = pickle.load(self.process.stdout)  # EOFError when the child died
         if not ok:
             raise RuntimeError(f"in the worker process: {result}")
-        return result
+        return result, warned
 
     def stop(self) -> None:
         self.process.kill()
@@ -92,7 +93,10 @@ def take(key: str) -> Any | None:
     future = _pending.pop(key, None)
     if future is None or future.exception() is not None:
         return None
-    return future.result()
+    result, warned = future.result()
+    for message in warned:  # said here, where the build's warnings are shown, as if the work ran here
+        warnings.warn(message, stacklevel=2)
+    return result
 
 
 def serve(preload: str) -> None:
@@ -107,8 +111,10 @@ def serve(preload: str) -> None:
         except EOFError:  # the build is done with this worker
             return
         try:
-            reply = (True, function(*args))
+            with warnings.catch_warnings(record=True) as warned:
+                warnings.simplefilter("always")
+                reply = (True, function(*args), [w.message for w in warned])
         except Exception as exc:  # the build's process does the work again and reports its error
-            reply = (False, f"{type(exc).__name__}: {exc}")
+            reply = (False, f"{type(exc).__name__}: {exc}", [])
         pickle.dump(reply, replies)
         replies.flush()
