@@ -84,7 +84,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
     content = canonical(content)  # one file whatever the exporter's node order; see order.py
-    content = add_metadata(_with_io(content, converted.io), OP_NODES_METADATA, json.dumps(_op_nodes(content, converted)).encode())
+    content = add_metadata(content, {IO_METADATA: json.dumps(converted.io, sort_keys=True).encode(),
+                                     OP_NODES_METADATA: json.dumps(_op_nodes(content, converted)).encode()})
     details = {
         "precision": options.precision,
         "passes": [r.to_dict() for r in converted.records],
@@ -155,10 +156,6 @@ def _convert(model: ir.Model, target: Target, precision: str, calibration: list,
         records = [*records, PassRecord("activation-ranges", True, 0, 0, {"method": method, **record})]
     producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
     return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers), producers)
-
-
-def _with_io(content: bytes, io: dict) -> bytes:
-    return add_metadata(content, IO_METADATA, json.dumps(io, sort_keys=True).encode())
 
 
 class _Int8:
