@@ -36,7 +36,8 @@ class _Worker:
     """A child interpreter that runs the calls it is sent one at a time, in order."""
 
     def __init__(self, preload: str):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])}
+        paths = [str(Path(__file__).resolve().parents[2]), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # this edgec, whatever put it on sys.path
         serve = f"from {__name__} import serve; serve({preload!r})"
         self.process = subprocess.Popen([sys.executable, "-c", serve], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgec-ahead")  # waits for the child's replies
@@ -100,7 +101,13 @@ def take(key: str) -> Any | None:
 
 
 def serve(preload: str) -> None:
-    """The worker's loop: a call from stdin, its pickled (ok, result or error) to stdout."""
+    """The worker's loop: a call from stdin, its pickled (ok, result or error, warnings) to
+    stdout. Ctrl-C reaches the worker too; the build says what it stopped, the worker nothing."""
+    with contextlib.suppress(KeyboardInterrupt):
+        _serve(preload)
+
+
+def _serve(preload: str) -> None:
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, not into the replies
     importlib.import_module(preload)
