@@ -180,7 +180,7 @@ def build(
     equalize_relu6: Annotated[bool, typer.Option("--equalize-relu6", help="int8: equalize across ReLU6 too, replacing it by Relu (changes the model slightly; AIMET's default).")] = False,
     adaround: Annotated[bool, typer.Option("--adaround", help="int8: learn each weight's up/down rounding on --calib data (AdaRound), before bias correction.")] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="int8: correct biases for the mean shift weight rounding causes; default: when it lowers the simulated int8 error on --calib data.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of \\[\\[step]] tables (pass = \"...\" plus options), run after canonicalization; the artifact is verified against the compressed model.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of \\[\\[step]] tables (pass = \"...\" plus options), run after canonicalization, and an optional \\[build] table of build settings (precision, calib, keep_float...; flags given here win); the artifact is verified against the compressed model.")] = None,
     factorize: Annotated[Optional[list[str]], typer.Option("--factorize", help="Low-rank factorization step, e.g. mac_reduction=0.3 or energy=0.9,method=tucker2 (options: see README). Repeatable; runs after --recipe's steps.")] = None,
     prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Remove whole channels, e.g. \"mac_reduction=0.3\" or \"rate=0.25,importance=l1,exclude=['conv1']\" (options: see README); re-fits the layers after on --calib data. Repeatable, runs after --recipe.")] = None,
     sparsify: Annotated[Optional[list[str]], typer.Option("--sparsify", help="Zero the smallest weights, e.g. \"sparsity=0.5\", \"pattern=2:4\" or \"sparsity=0.7,scope=global\" (smaller zipped files; no speed-up on ORT or TFLite). Repeatable, runs after --prune.")] = None,
@@ -214,6 +214,10 @@ def build(
         equalize_relu6=equalize_relu6, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
+    if recipe:
+        from edgec.recipe import load_build_settings, with_build_settings
+
+        options = with_build_settings(options, load_build_settings(recipe))
     result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
     if as_json:
         out.print_json(data=result.report)
