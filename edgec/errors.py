@@ -106,3 +106,7 @@ class InternalError(EdgecError):
 
 class RecipeError(EdgecError):
     """A compression recipe or --prune/--factorize option is malformed or asks the impossible."""
+
+
+class BudgetError(EdgecError):
+    """``edgec optimize`` found no candidate meeting every budget within the accuracy bound."""

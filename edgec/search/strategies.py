@@ -1,0 +1,71 @@
+"""Search strategies: which settings to try next.
+
+Every strategy proposes Optuna parameters and learns only from the trials told to the study
+(``Trials.run``), so all four share one driver, one storage and one memo of evaluated
+settings:
+
+* ``greedy`` — edgec's own, after NetAdapt (Yang et al. 2018): from the current point, turn
+  each of the ``GREEDY_PROPOSALS`` most promising knobs one level further, measure them, and
+  move to the proposal that buys the most cost per unit of accuracy lost while accuracy
+  holds; stop once every budget is met. Promise is MACs removed (or the cost int8 saves)
+  over the damage sensitivity predicts, so cheap, harmless moves are measured first.
+* ``evolutionary`` — Optuna's NSGA-II on (cost, loss) with the budgets as constraints.
+* ``bayesian`` — Optuna's TPE on the same two objectives and constraints.
+* ``random`` — Optuna's random sampler, the baseline a search must beat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import optuna
+
+STRATEGIES = ("greedy", "evolutionary", "bayesian", "random")
+GREEDY_PROPOSALS = 4  # knobs measured per greedy step
+
+
+class Trials(Protocol):
+    """What a strategy drives: run one trial (fixed parameters, or the sampler's with None)."""
+
+    def run(self, params: Mapping[str, Any] | None) -> dict[str, Any] | None: ...
+
+    def left(self) -> bool: ...
+
+
+def sampler(strategy: str, seed: int, trials: int, constraints: Callable[[optuna.trial.FrozenTrial], list[float]]
+            ) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler of ``strategy`` (greedy only replays fixed parameters through it)."""
+    if strategy == "evolutionary":
+        return optuna.samplers.NSGAIISampler(population_size=max(4, min(20, trials // 3)), seed=seed, constraints_func=constraints)
+    if strategy == "bayesian":
+        return optuna.samplers.TPESampler(n_startup_trials=max(4, min(10, trials // 4)), seed=seed, constraints_func=constraints)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def run_sampler(trials: Trials) -> None:
+    """Optuna's strategies: ask the sampler until the trials or the time run out."""
+    while trials.left():
+        trials.run(None)
+
+
+def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]],
+               promise: Callable[[str, Mapping[str, Any]], float], allowed_loss: float,
+               meets_budgets: Callable[[dict[str, Any]], bool]) -> None:
+    """NetAdapt-style shrinking from ``start`` (see the module docstring)."""
+    current = trials.run(start)
+    while current is not None and "error" not in current and not meets_budgets(current) and trials.left():
+        ranked = sorted(((promise(name, current["params"]), params) for name, params in moves(current["params"])), key=lambda m: -m[0])
+        proposals = [params for gain, params in ranked if gain > 0]
+        measured = []
+        for params in proposals[:GREEDY_PROPOSALS]:
+            if not trials.left():
+                break
+            result = trials.run(params)
+            if result is not None and "error" not in result and result["loss"] <= allowed_loss:
+                measured.append(result)
+        better = [r for r in measured if r["relative_cost"] < current["relative_cost"]]
+        if not better:
+            return
+        current = max(better, key=lambda r: ((current["relative_cost"] - r["relative_cost"]) / max(r["loss"] - current["loss"], 1e-3),
+                                             -r["trial"]))
