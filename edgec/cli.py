@@ -565,11 +565,11 @@ def optimize(
     lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact, report.json, recipe.toml, search.json, report.html and study.db.")] = Path("optimized"),
-    devices: DevicesOpt = None,
     input_shape: InputShapeOpt = None,
     image_range: ImageRangeOpt = None,
     image_mean: ImageMeanOpt = None,
     image_std: ImageStdOpt = None,
+    devices: DevicesOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -589,7 +589,7 @@ def optimize(
                   TextColumn("[dim]{task.fields[best]}"), console=err) as bar:
         task = bar.add_task("Searching", total=trials, best="no feasible candidate yet")
         result = run_optimize(model, target, output, options,
-                              lambda done, total, _, best: bar.update(task, completed=done, best=_best_text(best)))
+                              lambda done, total, _, best: bar.update(task, completed=done, best=f"best: {_best_text(best)}"))
     if as_json:
         out.print_json(data=result.search)
         return
@@ -604,7 +604,7 @@ def _best_text(result: dict | None) -> str:
         return "no feasible candidate yet"
     from edgec.search.space import describe
 
-    return (f"best: {describe(result['settings'])}, {result['relative_cost']:.3f}× fp32 cost "
+    return (f"{describe(result['settings'])}, {result['relative_cost']:.3f}× fp32 cost "
             f"({result['cost']:.4g} {result['metric']}), accuracy {result['accuracy']:.4f}")
 
 

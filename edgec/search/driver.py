@@ -143,6 +143,7 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
     reference = trials.run(space.start())
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
+    reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
     trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
     baselines = {"fp32": reference, "int8": trials.run({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None}
     if options.strategy == "greedy":
