@@ -44,12 +44,17 @@ class CostCache:
 
     def put(self, key: str, value: Any) -> Any:
         self.entries[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, staging = tempfile.mkstemp(prefix=".costs-", dir=self.path.parent)
-        with os.fdopen(fd, "w") as file:
-            json.dump(self.entries, file, indent=1, sort_keys=True)
-        os.replace(staging, self.path)
+        write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode())
         return value
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never half of it (an interrupted search resumes from these files)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "wb") as file:
+        file.write(data)
+    os.replace(staging, path)
 
 
 def measure(artifact: Path, reference: Path | None, device: Device, runtime: dict[str, Any], threads: int,

@@ -29,13 +29,13 @@ from edgec.outputs import OutputDir
 from edgec.profile import get_device
 from edgec.recipe import recipe_toml
 from edgec.report import write_json
-from edgec.search.cost import sha256
+from edgec.search.cost import sha256, write_atomically
 from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, settings_key
 from edgec.search.report import render
-from edgec.search.space import Space, build_space, describe, recipe_steps
+from edgec.search.space import Space, build_space, describe, pruning_sensitivity, recipe_steps
 from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
 from edgec.targets import load_target, same_arch
-from edgec.verify import load_inputs, random_inputs
+from edgec.verify import InputSet, load_inputs, random_inputs
 
 SENSITIVITY_SAMPLES = 64  # calibration batches the space's sensitivity is measured on
 DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE = 0.01, 0.99
@@ -178,17 +178,27 @@ def _allowed_loss(options: OptimizeOptions, measure: str) -> float:
 
 
 def _space(problem: Problem, target, allowed: float, options: OptimizeOptions) -> tuple[Space, dict[str, Any]]:
-    """The space, from sensitivity on the calibration samples (seeded random ones with a warning)."""
+    """The space, from sensitivity on the calibration samples (seeded random ones with a
+    warning), measured once per model and data: a resumed search reads it back."""
     canonical, _ = canonicalize(load(Path(problem.model)), dict(problem.input_shapes))
-    specs = input_specs(canonical)
-    if problem.calib:
-        calibration = load_inputs(problem.calib, specs, limit=SENSITIVITY_SAMPLES, images=problem.images)
+    identity = json.dumps([sha256(Path(problem.model)), problem.calib, problem.input_shapes, problem.images, problem.seed,
+                           SENSITIVITY_SAMPLES], default=str)
+    cached = Path(problem.work) / f"sensitivity-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
+    if cached.is_file():
+        report = json.loads(cached.read_text())
     else:
-        warnings.warn("No --calib: pruning sensitivity and int8 calibration use random inputs, so the space and the int8 "
-                      "candidates are guesses. Pass --calib with real samples (not the --eval data).", EdgecWarning, stacklevel=3)
-        calibration = random_inputs(specs, seed=problem.seed + 1, count=SENSITIVITY_SAMPLES)
-    int8 = "int8" in target.criteria
-    return build_space(canonical, calibration, allowed, int8, target.backend == "ort", options.finetune is not None)
+        report = pruning_sensitivity(canonical, _calibration(problem, input_specs(canonical)))
+        write_atomically(cached, write_json(report))
+    space = build_space(canonical, report, allowed, "int8" in target.criteria, target.backend == "ort", options.finetune is not None)
+    return space, report
+
+
+def _calibration(problem: Problem, specs) -> InputSet:
+    if problem.calib:
+        return load_inputs(problem.calib, specs, limit=SENSITIVITY_SAMPLES, images=problem.images)
+    warnings.warn("No --calib: pruning sensitivity and int8 calibration use random inputs, so the space and the int8 "
+                  "candidates are guesses. Pass --calib with real samples (not the --eval data).", EdgecWarning, stacklevel=4)
+    return random_inputs(specs, seed=problem.seed + 1, count=SENSITIVITY_SAMPLES)
 
 
 def _study(problem: Problem, options: OptimizeOptions, space: Space, out: Path) -> optuna.Study:

@@ -28,7 +28,7 @@ GREEDY_PROPOSALS = 4  # knobs measured per greedy step
 class Trials(Protocol):
     """What a strategy drives: run one trial (fixed parameters, or the sampler's with None)."""
 
-    def run(self, params: Mapping[str, Any] | None) -> dict[str, Any] | None: ...
+    def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]: ...
 
     def left(self) -> bool: ...
 
@@ -52,20 +52,23 @@ def run_sampler(trials: Trials) -> None:
 def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]],
                promise: Callable[[str, Mapping[str, Any]], float], allowed_loss: float,
                meets_budgets: Callable[[dict[str, Any]], bool]) -> None:
-    """NetAdapt-style shrinking from ``start`` (see the module docstring)."""
-    current = trials.run(start)
+    """NetAdapt-style shrinking from ``start`` (see the module docstring). A knob whose move
+    did not lower the cost (factorizing a small layer adds kernels; int8 on a CPU without
+    8-bit dot products) is not proposed again: its promise was wrong on this device."""
+    current, useless = trials.run(start), set()
     while current is not None and "error" not in current and not meets_budgets(current) and trials.left():
-        ranked = sorted(((promise(name, current["params"]), params) for name, params in moves(current["params"])), key=lambda m: -m[0])
-        proposals = [params for gain, params in ranked if gain > 0]
+        ranked = sorted(((promise(name, current["params"]), name, params) for name, params in moves(current["params"])
+                         if name not in useless), key=lambda m: -m[0])
         measured = []
-        for params in proposals[:GREEDY_PROPOSALS]:
+        for _, name, params in [m for m in ranked if m[0] > 0][:GREEDY_PROPOSALS]:
             if not trials.left():
                 break
             result = trials.run(params)
-            if result is not None and "error" not in result and result["loss"] <= allowed_loss:
+            if "error" in result or result["relative_cost"] >= current["relative_cost"]:
+                useless.add(name)
+            elif result["loss"] <= allowed_loss:
                 measured.append(result)
-        better = [r for r in measured if r["relative_cost"] < current["relative_cost"]]
-        if not better:
+        if not measured:
             return
-        current = max(better, key=lambda r: ((current["relative_cost"] - r["relative_cost"]) / max(r["loss"] - current["loss"], 1e-3),
-                                             -r["trial"]))
+        current = max(measured, key=lambda r: ((current["relative_cost"] - r["relative_cost"]) / max(r["loss"] - current["loss"], 1e-3),
+                                               -r["trial"]))
