@@ -109,4 +109,5 @@ class RecipeError(EdgecError):
 
 
 class BudgetError(EdgecError):
-    """``edgec optimize`` found no candidate meeting every budget within the accuracy bound."""
+    """``edgec optimize`` cannot deliver: no candidate met every budget within the accuracy
+    bound, or the fp32 build every cost is relative to failed."""

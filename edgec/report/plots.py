@@ -98,9 +98,10 @@ def training_curve(losses: Sequence[float], validation_losses: Sequence[float], 
 
 
 def pareto(points: Sequence[dict[str, Any]], front: Sequence[int], chosen: int | None, baselines: dict[str, dict[str, Any]],
-           cost_label: str, accuracy_label: str) -> str:
+           cost_label: str, accuracy_label: str, cost_limit: float | None = None) -> str:
     """Search candidates as cost (x) against accuracy (y), artifact size as colour; the Pareto
-    front joined by a line, the chosen point ringed, baselines as labelled diamonds."""
+    front joined by a line, the chosen point ringed, baselines as labelled diamonds, the
+    cost budget (when there is one on this axis) as a dashed line."""
     with plt.rc_context(_STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         dots = ax.scatter([p["relative_cost"] for p in points], [p["accuracy"] for p in points],
@@ -115,6 +116,8 @@ def pareto(points: Sequence[dict[str, Any]], front: Sequence[int], chosen: int |
         for name, point in baselines.items():
             ax.scatter([point["relative_cost"]], [point["accuracy"]], marker="D", s=40, color=_EMULATED, edgecolors="black", zorder=3)
             ax.annotate(name, (point["relative_cost"], point["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if cost_limit is not None:
+            ax.axvline(cost_limit, color="#c0504d", linestyle="--", lw=1, label="budget")
         ax.set_xlabel(cost_label)
         ax.set_ylabel(accuracy_label)
         ax.legend(frameon=False, loc="lower right")

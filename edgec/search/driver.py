@@ -130,30 +130,42 @@ def optimize(model: str | Path, target: str, out_dir: str | Path, options: Optim
 
 
 def _search(model: str | Path, target: str, spec, out: OutputDir, options: OptimizeOptions, progress: Progress | None) -> OptimizeResult:
-    problem = Problem(str(Path(model).resolve()), target, options.device, str(Path(options.eval).resolve()),
-                      str(out.path.resolve() / ".search"), options.devices and str(Path(options.devices).resolve()),
-                      options.calib and str(Path(options.calib).resolve()), options.seed,
-                      tuple((k, tuple(v)) for k, v in options.input_shapes.items()), options.images, options.max_drop,
-                      tuple(sorted((options.finetune or {}).items())))
+    problem = _problem(model, target, out.path, options)
     measure = accuracy_measure(problem)
     allowed = _allowed_loss(options, measure)
     space, sensitivity = _space(problem, spec, allowed, options)
-    study = _study(problem, options, space, out.path)
-    trials = _Trials(study, space, problem, options, allowed, progress)
+    trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress)
     reference = trials.run(space.start())
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
     reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
     trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
-    baselines = {"fp32": reference, "int8": trials.run({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None}
+    int8 = trials.run({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None
+    _run_strategy(trials, options)
+    return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
+
+
+def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions) -> Problem:
+    """What every candidate shares, with absolute paths (a recipe and a task elsewhere read them)."""
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).resolve())
+
+    return Problem(absolute(str(model)), target, options.device, absolute(options.eval), str(out.resolve() / ".search"),
+                   absolute(options.devices), absolute(options.calib), options.seed,
+                   tuple((k, tuple(v)) for k, v in options.input_shapes.items()), options.images, options.max_drop,
+                   tuple(sorted((options.finetune or {}).items())))
+
+
+def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
+    space = trials.space
     if options.strategy == "greedy":
-        run_greedy(trials, space.start(), space.neighbours, space.promise, allowed, lambda r: not any(v > 0 for v in options.budgets.violations(r).values()))
-    else:
-        for level in range(1, max(len(v) for v in space.levels.values())):
-            if trials.left():
-                trials.run(space.uniform(level))  # uniform levels first: cheap to judge, and the front's anchors
-        run_sampler(trials)
-    return _finish(trials, baselines, sensitivity, measure, allowed, out, spec)
+        meets = lambda r: all(v <= 0 for v in options.budgets.violations(r).values())  # noqa: E731
+        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, meets)
+        return
+    for level in range(1, max(len(v) for v in space.levels.values())):
+        if trials.left():
+            trials.run(space.uniform(level))  # uniform levels first: cheap to judge, and the front's anchors
+    run_sampler(trials)
 
 
 def _check_device(options: OptimizeOptions, device, target) -> None:

@@ -27,7 +27,8 @@ def render(search: dict[str, Any], target: str) -> str:
     baselines = {name: b for name, b in search["baselines"].items() if b and "error" not in b}
     metric = picked["metric"]
     plot = pareto(built, front(built), position, baselines, f"cost relative to fp32 on {search['device']} ({metric})",
-                  "top-1 on --eval" if search["accuracy"]["measure"] == "top1" else "worst output cosine on --eval")
+                  "top-1 on --eval" if search["accuracy"]["measure"] == "top1" else "worst output cosine on --eval",
+                  1 / search["budgets"]["speedup"] if "speedup" in search["budgets"] else None)
     verdict = ("meets every budget" if search["chosen"] is not None else
                "<b>misses</b> a budget or the accuracy bound: no candidate met them; this is the closest (OUT/closest/)")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec optimize: {html.escape(search['model'])}</title>
