@@ -150,10 +150,15 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
     def absolute(path: str | None) -> str | None:
         return None if path is None else str(Path(path).resolve())
 
+    finetune = {**options.finetune, "data": absolute(options.finetune["data"])} if options.finetune else {}
+    for name, path in (("--calib", options.calib), ("--finetune", finetune.get("data"))):
+        if path is not None and absolute(path) == absolute(options.eval):
+            raise OptionError(f"--eval is the {name} data: the search would judge candidates on samples they were fitted to.",
+                              hint=f"Hold out separate samples for --eval; keep {name} for {name[2:]}.")
     return Problem(absolute(str(model)), target, options.device, absolute(options.eval), str(out.resolve() / ".search"),
                    absolute(options.devices), absolute(options.calib), options.seed,
                    tuple((k, tuple(v)) for k, v in options.input_shapes.items()), options.images, options.max_drop,
-                   tuple(sorted((options.finetune or {}).items())))
+                   tuple(sorted(finetune.items())))
 
 
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
