@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import onnx_ir as ir
 import optuna
 
 from edgec.analysis import layer_table
+from edgec.passes.channel_pruning import ChannelPruningOptions, channel_groups
+from edgec.passes.channels import ChannelGraph
 from edgec.recipe import Step
 from edgec.sensitivity import sensitivity
 from edgec.verify import InputSet
@@ -111,8 +114,11 @@ def build_space(model: ir.Model, report: dict[str, Any], allowed_loss: float, in
     levels: dict[str, tuple[Any, ...]] = {"precision": ("fp32", "int8") if int8 else ("fp32",)}
     predicted: dict[str, dict[Any, tuple[float, float]]] = {"precision": {"fp32": (0.0, 0.0), "int8": INT8_GUESS}}
     key = "top1_drop" if report["samples"]["labeled"] else "relative_error"
+    removable = _removable(model)
     for group in report["groups"]:
-        curve = [p for p in group["curve"] if p[key] <= SENSITIVITY_LIMIT * allowed_loss and p["removed"]]
+        curve = [p for p in group["curve"] if p[key] <= SENSITIVITY_LIMIT * allowed_loss]
+        counts = [removable[group["layers"][0]](p["rate"]) for p in curve]
+        curve = [p for i, p in enumerate(curve) if counts[i] > max([0, *counts[:i]])]  # levels the build's rounding tells apart
         if curve and max(p["mac_reduction"] for p in group["curve"]) >= MIN_GROUP_SHARE:
             name = f"prune:{group['layers'][0]}"
             levels[name] = (0.0, *(p["rate"] for p in curve))
@@ -129,6 +135,13 @@ def build_space(model: ir.Model, report: dict[str, Any], allowed_loss: float, in
     if finetune:
         levels["finetune"] = (False, True)
     return Space(levels, predicted)
+
+
+def _removable(model: ir.Model) -> dict[str, Callable[[float], int]]:
+    """Group (by its first layer) → channels a rate removes as the build rounds them (to
+    multiples of 8 by default): a level removing nothing, or what the level below removes, is no knob."""
+    round_to = ChannelPruningOptions(rate=0.0).round_to
+    return {g.names()[0]: functools.partial(g.removable, round_to=round_to) for g in channel_groups(ChannelGraph(model.graph)) if g.classes}
 
 
 def _mac_layers(model: ir.Model) -> list[str]:
