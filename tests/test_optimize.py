@@ -101,3 +101,12 @@ def test_bad_options_are_user_errors(tmp_path, change, error, message):
 def test_latency_budget_needs_a_timed_device(tmp_path):
     with pytest.raises(OptionError, match="timed device"):
         optimize(MLP, "tflite-arm", tmp_path, _options(device="emulated-a76", budgets=Budgets(latency_ms=1.0)))
+
+
+def test_settings_keep_no_factorized_layer_float():
+    from edgec.search.space import Space
+
+    space = Space({"precision": ("fp32", "int8"), "factorize:fc": (0.0, 0.3), "float:fc": (False, True), "float:head": (False, True)})
+    settings = space.settings({"precision": "int8", "factorize:fc": 0.3, "float:fc": True, "float:head": True})
+    assert settings["keep_float"] == ["head"] and settings["factorize"] == {"fc": 0.3}
+    assert space.settings({"precision": "fp32", "factorize:fc": 0.0, "float:fc": True, "float:head": True})["keep_float"] == []

@@ -65,8 +65,9 @@ class Space:
             "precision": params.get("precision", "fp32"),
             "prune": {name[6:]: rate for name, rate in params.items() if name.startswith("prune:") and rate},
             "factorize": {name[10:]: level for name, level in params.items() if name.startswith("factorize:") and level},
+            # a factorized layer is gone from the model (its factors replace it): nothing to keep float
             "keep_float": sorted(name[6:] for name, kept in params.items() if name.startswith("float:") and kept
-                                 and params.get("precision") == "int8"),
+                                 and params.get("precision") == "int8" and not params.get(f"factorize:{name[6:]}")),
             "finetune": bool(params.get("finetune", False)),
         }
 
