@@ -11,15 +11,17 @@ A candidate's *settings* are plain data (JSON, and Optuna's parameters one to on
 The space starts from per-group pruning sensitivity (:mod:`edgec.sensitivity`, measured on
 the calibration samples, never on ``--eval``): a group whose pruning alone buys under
 ``MIN_GROUP_SHARE`` of the MACs is left whole, and a group gets only the rates whose damage
-alone stays under ``SENSITIVITY_LIMIT`` times the allowed loss. That keeps a ResNet's space
-to a few levels on a few groups instead of every rate on every layer.
+alone stays under ``SENSITIVITY_LIMIT`` times the allowed loss (and that the build's rounding
+of channel counts tells apart). The digits MobileNetV2 keeps 8 of its 10 groups with 1–3
+levels each, 3 factorization knobs, precision and 2 float layers: about 10⁵ points instead
+of every rate on every layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import functools
+import glob
 from collections.abc import Callable, Mapping
 from typing import Any
 
