@@ -110,3 +110,11 @@ def test_settings_keep_no_factorized_layer_float():
     settings = space.settings({"precision": "int8", "factorize:fc": 0.3, "float:fc": True, "float:head": True})
     assert settings["keep_float"] == ["head"] and settings["factorize"] == {"fc": 0.3}
     assert space.settings({"precision": "fp32", "factorize:fc": 0.0, "float:fc": True, "float:head": True})["keep_float"] == []
+
+
+def test_time_budget_stops_after_the_reference(tmp_path):
+    with pytest.raises(BudgetError, match="No candidate of 1"):  # the uncompressed reference misses the MACs budget
+        optimize(MLP, "ort-x86", tmp_path, _options(time_budget_s=1e-6))
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert [c["settings"]["precision"] for c in search["candidates"]] == ["fp32"]  # the reference every cost needs, then nothing
+    assert search["baselines"]["int8"] is None

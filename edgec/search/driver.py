@@ -140,7 +140,7 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
     reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
     trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
-    int8 = trials.run({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None
+    int8 = trials.baseline({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None
     _run_strategy(trials, options)
     return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
 
@@ -262,6 +262,10 @@ class _Trials:
 
     def left(self) -> bool:
         return self.done < self.options.trials and (self.deadline is None or time.monotonic() < self.deadline)
+
+    def baseline(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``params`` evaluated: from the study if it was, else as a trial if trials are left."""
+        return self.memo.get(settings_key(self.space.settings(params))) or (self.run(params) if self.left() else None)
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         if params is not None:
