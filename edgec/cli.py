@@ -542,6 +542,10 @@ def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     out.print(table)
 
 
+ExecutorOpt = Annotated[str, typer.Option(help="Where the work runs: local (this process) or ray (tasks on a Ray cluster).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--executor ray: an existing cluster (e.g. 127.0.0.1:6379, ray://HEAD:10001); a local Ray is started without it.")]
+
+
 @app.command()
 @_handles_errors
 @_prints_warnings
@@ -567,6 +571,9 @@ def optimize(
     lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact, report.json, recipe.toml, search.json, report.html and study.db.")] = Path("optimized"),
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    batch: Annotated[int, typer.Option(help="Candidates asked at once (on Ray: built at once); same --batch, same choice on either executor.")] = 2,
     input_shape: InputShapeOpt = None,
     image_range: ImageRangeOpt = None,
     image_mean: ImageMeanOpt = None,
@@ -586,7 +593,8 @@ def optimize(
         eval=str(eval_data), budgets=Budgets(latency_budget, speedup, size_budget, macs_budget), device=device,
         devices=str(devices) if devices else None, calib=str(calib) if calib else None, finetune=step.options if step else None,
         max_drop=max_drop, min_cosine=min_cosine, strategy=strategy, trials=trials, time_budget_s=time_budget_s, seed=seed,
-        study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std))
+        study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std),
+        executor=executor, ray_address=ray_address, batch=batch)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("[dim]{task.fields[best]}"), console=err) as bar:
         task = bar.add_task("Searching", total=trials, best="no feasible candidate yet")

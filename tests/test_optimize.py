@@ -118,3 +118,13 @@ def test_time_budget_stops_after_the_reference(tmp_path):
     search = json.loads((tmp_path / "search.json").read_text())
     assert [c["settings"]["precision"] for c in search["candidates"]] == ["fp32"]  # the reference every cost needs, then nothing
     assert search["baselines"]["int8"] is None
+
+
+def test_a_search_on_ray_makes_the_choice_the_local_executor_makes(searched, ray_cluster, tmp_path):
+    """Two Ray worker processes build the batch's candidates at once; the study is told in the same
+    order, so the same seed gives the same candidates and choice as the local search above."""
+    _, local = searched
+    on_ray = optimize(MLP, "ort-x86", tmp_path, _options(executor="ray", ray_address=ray_cluster)).search
+    assert [c["settings"] for c in on_ray["candidates"]] == [c["settings"] for c in local.search["candidates"]]
+    assert on_ray["candidates"][on_ray["chosen"]]["settings"] == local.search["candidates"][local.search["chosen"]]["settings"]
+    assert [c["sha256"] for c in on_ray["candidates"]] == [c["sha256"] for c in local.search["candidates"]]

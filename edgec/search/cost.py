@@ -7,7 +7,7 @@
   holds on a busy machine;
 * an SSH board: the best median of a few profiling rounds, the reference the same way.
 
-Measurements are kept in a JSON file keyed by device and artifact sha256 (and, for
+Measurements are kept in JSON files keyed by device and artifact sha256 (and, for
 ``local``, the reference's), so a resumed or repeated search never measures an artifact twice.
 """
 
@@ -33,19 +33,22 @@ def sha256(path: Path) -> str:
 
 
 class CostCache:
-    """Measured costs in ``path`` (JSON), written atomically after each new measurement."""
+    """Measured costs in folder ``path``, one small JSON file per key, each written atomically:
+    candidates measured at once in other processes (edgec.executors) never overwrite each other."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.entries: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
     def get(self, key: str) -> Any:
-        return self.entries.get(key)
+        file = self._file(key)
+        return json.loads(file.read_text()) if file.is_file() else None
 
     def put(self, key: str, value: Any) -> Any:
-        self.entries[key] = value
-        write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode())
+        write_atomically(self._file(key), json.dumps(value, sort_keys=True).encode())
         return value
+
+    def _file(self, key: str) -> Path:
+        return self.path / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -23,6 +23,7 @@ import optuna
 from edgec.build import canonicalize, input_specs
 from edgec.checks import above, at_least, one_of, option, within
 from edgec.errors import BudgetError, DeviceError, EdgecWarning, OptionError
+from edgec.executors import EXECUTORS, Executor, make_executor
 from edgec.images import ImagePreprocess
 from edgec.model import load
 from edgec.outputs import OutputDir
@@ -30,7 +31,7 @@ from edgec.profile import get_device
 from edgec.recipe import recipe_toml
 from edgec.report import write_json
 from edgec.search.cost import sha256, write_atomically
-from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, settings_key
+from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, evaluate_all, settings_key
 from edgec.search.report import render
 from edgec.search.space import Space, build_space, describe, pruning_sensitivity, recipe_steps
 from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
@@ -89,9 +90,14 @@ class OptimizeOptions:
     study: str | None = None  # a file or database URL; OUT/study.db by default
     input_shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     images: ImagePreprocess = ImagePreprocess()
+    executor: str = "local"  # where candidates are built and measured: here, or on Ray (edgec.executors)
+    ray_address: str | None = None  # an existing Ray cluster; a local Ray is started when None
+    batch: int = 2  # candidates asked (and, on Ray, evaluated) at once; the same on every executor, so the same choice
 
     def __post_init__(self) -> None:
         one_of(option("strategy"), self.strategy, STRATEGIES)
+        one_of(option("executor"), self.executor, EXECUTORS)
+        at_least(option("batch"), self.batch, 1)
         at_least(option("trials"), self.trials, 1)
         above(option("time_budget_s", "--time-budget-s"), self.time_budget_s, 0)
         at_least(option("seed"), self.seed, 0)
@@ -134,7 +140,17 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
     measure = accuracy_measure(problem)
     allowed = _allowed_loss(options, measure)
     space, sensitivity = _space(problem, spec, allowed, options)
-    trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress)
+    executor = make_executor(options.executor, options.ray_address)
+    try:
+        trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress, executor)
+        return _run(trials, spec, sensitivity, measure, allowed, out)
+    finally:
+        executor.close()
+
+
+def _run(trials: _Trials, spec, sensitivity: dict[str, Any], measure: str, allowed: float, out: OutputDir) -> OptimizeResult:
+    """The reference build, the int8 baseline, the strategy's trials, then the choice."""
+    problem, space, options = trials.problem, trials.space, trials.options
     reference = trials.run(space.start())
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
@@ -167,10 +183,9 @@ def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
         meets = lambda r: all(v <= 0 for v in options.budgets.violations(r).values())  # noqa: E731
         run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, meets)
         return
-    for level in range(1, max(len(v) for v in space.levels.values())):
-        if trials.left():
-            trials.run(space.uniform(level))  # uniform levels first: cheap to judge, and the front's anchors
-    run_sampler(trials)
+    uniform = [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
+    trials.run_batch(uniform[:trials.room(len(uniform))])  # uniform levels first: cheap to judge, and the front's anchors
+    run_sampler(trials, options.batch)
 
 
 def _check_device(options: OptimizeOptions, device, target) -> None:
@@ -249,8 +264,9 @@ class _Trials:
     resume), a sampler's repeat is told the stored result."""
 
     def __init__(self, study: optuna.Study, space: Space, problem: Problem, options: OptimizeOptions, allowed: float,
-                 progress: Progress | None):
+                 progress: Progress | None, executor: Executor):
         self.study, self.space, self.problem, self.options, self.allowed = study, space, problem, options, allowed
+        self.executor = executor
         self.progress = progress or (lambda *_: None)
         finished = _finished(study)
         self.memo: dict[str, dict[str, Any]] = {}
@@ -268,14 +284,29 @@ class _Trials:
         return self.memo.get(settings_key(self.space.settings(params))) or (self.run(params) if self.left() else None)
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        if params is not None:
-            known = self.memo.get(settings_key(self.space.settings(params)))
+        return self.run_batch([params])[0]
+
+    def run_batch(self, proposals: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+        """A trial per proposal (fixed parameters, or the sampler's with None), the new
+        settings evaluated together on the executor, all told in proposal order: the same
+        batches give the same study on any executor."""
+        asked, results = [], {}
+        for i, params in enumerate(proposals):
+            known = None if params is None else self.memo.get(settings_key(self.space.settings(params)))
             if known is not None:
-                return known
-            self.study.enqueue_trial(dict(params))
-        trial = self.study.ask(self.space.distributions())
-        settings = self.space.settings(trial.params)
-        result = self.memo.get(settings_key(settings)) or evaluate(self.problem, settings)
+                results[i] = known
+                continue
+            if params is not None:
+                self.study.enqueue_trial(dict(params))
+            trial = self.study.ask(self.space.distributions())
+            asked.append((i, trial, self.space.settings(trial.params)))
+        fresh = list({settings_key(s): s for _, _, s in asked if settings_key(s) not in self.memo}.values())
+        evaluated = {settings_key(s): r for s, r in zip(fresh, evaluate_all(self.executor, self.problem, fresh))}
+        for i, trial, settings in asked:
+            results[i] = self._tell(trial, self.memo.get(settings_key(settings)) or evaluated[settings_key(settings)])
+        return [results[i] for i in range(len(proposals))]
+
+    def _tell(self, trial: optuna.trial.Trial, result: dict[str, Any]) -> dict[str, Any]:
         result = judged({**result, "params": dict(trial.params), "trial": trial.number}, self.options.budgets, self.allowed)
         if "error" not in result:
             trial.set_user_attr("constraints", [*result["violations"].values(), result["loss"] - self.allowed])
@@ -289,6 +320,10 @@ class _Trials:
         self.best = _best([r for r in (self.best, result) if r is not None])
         self.progress(self.done, self.options.trials, result, self.best)
         return result
+
+    def room(self, wanted: int) -> int:
+        """How many of ``wanted`` trials fit in what is left of the search (0 when time is up)."""
+        return min(wanted, self.options.trials - self.done) if self.left() else 0
 
 
 def _best(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from edgec.build import BuildOptions, build, canonicalize, input_specs
 from edgec.errors import EdgecError
+from edgec.executors import Executor, Outcome, Task
 from edgec.images import ImagePreprocess
 from edgec.model import load, load_proto
 from edgec.profile import get_device
@@ -43,7 +44,7 @@ class Problem:
     target: str
     device: str
     eval: str
-    work: str  # candidate builds go to work/candidates/<key>, measured costs to work/costs.json
+    work: str  # candidate builds go to work/candidates/<key>, measured costs to work/costs/
     devices: str | None = None
     calib: str | None = None
     seed: int = 0
@@ -88,6 +89,29 @@ def evaluate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
     "relative_cost", "metric", "accuracy", "loss", "size_bytes", "macs", "seconds",
     "artifact", "sha256", "folder"}``, or ``{"settings", "key", "error", "seconds"}`` when the
     build refuses (an EdgecError, e.g. the artifact fails verification)."""
+    built = build_candidate(problem, settings)
+    return built if "error" in built else cost_of(problem, built)
+
+
+def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``evaluate`` of every settings on ``executor``: the builds at once, then the costs, a
+    timed device's one at a time on its board (measuring while builds run would time the builds
+    too). A task that failed every retry is a failed candidate; the search goes on."""
+    built = _results(executor.run([Task(build_candidate, (problem, s)) for s in settings]), settings)
+    device = get_device(problem.device, problem.devices)
+    board = None if device.emulated else device.name
+    ok = [b for b in built if "error" not in b]
+    costed = iter(_results(executor.run([Task(cost_of, (problem, b), board=board) for b in ok]), [b["settings"] for b in ok]))
+    return [b if "error" in b else next(costed) for b in built]
+
+
+def _results(outcomes: Sequence[Outcome], settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [o.value if o.ok else {"settings": dict(s), "key": settings_key(s), "error": f"the task failed: {o.error}", "seconds": 0.0}
+            for o, s in zip(outcomes, settings)]
+
+
+def build_candidate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The build of ``settings`` and its accuracy on ``--eval`` (everything but the cost)."""
     start = time.perf_counter()
     key = settings_key(settings)
     folder = Path(problem.work) / "candidates" / key
@@ -98,14 +122,20 @@ def evaluate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
     except EdgecError as exc:
         return {"settings": dict(settings), "key": key, "error": str(exc), "seconds": round(time.perf_counter() - start, 3)}
     entry = result.report["artifacts"][0]
-    artifact = folder / entry["file"]
-    target = load_target(problem.target)
-    cost = measure(artifact, Path(problem.reference) if problem.reference else None, get_device(problem.device, problem.devices),
-                   target.runtime, target.threads, CostCache(Path(problem.work) / "costs.json"))
-    return {"settings": dict(settings), "key": key, "cost": cost["value"], "relative_cost": cost["relative"],
-            "metric": cost["metric"], **accuracy(problem, artifact), "size_bytes": entry["size_bytes"],
+    return {"settings": dict(settings), "key": key, **accuracy(problem, folder / entry["file"]), "size_bytes": entry["size_bytes"],
             "macs": result.report["model"]["macs"], "seconds": round(time.perf_counter() - start, 3),
             "artifact": entry["file"], "sha256": entry["sha256"], "folder": str(folder)}
+
+
+def cost_of(problem: Problem, built: Mapping[str, Any]) -> dict[str, Any]:
+    """``built`` with its cost on the device, relative to the fp32 reference."""
+    start = time.perf_counter()
+    target = load_target(problem.target)
+    cost = measure(Path(built["folder"]) / built["artifact"], Path(problem.reference) if problem.reference else None,
+                   get_device(problem.device, problem.devices), target.runtime, target.threads,
+                   CostCache(Path(problem.work) / "costs"))
+    return {**built, "cost": cost["value"], "relative_cost": cost["relative"], "metric": cost["metric"],
+            "seconds": round(built["seconds"] + time.perf_counter() - start, 3)}
 
 
 def accuracy_measure(problem: Problem) -> str:
