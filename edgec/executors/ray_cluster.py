@@ -95,10 +95,10 @@ def _connect(ray, address: str | None) -> None:
     try:
         if address:
             ray.init(address=address, **settings)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **settings)
+        else:  # "local": a new Ray of our own, even when another one runs on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), **settings)
     except (ConnectionError, RuntimeError, ValueError) as exc:  # what ray.init raises for a bad or dead address
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise ExecutorError(f"Could not start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.",
+        raise ExecutorError(f"Could not start or reach {where}: {(str(exc).splitlines() or [type(exc).__name__])[0].rstrip('.')}.",
                             hint="Check that `ray start --head` runs there and that the address and port are right "
                                  "(e.g. 127.0.0.1:6379, or ray://HEAD:10001 for Ray Client).") from exc
