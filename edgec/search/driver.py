@@ -164,8 +164,8 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
     space = trials.space
     if options.strategy == "greedy":
-        meets = lambda r: all(v <= 0 for v in options.budgets.violations(r).values())  # noqa: E731
-        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, meets)
+        shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
+        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall)
         return
     for level in range(1, max(len(v) for v in space.levels.values())):
         if trials.left():
