@@ -90,6 +90,8 @@ def test_infeasible_budget_names_the_closest_point_and_writes_it(tmp_path):
     ({"eval": str(REPO / "models" / "data" / "digits_eval_nchw.npz")}, InputDataError, "has no array for input"),
     ({"min_cosine": 0.9}, OptionError, "--max-drop"),  # labeled --eval: the top-1 drop is the bound
     ({"eval": CALIB}, OptionError, "--eval is the --calib data"),
+    ({"study": "/nonexistent/folder/study.db"}, OptionError, "cannot be opened"),
+    ({"study": "nosuchdb://x"}, OptionError, "cannot be opened"),
 ])
 def test_bad_options_are_user_errors(tmp_path, change, error, message):
     with pytest.raises(error, match=message):

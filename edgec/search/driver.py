@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 
 from edgec.build import canonicalize, input_specs
 from edgec.checks import above, at_least, one_of, option, within
@@ -180,8 +181,8 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
     space = trials.space
     if options.strategy == "greedy":
-        meets = lambda r: all(v <= 0 for v in options.budgets.violations(r).values())  # noqa: E731
-        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, meets)
+        shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
+        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall)
         return
     uniform = [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
     trials.run_batch(uniform[:trials.room(len(uniform))])  # uniform levels first: cheap to judge, and the front's anchors
@@ -236,20 +237,29 @@ def _calibration(problem: Problem, specs) -> InputSet:
 def _study(problem: Problem, options: OptimizeOptions, space: Space, out: Path) -> optuna.Study:
     """The study of this problem in the storage (created, or loaded to resume); trials an
     interrupt left running are marked failed."""
-    storage = options.study or str(out / "study.db")
-    url = storage if "://" in storage else f"sqlite:///{Path(storage).resolve()}"
+    storage = _storage(options.study or str(out / "study.db"))
     identity = json.dumps([hashlib.sha256(Path(problem.model).read_bytes()).hexdigest(),
                            problem.target, problem.device, problem.eval, problem.calib, problem.finetune, options.strategy,
                            space.to_dict()], sort_keys=True, default=str)
     name = f"edgec-{Path(problem.model).stem}-{options.strategy}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    done = _finished(optuna.load_study(study_name=name, storage=url)) if name in optuna.get_all_study_names(url) else []
+    done = _finished(optuna.load_study(study_name=name, storage=storage)) if name in optuna.get_all_study_names(storage) else []
     constraints = lambda trial: trial.user_attrs.get("constraints", [1.0])  # noqa: E731
-    study = optuna.create_study(storage=url, study_name=name, directions=["minimize", "minimize"], load_if_exists=True,
+    study = optuna.create_study(storage=storage, study_name=name, directions=["minimize", "minimize"], load_if_exists=True,
                                 sampler=sampler(options.strategy, options.seed + len(done), options.trials, constraints))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return study
+
+
+def _storage(study: str) -> optuna.storages.RDBStorage:
+    """``--study`` opened: a file path is a SQLite database, anything with ``://`` a URL."""
+    url = study if "://" in study else f"sqlite:///{Path(study).resolve()}"
+    try:
+        return optuna.storages.RDBStorage(url)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+        raise OptionError(f"--study {study} cannot be opened: {exc}".split("\n")[0],
+                          hint="Give a SQLite file in a folder that exists, or a database URL whose driver is installed.") from None
 
 
 def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
