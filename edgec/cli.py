@@ -574,6 +574,7 @@ def optimize(
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     batch: Annotated[int, typer.Option(help="Candidates asked at once (on Ray: built at once); same --batch, same choice on either executor.")] = 2,
+    cost: Annotated[str, typer.Option(help="measured (on --device) or predicted (by its latency predictor, `edgec device calibrate`; the Pareto front is measured before choosing).")] = "measured",
     input_shape: InputShapeOpt = None,
     image_range: ImageRangeOpt = None,
     image_mean: ImageMeanOpt = None,
@@ -594,7 +595,7 @@ def optimize(
         devices=str(devices) if devices else None, calib=str(calib) if calib else None, finetune=step.options if step else None,
         max_drop=max_drop, min_cosine=min_cosine, strategy=strategy, trials=trials, time_budget_s=time_budget_s, seed=seed,
         study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std),
-        executor=executor, ray_address=ray_address, batch=batch)
+        executor=executor, ray_address=ray_address, batch=batch, cost=cost)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("[dim]{task.fields[best]}"), console=err) as bar:
         task = bar.add_task("Searching", total=trials, best="no feasible candidate yet")

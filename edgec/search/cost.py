@@ -5,7 +5,8 @@
 * this machine (``local``): latency of the candidate and the fp32 reference in alternating
   rounds in this process, best round median each (noise only adds time), so the ratio
   holds on a busy machine;
-* an SSH board: the best median of a few profiling rounds, the reference the same way.
+* an SSH board: the best median of a few profiling rounds, the reference the same way;
+* with ``--cost predicted``, any of them from its fitted latency predictor (``predicted``).
 
 Measurements are kept in JSON files keyed by device and artifact sha256 (and, for
 ``local``, the reference's), so a resumed or repeated search never measures an artifact twice.
@@ -72,6 +73,17 @@ def measure(artifact: Path, reference: Path | None, device: Device, runtime: dic
     value = _absolute(artifact, device, digest, cache)
     base = value if reference is None or ref_digest == digest else _absolute(reference, device, ref_digest, cache)
     return {"metric": "instructions" if device.emulated else "ms", "value": value, "relative": round(value / base, 6)}
+
+
+def predicted(artifact: Path, reference: Path | None, device: Device) -> dict[str, Any]:
+    """``measure``'s answer from the device's fitted latency predictor (edgec.predict) instead
+    of the device: milliseconds or instructions, deterministic, in a fraction of a second."""
+    from edgec.predict import predict
+
+    value = predict(artifact, device)["predicted"]
+    base = value if reference is None else predict(reference, device)["predicted"]
+    return {"metric": "instructions" if device.emulated else "ms", "value": round(value, 5), "relative": round(value / base, 6),
+            "predicted": True}
 
 
 def _absolute(artifact: Path, device: Device, digest: str, cache: CostCache) -> float:

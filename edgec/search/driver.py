@@ -32,8 +32,8 @@ from edgec.profile import get_device
 from edgec.recipe import recipe_toml
 from edgec.report import write_json
 from edgec.search.cost import sha256, write_atomically
-from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, evaluate_all, settings_key
-from edgec.search.report import render
+from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, evaluate_all, evaluate_costs, settings_key
+from edgec.search.report import front, render
 from edgec.search.space import Space, build_space, describe, pruning_sensitivity, recipe_steps
 from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
 from edgec.targets import load_target, same_arch
@@ -71,6 +71,7 @@ class Budgets:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
+COSTS = ("measured", "predicted")
 FLAGS = {"latency_ms": "--latency-budget", "speedup": "--speedup", "size_kb": "--size-budget", "macs": "--macs-budget"}
 
 
@@ -94,10 +95,12 @@ class OptimizeOptions:
     executor: str = "local"  # where candidates are built and measured: here, or on Ray (edgec.executors)
     ray_address: str | None = None  # an existing Ray cluster; a local Ray is started when None
     batch: int = 2  # candidates asked (and, on Ray, evaluated) at once; the same on every executor, so the same choice
+    cost: str = "measured"  # "predicted": by the device's latency predictor, the Pareto front measured before choosing
 
     def __post_init__(self) -> None:
         one_of(option("strategy"), self.strategy, STRATEGIES)
         one_of(option("executor"), self.executor, EXECUTORS)
+        one_of(option("cost"), self.cost, COSTS)
         at_least(option("batch"), self.batch, 1)
         at_least(option("trials"), self.trials, 1)
         above(option("time_budget_s", "--time-budget-s"), self.time_budget_s, 0)
@@ -128,6 +131,10 @@ def optimize(model: str | Path, target: str, out_dir: str | Path, options: Optim
     device = get_device(options.device, options.devices)
     spec = load_target(target)
     _check_device(options, device, spec)
+    if options.cost == "predicted":  # a device without a fitted predictor fails now, naming `edgec device calibrate`
+        from edgec.predict import PredictorStore, cache_dir
+
+        PredictorStore(cache_dir(None), device.name).load()
     out = OutputDir(out_dir)
     try:
         return _search(model, target, spec, out, options, progress)
@@ -175,7 +182,7 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
     return Problem(absolute(str(model)), target, options.device, absolute(options.eval), str(out.resolve() / ".search"),
                    absolute(options.devices), absolute(options.calib), options.seed,
                    tuple((k, tuple(v)) for k, v in options.input_shapes.items()), options.images, options.max_drop,
-                   tuple(sorted(finetune.items())))
+                   tuple(sorted(finetune.items())), cost=options.cost)
 
 
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
@@ -239,7 +246,7 @@ def _study(problem: Problem, options: OptimizeOptions, space: Space, out: Path) 
     interrupt left running are marked failed."""
     storage = _storage(options.study or str(out / "study.db"))
     identity = json.dumps([hashlib.sha256(Path(problem.model).read_bytes()).hexdigest(),
-                           problem.target, problem.device, problem.eval, problem.calib, problem.finetune, options.strategy,
+                           problem.target, problem.device, problem.cost, problem.eval, problem.calib, problem.finetune, options.strategy,
                            space.to_dict()], sort_keys=True, default=str)
     name = f"edgec-{Path(problem.model).stem}-{options.strategy}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -341,7 +348,11 @@ def _best(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     smallest, then the cheapest. Measured latency decides last: on a busy machine it moves
     between runs, and the choice under one seed should not."""
     feasible = [r for r in results if r.get("feasible")]
-    return min(feasible, key=lambda r: (r["loss"], r["macs"], r["size_bytes"], r["relative_cost"], r["trial"])) if feasible else None
+    return min(feasible, key=_preference) if feasible else None
+
+
+def _preference(result: dict[str, Any]) -> tuple:
+    return result["loss"], result["macs"], result["size_bytes"], result["relative_cost"], result["trial"]
 
 
 def _closest(results: Sequence[dict[str, Any]], allowed: float) -> dict[str, Any]:
@@ -356,6 +367,10 @@ def _finish(trials: _Trials, baselines: dict[str, dict[str, Any] | None], sensit
     """Choose, add the uniform baseline at the chosen point's MACs, and write everything."""
     results = sorted((t.user_attrs["result"] for t in _finished(trials.study)), key=lambda r: r["trial"])
     ok = [r for r in results if "error" not in r]
+    if trials.problem.cost == "predicted":  # choose among measured candidates only
+        ok = _measured_front(trials, ok)
+        measured = {r["trial"]: r for r in ok}
+        results = [measured.get(r["trial"], r) for r in results]
     chosen = _best(ok) or _closest(ok, allowed)
     baselines = {**baselines, "uniform": _uniform_baseline(trials, chosen, baselines["fp32"])}
     search = search_record(results, chosen, baselines, trials, sensitivity, measure, allowed)
@@ -372,6 +387,21 @@ def _finish(trials: _Trials, baselines: dict[str, dict[str, Any] | None], sensit
                       f"{_accuracy_text(chosen, measure)}; misses {', '.join(_misses(chosen, allowed, measure))}. "
                       f"Its artifact is in {out.path / 'closest'}, the search in {out.path / 'report.html'}.",
                       hint="Loosen a budget or the accuracy bound, give more --trials, or --finetune data to recover accuracy.")
+
+
+MEASURED_CHOICES = 4  # --cost predicted: the predicted-feasible candidates measured besides the front
+
+
+def _measured_front(trials: _Trials, ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates to choose from when costs were predicted: the Pareto front of ``ok``
+    and the ``MEASURED_CHOICES`` candidates the choice would prefer, their costs measured on
+    the device (the predictions kept as ``predicted_cost``), so the choice rests on measurements."""
+    preferred = sorted((r for r in ok if r.get("feasible")), key=_preference)[:MEASURED_CHOICES]
+    points = list({r["trial"]: r for r in [ok[i] for i in front(ok)] + preferred}.values())
+    measured = evaluate_costs(trials.executor, dataclasses.replace(trials.problem, cost="measured"), points)
+    return [judged({**m, "trial": p["trial"], "params": p["params"], "predicted_cost": p["cost"],
+                    "predicted_relative_cost": p["relative_cost"]}, trials.options.budgets, trials.allowed)
+            for p, m in zip(points, measured)]
 
 
 def _accuracy_text(result: dict[str, Any], measure: str) -> str:
@@ -437,7 +467,7 @@ def recipe_text(result: dict[str, Any], problem: Problem) -> str:
 
 
 PUBLIC = ("trial", "settings", "cost", "relative_cost", "metric", "accuracy", "loss", "size_bytes", "macs", "seconds",
-          "feasible", "violations", "artifact", "sha256", "error")
+          "feasible", "violations", "artifact", "sha256", "error", "predicted_cost", "predicted_relative_cost")
 
 
 def _public(result: dict[str, Any] | None) -> dict[str, Any] | None:

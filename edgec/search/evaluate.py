@@ -30,7 +30,7 @@ from edgec.model import load, load_proto
 from edgec.profile import get_device
 from edgec.runtime import open_runner
 from edgec.runtime.ort import OrtRunner
-from edgec.search.cost import CostCache, measure
+from edgec.search.cost import CostCache, measure, predicted
 from edgec.search.space import recipe_steps
 from edgec.targets import load_target
 from edgec.verify import Criterion, InputSet, compare_outputs, load_inputs, run_all
@@ -53,6 +53,7 @@ class Problem:
     max_drop: float | None = None  # also the int8 builds' precision search goal on labeled --calib
     finetune: tuple[tuple[str, Any], ...] = ()  # the finetune step's options (data, epochs...) when given
     reference: str | None = None  # the fp32 artifact costs are relative to; None while building it
+    cost: str = "measured"  # or "predicted": by the device's latency predictor (edgec.predict)
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -98,11 +99,15 @@ def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mappin
     timed device's one at a time on its board (measuring while builds run would time the builds
     too). A task that failed every retry is a failed candidate; the search goes on."""
     built = _results(executor.run([Task(build_candidate, (problem, s)) for s in settings]), settings)
-    device = get_device(problem.device, problem.devices)
-    board = None if device.emulated else device.name
-    ok = [b for b in built if "error" not in b]
-    costed = iter(_results(executor.run([Task(cost_of, (problem, b), board=board) for b in ok]), [b["settings"] for b in ok]))
+    costed = iter(evaluate_costs(executor, problem, [b for b in built if "error" not in b]))
     return [b if "error" in b else next(costed) for b in built]
+
+
+def evaluate_costs(executor: Executor, problem: Problem, built: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``cost_of`` every built candidate on ``executor``: a timed device's one at a time on its board."""
+    device = get_device(problem.device, problem.devices)
+    board = None if device.emulated or problem.cost == "predicted" else device.name
+    return _results(executor.run([Task(cost_of, (problem, b), board=board) for b in built]), [b["settings"] for b in built])
 
 
 def _results(outcomes: Sequence[Outcome], settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -130,10 +135,12 @@ def build_candidate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, 
 def cost_of(problem: Problem, built: Mapping[str, Any]) -> dict[str, Any]:
     """``built`` with its cost on the device, relative to the fp32 reference."""
     start = time.perf_counter()
-    target = load_target(problem.target)
-    cost = measure(Path(built["folder"]) / built["artifact"], Path(problem.reference) if problem.reference else None,
-                   get_device(problem.device, problem.devices), target.runtime, target.threads,
-                   CostCache(Path(problem.work) / "costs"))
+    target, device = load_target(problem.target), get_device(problem.device, problem.devices)
+    artifact, reference = Path(built["folder"]) / built["artifact"], Path(problem.reference) if problem.reference else None
+    if problem.cost == "predicted":
+        cost = predicted(artifact, reference, device)
+    else:
+        cost = measure(artifact, reference, device, target.runtime, target.threads, CostCache(Path(problem.work) / "costs"))
     return {**built, "cost": cost["value"], "relative_cost": cost["relative"], "metric": cost["metric"],
             "seconds": round(built["seconds"] + time.perf_counter() - start, 3)}
 
