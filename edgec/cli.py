@@ -633,12 +633,15 @@ def calibrate(
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's).")] = None,
     cache_dir: CacheOpt = None,
     devices: DevicesOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure single-kernel models on DEVICE and fit its latency predictor; resumes an interrupted run."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgec.checks import at_least
+    from edgec.executors import make_executor
     from edgec.predict import PredictorStore, cache_dir as cache_folder
     from edgec.predict.calibrate import calibrate as run_calibration
     from edgec.profile import get_device
@@ -647,11 +650,15 @@ def calibrate(
     at_least("--threads", threads, 1)
     target = get_device(device, devices)
     store = PredictorStore(cache_folder(cache_dir), target.name)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
-                  TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
-        predictor = run_calibration(target, store, minutes, threads or target.threads,
-                                    lambda samples, seconds: bar.update(task, completed=seconds, samples=samples))
+    runner = make_executor(executor, ray_address)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
+            predictor = run_calibration(target, store, minutes, threads or target.threads,
+                                        lambda samples, seconds: bar.update(task, completed=seconds, samples=samples), executor=runner)
+    finally:
+        runner.close()
     kinds = ", ".join(f"{key} ({n})" for key, n in predictor.summary()["kernels"].items())
     out.print(f"Predictor for [bold]{target.name}[/] ({predictor.metric}) in {store.folder}: {kinds}", highlight=False)
 

@@ -51,7 +51,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """The address of a running two-node cluster (a head and one worker, one CPU each)."""
+    """The address of a running two-node cluster (a head and one worker, one CPU each).
+
+    Token authentication off for the cluster and its clients alike: Ray 2.60 turns it on in
+    `ray start` when ~/.ray/auth_token exists (any local ray.init() writes one), while
+    `ray status` does not send the token, so the test would depend on the home folder."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     if shutil.which(RAY) is None:
         pytest.skip("the ray command is not installed")
     address = f"127.0.0.1:{_free_port()}"
