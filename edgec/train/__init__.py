@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from edgec.checks import above, at_least, within
+from edgec.checks import above, at_least, one_of, within
 from edgec.errors import EdgecError
 from edgec.runtime import TensorSpec
 from edgec.verify import InputSet
 
+SCHEDULES = ("constant", "cosine")
 # Called after each epoch with {"epoch", "epochs", "loss", "metric", "seconds"}.
 EpochObserver = Callable[[dict], None]
 # Reads a step's ``data`` (a path) as samples for these inputs; the build owns the filesystem.
@@ -55,6 +56,8 @@ class FinetuneOptions:
     budget_s: float | None = None
     validation: float = 0.1  # share of the data held back for early stopping
     patience: int = 2  # epochs without a better validation metric before stopping
+    schedule: str = "constant"  # learning rate over the epochs: constant, or cosine (decays to 0 after a warmup)
+    warmup: float = 0.0  # cosine: share of the steps spent ramping the rate up from a tenth
     temperature: float = 2.0
     distill_weight: float = 1.0
     mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
@@ -71,6 +74,8 @@ class FinetuneOptions:
         above("budget_s (--finetune-budget-s)", self.budget_s, 0)
         within("validation", self.validation, 0, 1, include_high=False)
         at_least("patience", self.patience, 1)
+        one_of("schedule", self.schedule, SCHEDULES)
+        within("warmup", self.warmup, 0, 1, include_high=False)
         above("temperature", self.temperature, 0)
         at_least("distill_weight", self.distill_weight, 0)
         at_least("mix", self.mix, 0)

@@ -44,7 +44,8 @@ class Finetune(ir.passes.InPlacePass):
         train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix)
         found = heads(model, lowering.io["outputs"])
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
-        settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed)
+        settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed,
+                                o.schedule, o.warmup)
         trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
         trainer = Trainer(trained, found, classifier, train, settings)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))

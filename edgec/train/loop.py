@@ -33,6 +33,18 @@ class LoopSettings:
     temperature: float
     distill_weight: float
     seed: int
+    schedule: str = "constant"
+    warmup: float = 0.0
+
+    def learning_rate(self, steps_per_epoch: int):
+        """The optimizer's rate: constant, or cosine decay to 0 over every planned step after a
+        linear warmup from a tenth (a pruned model's first large steps can undo what survived)."""
+        if self.schedule == "constant":
+            return self.lr
+        total = max(1, self.epochs * steps_per_epoch)
+        warmup = int(self.warmup * total)
+        return keras.optimizers.schedules.CosineDecay(self.lr / 10 if warmup else self.lr, total - warmup,
+                                                      warmup_target=self.lr if warmup else None, warmup_steps=warmup)
 
 
 @dataclasses.dataclass
@@ -117,7 +129,7 @@ class Trainer:
         tf.config.experimental.enable_op_determinism()
         # Not the user's to act on: vectorized_map's while-loop fallback (TFMOT's gather), retracing for a short last batch.
         tf.get_logger().setLevel("ERROR")
-        optimizer = keras.optimizers.Adam(s.lr)
+        optimizer = keras.optimizers.Adam(s.learning_rate(-(-len(train) // s.batch_size)))
         variables = self.model.trainable_variables
         labeled = self.labeled(train)
 
