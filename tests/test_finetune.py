@@ -3,6 +3,7 @@ labels, determinism, and the errors a user can cause. Tiny models, one or two ep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -141,3 +142,33 @@ def test_command_line_shows_each_epoch(tmp_path):
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["finetune"]["options"]["lr"] == 1e-3 and report["finetune"]["options"]["batch_size"] == 4
     assert "epoch   1/2" in result.output and "model.finetuned.onnx" in listing(tmp_path / "out")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from edgec.train.loop import LoopSettings
+
+    settings = LoopSettings(epochs=4, lr=1e-2, batch_size=8, budget_s=None, patience=2, temperature=2.0, distill_weight=1.0,
+                            seed=0, schedule="cosine", warmup=0.25)
+    rate = settings.learning_rate(steps_per_epoch=10)  # 40 steps, 10 of them warming up
+    assert float(rate(0)) == pytest.approx(1e-3) and float(rate(10)) == pytest.approx(1e-2)
+    assert float(rate(25)) < 1e-2 and float(rate(40)) == pytest.approx(0.0, abs=1e-9)
+    assert dataclasses.replace(settings, schedule="constant").learning_rate(10) == 1e-2
+
+
+def test_augmented_copies_move_images_and_stay_in_range():
+    from edgec.train.data import _augmented
+
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.uniform(-1, 1, (1, 2, 8, 8)).astype(np.float32), "n": np.ones(3, np.int64)} for _ in range(3)]
+    copies, origin = _augmented(batches, np.array([0, 2]), 2, {"x": (2, 3)}, flip=True, rng=rng)
+    assert list(origin) == [0, 2, 0, 2] and all(c["n"] is batches[o]["n"] for c, o in zip(copies, origin))
+    for copy, o in zip(copies, origin):
+        image, source = copy["x"], batches[o]["x"]
+        assert image.dtype == np.float32 and image.shape == source.shape and not np.array_equal(image, source)
+        assert source.min() <= image.min() and image.max() <= source.max()
+
+
+def test_augmentation_and_schedule_in_a_build(tmp_path):
+    result = _build(tmp_path, "augmented", _samples(_net(), 20, seed=7, labels=False), augment=2, schedule="cosine", warmup=0.1)
+    record = result.report["finetune"]
+    assert record["samples"] == 3 * 18 and record["options"]["augment"] == 2 and record["options"]["schedule"] == "cosine"

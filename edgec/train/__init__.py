@@ -61,6 +61,7 @@ class FinetuneOptions:
     temperature: float = 2.0
     distill_weight: float = 1.0
     mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
+    augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
     clusters: int | None = None  # cluster Conv/Dense kernels to this many values while training (TFMOT)
     seed: int | None = None  # the build's --seed when None
 
@@ -79,5 +80,6 @@ class FinetuneOptions:
         above("temperature", self.temperature, 0)
         at_least("distill_weight", self.distill_weight, 0)
         at_least("mix", self.mix, 0)
+        at_least("augment", self.augment, 0)
         at_least("clusters", self.clusters, 2)
         at_least("seed", self.seed, 0)

@@ -41,7 +41,7 @@ class Finetune(ir.passes.InPlacePass):
         weights = trace(model, lowering.model, codes, offsets)
         frozen_nodes = self._freeze(lowering, weights.frozen)
         teacher = OrtRunner(self.context.source, threads=1, optimization="disabled")
-        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix)
+        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix, o.augment)
         found = heads(model, lowering.io["outputs"])
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
         settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed,
