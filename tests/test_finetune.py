@@ -172,3 +172,19 @@ def test_augmentation_and_schedule_in_a_build(tmp_path):
     result = _build(tmp_path, "augmented", _samples(_net(), 20, seed=7, labels=False), augment=2, schedule="cosine", warmup=0.1)
     record = result.report["finetune"]
     assert record["samples"] == 3 * 18 and record["options"]["augment"] == 2 and record["options"]["schedule"] == "cosine"
+
+
+def test_gradual_pruning_reaches_its_sparsity_and_goes_back_to_onnx(tmp_path):
+    result = _build(tmp_path, "sparse", _samples(_net(), 24, seed=8, labels=False), sparsity=0.6, epochs=3, lr=1e-3)
+    record = result.report["finetune"]
+    model = onnx.load(tmp_path / "sparse" / "model.finetuned.onnx")
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    kernels = [weights[n.input[1]] for n in model.graph.node if n.name in ("conv", "fc")]  # depthwise kernels stay dense
+    zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+    assert record["sparsity"] == pytest.approx(0.6, abs=0.02) and zeros == pytest.approx(record["sparsity"], abs=1e-6)
+    assert record["best_epoch"] >= 2  # epochs before the final sparsity are never kept
+
+
+def test_pruning_and_clustering_are_one_or_the_other():
+    with pytest.raises(OptionError, match="not both"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "sparsity": 0.5, "clusters": 8})])

@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Callable
 
 from edgec.checks import above, at_least, one_of, within
-from edgec.errors import EdgecError
+from edgec.errors import EdgecError, OptionError
 from edgec.runtime import TensorSpec
 from edgec.verify import InputSet
 
@@ -62,6 +62,7 @@ class FinetuneOptions:
     distill_weight: float = 1.0
     mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
     augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
+    sparsity: float | None = None  # prune Conv/Dense kernels gradually to this share of zeros while training (TFMOT)
     clusters: int | None = None  # cluster Conv/Dense kernels to this many values while training (TFMOT)
     seed: int | None = None  # the build's --seed when None
 
@@ -82,4 +83,8 @@ class FinetuneOptions:
         at_least("mix", self.mix, 0)
         at_least("augment", self.augment, 0)
         at_least("clusters", self.clusters, 2)
+        within("sparsity", self.sparsity, 0, 1, include_high=False)
+        if self.sparsity is not None and self.clusters is not None:
+            raise OptionError("The finetune step can prune (sparsity) or cluster (clusters) the weights, not both.",
+                              hint="Give one of them; or two finetune steps, pruning first.")
         at_least("seed", self.seed, 0)

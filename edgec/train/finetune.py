@@ -18,6 +18,7 @@ from edgec.train.clustering import clustered, stripped
 from edgec.train.data import Split, classifier_output, heads, training_data
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
+from edgec.train.pruning import GradualPruning
 from edgec.train.trace import coded_copy, layer_weights, trace
 from edgec.verify import run_all
 
@@ -47,7 +48,9 @@ class Finetune(ir.passes.InPlacePass):
         settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed,
                                 o.schedule, o.warmup)
         trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
-        trainer = Trainer(trained, found, classifier, train, settings)
+        steps = o.epochs * -(-len(train) // o.batch_size)
+        pruning = GradualPruning(trained, o.sparsity, steps) if o.sparsity else None
+        trainer = Trainer(trained, found, classifier, train, settings, pruning)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
         changed = weights.write_back(model, stripped(trained) if o.clusters else trained)
@@ -63,11 +66,13 @@ class Finetune(ir.passes.InPlacePass):
             "trained_layers": sum(1 for layer in lowering.model.layers if layer.weights and layer.trainable),
             "frozen_nodes": frozen_nodes, "initializers_updated": len(changed),
         }
+        if pruning is not None:
+            details["sparsity"] = round(pruning.sparsity(), 6)
         if frozen_nodes:
             details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
                                f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
                                f"{'...' if len(frozen_nodes) > 5 else ''}.")
-        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters)), details)
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity)), details)
 
     @staticmethod
     def _freeze(lowering, frozen_layers: list[str]) -> list[str]:

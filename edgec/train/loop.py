@@ -18,6 +18,7 @@ import tf_keras as keras
 from edgec.errors import EdgecError
 from edgec.train import EpochObserver
 from edgec.train.data import Head, Split
+from edgec.train.pruning import GradualPruning
 from edgec.verify import cosine
 
 EPS = 1e-7
@@ -60,8 +61,8 @@ class Trainer:
     """Trains ``model`` (a batch-N Keras model, vectorized over stacked model batches)."""
 
     def __init__(self, model: keras.Model, heads: list[Head], classifier: tuple[int, int] | None, train: Split,
-                 settings: LoopSettings):
-        self.model, self.heads, self.classifier, self.settings = model, heads, classifier, settings
+                 settings: LoopSettings, pruning: GradualPruning | None = None):
+        self.model, self.heads, self.classifier, self.settings, self.pruning = model, heads, classifier, settings, pruning
         # Regression heads are scaled by the targets' variance, so outputs of any magnitude weigh alike.
         self.scales = [float(np.var(t)) + EPS for t in train.targets]
 
@@ -138,9 +139,13 @@ class Trainer:
             with tf.GradientTape() as tape:
                 loss = self.loss(self.outputs(inputs), targets, labels if labeled else None)
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+            if self.pruning is not None:
+                self.pruning.update(optimizer.iterations)
             return loss
 
-        history, best = History(), (self.validation_loss(validation), [v.numpy() for v in variables])
+        # While pruning, only weights at the final sparsity may be kept: the untrained ones are not.
+        history = History()
+        best = (np.inf, None) if self.pruning else (self.validation_loss(validation), [v.numpy() for v in variables])
         rng, start, waited = np.random.default_rng(s.seed), time.perf_counter(), 0
         for epoch in range(1, s.epochs + 1):
             began, losses = time.perf_counter(), []
@@ -155,9 +160,10 @@ class Trainer:
             if observer:
                 observer({"epoch": epoch, "epochs": s.epochs, "loss": history.losses[-1], "validation_loss": history.validation_losses[-1],
                           "metric": history.metrics[-1], "seconds": time.perf_counter() - began})
-            if history.validation_losses[-1] < best[0]:
+            settled = self.pruning is None or self.pruning.settled(int(optimizer.iterations))  # else no epoch counts yet
+            if settled and history.validation_losses[-1] < best[0]:
                 best, waited, history.best_epoch = (history.validation_losses[-1], [v.numpy() for v in variables]), 0, epoch
-            else:
+            elif settled:
                 waited += 1
             if waited >= s.patience and epoch < s.epochs:
                 history.stopped = "early"
@@ -165,7 +171,7 @@ class Trainer:
             if s.budget_s is not None and epoch < s.epochs and time.perf_counter() - start + (time.perf_counter() - began) > s.budget_s:
                 history.stopped = "budget"
                 break
-        for variable, value in zip(variables, best[1]):
+        for variable, value in zip(variables, best[1] or []):  # none kept: a budget stopped pruning early
             variable.assign(value)
         return history
 
