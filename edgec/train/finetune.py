@@ -14,7 +14,7 @@ from edgec.model import to_bytes
 from edgec.passes.layout import inverse
 from edgec.passes.pipeline import PassOutcome
 from edgec.runtime.ort import OrtRunner
-from edgec.train.clustering import clustered, stripped
+from edgec.train.clustering import Clustering
 from edgec.train.data import Split, classifier_output, heads, training_data
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
@@ -47,13 +47,13 @@ class Finetune(ir.passes.InPlacePass):
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
         settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed,
                                 o.schedule, o.warmup)
-        trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
         steps = o.epochs * -(-len(train) // o.batch_size)
-        pruning = GradualPruning(trained, o.sparsity, steps) if o.sparsity else None
-        trainer = Trainer(trained, found, classifier, train, settings, pruning)
+        pruning = GradualPruning(lowering.model, o.sparsity, steps) if o.sparsity else None
+        clustering = Clustering(lowering.model, o.clusters) if o.clusters else None
+        trainer = Trainer(lowering.model, found, classifier, train, settings, pruning or clustering)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
-        changed = weights.write_back(model, stripped(trained) if o.clusters else trained)
+        changed = weights.write_back(model, clustering.stripped() if clustering else lowering.model)
         after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
         details = {

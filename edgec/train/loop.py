@@ -18,7 +18,6 @@ import tf_keras as keras
 from edgec.errors import EdgecError
 from edgec.train import EpochObserver
 from edgec.train.data import Head, Split
-from edgec.train.pruning import GradualPruning
 from edgec.verify import cosine
 
 EPS = 1e-7
@@ -48,6 +47,27 @@ class LoopSettings:
                                                       warmup_target=self.lr if warmup else None, warmup_steps=warmup)
 
 
+class WeightConstraint:
+    """What a TFMOT technique adds to the training step, kept out of ``tf.vectorized_map``: its
+    wrappers assign variables and gather, which vectorization cannot batch (clustering inside
+    it took 75-124 s an epoch, a per-sample loop). The model itself runs unwrapped; this base
+    constrains nothing."""
+
+    def trainable(self, model: keras.Model) -> list[tf.Variable]:
+        """The variables the optimizer trains."""
+        return model.trainable_variables
+
+    def before_forward(self) -> None:
+        """Set the layers' weights for the next forward pass (inside the traced step)."""
+
+    def after_step(self, step: tf.Tensor) -> None:
+        """After optimizer step ``step`` (from 1)."""
+
+    def settled(self, steps_done: int) -> bool:
+        """Whether weights after this many steps may be kept as the best."""
+        return True
+
+
 @dataclasses.dataclass
 class History:
     losses: list[float] = dataclasses.field(default_factory=list)
@@ -61,12 +81,14 @@ class Trainer:
     """Trains ``model`` (a batch-N Keras model, vectorized over stacked model batches)."""
 
     def __init__(self, model: keras.Model, heads: list[Head], classifier: tuple[int, int] | None, train: Split,
-                 settings: LoopSettings, pruning: GradualPruning | None = None):
-        self.model, self.heads, self.classifier, self.settings, self.pruning = model, heads, classifier, settings, pruning
+                 settings: LoopSettings, constraint: WeightConstraint | None = None):
+        self.model, self.heads, self.classifier, self.settings = model, heads, classifier, settings
+        self.constraint = constraint or WeightConstraint()
         # Regression heads are scaled by the targets' variance, so outputs of any magnitude weigh alike.
         self.scales = [float(np.var(t)) + EPS for t in train.targets]
 
     def outputs(self, inputs: tuple) -> list[tf.Tensor]:
+        self.constraint.before_forward()
         result = tf.vectorized_map(lambda xs: self.model(list(xs), training=True), inputs)
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
@@ -131,7 +153,7 @@ class Trainer:
         # Not the user's to act on: vectorized_map's while-loop fallback (TFMOT's gather), retracing for a short last batch.
         tf.get_logger().setLevel("ERROR")
         optimizer = keras.optimizers.Adam(s.learning_rate(-(-len(train) // s.batch_size)))
-        variables = self.model.trainable_variables
+        variables = self.constraint.trainable(self.model)
         labeled = self.labeled(train)
 
         @tf.function(reduce_retracing=True)
@@ -139,13 +161,12 @@ class Trainer:
             with tf.GradientTape() as tape:
                 loss = self.loss(self.outputs(inputs), targets, labels if labeled else None)
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            if self.pruning is not None:
-                self.pruning.update(optimizer.iterations)
+            self.constraint.after_step(optimizer.iterations)
             return loss
 
-        # While pruning, only weights at the final sparsity may be kept: the untrained ones are not.
+        # Untrained weights are kept if no epoch beats them, unless they are not yet constrained (pruning).
         history = History()
-        best = (np.inf, None) if self.pruning else (self.validation_loss(validation), [v.numpy() for v in variables])
+        best = (self.validation_loss(validation), [v.numpy() for v in variables]) if self.constraint.settled(0) else (np.inf, None)
         rng, start, waited = np.random.default_rng(s.seed), time.perf_counter(), 0
         for epoch in range(1, s.epochs + 1):
             began, losses = time.perf_counter(), []
@@ -160,7 +181,7 @@ class Trainer:
             if observer:
                 observer({"epoch": epoch, "epochs": s.epochs, "loss": history.losses[-1], "validation_loss": history.validation_losses[-1],
                           "metric": history.metrics[-1], "seconds": time.perf_counter() - began})
-            settled = self.pruning is None or self.pruning.settled(int(optimizer.iterations))  # else no epoch counts yet
+            settled = self.constraint.settled(int(optimizer.iterations))  # else no epoch counts yet
             if settled and history.validation_losses[-1] < best[0]:
                 best, waited, history.best_epoch = (history.validation_losses[-1], [v.numpy() for v in variables]), 0, epoch
             elif settled:

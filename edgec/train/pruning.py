@@ -22,6 +22,8 @@ from __future__ import annotations
 import tensorflow as tf
 import tf_keras as keras
 
+from edgec.train.loop import WeightConstraint
+
 PRUNED_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
 # Subclasses of Conv1D/Conv2D, left dense: TFMOT's registry prunes none of their weights (few per channel anyway).
 DENSE_LAYERS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -29,7 +31,7 @@ MASK_UPDATES = 16  # the schedule raises the sparsity this many times
 PRUNING_SHARE = 2 / 3  # of the planned steps; the rest train at the final sparsity
 
 
-class GradualPruning:
+class GradualPruning(WeightConstraint):
     """The TFMOT wrappers of ``model``'s prunable layers and their schedule over ``steps``."""
 
     def __init__(self, model: keras.Model, sparsity: float, steps: int):
@@ -49,7 +51,7 @@ class GradualPruning:
 
         keras.models.clone_model(model, clone_function=wrap)  # builds each wrapper's mask around the shared kernel
 
-    def update(self, step: tf.Tensor) -> None:
+    def after_step(self, step: tf.Tensor) -> None:
         """After optimizer step ``step`` (from 1): masks on schedule, then kernels *= masks."""
         for wrapper in self.wrappers:
             wrapper.pruning_step.assign(tf.cast(step, tf.int64))
