@@ -315,7 +315,9 @@ def verify(
     debug: DebugOpt = False,
 ) -> None:
     """Run SOURCE and ARTIFACT on the same inputs and compare their outputs."""
-    from edgec.build import BuildOptions, source_runner, verify_runners
+    from edgec.build import BuildOptions
+    from edgec.stages.source import source_runner
+    from edgec.stages.verify import verify_runners
     from edgec.runtime import open_runner
     from edgec.targets import DEFAULT_CRITERIA
 

@@ -10,7 +10,8 @@ import onnx
 import pytest
 from helpers import GraphBuilder, save
 
-from edgec.build import BuildOptions, build, held_out_split
+from edgec.build import BuildOptions, build
+from edgec.stages.data import held_out_split
 from edgec.errors import EdgecWarning, VerificationError
 from edgec.verify import InputSet
 

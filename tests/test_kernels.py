@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import GraphBuilder, save
 
-import edgec.build
+import edgec.stages.speed
 from edgec.build import BuildOptions, build
 from edgec.errors import EdgecWarning, VerificationError
 from edgec.lower import LowerOptions, lower
@@ -76,7 +76,7 @@ def _int8_options(**more) -> BuildOptions:
 
 def test_speed_check_that_ships_fp32_names_the_slower_kernels(tmp_path, monkeypatch):
     """Only the verdict is forced (this host may well run int8 faster); the kernels are profiled for real."""
-    monkeypatch.setattr(edgec.build, "compare_latency", _int8_slower)
+    monkeypatch.setattr(edgec.stages.speed, "compare_latency", _int8_slower)
     with pytest.warns(EdgecWarning, match=r"slower in int8: .+ ms \(fp32 .+ ms\)"):
         result = build(mobile_block(tmp_path), "ort-x86", tmp_path / "out", _int8_options())
     decision = result.report["speed_check"]
@@ -86,7 +86,7 @@ def test_speed_check_that_ships_fp32_names_the_slower_kernels(tmp_path, monkeypa
 
 def test_fp32_shipped_by_the_speed_check_that_fails_verification_says_why(tmp_path, monkeypatch):
     """fp32 is held to the fp32 criterion; the error says the speed check chose it."""
-    monkeypatch.setattr(edgec.build, "compare_latency", _int8_slower)
+    monkeypatch.setattr(edgec.stages.speed, "compare_latency", _int8_slower)
     with pytest.warns(EdgecWarning), pytest.raises(VerificationError, match="speed check built fp32.+--no-speed-check"):
         build(mobile_block(tmp_path), "tflite-x86", tmp_path / "out", _int8_options(tolerance=1e-12))
     assert not (tmp_path / "out").exists()

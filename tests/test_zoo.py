@@ -11,7 +11,9 @@ import onnx
 import pytest
 from conftest import REPO
 
-from edgec.build import BuildOptions, build, source_runner, verify_runners
+from edgec.build import BuildOptions, build
+from edgec.stages.source import source_runner
+from edgec.stages.verify import verify_runners
 from edgec.runtime import open_runner
 from edgec.verify import Criterion
 from edgec.errors import EdgecWarning

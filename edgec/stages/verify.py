@@ -1,0 +1,68 @@
+"""The verification stage: the artifact against its reference model, on the same inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+from edgec.errors import ModelLoadError, VerificationError
+from edgec.lower import Lowered
+from edgec.runtime import Runner, compare_threads, open_runner
+from edgec.stages.context import BuildOptions
+from edgec.stages.data import verification_inputs
+from edgec.targets import Target
+from edgec.verify import Criterion, InputSet, Verification, compare
+
+def open_artifact(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
+    """A runner on the primary artifact, written to a scratch ``directory``. edgec made the
+    artifact, so a runtime refusing it is a bug in edgec, not the user's error."""
+    try:
+        return open_runner(write_primary(directory, lowered), threads=threads, options=target.runtime)
+    except ModelLoadError as exc:
+        raise RuntimeError(f"the runtime cannot load edgec's own {lowered.primary}: {exc}") from exc
+
+
+def write_primary(directory: Path, lowered: Lowered) -> Path:
+    """The primary artifact, written to a scratch ``directory``."""
+    directory.mkdir(exist_ok=True)
+    path = directory / lowered.primary
+    path.write_bytes(lowered.files[lowered.primary])
+    return path
+
+
+def criterion(target: Target, precision: str, options: BuildOptions) -> Criterion:
+    """The target's verification criterion for ``precision``, with the user's overrides."""
+    chosen = target.criteria[precision]
+    if options.tolerance is not None:
+        chosen = dataclasses.replace(chosen, tolerance=options.tolerance)
+    if options.min_cosine is not None:
+        chosen = dataclasses.replace(chosen, min_cosine=options.min_cosine)
+    return chosen
+
+
+def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: BuildOptions, criterion: Criterion,
+                 held_out: InputSet | None = None) -> Verification:
+    """Write the primary artifact to a scratch file and compare it with the reference model."""
+    with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
+        artifact = open_artifact(Path(tmp), lowered, target, threads=compare_threads(Path(lowered.primary).suffix))
+        return verify_runners(reference, artifact, options, criterion, held_out)
+
+
+def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, criterion: Criterion,
+                   held_out: InputSet | None = None) -> Verification:
+    inputs = verification_inputs(artifact, options, held_out)
+    return compare(source, artifact, inputs, criterion)
+
+
+def verification_error(v: Verification, fp32_instead_of_int8: bool = False) -> VerificationError:
+    failed = next(o for o in v.outputs if not o.passed)
+    shipped = (" The speed check built fp32 because int8 was not faster, and fp32 is held to the fp32 "
+               "criterion; --no-speed-check keeps int8.") if fp32_instead_of_int8 else ""
+    return VerificationError(
+        f"The artifact does not match the source model: output '{failed.name}' has max abs error "
+        f"{failed.max_abs_error:.3g} (max |reference| {failed.max_abs_reference:.3g}, relative "
+        f"{failed.relative_error:.3g}) and cosine {failed.cosine:.4f}; required: {v.criterion.describe()}; "
+        f"nothing was written.{shipped}",
+        hint="Relax --tolerance / --min-cosine if this error is acceptable, or report the model as a lowering bug.",
+    )
