@@ -36,6 +36,15 @@ def _net(alpha: float = 1.0, seed: int = 0):
     return g.model({"x": [1, 2, 6, 6]}, {y: [1, 4]})
 
 
+def _residual_net():
+    """Conv → Relu → Conv → Add (a residual join whose channels prune together) → Flatten → Gemm → Softmax."""
+    g = GraphBuilder(seed=4)
+    r = g.op("Relu", [g.op("Conv", ["x", g.weight(8, 2, 3, 3), g.weight(8)], name="conv1", pads=[1, 1, 1, 1])])
+    x = g.op("Add", [r, g.op("Conv", [r, g.weight(8, 8, 3, 3), g.weight(8)], name="conv2", pads=[1, 1, 1, 1])], name="join")
+    x = g.op("Gemm", [g.op("Flatten", [x]), g.weight(4, 8 * 6 * 6, scale=0.05), g.weight(4)], name="fc", transB=1)
+    return g.model({"x": [1, 2, 6, 6]}, {g.op("Softmax", [x], axis=1): [1, 4]})
+
+
 def _lowered(proto):
     model = canonicalize(ir.serde.deserialize_model(proto), {})[0]
     coded, offsets = coded_copy(model)
@@ -69,8 +78,8 @@ def _samples(proto, count: int, seed: int, labels: bool) -> dict[str, np.ndarray
     return arrays
 
 
-def _build(tmp_path, name: str, data: dict, steps=(), **finetune):
-    source = save(_net(), tmp_path)
+def _build(tmp_path, name: str, data: dict, steps=(), net=_net, **finetune):
+    source = save(net(), tmp_path)
     np.savez(tmp_path / "data.npz", **data)
     step = Step("finetune", {"data": str(tmp_path / "data.npz"), "epochs": 2, "batch_size": 8} | finetune)
     return build(source, "ort-x86", tmp_path / name, BuildOptions(recipe=[*steps, step], calib=str(tmp_path / "data.npz")))
@@ -188,3 +197,20 @@ def test_gradual_pruning_reaches_its_sparsity_and_goes_back_to_onnx(tmp_path):
 def test_pruning_and_clustering_are_one_or_the_other():
     with pytest.raises(OptionError, match="not both"):
         BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "sparsity": 0.5, "clusters": 8})])
+
+
+def test_a_pruned_stage_output_is_matched_channel_by_channel():
+    from edgec.train.features import _match
+
+    teacher = np.random.default_rng(0).standard_normal((50, 4, 4, 6)).astype(np.float32)
+    student = teacher[..., [4, 1, 3]] * 0.9 + 0.01  # three channels kept, in another order, a little off
+    assert list(_match(student, teacher)) == [4, 1, 3]
+
+
+def test_feature_distillation_trains_on_the_residual_join(tmp_path):
+    data = _samples(_residual_net(), 32, seed=9, labels=False)
+    prune = Step("prune", {"rate": 0.5, "round_to": 1, "reconstruct": False})
+    result = _build(tmp_path, "features", data, [prune], net=_residual_net, features=1.0, epochs=2, lr=3e-3)
+    record = result.report["finetune"]
+    assert len(record["features"]) == 1 and record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
+    assert record["after"] >= record["before"] and len(record["losses"]) == 2

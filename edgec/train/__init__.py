@@ -60,6 +60,7 @@ class FinetuneOptions:
     warmup: float = 0.0  # cosine: share of the steps spent ramping the rate up from a tenth
     temperature: float = 2.0
     distill_weight: float = 1.0
+    features: float = 0.0  # weight of distilling the residual stages' tensors too (edgec.train.features); 0: outputs only
     mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
     augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
     sparsity: float | None = None  # prune Conv/Dense kernels gradually to this share of zeros while training (TFMOT)
@@ -80,6 +81,7 @@ class FinetuneOptions:
         within("warmup", self.warmup, 0, 1, include_high=False)
         above("temperature", self.temperature, 0)
         at_least("distill_weight", self.distill_weight, 0)
+        at_least("features", self.features, 0)
         at_least("mix", self.mix, 0)
         at_least("augment", self.augment, 0)
         at_least("clusters", self.clusters, 2)

@@ -25,7 +25,8 @@ SOFTMAX_OPS = {"Softmax": False, "LogSoftmax": True}  # op → its output is a l
 @dataclasses.dataclass(frozen=True)
 class Head:
     """How one output is distilled: ``softmax`` heads by KL divergence over ``axis`` (in the
-    Keras layout), everything else (``regression``: logits, boxes, masks) by MSE."""
+    Keras layout), everything else (``regression``: logits, boxes, masks; ``feature``: an
+    intermediate tensor, ``edgec.train.features``) by MSE."""
 
     name: str
     kind: str
@@ -60,6 +61,9 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.inputs[0])
+
+    def with_targets(self, more: list[np.ndarray]) -> Split:
+        return Split(self.inputs, [*self.targets, *more], self.labels)
 
     def take(self, index: np.ndarray) -> Split:
         return Split([a[index] for a in self.inputs], [t[index] for t in self.targets],

@@ -35,6 +35,7 @@ class LoopSettings:
     seed: int
     schedule: str = "constant"
     warmup: float = 0.0
+    feature_weight: float = 0.0
 
     def learning_rate(self, steps_per_epoch: int):
         """The optimizer's rate: constant, or cosine decay to 0 over every planned step after a
@@ -93,15 +94,17 @@ class Trainer:
         return list(result) if isinstance(result, (list, tuple)) else [result]
 
     def loss(self, outputs: list[tf.Tensor], targets: tuple, labels: tf.Tensor | None) -> tf.Tensor:
-        terms = [self._distill(h, o, t, s) for h, o, t, s in zip(self.heads, outputs, targets, self.scales)]
-        total = self.settings.distill_weight * tf.add_n(terms) / len(terms)
+        terms = [(h.kind == "feature", self._distill(h, o, t, s)) for h, o, t, s in zip(self.heads, outputs, targets, self.scales)]
+        total = self.settings.distill_weight * _mean([term for feature, term in terms if not feature])
+        if any(feature for feature, _ in terms):
+            total += self.settings.feature_weight * _mean([term for feature, term in terms if feature])
         if self.classifier is not None and labels is not None:
             index, _ = self.classifier
             total += self._cross_entropy(self.heads[index], outputs[index], labels)
         return total
 
     def _distill(self, head: Head, student: tf.Tensor, teacher: tf.Tensor, scale: float) -> tf.Tensor:
-        if head.kind == "regression":
+        if head.kind != "softmax":
             return tf.reduce_mean(tf.square(student - teacher)) / scale
         axis, temperature = head.axis + 1, self.settings.temperature  # + the stacking axis
         soft_teacher = tf.nn.softmax(_log_probs(head, teacher) / temperature, axis=axis)
@@ -119,7 +122,8 @@ class Trainer:
         if self.classifier is not None and split.labels is not None:
             index, _ = self.classifier
             return float(np.mean(outputs[index].argmax(-1) == split.labels))
-        return min(cosine(o.astype(np.float64), t.astype(np.float64)) for o, t in zip(outputs, split.targets))
+        return min(cosine(o.astype(np.float64), t.astype(np.float64))
+                   for h, o, t in zip(self.heads, outputs, split.targets) if h.kind != "feature")
 
     def predict(self, split: Split) -> list[np.ndarray]:
         parts = [self._predict(_tensors(part.inputs)) for part in self._batches(split)]
@@ -204,6 +208,10 @@ class Trainer:
             raise EdgecError(f"Fine-tuning budget of {self.settings.budget_s:g} s is too small for one epoch "
                              f"(about {needed:.0f} s here).",
                              hint="Raise --finetune-budget-s, or give fewer samples.")
+
+
+def _mean(terms: list[tf.Tensor]) -> tf.Tensor:
+    return tf.add_n(terms) / len(terms)
 
 
 def _log_probs(head: Head, output: tf.Tensor) -> tf.Tensor:
