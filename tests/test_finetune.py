@@ -156,12 +156,12 @@ def test_command_line_shows_each_epoch(tmp_path):
 def test_cosine_schedule_warms_up_then_decays_to_zero():
     from edgec.train.loop import LoopSettings
 
-    settings = LoopSettings(epochs=4, lr=1e-2, batch_size=8, budget_s=None, patience=2, temperature=2.0, distill_weight=1.0,
+    settings = LoopSettings(epochs=4, lr=1e-2, batch_size=8, budget_s=10.0, patience=2, temperature=2.0, distill_weight=1.0,
                             seed=0, schedule="cosine", warmup=0.25)
-    rate = settings.learning_rate(steps_per_epoch=10)  # 40 steps, 10 of them warming up
-    assert float(rate(0)) == pytest.approx(1e-3) and float(rate(10)) == pytest.approx(1e-2)
-    assert float(rate(25)) < 1e-2 and float(rate(40)) == pytest.approx(0.0, abs=1e-9)
-    assert dataclasses.replace(settings, schedule="constant").learning_rate(10) == 1e-2
+    assert settings.rate(0, 40) == pytest.approx(1e-3) and settings.rate(10, 40) == pytest.approx(1e-2)  # 10 steps warm up
+    assert settings.rate(25, 40) < 1e-2 and settings.rate(40, 40) == pytest.approx(0.0, abs=1e-12)
+    assert dataclasses.replace(settings, schedule="constant").rate(25, 40) == 1e-2
+    assert (settings.planned_epochs(4.0), settings.planned_epochs(1.0)) == (2, 4)  # as many as the budget fits
 
 
 def test_augmented_copies_move_images_and_stay_in_range():

@@ -8,6 +8,7 @@ comes from a seeded permutation, so the same data, options and seed give the sam
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 
@@ -37,15 +38,23 @@ class LoopSettings:
     warmup: float = 0.0
     feature_weight: float = 0.0
 
-    def learning_rate(self, steps_per_epoch: int):
-        """The optimizer's rate: constant, or cosine decay to 0 over every planned step after a
-        linear warmup from a tenth (a pruned model's first large steps can undo what survived)."""
+    def rate(self, step: int, total: int) -> float:
+        """The learning rate at optimizer step ``step`` of ``total``: constant, or cosine decay to
+        0 after a linear warmup from a tenth (a pruned model's first large steps can undo what
+        survived)."""
         if self.schedule == "constant":
             return self.lr
-        total = max(1, self.epochs * steps_per_epoch)
         warmup = int(self.warmup * total)
-        return keras.optimizers.schedules.CosineDecay(self.lr / 10 if warmup else self.lr, total - warmup,
-                                                      warmup_target=self.lr if warmup else None, warmup_steps=warmup)
+        if step < warmup:
+            return self.lr * (0.1 + 0.9 * step / warmup)
+        return 0.5 * self.lr * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    def planned_epochs(self, first_epoch_s: float) -> int:
+        """Epochs to plan the schedule over: all of them, or as many as the budget fits at the
+        first epoch's pace (so a cosine schedule still ends decayed when the budget stops it)."""
+        if self.budget_s is None:
+            return self.epochs
+        return max(1, min(self.epochs, int(self.budget_s / max(first_epoch_s, 1e-9))))
 
 
 class WeightConstraint:
@@ -156,7 +165,7 @@ class Trainer:
         tf.config.experimental.enable_op_determinism()
         # Not the user's to act on: vectorized_map's while-loop fallback (TFMOT's gather), retracing for a short last batch.
         tf.get_logger().setLevel("ERROR")
-        optimizer = keras.optimizers.Adam(s.learning_rate(-(-len(train) // s.batch_size)))
+        optimizer, steps_per_epoch = keras.optimizers.Adam(s.rate(0, 1)), -(-len(train) // s.batch_size)
         variables = self.constraint.trainable(self.model)
         labeled = self.labeled(train)
 
@@ -171,14 +180,16 @@ class Trainer:
         # Untrained weights are kept if no epoch beats them, unless they are not yet constrained (pruning).
         history = History()
         best = (self.validation_loss(validation), [v.numpy() for v in variables]) if self.constraint.settled(0) else (np.inf, None)
-        rng, start, waited = np.random.default_rng(s.seed), time.perf_counter(), 0
+        rng, start, waited, planned = np.random.default_rng(s.seed), time.perf_counter(), 0, s.epochs
         for epoch in range(1, s.epochs + 1):
             began, losses = time.perf_counter(), []
             order = rng.permutation(len(train))
             for i in range(0, len(order), s.batch_size):
                 batch = train.take(order[i:i + s.batch_size])
+                optimizer.learning_rate.assign(s.rate(int(optimizer.iterations), planned * steps_per_epoch))
                 losses.append(float(step(_tensors(batch.inputs), _tensors(batch.targets), self._labels(batch))) * len(batch))
                 self._check_budget(epoch, start, (i + s.batch_size) / len(order))
+            planned = s.planned_epochs(time.perf_counter() - start) if epoch == 1 else planned
             history.losses.append(round(sum(losses) / len(train), 6))
             history.validation_losses.append(round(self.validation_loss(validation), 6))
             history.metrics.append(round(self.metric(validation, self.predict), 6))
@@ -193,7 +204,8 @@ class Trainer:
             if waited >= s.patience and epoch < s.epochs:
                 history.stopped = "early"
                 break
-            if s.budget_s is not None and epoch < s.epochs and time.perf_counter() - start + (time.perf_counter() - began) > s.budget_s:
+            over = s.budget_s is not None and time.perf_counter() - start + (time.perf_counter() - began) > s.budget_s
+            if epoch < s.epochs and (epoch >= planned or over):
                 history.stopped = "budget"
                 break
         for variable, value in zip(variables, best[1] or []):  # none kept: a budget stopped pruning early
