@@ -161,7 +161,8 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert settings.rate(0, 40) == pytest.approx(1e-3) and settings.rate(10, 40) == pytest.approx(1e-2)  # 10 steps warm up
     assert settings.rate(25, 40) < 1e-2 and settings.rate(40, 40) == pytest.approx(0.0, abs=1e-12)
     assert dataclasses.replace(settings, schedule="constant").rate(25, 40) == 1e-2
-    assert (settings.planned_epochs(4.0), settings.planned_epochs(1.0)) == (2, 4)  # as many as the budget fits
+    assert settings.planned_epochs(1, 4.0, 4.0) == 2 and settings.planned_epochs(1, 1.0, 1.0) == 4  # as many as the budget fits
+    assert settings.planned_epochs(2, 9.0, 4.0) == 2  # the next epoch would overrun: stop
 
 
 def test_augmented_copies_move_images_and_stay_in_range():

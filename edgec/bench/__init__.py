@@ -117,7 +117,7 @@ ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory pla
 BUILD_TIME_MODELS = ("detector", "mobilenetv2", "blazeface")
 BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 # Fine-tuning: (MAC reduction, fine-tuning options) for the labeled digits and the unlabeled photos.
-FINETUNE_DIGITS = (0.5, {"epochs": 25, "lr": 3e-3, "patience": 25, "schedule": "cosine", "warmup": 0.05})
+FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "cosine", "warmup": 0.05, "budget_s": 150})
 # Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
 FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
 FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}

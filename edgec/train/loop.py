@@ -49,12 +49,13 @@ class LoopSettings:
             return self.lr * (0.1 + 0.9 * step / warmup)
         return 0.5 * self.lr * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-    def planned_epochs(self, first_epoch_s: float) -> int:
-        """Epochs to plan the schedule over: all of them, or as many as the budget fits at the
-        first epoch's pace (so a cosine schedule still ends decayed when the budget stops it)."""
+    def planned_epochs(self, done: int, elapsed_s: float, last_epoch_s: float) -> int:
+        """Epochs to plan the schedule over after ``done`` of them: all, or as many as the budget
+        fits at the last epoch's pace (re-planned each epoch, as the first one also traces the
+        step, and a shared machine's pace changes), so a cosine schedule still ends decayed."""
         if self.budget_s is None:
             return self.epochs
-        return max(1, min(self.epochs, int(self.budget_s / max(first_epoch_s, 1e-9))))
+        return max(done, min(self.epochs, done + int((self.budget_s - elapsed_s) / max(last_epoch_s, 1e-9))))
 
 
 class WeightConstraint:
@@ -189,7 +190,6 @@ class Trainer:
                 optimizer.learning_rate.assign(s.rate(int(optimizer.iterations), planned * steps_per_epoch))
                 losses.append(float(step(_tensors(batch.inputs), _tensors(batch.targets), self._labels(batch))) * len(batch))
                 self._check_budget(epoch, start, (i + s.batch_size) / len(order))
-            planned = s.planned_epochs(time.perf_counter() - start) if epoch == 1 else planned
             history.losses.append(round(sum(losses) / len(train), 6))
             history.validation_losses.append(round(self.validation_loss(validation), 6))
             history.metrics.append(round(self.metric(validation, self.predict), 6))
@@ -204,8 +204,8 @@ class Trainer:
             if waited >= s.patience and epoch < s.epochs:
                 history.stopped = "early"
                 break
-            over = s.budget_s is not None and time.perf_counter() - start + (time.perf_counter() - began) > s.budget_s
-            if epoch < s.epochs and (epoch >= planned or over):
+            planned = s.planned_epochs(epoch, time.perf_counter() - start, time.perf_counter() - began)
+            if epoch < s.epochs and epoch >= planned:
                 history.stopped = "budget"
                 break
         for variable, value in zip(variables, best[1] or []):  # none kept: a budget stopped pruning early
