@@ -121,7 +121,8 @@ FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "
 # Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
 FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
 FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
-FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 6, "validation": 0.2})
+FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
+                          "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 
 
