@@ -98,6 +98,10 @@ class DeviceError(EdgecError):
         super().__init__(message, hint=hint)
 
 
+class ExecutorError(EdgecError):
+    """The executor a search runs on (e.g. a Ray cluster) is missing or cannot be reached."""
+
+
 class InternalError(EdgecError):
     """A pass or backend failed in a way no user input should cause: a bug in edgec."""
 
