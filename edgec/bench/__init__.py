@@ -42,8 +42,11 @@ Sections of the JSON:
   MACs by channel pruning, int8 TFLite, one-shot vs fine-tuned on the zoo's training split
   (remade from scikit-learn's digits by ``models/digits.py``; the section is skipped without
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
-  time. Production models with 30% fewer MACs, distilled without labels on the calibration
-  photos: every output's cosine to the source on the held-out photos, one-shot and fine-tuned.
+  time. Per digits classifier also two weight-only rows against the unconstrained artifact:
+  gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
+  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives). Production
+  models with 30% fewer MACs, distilled without labels on the calibration photos: every
+  output's cosine to the source on the held-out photos, one-shot and fine-tuned.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
   (``.tflite`` for the device's architecture) against measurements taken the way calibration
@@ -114,8 +117,12 @@ ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory pla
 BUILD_TIME_MODELS = ("detector", "mobilenetv2", "blazeface")
 BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 # Fine-tuning: (MAC reduction, fine-tuning options) for the labeled digits and the unlabeled photos.
-FINETUNE_DIGITS = (0.5, {"epochs": 20, "lr": 1e-3})
-FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 6, "validation": 0.2})
+FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "cosine", "warmup": 0.05, "budget_s": 150})
+# Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
+FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
+FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
+FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
+                          "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 
 
@@ -405,8 +412,27 @@ class Bench:
         if labeled:
             return row | {"top1_source": one_shot.report["compression"]["vs_source"]["outputs"][0]["accuracy_source"],
                           "top1_one_shot_int8": one_shot.verification.outputs[0].accuracy_artifact,
-                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact}
+                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact,
+                          "gradual_pruning": self._weights_row(entry, data, FINETUNE_SPARSE, "int8"),
+                          "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32")}
         return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned)}
+
+    def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
+        """Fine-tuning that only constrains weights (sparsity or clusters): held-out top-1 and the
+        deflated .tflite against the unconstrained artifact of the same precision."""
+        eval_data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]), "max_samples": None,
+                     "min_cosine": 0.0, "speed_check": False}
+        variant = "-".join(f"{k}{v}" for k, v in options.items() if k in ("sparsity", "clusters"))
+        start = time.perf_counter()
+        built = {name: self.build(entry, TFLITE_TARGET, f"{precision}-{name}", precision=precision, **eval_data,
+                                  recipe=[Step("finetune", {"data": data, **options})] if name == variant else ())[0]
+                 for name in ("dense", variant)}
+        dense, tuned = built["dense"], built[variant]
+        return {"options": options, "precision": precision, "build_seconds": round(time.perf_counter() - start, 1),
+                "top1_dense": dense.verification.outputs[0].accuracy_artifact, "top1": tuned.verification.outputs[0].accuracy_artifact,
+                "deflated_bytes": {"dense": _deflated(dense.artifacts[0]), variant: _deflated(tuned.artifacts[0])},
+                "deflated_ratio": round(_deflated(dense.artifacts[0]) / _deflated(tuned.artifacts[0]), 2),
+                "finetune": {k: tuned.report["finetune"].get(k) for k in (*FINETUNE_KEYS, "sparsity")}}
 
     def _finetune_build(self, entry: dict, variant: str, recipe: list[Step], labeled: bool) -> BuildResult:
         """Digits: int8 TFLite on the held-out split; photos: ORT fp32 (the cosines compare ONNX models)."""
