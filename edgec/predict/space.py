@@ -52,12 +52,12 @@ def _spatial(rng: np.random.Generator) -> dict[str, int]:
 def _conv(rng: np.random.Generator) -> dict[str, int]:
     spatial = _spatial(rng)  # output channels within 4x of the input's, as networks have them
     cout = _channels(rng, max(4, spatial["c"] // 4), min(1024, spatial["c"] * 4))
-    return {**spatial, "cout": cout, "k": int(rng.choice([1, 1, 1, 3, 3, 5, 7])),
-            "stride": int(rng.choice([1, 1, 2]))}
+    k = int(rng.choice([1, 1, 1, 1, 2, 3, 3, 5, 7]))  # pointwise convolutions dominate mobile networks
+    return {**spatial, "cout": cout, "k": k, "stride": 2 if k == 2 else int(rng.choice([1, 1, 2]))}
 
 
 def _depthwise(rng: np.random.Generator) -> dict[str, int]:
-    return {**_spatial(rng), "k": int(rng.choice([3, 3, 5])), "stride": int(rng.choice([1, 2]))}
+    return {**_spatial(rng), "k": int(rng.choice([1, 3, 3, 5, 5])), "stride": int(rng.choice([1, 1, 2]))}
 
 
 def _fc(rng: np.random.Generator) -> dict[str, int]:
@@ -65,7 +65,11 @@ def _fc(rng: np.random.Generator) -> dict[str, int]:
 
 
 def _pool(rng: np.random.Generator) -> dict[str, int]:
-    sizes = {**_spatial(rng), "k": int(rng.choice([2, 3])), "stride": int(rng.choice([1, 2, 2]))}
+    """Mostly 2x2 or 3x3 windows; sometimes one window over the whole image (a global pooling
+    written as a pooling, as MediaPipe's models do)."""
+    sizes = {**_spatial(rng), "k": int(rng.choice([2, 2, 3])), "stride": int(rng.choice([1, 2, 2]))}
+    if rng.random() < 0.25:
+        return {**sizes, "k": sizes["h"], "stride": sizes["h"]}
     return {**sizes, "h": max(sizes["h"], sizes["k"])}
 
 
@@ -133,7 +137,7 @@ def _macs(op: str, s: dict[str, int]) -> float:
         return s["h"] ** 2 * s["c"] * s["cout"] * s["k"] ** 2
     if "rows" in s:
         return s.get("batch", 1) * s["rows"] * s["c"]
-    return s["h"] ** 2 * s["c"] * s.get("k", 1) ** 2
+    return s["h"] ** 2 * s["c"] * (s.get("k", 1) / s.get("stride", 1)) ** 2
 
 
 def to_onnx(sample: Sample) -> onnx.ModelProto:
@@ -178,7 +182,7 @@ def _conv(op: str, s, weight, constant) -> Graph:
     groups, cout, k = (s["c"], s["c"], s["k"]) if op == "DepthwiseConv" else (1, s["cout"], s["k"])
     return [_image(s)], [
         helper.make_node("Conv", ["x", weight("w", [cout, s["c"] // groups, k, k]), weight("b", [cout])], ["t"],
-                         kernel_shape=[k, k], strides=[s["stride"]] * 2, pads=[k // 2] * 4, group=groups),
+                         kernel_shape=[k, k], strides=[s["stride"]] * 2, pads=[(k - 1) // 2] * 4, group=groups),
         helper.make_node("Relu", ["t"], ["y"])]
 
 
