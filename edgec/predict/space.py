@@ -81,6 +81,10 @@ def _concat(rng: np.random.Generator) -> dict[str, int]:
     return {**_spatial(rng), "c2": _log_int(rng, 4, 512)}
 
 
+def _chain(rng: np.random.Generator) -> dict[str, int]:
+    return {**_spatial(rng), "n": int(rng.integers(2, 7))}
+
+
 def _deconv(rng: np.random.Generator) -> dict[str, int]:
     return {"h": _log_int(rng, 2, 64), "c": _log_int(rng, 4, 256), "cout": _log_int(rng, 1, 256),
             "k": int(rng.choice([2, 3, 4]))}
@@ -111,13 +115,15 @@ SIZES: dict[str, Callable[[np.random.Generator], dict[str, int]]] = {
     "HardSwish": _spatial, "Sigmoid": _spatial, "Relu": _spatial,
     "PRelu": _spatial, "ConvTranspose": _deconv, "Resize": _spatial, "Pad": _pad, "Sub": _binary, "Slice": _spatial,
     "Softmax": _sequence, "LayerNormalization": _sequence, "Gelu": _sequence, "Split": _sequence,
-    "MatMul": _batch_matmul, "Transpose": _transpose,
+    "MatMul": _batch_matmul, "Transpose": _transpose, "SigmoidChain": _chain,
 }
 
 
 # How many of every round of samples each operator gets (default 1): where models spend
 # their time, and where a kind's cost depends on the most shape numbers.
-SHARE = {"Conv": 6, "DepthwiseConv": 3, "Gemm": 2}
+# SigmoidChain: n kernels in one model tell what each kernel costs apart from what the
+# inference costs once (a single-kernel model pays both once, so it cannot).
+SHARE = {"Conv": 6, "DepthwiseConv": 3, "Gemm": 2, "SigmoidChain": 3}
 
 
 def draw(op: str, precision: str, rng: np.random.Generator) -> Sample:
@@ -137,6 +143,8 @@ def _macs(op: str, s: dict[str, int]) -> float:
         return s["h"] ** 2 * s["c"] * s["cout"] * s["k"] ** 2
     if "rows" in s:
         return s.get("batch", 1) * s["rows"] * s["c"]
+    if op == "SigmoidChain":
+        return s["h"] ** 2 * s["c"] * s["n"]
     return s["h"] ** 2 * s["c"] * (s.get("k", 1) / s.get("stride", 1)) ** 2
 
 
@@ -257,6 +265,11 @@ def _split(op: str, s, weight, constant) -> Graph:
         helper.make_node("Sum", ["q", "k", "v"], ["y"])]
 
 
+def _sigmoid_chain(op: str, s, weight, constant) -> Graph:
+    names = ["x", *(f"s{i}" for i in range(s["n"] - 1)), "y"]
+    return [_image(s)], [helper.make_node("Sigmoid", [a], [b]) for a, b in zip(names, names[1:])]
+
+
 def _batch_matmul(op: str, s, weight, constant) -> Graph:
     return [("x", [s["batch"], s["rows"], s["c"]]), ("x2", [s["batch"], s["c"], s["cout"]])], [
         helper.make_node("MatMul", ["x", "x2"], ["y"])]
@@ -272,5 +285,5 @@ _GRAPHS: dict[str, Callable[..., Graph]] = {
     "Conv": _conv, "DepthwiseConv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MaxPool": _pool,
     "AveragePool": _pool, "Add": _binary, "Mul": _binary, "Sub": _binary, "Concat": _binary, "PRelu": _prelu,
     "Resize": _resize, "Pad": _pad, "Slice": _slice, "Softmax": _softmax, "LayerNormalization": _layer_norm,
-    "Gelu": _gelu, "Split": _split, "MatMul": _batch_matmul, "Transpose": _transpose,
+    "Gelu": _gelu, "Split": _split, "MatMul": _batch_matmul, "Transpose": _transpose, "SigmoidChain": _sigmoid_chain,
 }
