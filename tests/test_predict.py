@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from edgec.build import canonicalize, input_specs
 from edgec.cli import app
 from edgec.lower import LowerOptions, lower
-from edgec.predict import PredictorMissing, PredictorStore, predict
+from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import calibrate
 from edgec.predict.kernels import FEATURES, Kernel, detect
 from edgec.predict.model import Predictor
@@ -72,7 +72,7 @@ def test_missing_predictor_names_the_calibration(tmp_path):
     assert result.exit_code == 2 and "edgec device calibrate local" in result.output
 
 
-def test_tiny_calibration_fits_resumes_and_predicts(tmp_path):
+def test_tiny_calibration_fits_resumes_and_predicts(tmp_path, monkeypatch):
     device, cache = get_device("local"), tmp_path / "cache"
     store = PredictorStore(cache, "local")
     options = {"ops": ("Conv",), "precisions": ("fp32",), "batch_size": 4}
@@ -91,6 +91,12 @@ def test_tiny_calibration_fits_resumes_and_predicts(tmp_path):
     conv = prediction["kernels"][0]
     assert conv["kind"] == "CONV_2D" and conv["predicted"] > 0
     assert predict(artifact, device, cache) == predict(artifact, device, cache)
+    assert predict_cost(artifact, "local", cache) == prediction["predicted"]
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(cache))  # `edgec profile` shows the prediction beside the measurement
+    result = CliRunner().invoke(app, ["profile", str(artifact), "--runs", "3", "--warmup", "1", "--no-ops", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    (measurement,) = json.loads((tmp_path / "p" / "profile.json").read_text())["measurements"]
+    assert measurement["predicted"]["metric"] == "ms" and measurement["predicted"]["value"] == prediction["predicted"]
 
 
 @pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")

@@ -47,7 +47,7 @@ Sections of the JSON:
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
   (``.tflite`` for the device's architecture) and the pretrained originals, against
-  measurements taken the way calibration measures (best round median here, instructions per
+  measurements taken the way calibration measures (best round's 10th percentile here, instructions per
   inference on emulated cores): RMSPE and the share within ±10%, overall and per precision.
   The zoo is split in two by model: each half is predicted by a fit on the calibration
   samples plus the other half (edgec/predict/evaluate.py); a pretrained model by the fit

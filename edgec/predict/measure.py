@@ -25,6 +25,7 @@ LOCAL_RUNS, LOCAL_ROUNDS, LOCAL_WARMUP = 20, 3, 3  # timed runs per round; round
 # rarely left alone: the 10th percentile of a round, not its median, is the model's own time.
 LOCAL_QUANTILE = 10
 COUNTED_RUNS = 2  # instruction counts per inference are deterministic: few runs suffice
+PER_EMULATOR = 32  # the qemu plugin records at most 64 marks, two per model
 BATCH_RUNNER = Path(__file__).with_name("batch_runner.py")  # a guest script: never imported here
 
 
@@ -33,7 +34,8 @@ def measure_batch(device: Device, artifacts: list[bytes], threads: int) -> list[
     if device.kind == "local":
         return _time_here(artifacts, threads)
     if device.kind == "emulated":
-        return _count_emulated(device, artifacts)
+        return [cost for start in range(0, len(artifacts), PER_EMULATOR)
+                for cost in _count_emulated(device, artifacts[start:start + PER_EMULATOR])]
     raise DeviceError(f"Device '{device.name}' is a {device.kind} device; calibration measures on the local "
                       "device and on emulated cores so far.", reason="config",
                       hint="Calibrate `local`, `emulated-a53` or `emulated-a76`.")
