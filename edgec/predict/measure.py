@@ -1,9 +1,8 @@
 """Measure a batch of calibration artifacts on a device: milliseconds here, instructions on
 an emulated core.
 
-A batch starts with a trivial model (``base``): what every inference costs whatever it
-computes (the interpreter's invoke, copying a few floats in and out), which calibration
-subtracts from each sample and a prediction adds once.
+A batch starts with a trivial model (``base``); on a CPU shared with other work, the fit
+divides each batch's costs by how much slower its trivial model ran than the median one.
 """
 
 from __future__ import annotations
