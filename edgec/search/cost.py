@@ -78,10 +78,10 @@ def measure(artifact: Path, reference: Path | None, device: Device, runtime: dic
 def predicted(artifact: Path, reference: Path | None, device: Device) -> dict[str, Any]:
     """``measure``'s answer from the device's fitted latency predictor (edgec.predict) instead
     of the device: milliseconds or instructions, deterministic, in a fraction of a second."""
-    from edgec.predict import predict
+    from edgec.predict import predict_cost
 
-    value = predict(artifact, device)["predicted"]
-    base = value if reference is None else predict(reference, device)["predicted"]
+    value = predict_cost(artifact, device)
+    base = value if reference is None else predict_cost(reference, device)
     return {"metric": "instructions" if device.emulated else "ms", "value": round(value, 5), "relative": round(value / base, 6),
             "predicted": True}
 
