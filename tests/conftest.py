@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -67,11 +68,19 @@ def ray_cluster(tmp_path_factory):
     try:
         wait_for(lambda: subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode == 0)
         worker = _start("--address", address, "--node-ip-address", "127.0.0.1")
+        wait_for(lambda: _cpus(address) >= 2)  # the worker node has joined
         yield address
     finally:
         for node in (worker, head):
             if node is not None:
                 _stop(node)
+
+
+def _cpus(address: str) -> float:
+    """The cluster's CPUs as `ray status` reports them ("0.0/2.0 CPU"), 0 while it cannot tell."""
+    status = subprocess.run([RAY, "status", "--address", address], capture_output=True, text=True).stdout
+    found = re.search(r"/([0-9.]+) CPU", status)
+    return float(found.group(1)) if found else 0.0
 
 
 def wait_for(ready, timeout: float = 180) -> None:

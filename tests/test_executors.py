@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
 from edgec.errors import OptionError
 from edgec.executors import Task, make_executor
 
@@ -21,7 +20,6 @@ ray = pytest.importorskip("ray")
 def on_ray(ray_cluster):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
     executor = make_executor("ray", ray_cluster)
-    wait_for(lambda: ray.cluster_resources().get("CPU", 0) >= 2)
     yield executor
     executor.close()
 
