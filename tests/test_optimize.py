@@ -42,6 +42,8 @@ def test_search_writes_artifact_recipe_search_and_report(searched):
     assert set(chosen) >= {"settings", "cost", "accuracy", "size_bytes", "macs", "seconds"}
     assert chosen["sha256"] == json.loads((out / "report.json").read_text())["artifacts"][0]["sha256"]
     assert search["baselines"]["fp32"]["relative_cost"] == 1.0 and search["baselines"]["int8"]["settings"]["precision"] == "int8"
+    uniform = search["baselines"]["uniform_same_macs"]  # the chosen point prunes, so uniform pruning at its MACs is there
+    assert uniform["settings"]["uniform_prune"] > 0 and "uniform" in search["baselines"]
     assert "<svg" in (out / "report.html").read_text() and result.chosen["trial"] == chosen["trial"]
 
 

@@ -56,7 +56,7 @@ Sections of the JSON:
   budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
   apart from the search (new runners in alternating rounds against the bench's own fp32
   build; instructions counted again), its top-1 drop, and the baselines the search ran:
-  uniform-rate pruning at the chosen point's MACs and int8 alone.
+  uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
 * ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
   (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
 * ``summary``: the ratios those sections are read for.
