@@ -69,6 +69,8 @@ def test_interrupted_search_resumes_from_its_study(tmp_path):
     assert resumed["candidates"][:3] == first["candidates"]  # reused from the study, not rebuilt (same seconds)
     studies = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
     assert [s.n_trials for s in studies] == [5]
+    looser = optimize(MLP, "ort-x86", tmp_path, _options(trials=5, budgets=Budgets(macs=MLP_MACS))).search
+    assert looser["candidates"][0]["feasible"]  # the stored fp32 reference, judged again against the new budget
 
 
 def test_infeasible_budget_names_the_closest_point_and_writes_it(tmp_path):

@@ -264,8 +264,8 @@ class _Trials:
         self.progress = progress or (lambda *_: None)
         finished = _finished(study)
         self.memo: dict[str, dict[str, Any]] = {}
-        for trial in finished:
-            self.memo.setdefault(trial.user_attrs["result"]["key"], trial.user_attrs["result"])
+        for trial in finished:  # judged again: a resumed search may have other budgets
+            self.memo.setdefault(trial.user_attrs["result"]["key"], judged(trial.user_attrs["result"], options.budgets, allowed))
         self.done = len(finished)
         self.deadline = None if options.time_budget_s is None else time.monotonic() + options.time_budget_s
         self.best = _best(list(self.memo.values()))
@@ -318,8 +318,9 @@ def _closest(results: Sequence[dict[str, Any]], allowed: float) -> dict[str, Any
 
 def _finish(trials: _Trials, baselines: dict[str, dict[str, Any] | None], sensitivity: dict[str, Any], measure: str,
             allowed: float, out: OutputDir, target) -> OptimizeResult:
-    """Choose, add the uniform baseline at the chosen point's MACs, and write everything."""
-    results = sorted((t.user_attrs["result"] for t in _finished(trials.study)), key=lambda r: r["trial"])
+    """Choose, add the uniform-pruning baselines, and write everything."""
+    results = sorted((judged(t.user_attrs["result"], trials.options.budgets, allowed) for t in _finished(trials.study)),
+                     key=lambda r: r["trial"])
     ok = [r for r in results if "error" not in r]
     chosen = _best(ok) or _closest(ok, allowed)
     baselines = {**baselines, **_uniform_baselines(trials, chosen, baselines["fp32"])}
