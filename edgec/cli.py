@@ -376,6 +376,7 @@ def profile(
                 err.print(f"[bold yellow]warning:[/] {foreign}", highlight=False, soft_wrap=True)
             with err.status(f"Profiling {artifact.name} on {device}"):
                 measurements.append(run_profile(artifact, target_device, settings))
+            measurements[-1]["predicted"] = _predicted_beside(artifact, target_device, measurements[-1])
         report = profile_report(measurements, settings)
         files = {"report.html": render_html(report).encode(), "profile.json": write_json(report)}
         written = out_dir.commit(files, last="profile.json")
@@ -387,6 +388,22 @@ def profile(
         return
     _print_profile(measurements)
     out.print(f"Report: [bold]{written[0]}[/], [bold]{written[1]}[/]", highlight=False)
+
+
+def _predicted_beside(artifact: Path, device, measurement: dict) -> dict | None:
+    """The device predictor's cost for ``artifact`` beside what was measured (median ms, or
+    instructions on an emulated core), or None without a predictor or for a non-.tflite."""
+    from edgec.predict import PredictorMissing, predict_cost
+
+    if artifact.suffix.lower() != ".tflite":
+        return None
+    try:
+        predicted = predict_cost(artifact, device)
+    except PredictorMissing:
+        return None
+    cost = measurement.get("cost")
+    metric, measured = ("instructions", cost["instructions"]) if cost else ("ms", measurement["latency_ms"]["median"])
+    return {"metric": metric, "value": predicted, "error": predicted / measured - 1}
 
 
 def _print_profile(measurements: list[dict]) -> None:
@@ -423,6 +440,7 @@ _PROFILE_ROWS = [
     ("peak RSS MB", lambda m: _number(m.get("peak_memory_mb"))),
     ("ops total", lambda m: _number((m.get("ops") or {}).get("total_ms"))),
     ("unaccounted", lambda m: f"{m['ops']['unaccounted_share'] * 100:.1f}%" if (m.get("ops") or {}).get("unaccounted_share") is not None else "-"),
+    ("predicted", lambda m: f"{m['predicted']['value']:.4g} {m['predicted']['metric']} ({m['predicted']['error']:+.0%})" if m.get("predicted") else "-"),
 ]
 
 

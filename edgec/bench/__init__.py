@@ -42,14 +42,19 @@ Sections of the JSON:
   MACs by channel pruning, int8 TFLite, one-shot vs fine-tuned on the zoo's training split
   (remade from scikit-learn's digits by ``models/digits.py``; the section is skipped without
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
-  time. Production models with 30% fewer MACs, distilled without labels on the calibration
-  photos: every output's cosine to the source on the held-out photos, one-shot and fine-tuned.
+  time. Per digits classifier also two weight-only rows against the unconstrained artifact:
+  gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
+  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives). Production
+  models with 30% fewer MACs, distilled without labels on the calibration photos: every
+  output's cosine to the source on the held-out photos, one-shot and fine-tuned.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
-  (``.tflite`` for the device's architecture) against measurements taken the way calibration
-  measures (best round median here, instructions per inference on emulated cores): RMSPE
-  and the share within ±10%. The predictors are fitted on synthetic single-kernel models
-  only, so every zoo model is held out.
+  (``.tflite`` for the device's architecture) and the pretrained originals, against
+  measurements taken the way calibration measures (best round's 10th percentile here, instructions per
+  inference on emulated cores): RMSPE and the share within ±10%, overall and per precision.
+  The zoo is split in two by model: each half is predicted by a fit on the calibration
+  samples plus the other half (edgec/predict/evaluate.py); a pretrained model by the fit
+  that did not see its zoo twin.
 * ``optimize``: ``edgec optimize`` (greedy, 40 trials at most, ``--max-drop 0.01`` on the
   held-out split) on the digits classifiers, on ``local`` (ort-x86) and ``emulated-a76``
   (tflite-arm; skipped without the emulator), for ``--speedup 2``, ``--speedup 3`` and a size
@@ -71,6 +76,7 @@ too, which proves they load and compute, while their ARM speed is the profiler's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import platform
@@ -86,7 +92,8 @@ from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import BudgetError, EdgecError
 from edgec.images import ImagePreprocess
-from edgec.predict import PredictorMissing, PredictorStore, cache_dir, predict
+from edgec.predict import PredictorMissing, PredictorStore, cache_dir
+from edgec.predict.evaluate import Measured, accuracy, cross_validate
 from edgec.predict.calibrate import TFLITE_TARGETS
 from edgec.predict.measure import measure_batch
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
@@ -124,8 +131,12 @@ ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory pla
 BUILD_TIME_MODELS = ("detector", "mobilenetv2", "blazeface")
 BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 # Fine-tuning: (MAC reduction, fine-tuning options) for the labeled digits and the unlabeled photos.
-FINETUNE_DIGITS = (0.5, {"epochs": 20, "lr": 1e-3})
-FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 6, "validation": 0.2})
+FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "cosine", "warmup": 0.05, "budget_s": 150})
+# Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
+FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
+FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
+FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
+                          "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
 OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
@@ -340,31 +351,38 @@ class Bench:
         }
 
     def predictor_row(self, name: str, entries: list[dict]) -> dict:
-        """Predicted against measured cost of every zoo model in fp32 and int8 on device ``name``."""
+        """Predicted against measured cost of every zoo model in fp32 and int8 on device ``name``
+        and of the pretrained originals, each predicted by a fit that did not see its model."""
         device = get_device(name)
         target = TFLITE_TARGETS[device.arch]
+        store = PredictorStore(cache_dir(), name)
         try:
-            predictor = PredictorStore(cache_dir(), name).load()
+            predictor = store.load()
         except PredictorMissing as exc:
             return {"device": name, "skipped": exc.message}
-        artifacts = {}
+        artifacts = self.predictor_artifacts(entries, target)
+        costs = measure_batch(device, [a.path.read_bytes() for a in artifacts], predictor.threads)
+        measured = [dataclasses.replace(a, cost=c) for a, c in zip(artifacts, costs) if c is not None]
+        samples = [r for r in store.samples() if r["threads"] == predictor.threads]
+        rows = cross_validate(samples, measured, device, predictor.threads, target)
+        return {"device": name, "metric": predictor.metric, "threads": predictor.threads, "samples": len(samples),
+                "kernels": predictor.summary()["kernels"], **accuracy(rows),
+                **{precision: accuracy([r for r in rows if r["precision"] == precision]) for precision in ("fp32", "int8")},
+                "models": rows}
+
+    def predictor_artifacts(self, entries: list[dict], target: str) -> list[Measured]:
+        """The zoo's fp32 and int8 builds for ``target`` and the pretrained originals (cost unset)."""
+        artifacts = []
         for entry in entries:
             for precision in ("fp32", "int8"):
                 try:
                     built = self.build(entry, target)[0] if precision == "fp32" else self.edgec_int8(entry, target)
                 except EdgecError:
                     continue
-                artifacts[(entry["name"], precision)] = built.artifacts[0]
-        measured = measure_batch(device, [path.read_bytes() for path in artifacts.values()], predictor.threads)
-        rows = []
-        for ((model, precision), path), cost in zip(artifacts.items(), measured):
-            predicted = predict(path, device)
-            rows.append({"model": model, "precision": precision, "predicted": predicted["predicted"], "measured": cost,
-                         "error": predicted["predicted"] / cost - 1, "unknown_kernels": predicted["unknown"]})
-        errors = np.array([r["error"] for r in rows])
-        return {"device": name, "metric": predictor.metric, "threads": predictor.threads, "kernels": predictor.summary()["kernels"],
-                "rmspe": round(float(np.sqrt(np.mean(errors ** 2))), 4),
-                "within_10pct": round(float(np.mean(np.abs(errors) <= 0.1)), 3), "models": rows}
+                artifacts.append(Measured(entry["name"], precision, built.artifacts[0], 0.0))
+            if entry.get("original_tflite"):
+                artifacts.append(Measured(entry["name"], "fp32", REPO / "models" / entry["original_tflite"], 0.0, pretrained=True))
+        return artifacts
 
     def plain_round_trip(self, entry: dict, original: Path) -> Path | str:
         """The original through a plain tf2onnx run (none of the zoo's fixes, as a user would
@@ -474,8 +492,27 @@ class Bench:
         if labeled:
             return row | {"top1_source": one_shot.report["compression"]["vs_source"]["outputs"][0]["accuracy_source"],
                           "top1_one_shot_int8": one_shot.verification.outputs[0].accuracy_artifact,
-                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact}
+                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact,
+                          "gradual_pruning": self._weights_row(entry, data, FINETUNE_SPARSE, "int8"),
+                          "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32")}
         return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned)}
+
+    def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
+        """Fine-tuning that only constrains weights (sparsity or clusters): held-out top-1 and the
+        deflated .tflite against the unconstrained artifact of the same precision."""
+        eval_data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]), "max_samples": None,
+                     "min_cosine": 0.0, "speed_check": False}
+        variant = "-".join(f"{k}{v}" for k, v in options.items() if k in ("sparsity", "clusters"))
+        start = time.perf_counter()
+        built = {name: self.build(entry, TFLITE_TARGET, f"{precision}-{name}", precision=precision, **eval_data,
+                                  recipe=[Step("finetune", {"data": data, **options})] if name == variant else ())[0]
+                 for name in ("dense", variant)}
+        dense, tuned = built["dense"], built[variant]
+        return {"options": options, "precision": precision, "build_seconds": round(time.perf_counter() - start, 1),
+                "top1_dense": dense.verification.outputs[0].accuracy_artifact, "top1": tuned.verification.outputs[0].accuracy_artifact,
+                "deflated_bytes": {"dense": _deflated(dense.artifacts[0]), variant: _deflated(tuned.artifacts[0])},
+                "deflated_ratio": round(_deflated(dense.artifacts[0]) / _deflated(tuned.artifacts[0]), 2),
+                "finetune": {k: tuned.report["finetune"].get(k) for k in (*FINETUNE_KEYS, "sparsity")}}
 
     def _finetune_build(self, entry: dict, variant: str, recipe: list[Step], labeled: bool) -> BuildResult:
         """Digits: int8 TFLite on the held-out split; photos: ORT fp32 (the cosines compare ONNX models)."""

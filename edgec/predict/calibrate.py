@@ -16,17 +16,17 @@ import onnx_ir as ir
 from edgec.build import canonicalize, input_specs
 from edgec.errors import EdgecError
 from edgec.lower import LowerOptions, lower
-from edgec.predict.kernels import kernels_of
+from edgec.predict.kernels import interface_of, kernels_of
 from edgec.predict.measure import measure_batch
 from edgec.predict.model import Predictor, PredictorStore
-from edgec.predict.space import SIZES, Sample, draw, to_onnx
+from edgec.predict.space import SHARE, SIZES, Sample, draw, to_onnx
 from edgec.profile.devices import Device
 from edgec.targets import load_target
 from edgec.verify import random_inputs
 
 PRECISIONS = ("fp32", "int8")
 BASE = Sample("Relu", "fp32", {"h": 1, "c": 8})  # the trivial model every batch starts with
-BATCH = {"local": 16, "emulated": 24}  # emulated: the qemu plugin records at most 64 marks, two per model
+BATCH = {"local": 16, "emulated": 24}  # emulated: one emulator process (PER_EMULATOR) with the base model
 TFLITE_TARGETS = {"x86_64": "tflite-x86", "aarch64": "tflite-arm"}
 CALIBRATION_BATCHES = 4  # random int8 calibration samples per configuration
 
@@ -43,7 +43,7 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
     target = load_target(TFLITE_TARGETS[device.arch])
     records = [r for r in store.samples() if r["threads"] == threads]  # timings at other thread counts do not mix
     start = time.monotonic()
-    pairs = [(op, precision) for op in ops for precision in precisions]
+    pairs = [(op, precision) for op in ops for _ in range(SHARE.get(op, 1)) for precision in precisions]
     while not records or time.monotonic() - start < minutes * 60:
         batch = len({r["batch"] for r in records})
         size = batch_size or BATCH[device.kind]
@@ -64,7 +64,8 @@ def _measure(device: Device, target, samples: list[Sample], batch: int, threads:
         raise EdgecError(f"Device '{device.name}' could not run the trivial calibration model.",
                          hint="Check the device with `edgec profile` on a small artifact first.")
     return [{"batch": batch, "sample": sample.to_dict(), "kernels": [k.to_dict() for k in kernels_of(content)],
-             "cost": cost, "base": base, "threads": threads} for (sample, content), cost in zip(lowered, costs) if cost is not None]
+             "io": interface_of(content).to_dict(), "cost": cost, "base": base, "threads": threads}
+            for (sample, content), cost in zip(lowered, costs) if cost is not None]
 
 
 def _lower(sample: Sample, target) -> bytes | None:
