@@ -18,12 +18,15 @@ the cube root of their product), and also balances longer chains of ordinary con
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
+from edgec.activations import activations
 from edgec.graph import attr, constant, input_or_attr, replace_initializer_data, set_bias, sole_consumer, take_name
 from edgec.passes.pipeline import PassOutcome
+from edgec.verify import Sample
 from edgec.weights import weight_from_view, weight_view
 
 LAYER_OPS = ("Conv", "Gemm")
@@ -208,3 +211,73 @@ def _mean_spread(layers: list[_Layer]) -> float | None:
         if ranges.size:
             spreads.append(ranges.max() / np.median(ranges))
     return round(float(np.mean(spreads)), 4) if spreads else None
+
+
+class ActivationEqualization(ir.passes.InPlacePass):
+    """Shrink the activation channels that set a tensor's int8 range, moving their scale into
+    the next Conv's weights (data-aware; exact in float, like ``CrossLayerEqualization``).
+
+    An int8 activation has one scale per tensor: one channel far wider than the rest makes
+    every other channel coarse (BlazeFace's last depthwise conv: one channel reaches −275,
+    the other 95 stay within ±21, so its int8 step was 1.1). On calibration data each link
+    producer → (Relu/PRelu/LeakyRelu) → Conv gets per-channel ranges ``a`` of the producer's
+    output, and channel ``j`` is divided by ``s_j ≥ 1`` in the producer (its per-channel
+    weight scale absorbs that) and multiplied back in the consumer's input channel:
+
+    * a depthwise consumer (per-channel weights absorb ``s_j`` too): ``s_j = a_j / median(a)``,
+      so no channel is wider than the median one;
+    * another Conv: ``s_j = sqrt((a_j / median a) / (w_j / median w))`` (SmoothQuant's
+      balance, α = ½, relative to the typical channel), ``w_j`` the largest weight reading
+      channel ``j``, so a column grows only as much as its activation shrinks.
+
+    Only for per-channel weight schemes (a grown column would coarsen a per-tensor weight
+    scale). Record: per link equalized, the producer output's range before and after.
+    """
+
+    name = "activation-equalization"
+
+    def __init__(self, calibration: Sequence[Sample], max_scale: float = 1000.0) -> None:
+        if len(calibration) == 0:
+            raise ValueError("ActivationEqualization needs at least one calibration sample.")
+        self.calibration, self.max_scale = calibration, max_scale
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        links = [link for link in _find_links(model.graph, False) if link.consumer.node.op_type == "Conv"]
+        ranges = _channel_ranges(model, [link.producer.node.outputs[0] for link in links], self.calibration)
+        shrunk = {}
+        for link in links:
+            a = ranges[link.producer.node.outputs[0].name]
+            scale = np.clip(_activation_scale(a, link.consumer), 1.0, self.max_scale)
+            if scale.max() > 1.0:
+                link.producer.divide_outputs(scale)
+                link.consumer.multiply_inputs(scale)
+                shrunk[link.producer.node.name] = [round(float(a.max()), 4), round(float((a / scale).max()), 4)]
+        for layer in {id(layer.node): layer for link in links for layer in (link.producer, link.consumer)}.values():
+            _write_back(model.graph, layer)
+        return PassOutcome(model, bool(shrunk), {"links": len(links), "range_before_after": shrunk})
+
+
+def _channel_ranges(model: ir.Model, values: list[ir.Value], calibration: Sequence[Sample]) -> dict[str, np.ndarray]:
+    """Per value (NCHW Conv outputs), each channel's largest |value| over the calibration samples."""
+    ranges: dict[str, np.ndarray] = {}
+    for arrays in activations(model, values, calibration) if values else ():
+        for name, array in arrays.items():
+            x = np.abs(np.moveaxis(np.asarray(array), 1, 0)).reshape(array.shape[1], -1).max(axis=1)
+            ranges[name] = np.maximum(ranges.get(name, x), x)
+    return ranges
+
+
+def _activation_scale(a: np.ndarray, consumer: _Layer) -> np.ndarray:
+    """``s_j`` for one link (see ``ActivationEqualization``); 1 for dead channels."""
+    live = a > 0
+    if not live.any():
+        return np.ones_like(a)
+    typical = np.median(a[live])
+    if consumer.view.shape[1] == 1 and consumer.view.shape[2] == 1:  # depthwise
+        return np.where(live, a / typical, 1.0)
+    w = consumer.in_ranges()
+    usable = live & (w > 0)
+    if not usable.any():
+        return np.ones_like(a)
+    ratio = (a / typical) / np.where(usable, w / np.median(w[usable]), 1.0)
+    return np.where(usable, np.sqrt(np.maximum(ratio, 0.0)), 1.0)
