@@ -81,7 +81,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     calibration = options.calibration.batches if options.precision == "int8" else []
     method = options.scheme.method if options.precision == "int8" else None
     key = fingerprint(source, target.name, options.precision, calibration, method)
-    converted = _CONVERTED.get(key, lambda: _convert(model, target, options.precision, calibration, method))
+    # A copy: the layout passes edit in place, and the int8 report counts MACs on the model given.
+    converted = _CONVERTED.get(key, lambda: _convert(model.clone(), target, options.precision, calibration, method))
     content, details = converted.content, {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
