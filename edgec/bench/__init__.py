@@ -443,8 +443,10 @@ class Bench:
         return self.build(entry, ORT_TARGET, variant, recipe=recipe, **data)[0]
 
     def _nhwc_calib(self, entry: dict) -> dict[str, Path] | None:
-        """The zoo's calibration split as onnx2tf wants it: one .npy per input, 4-D ones NHWC
-        (image folders read with the model's input range, as edgec reads them)."""
+        """The zoo's calibration split as onnx2tf wants it: one .npy per input (image folders
+        read with the model's input range, as edgec reads them). onnx2tf takes every 4-D ONNX
+        input for NCHW and its calibration in the transposed order, so a 4-D input's array is
+        transposed (0, 2, 3, 1) whatever its layout (an NHWC one given as it is failed)."""
         if not entry.get("calib_data"):
             return None
         folder = self.work / entry["name"] / "onnx2tf-calib"
@@ -455,7 +457,7 @@ class Bench:
         files = {}
         for spec in entry["inputs"]:
             array = np.concatenate([batch[spec["name"]] for batch in samples.batches])
-            if array.ndim == 4 and spec.get("layout") == "NCHW":
+            if array.ndim == 4:
                 array = array.transpose(0, 2, 3, 1)
             files[spec["name"]] = folder / f"{spec['name']}.npy"
             np.save(files[spec["name"]], np.ascontiguousarray(array))
