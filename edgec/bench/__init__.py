@@ -33,8 +33,9 @@ Sections of the JSON:
   next to edgec's where both convert.
 * ``int8_quality``: every zoo model with a calibration split, int8 on tflite-x86 and ort-x86
   at the target's criterion (precision search on, speed check off), calibrated with
-  ``minmax`` and with ``mse`` ranges and with AdaRound: the fraction of MACs in int8 when the
-  report has it, the lowest output cosine on the held-out split and the top-1 drop.
+  ``minmax`` and with ``mse`` ranges, without activation equalization and with AdaRound: the
+  fraction of MACs in int8, the lowest output cosine on the held-out split, the top-1 drop
+  and the build's wall time (noisy: other work shares the machine).
 * ``build_time``: how long edgec itself takes: the large detector and two small zoo models,
   fp32 and int8 (calibrated on the zoo's calibration split, the target's criterion, speed
   check on: the build a user runs), for ORT and TFLite on x86. Each build runs in a fresh
@@ -97,8 +98,9 @@ from edgec.targets import known_targets
 from edgec.verify import load_calibration
 
 REPO = Path(__file__).resolve().parents[2]
-# int8_quality's variants: activation ranges and weight rounding, each alone.
+# int8_quality's variants: activation ranges, activation equalization (on by default) and weight rounding, each alone.
 INT8_QUALITY_VARIANTS = {"minmax": {"calib_method": "minmax"}, "mse": {"calib_method": "mse"},
+                         "no_activation_equalization": {"calib_method": "minmax", "equalize_activations": False},
                          "adaround": {"calib_method": "minmax", "adaround": True}}
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
@@ -261,6 +263,7 @@ class Bench:
         """Post-training int8 quality per calibration choice (see the module docstring)."""
         row: dict = {"model": entry["name"], "target": target}
         for variant, options in INT8_QUALITY_VARIANTS.items():
+            start = time.perf_counter()
             try:
                 result = self.edgec_int8(entry, target, f"quality-{variant}", min_cosine=None, **options)
             except EdgecError as exc:
@@ -270,7 +273,8 @@ class Bench:
             drop = [o.accuracy_source - o.accuracy_artifact for o in outputs if o.accuracy_source is not None]
             row[variant] = {"int8_macs_fraction": result.report["int8"]["int8_macs_fraction"],
                             "min_cosine": round(min(o.cosine for o in outputs), 6),
-                            "top1_drop": round(max(drop), 4) if drop else None}
+                            "top1_drop": round(max(drop), 4) if drop else None,
+                            "build_seconds": round(time.perf_counter() - start, 1)}
         return row
 
     def arm_cost_row(self, entry: dict) -> dict:
