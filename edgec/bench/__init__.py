@@ -523,6 +523,9 @@ def _summary(report: dict) -> dict:
                  if "int8_vs_onnx2tf_int8_instructions" in r["devices"][device]]
         summary[f"{device}_int8_vs_onnx2tf_int8_instructions_geomean"] = _geomean(peers)
         summary[f"{device}_int8_vs_onnx2tf_int8_instructions_worst"] = max(peers, default=None)
+    for variant in INT8_QUALITY_VARIANTS if report["int8_quality"] else ():
+        rows = [r[variant] for r in report["int8_quality"]]
+        summary[f"int8_quality_{variant}_at_least_90pct_int8"] = f"{sum((r.get('int8_macs_fraction') or 0) >= 0.9 for r in rows)}/{len(rows)}"
     for row in report["predictor"] or ():
         if "rmspe" in row:
             summary[f"predictor_{row['device']}_rmspe"] = row["rmspe"]
