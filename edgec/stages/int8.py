@@ -148,7 +148,7 @@ def recover_accuracy(
     activations made selfie_segmentation's int8 mask worse (cosine 0.93 → 0.88). With
     per-channel weights, activation equalization instead moves the scale of outlier
     activation channels into the next Conv's weights (BlazeFace all-int8, held-out
-    classificators cosine 0.973 → 0.989 on ORT x86, 0.982 → 0.993 on TFLite). Bias
+    classificators cosine 0.973 → 0.987 on ORT x86, 0.982 → 0.992 on TFLite). Bias
     correction cut MobileNetV2's ORT int8 error by 40% but hurt selfie_segmentation on
     TFLite, and a float simulation of int8 did not predict which, so by default both
     variants are returned for the build to lower and measure. Returns the variants (model,
