@@ -110,3 +110,8 @@ class InternalError(EdgecError):
 
 class RecipeError(EdgecError):
     """A compression recipe or --prune/--factorize option is malformed or asks the impossible."""
+
+
+class BudgetError(EdgecError):
+    """``edgec optimize`` cannot deliver: no candidate met every budget within the accuracy
+    bound, or the fp32 build every cost is relative to failed."""

@@ -59,6 +59,15 @@ Sections of the JSON:
   The zoo is split in two by model: each half is predicted by a fit on the calibration
   samples plus the other half (edgec/predict/evaluate.py); a pretrained model by the fit
   that did not see its zoo twin.
+* ``optimize``: ``edgec optimize`` (greedy, 40 trials at most, ``--max-drop 0.01`` on the
+  held-out split) on the digits classifiers, on ``local`` (ort-x86) and ``emulated-a76``
+  (tflite-arm; skipped without the emulator), for ``--speedup 2``, ``--speedup 3`` and a size
+  budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
+  apart from the search (new runners in alternating rounds against the bench's own fp32
+  build; instructions counted again), its top-1 drop, and the baselines the search ran:
+  uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
+* ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
+  (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
 * ``summary``: the ratios those sections are read for.
 
 Latencies that are compared are measured in the same process in alternating rounds and
@@ -85,7 +94,7 @@ import numpy as np
 from edgec.bench import onnx2tf
 from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
-from edgec.errors import EdgecError
+from edgec.errors import BudgetError, EdgecError
 from edgec.images import ImagePreprocess
 from edgec.model import load
 from edgec.predict import PredictorMissing, PredictorStore, cache_dir
@@ -100,6 +109,7 @@ from edgec.report import versions
 from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
 from edgec.runtime.ort import OrtRunner
+from edgec.search import Budgets, OptimizeOptions, optimize
 from edgec.stages.source import input_specs
 from edgec.targets import known_targets
 from edgec.verify import load_calibration
@@ -136,6 +146,8 @@ FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
 FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
                           "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
+OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
+OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -431,6 +443,63 @@ class Bench:
             row["int8"] = {"latency_ms": latency, "edgec_vs_onnx2tf": _ratio(latency, "edgec", "onnx2tf")}
         return row
 
+    def optimize_row(self, entry: dict, device: str) -> dict:
+        """One digits classifier on one device, for each budget (see the module docstring)."""
+        target = OPTIMIZE_DEVICES[device]
+        reference = self.build(entry, target)[0].artifacts[0]  # the bench's own fp32 build: apart from the search's
+        budgets = {"speedup_2": Budgets(speedup=2.0), "speedup_3": Budgets(speedup=3.0),
+                   "size_third": Budgets(size_kb=reference.stat().st_size / 3 / 1024)}
+        return {"model": entry["name"], "device": device, "target": target,
+                **{name: self._optimized(entry, device, target, name, budget, reference) for name, budget in budgets.items()}}
+
+    def _optimized(self, entry: dict, device: str, target: str, name: str, budget: Budgets, reference: Path) -> dict:
+        out = self.work / entry["name"] / f"optimize-{device}-{name}"
+        options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]), budgets=budget,
+                                  device=device, max_drop=OPTIMIZE_MAX_DROP, trials=OPTIMIZE_TRIALS)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                search = optimize(self.source(entry), target, out, options).search
+            except BudgetError:
+                search = json.loads((out / "search.json").read_text())
+        seconds = time.perf_counter() - start
+        met = search["chosen"] is not None
+        chosen = search["candidates"][search["chosen"] if met else search["closest"]]
+        artifact = (out if met else out / "closest") / chosen["artifact"]
+        again = self._remeasured(artifact, reference, device)
+        baselines = {k: {m: b[m] for m in ("relative_cost", "accuracy", "loss", "size_bytes", "macs")} if b and "error" not in b else b
+                     for k, b in search["baselines"].items()}
+        return {"met": met, "choice": chosen["settings"], "relative_cost": chosen["relative_cost"], "remeasured_relative_cost": again,
+                "meets_when_remeasured": (again <= 1 / budget.speedup if budget.speedup else artifact.stat().st_size <= budget.size_kb * 1024),
+                "top1": chosen["accuracy"], "top1_drop": chosen["loss"], "size_bytes": chosen["size_bytes"], "macs": chosen["macs"],
+                "baselines": baselines, "trials": search["trials"], "seconds": round(seconds, 1)}
+
+    def _remeasured(self, artifact: Path, reference: Path, device: str) -> float:
+        """The artifact's cost relative to ``reference``, measured anew: instructions on an
+        emulated core, else alternating rounds of new runners here."""
+        if device != "local":
+            settings = ProfileSettings(warmup=0, runs=1, ops=False)
+            counts = [profile(path, device, settings)["cost"]["instructions"] for path in (artifact, reference)]
+            return round(counts[0] / counts[1], 4)
+        latency = compare_latency({"chosen": open_runner(artifact), "fp32": open_runner(reference)}, self.runs, OPTIMIZE_REMEASURE_ROUNDS)
+        return _ratio(latency, "chosen", "fp32")
+
+    def optimize_time_row(self, entry: dict) -> dict:
+        """Wall time of 40 NSGA-II trials on local (cost measured in alternating rounds here)."""
+        options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
+                                  budgets=Budgets(speedup=3.0), max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=OPTIMIZE_TRIALS)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                search = optimize(self.source(entry), ORT_TARGET, self.work / entry["name"] / "optimize-time", options).search
+            except BudgetError:
+                search = json.loads((self.work / entry["name"] / "optimize-time" / "search.json").read_text())
+        built = [c for c in search["candidates"] if "error" not in c]
+        return {"model": entry["name"], "trials": search["trials"], "seconds": round(time.perf_counter() - start, 1),
+                "build_and_measure_seconds_median": float(np.median([c["seconds"] for c in built])), "failed": len(search["candidates"]) - len(built)}
+
     def finetune_row(self, entry: dict) -> dict:
         """One-shot pruning against pruning + fine-tuning: int8 TFLite top-1 on the held-out
         digits (labeled training split), or fp32 output cosines on held-out photos (no labels)."""
@@ -571,6 +640,12 @@ def _summary(report: dict) -> dict:
         factorized = report["factorization"]
         summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in factorized])
         summary[f"factorization_{variant}_top1_drop_worst"] = round(max(r["top1"]["source"] - r["top1"][variant] for r in factorized), 4)
+    optimized = [row[b] for row in report.get("optimize") or () for b in ("speedup_2", "speedup_3", "size_third")]
+    if optimized:
+        summary["optimize_met"] = f"{sum(r['met'] for r in optimized)}/{len(optimized)}"
+        summary["optimize_met_when_remeasured"] = f"{sum(r['met'] and r['meets_when_remeasured'] for r in optimized)}/{len(optimized)}"
+        uniform = [r for r in optimized if r["met"] and isinstance(r["baselines"].get("uniform"), dict) and "loss" in r["baselines"]["uniform"]]
+        summary["optimize_as_accurate_as_uniform"] = f"{sum(r['top1_drop'] <= r['baselines']['uniform']['loss'] for r in uniform)}/{len(uniform)}"
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
@@ -608,6 +683,7 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
     # Large models only where asked for by name, and in build_time.
     chosen = [e for e in bench.zoo if e["name"] in models] if models else [e for e in bench.zoo if not e.get("large")]
     timed = [e for e in bench.zoo if e["name"] in (models or BUILD_TIME_MODELS)]
+    digits = [e for e in chosen if e.get("calib_data") and e["task"] == "classification"]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
         "results": [(e, t) for e in chosen for t in targets],
@@ -624,12 +700,15 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "finetune": ([(e,) for e in chosen if e.get("calib_data") and (e["task"] == "classification" or "photos" in e["calib_data"])]
                      if _sklearn_ready() else None),
         "predictor": [(d, chosen) for d in PREDICTOR_DEVICES],
+        "optimize": [(e, d) for e in digits for d in OPTIMIZE_DEVICES if d == "local" or _emulator_ready()],
+        "optimize_time": [(e,) for e in digits],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row, "int8_quality": bench.int8_quality_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row,
-              "finetune": bench.finetune_row, "predictor": bench.predictor_row}
+              "finetune": bench.finetune_row, "predictor": bench.predictor_row, "optimize": bench.optimize_row,
+              "optimize_time": bench.optimize_time_row}
     for section, jobs in sections.items():
         if only and section not in only:
             report[section] = None
