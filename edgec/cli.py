@@ -179,6 +179,7 @@ def build(
     speed_device: Annotated[Optional[str], typer.Option("--speed-check-on", help="int8: do the speed check on this device of --devices instead of this host (e.g. emulated-a76 for an arm target: instructions per inference).")] = None,
     equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="int8: cross-layer equalization across Relu/PRelu/LeakyRelu (exact); default: only for per-tensor weight schemes.")] = None,
     equalize_relu6: Annotated[bool, typer.Option("--equalize-relu6", help="int8: equalize across ReLU6 too, replacing it by Relu (changes the model slightly; AIMET's default).")] = False,
+    equalize_activations: Annotated[Optional[bool], typer.Option("--equalize-activations/--no-equalize-activations", help="int8: shrink activation channels that set a tensor's int8 range into the next Conv's weights (exact; calibration data); default: on for per-channel weight schemes.")] = None,
     adaround: Annotated[bool, typer.Option("--adaround", help="int8: learn each weight's up/down rounding on --calib data (AdaRound), before bias correction.")] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="int8: correct biases for the mean shift weight rounding causes; default: when it lowers the simulated int8 error on --calib data.")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of \\[\\[step]] tables (pass = \"...\" plus options), run after canonicalization, and an optional \\[build] table of build settings (precision, calib, keep_float...; flags given here win); the artifact is verified against the compressed model.")] = None,
@@ -212,7 +213,7 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, speed_device=speed_device, equalize=equalize,
-        equalize_relu6=equalize_relu6, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
+        equalize_relu6=equalize_relu6, equalize_activations=equalize_activations, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
     if recipe:

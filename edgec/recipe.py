@@ -215,7 +215,7 @@ def _read_recipe(path: str | Path) -> dict[str, Any]:
 BUILD_SETTINGS: dict[str, tuple[type, ...]] = {
     "precision": (str,), "calib": (str,), "calib_samples": (int,), "calib_method": (str,), "max_drop": (float, int),
     "min_cosine": (float, int), "tolerance": (float, int), "keep_float": (list,), "speed_check": (bool,), "seed": (int,),
-    "int8_io": (bool,), "equalize": (bool,), "bias_correction": (bool,), "adaround": (bool,),
+    "int8_io": (bool,), "equalize": (bool,), "equalize_activations": (bool,), "bias_correction": (bool,), "adaround": (bool,),
 }
 
 

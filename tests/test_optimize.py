@@ -42,6 +42,8 @@ def test_search_writes_artifact_recipe_search_and_report(searched):
     assert set(chosen) >= {"settings", "cost", "accuracy", "size_bytes", "macs", "seconds"}
     assert chosen["sha256"] == json.loads((out / "report.json").read_text())["artifacts"][0]["sha256"]
     assert search["baselines"]["fp32"]["relative_cost"] == 1.0 and search["baselines"]["int8"]["settings"]["precision"] == "int8"
+    uniform = search["baselines"]["uniform_same_macs"]  # the chosen point prunes, so uniform pruning at its MACs is there
+    assert uniform["settings"]["uniform_prune"] > 0 and "uniform" in search["baselines"]
     assert "<svg" in (out / "report.html").read_text() and result.chosen["trial"] == chosen["trial"]
 
 
@@ -67,6 +69,8 @@ def test_interrupted_search_resumes_from_its_study(tmp_path):
     assert resumed["candidates"][:3] == first["candidates"]  # reused from the study, not rebuilt (same seconds)
     studies = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
     assert [s.n_trials for s in studies] == [5]
+    looser = optimize(MLP, "ort-x86", tmp_path, _options(trials=5, budgets=Budgets(macs=MLP_MACS))).search
+    assert looser["candidates"][0]["feasible"]  # the stored fp32 reference, judged again against the new budget
 
 
 def test_infeasible_budget_names_the_closest_point_and_writes_it(tmp_path):

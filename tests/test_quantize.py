@@ -18,9 +18,11 @@ from edgec.cli import app
 from edgec.errors import DeviceError, QuantizationError, TargetError
 from edgec.model import load, to_bytes
 from edgec.passes import quantize as quantize_module
-from edgec.passes.quantize import AccuracyGoal, QuantizeStatic, QuantScheme, Ranking, calibrate
+from edgec.analysis import layer_table
+from edgec.passes.quantize import (AccuracyGoal, Candidate, PrecisionSearch, QuantizeStatic, QuantScheme, Ranking, calibrate,
+                                    to_qdq, with_shapes)
 from edgec.targets import load_target, same_arch
-from edgec.verify import random_inputs
+from edgec.verify import random_inputs, run_all
 from edgec.runtime import TensorSpec
 from edgec.runtime.ort import OrtRunner
 
@@ -108,6 +110,26 @@ def test_mixed_precision_keeps_only_what_the_goal_needs_float(tmp_path):
     assert min(final["cosine"].values()) >= 0.995
     assert "convA" in mixed.details["kept_float"]
     assert mixed.details["quantized_ops"].get("Conv", 0) >= 1  # conv0 (at least) stays int8
+
+
+def test_search_takes_back_to_int8_the_float_layers_the_goal_does_without(tmp_path):
+    """A ranking that puts conv0 (harmless in int8) before convA's output: both float pass,
+    and the search then takes conv0 back to int8 since the goal holds without it."""
+    proto, scheme, calibration = outlier_model(), QuantScheme(), _calibration()
+    ranges, shaped = calibrate(proto, calibration.batches, scheme), with_shapes(proto)
+    reference = run_all(OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled"), calibration.batches)
+
+    def runner(keep: set[str]) -> OrtRunner:
+        return OrtRunner(to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString(), threads=1)
+
+    convA = next(n for n in proto.graph.node if n.name == "convA")
+    relu = next(n.name for n in proto.graph.node if list(n.input) == [convA.output[0]])
+    spared = ("convA", relu, "convB")  # convA's range reaches convB through the Relu
+    ranking = [Candidate("conv0 weight", 0.1, ("conv0",)), Candidate(convA.output[0], 1.0, spared)]
+    macs = {row["name"]: row["macs"] for row in layer_table(load(save(proto, tmp_path)).graph)}
+    search = PrecisionSearch(reference, calibration, runner, macs)
+    assert search.run(AccuracyGoal(0.995), lambda kept: [c for c in ranking if c.tensor not in kept]) == set(spared)
+    assert search.steps[-1]["passed"] and search.steps[-1]["back_to_int8"] == "conv0 weight"
 
 
 def test_unknown_keep_float_name_is_an_error(tmp_path):

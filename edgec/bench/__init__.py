@@ -15,9 +15,12 @@ Sections of the JSON:
   pruning (with and without reconstruction) and with 50% magnitude sparsity: held-out
   top-1, artifact size raw and deflated (what a zip or an app store download gives), and
   latency against the unpruned artifact in the same process.
-* ``arm_int8_cost``: fp32 vs int8 ``.tflite`` (tflite-arm) on the emulated Cortex-A53 and
-  Cortex-A76 devices (``make arm-emulator``): instructions per inference counted by qemu,
-  deterministic where wall time under emulation means nothing; skipped without the emulator.
+* ``arm_int8_cost``: edgec's fp32 and int8 ``.tflite`` (tflite-arm; int8 at the target's
+  criterion, as a default build makes it) and onnx2tf's int8 file of the same model (when
+  onnx2tf is installed) on the emulated Cortex-A53 and Cortex-A76 devices (``make
+  arm-emulator``): instructions per inference counted by qemu, deterministic where wall time
+  under emulation means nothing, the int8 MAC share and the op types edgec kept float;
+  skipped without the emulator.
 * ``factorization``: trained classifiers with 30% fewer MACs by low-rank factorization,
   plain and data-aware (fitted on the calibration split), on ONNX Runtime x86: held-out
   top-1 of the source and of each, and latency against the unfactorized build.
@@ -30,8 +33,9 @@ Sections of the JSON:
   next to edgec's where both convert.
 * ``int8_quality``: every zoo model with a calibration split, int8 on tflite-x86 and ort-x86
   at the target's criterion (precision search on, speed check off), calibrated with
-  ``minmax`` and with ``mse`` ranges and with AdaRound: the fraction of MACs in int8 when the
-  report has it, the lowest output cosine on the held-out split and the top-1 drop.
+  ``minmax`` and with ``mse`` ranges, without activation equalization and with AdaRound: the
+  fraction of MACs in int8, the lowest output cosine on the held-out split, the top-1 drop
+  and the build's wall time (noisy: other work shares the machine).
 * ``build_time``: how long edgec itself takes: the large detector and two small zoo models,
   fp32 and int8 (calibrated on the zoo's calibration split, the target's criterion, speed
   check on: the build a user runs), for ORT and TFLite on x86. Each build runs in a fresh
@@ -61,10 +65,10 @@ Sections of the JSON:
   budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
   apart from the search (new runners in alternating rounds against the bench's own fp32
   build; instructions counted again), its top-1 drop, and the baselines the search ran:
-  uniform-rate pruning at the chosen point's MACs and int8 alone.
+  uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
 * ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
   (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
-* ``scale``: the same search (NSGA-II, ``SCALE_TRIALS`` trials, batches of 2, a MACs budget on
+* ``scale``: the same search (NSGA-II, ``SCALE_TRIALS`` trials, batches of 4, a MACs budget on
   ``local``) with ``--executor local`` and with ``--executor ray`` on a local Ray of this
   machine's CPUs (its start included): wall seconds of each, their ratio, and whether both
   chose the same settings.
@@ -98,6 +102,7 @@ from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
 from edgec.errors import BudgetError, EdgecError
 from edgec.images import ImagePreprocess
+from edgec.model import load
 from edgec.predict import PredictorMissing, PredictorStore, cache_dir
 from edgec.predict.evaluate import Measured, accuracy, cross_validate
 from edgec.predict.calibrate import TFLITE_TARGETS
@@ -111,11 +116,14 @@ from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
 from edgec.runtime.ort import OrtRunner
 from edgec.search import Budgets, OptimizeOptions, optimize
+from edgec.stages.source import input_specs
 from edgec.targets import known_targets
+from edgec.verify import load_calibration
 
 REPO = Path(__file__).resolve().parents[2]
-# int8_quality's variants: activation ranges and weight rounding, each alone.
+# int8_quality's variants: activation ranges, activation equalization (on by default) and weight rounding, each alone.
 INT8_QUALITY_VARIANTS = {"minmax": {"calib_method": "minmax"}, "mse": {"calib_method": "mse"},
+                         "no_activation_equalization": {"calib_method": "minmax", "equalize_activations": False},
                          "adaround": {"calib_method": "minmax", "adaround": True}}
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
@@ -146,7 +154,7 @@ FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "p
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
 OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
-SCALE_MODELS, SCALE_TRIALS = ("mobilenetv2",), 16
+SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH = ("mobilenetv2",), 16, 4
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -179,6 +187,7 @@ class Bench:
         self.runs = runs
         self.zoo = json.loads((REPO / "models" / "zoo.json").read_text())
         self.built: dict[tuple[str, str, str], tuple[BuildResult, float]] = {}
+        self.peer: dict[str, tuple[dict[str, Path], str | None]] = {}  # onnx2tf's conversions by model
 
     def source(self, entry: dict) -> Path:
         return REPO / "models" / entry["file"]
@@ -284,6 +293,7 @@ class Bench:
         """Post-training int8 quality per calibration choice (see the module docstring)."""
         row: dict = {"model": entry["name"], "target": target}
         for variant, options in INT8_QUALITY_VARIANTS.items():
+            start = time.perf_counter()
             try:
                 result = self.edgec_int8(entry, target, f"quality-{variant}", min_cosine=None, **options)
             except EdgecError as exc:
@@ -293,22 +303,34 @@ class Bench:
             drop = [o.accuracy_source - o.accuracy_artifact for o in outputs if o.accuracy_source is not None]
             row[variant] = {"int8_macs_fraction": result.report["int8"]["int8_macs_fraction"],
                             "min_cosine": round(min(o.cosine for o in outputs), 6),
-                            "top1_drop": round(max(drop), 4) if drop else None}
+                            "top1_drop": round(max(drop), 4) if drop else None,
+                            "build_seconds": round(time.perf_counter() - start, 1)}
         return row
 
     def arm_cost_row(self, entry: dict) -> dict:
-        """Instructions per inference of the fp32 and int8 .tflite on each emulated ARM core."""
-        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": self.edgec_int8(entry, ARM_TARGET).artifacts[0]}
+        """Instructions per inference on each emulated ARM core of edgec's fp32 and int8 .tflite
+        (tflite-arm; int8 as a default build makes it: the target's criterion, precision
+        search on) and of onnx2tf's int8 file of the same model, when onnx2tf is installed."""
+        int8 = self.edgec_int8(entry, ARM_TARGET, min_cosine=None)
+        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": int8.artifacts[0]}
+        peer = self._onnx2tf(entry).get("int8")
+        if peer is not None:
+            artifacts["onnx2tf_int8"] = peer
         settings = ProfileSettings(warmup=1, runs=3, ops=False)
         devices = {}
         for device in ARM_DEVICES:
-            cost = {precision: profile(path, device, settings)["cost"] for precision, path in artifacts.items()}
+            cost = {kind: profile(path, device, settings)["cost"] for kind, path in artifacts.items()}
             devices[device] = {
-                **{p: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for p, c in cost.items()},
+                **{kind: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for kind, c in cost.items()},
                 "int8_vs_fp32_instructions": round(cost["int8"]["instructions"] / cost["fp32"]["instructions"], 3),
                 "int8_vs_fp32_vector": round(cost["int8"]["vector_instructions"] / cost["fp32"]["vector_instructions"], 3),
             }
-        return {"model": entry["name"], "devices": devices}
+            if peer is not None:
+                devices[device]["int8_vs_onnx2tf_int8_instructions"] = round(
+                    cost["int8"]["instructions"] / cost["onnx2tf_int8"]["instructions"], 3)
+        lowering = int8.report["lowering"]
+        return {"model": entry["name"], "int8_macs_fraction": int8.report["int8"]["int8_macs_fraction"],
+                "float_ops": lowering["float_ops"], "devices": devices}
 
     def factorization_row(self, entry: dict) -> dict:
         """Plain vs data-aware factorization on ORT x86: top-1 on the whole held-out split
@@ -407,8 +429,16 @@ class Bench:
         except EdgecError as exc:
             return str(exc)
 
+    def _onnx2tf(self, entry: dict) -> dict[str, Path]:
+        """onnx2tf's files of ``entry`` (see ``onnx2tf.convert``), converted once per bench."""
+        if entry["name"] not in self.peer:
+            self.peer[entry["name"]] = onnx2tf.convert(self.source(entry), self.work / entry["name"] / "onnx2tf", self._nhwc_calib(entry)) \
+                if onnx2tf.available() else ({}, "onnx2tf is not installed")
+        return self.peer[entry["name"]][0]
+
     def onnx2tf_row(self, entry: dict) -> dict:
-        produced, error = onnx2tf.convert(self.source(entry), self.work / entry["name"] / "onnx2tf", self._nhwc_calib(entry))
+        self._onnx2tf(entry)
+        produced, error = self.peer[entry["name"]]
         row: dict = {"model": entry["name"], "converts": "fp32" in produced, "error": error}
         if "fp32" in produced:
             edgec = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
@@ -475,7 +505,8 @@ class Bench:
             shutil.rmtree(out, ignore_errors=True)  # nothing reused from an earlier run
             options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
                                       budgets=Budgets(macs=int(self.build(entry, ORT_TARGET)[0].report["model"]["macs"] * 0.6)),
-                                      max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=SCALE_TRIALS, executor=executor)
+                                      max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=SCALE_TRIALS, batch=SCALE_BATCH,
+                                      executor=executor)
             start = time.perf_counter()
             runs[executor] = (self._search(entry, ORT_TARGET, out, options), round(time.perf_counter() - start, 1))
         (local, local_s), (ray, ray_s) = runs["local"], runs["ray"]
@@ -546,22 +577,24 @@ class Bench:
         return self.build(entry, ORT_TARGET, variant, recipe=recipe, **data)[0]
 
     def _nhwc_calib(self, entry: dict) -> dict[str, Path] | None:
-        """The zoo's calibration split as onnx2tf wants it: one .npy per input, 4-D ones NHWC.
-
-        Only the .npz splits: onnx2tf has no image-folder input (the photo-calibrated models
-        are compared in fp32 only)."""
-        if not str(entry.get("calib_data")).endswith(".npz"):
+        """The zoo's calibration split as onnx2tf wants it: one .npy per input (image folders
+        read with the model's input range, as edgec reads them). onnx2tf takes every 4-D ONNX
+        input for NCHW and its calibration in the transposed order, so a 4-D input's array is
+        transposed (0, 2, 3, 1) whatever its layout (an NHWC one given as it is failed)."""
+        if not entry.get("calib_data"):
             return None
         folder = self.work / entry["name"] / "onnx2tf-calib"
         folder.mkdir(parents=True, exist_ok=True)
+        specs = input_specs(load(self.source(entry)))
+        samples = load_calibration(str(REPO / entry["calib_data"]), specs,
+                                   images=ImagePreprocess(tuple(entry.get("input_range", (0.0, 1.0)))))
         files = {}
-        with np.load(REPO / entry["calib_data"]) as data:
-            for spec in entry["inputs"]:
-                array = data[spec["name"]]
-                if array.ndim == 4 and spec.get("layout") == "NCHW":
-                    array = array.transpose(0, 2, 3, 1)
-                files[spec["name"]] = folder / f"{spec['name']}.npy"
-                np.save(files[spec["name"]], np.ascontiguousarray(array))
+        for spec in entry["inputs"]:
+            array = np.concatenate([batch[spec["name"]] for batch in samples.batches])
+            if array.ndim == 4:
+                array = array.transpose(0, 2, 3, 1)
+            files[spec["name"]] = folder / f"{spec['name']}.npy"
+            np.save(files[spec["name"]], np.ascontiguousarray(array))
         return files
 
 
@@ -621,6 +654,13 @@ def _summary(report: dict) -> dict:
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
         summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
         summary[f"{device}_int8_vs_fp32_instructions_worst"] = max(ratios)
+        peers = [r["devices"][device]["int8_vs_onnx2tf_int8_instructions"] for r in report["arm_int8_cost"]
+                 if "int8_vs_onnx2tf_int8_instructions" in r["devices"][device]]
+        summary[f"{device}_int8_vs_onnx2tf_int8_instructions_geomean"] = _geomean(peers)
+        summary[f"{device}_int8_vs_onnx2tf_int8_instructions_worst"] = max(peers, default=None)
+    for variant in INT8_QUALITY_VARIANTS if report["int8_quality"] else ():
+        rows = [r[variant] for r in report["int8_quality"]]
+        summary[f"int8_quality_{variant}_at_least_90pct_int8"] = f"{sum((r.get('int8_macs_fraction') or 0) >= 0.9 for r in rows)}/{len(rows)}"
     for row in report["predictor"] or ():
         if "rmspe" in row:
             summary[f"predictor_{row['device']}_rmspe"] = row["rmspe"]
