@@ -561,6 +561,10 @@ def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     out.print(table)
 
 
+ExecutorOpt = Annotated[str, typer.Option(help="Where the work runs: local (this process) or ray (tasks on a Ray cluster).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--executor ray: an existing cluster (e.g. 127.0.0.1:6379, ray://HEAD:10001); a local Ray is started without it.")]
+
+
 @app.command()
 @_handles_errors
 @_prints_warnings
@@ -586,6 +590,10 @@ def optimize(
     lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact, report.json, recipe.toml, search.json, report.html and study.db.")] = Path("optimized"),
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    batch: Annotated[int, typer.Option(help="Candidates asked at once (on Ray: built at once); same --batch, same choice on either executor.")] = 2,
+    cost: Annotated[str, typer.Option(help="measured (on --device) or predicted (by its latency predictor, `edgec device calibrate`; the Pareto front is measured before choosing).")] = "measured",
     input_shape: InputShapeOpt = None,
     image_range: ImageRangeOpt = None,
     image_mean: ImageMeanOpt = None,
@@ -605,7 +613,8 @@ def optimize(
         eval=str(eval_data), budgets=Budgets(latency_budget, speedup, size_budget, macs_budget), device=device,
         devices=str(devices) if devices else None, calib=str(calib) if calib else None, finetune=step.options if step else None,
         max_drop=max_drop, min_cosine=min_cosine, strategy=strategy, trials=trials, time_budget_s=time_budget_s, seed=seed,
-        study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std))
+        study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std),
+        executor=executor, ray_address=ray_address, batch=batch, cost=cost)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("[dim]{task.fields[best]}"), console=err) as bar:
         task = bar.add_task("Searching", total=trials, best="no feasible candidate yet")
@@ -643,12 +652,15 @@ def calibrate(
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's).")] = None,
     cache_dir: CacheOpt = None,
     devices: DevicesOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure single-kernel models on DEVICE and fit its latency predictor; resumes an interrupted run."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgec.checks import at_least
+    from edgec.executors import make_executor
     from edgec.predict import PredictorStore, cache_dir as cache_folder
     from edgec.predict.calibrate import calibrate as run_calibration
     from edgec.profile import get_device
@@ -657,11 +669,15 @@ def calibrate(
     at_least("--threads", threads, 1)
     target = get_device(device, devices)
     store = PredictorStore(cache_folder(cache_dir), target.name)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
-                  TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
-        predictor = run_calibration(target, store, minutes, threads or target.threads,
-                                    lambda samples, seconds: bar.update(task, completed=seconds, samples=samples))
+    runner = make_executor(executor, ray_address)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
+            predictor = run_calibration(target, store, minutes, threads or target.threads,
+                                        lambda samples, seconds: bar.update(task, completed=seconds, samples=samples), executor=runner)
+    finally:
+        runner.close()
     kinds = ", ".join(f"{key} ({n})" for key, n in predictor.summary()["kernels"].items())
     out.print(f"Predictor for [bold]{target.name}[/] ({predictor.metric}) in {store.folder}: {kinds}", highlight=False)
 

@@ -3,12 +3,7 @@ node, started with `ray start` as the README shows), against the local executor.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,62 +14,12 @@ from edgec.errors import OptionError
 from edgec.executors import Task, make_executor
 
 ray = pytest.importorskip("ray")
-RAY = str(Path(sys.executable).with_name("ray"))
-NODE = ["--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--disable-usage-stats", "--block"]
-
-
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([RAY, "start", *args, *NODE], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _stop(node: subprocess.Popen) -> None:
-    """``ray start --block`` stops what it started on SIGTERM; whatever lingers is killed."""
-    with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(node.pid, signal.SIGTERM)
-        node.wait(90)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(node.pid, signal.SIGKILL)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """The address of a running two-node cluster (a head and one worker, one CPU each)."""
-    if shutil.which(RAY) is None:
-        pytest.skip("the ray command is not installed")
-    address = f"127.0.0.1:{_free_port()}"
-    temp = tmp_path_factory.mktemp("ray")
-    head = _start("--head", "--node-ip-address", "127.0.0.1", "--port", address.split(":")[1],
-                  "--include-dashboard=false", "--temp-dir", str(temp))
-    worker = None
-    try:
-        _wait(lambda: subprocess.run([RAY, "status", "--address", address], capture_output=True).returncode == 0)
-        worker = _start("--address", address, "--node-ip-address", "127.0.0.1")
-        yield address
-    finally:
-        for node in (worker, head):
-            if node is not None:
-                _stop(node)
-
-
-def _wait(ready, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while not ready():
-        assert time.monotonic() < end, "the Ray cluster did not come up"
-        time.sleep(1)
-
-
-@pytest.fixture(scope="module")
-def on_ray(cluster):
+def on_ray(ray_cluster):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
-    executor = make_executor("ray", cluster)
-    _wait(lambda: ray.cluster_resources().get("CPU", 0) >= 2)
+    executor = make_executor("ray", ray_cluster)
     yield executor
     executor.close()
 

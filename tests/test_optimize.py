@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgec.cli import app
-from edgec.errors import BudgetError, DeviceError, InputDataError, OptionError
+from edgec.errors import BudgetError, DeviceError, EdgecError, InputDataError, OptionError
 from edgec.search import Budgets, OptimizeOptions, optimize
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,3 +124,29 @@ def test_time_budget_stops_after_the_reference(tmp_path):
     search = json.loads((tmp_path / "search.json").read_text())
     assert [c["settings"]["precision"] for c in search["candidates"]] == ["fp32"]  # the reference every cost needs, then nothing
     assert search["baselines"]["int8"] is None
+
+
+def test_a_search_on_ray_makes_the_choice_the_local_executor_makes(searched, ray_cluster, tmp_path):
+    """Two Ray worker processes build the batch's candidates at once; the study is told in the same
+    order, so the same seed gives the same candidates and choice as the local search above."""
+    _, local = searched
+    on_ray = optimize(MLP, "ort-x86", tmp_path, _options(executor="ray", ray_address=ray_cluster)).search
+    assert [c["settings"] for c in on_ray["candidates"]] == [c["settings"] for c in local.search["candidates"]]
+    assert on_ray["candidates"][on_ray["chosen"]]["settings"] == local.search["candidates"][local.search["chosen"]]["settings"]
+    assert [c["sha256"] for c in on_ray["candidates"]] == [c["sha256"] for c in local.search["candidates"]]
+
+
+def test_predicted_cost_searches_by_the_predictor_and_measures_the_front_before_choosing(tmp_path, monkeypatch):
+    from edgec.predict import PredictorStore
+    from edgec.predict.calibrate import calibrate
+    from edgec.profile import get_device
+
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(EdgecError, match="edgec device calibrate local"):
+        optimize(MLP, "tflite-x86", tmp_path / "none", _options(cost="predicted", trials=2))
+    calibrate(get_device("local"), PredictorStore(tmp_path / "cache", "local"), 0.001, 1, ops=("Gemm",), precisions=("fp32", "int8"),
+              batch_size=6)
+    search = optimize(MLP, "tflite-x86", tmp_path / "out", _options(cost="predicted", trials=4)).search
+    front = [c for c in search["candidates"] if "predicted_cost" in c]
+    assert front and all(c["metric"] == "ms" and c["cost"] > 0 for c in front)
+    assert search["candidates"][search["chosen"]] in front  # chosen on measured cost

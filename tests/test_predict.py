@@ -141,3 +141,19 @@ def test_joint_fit_separates_kernels_from_the_fixed_part():
     assert predicted == pytest.approx(model["cost"], rel=0.02)
     assert Predictor.fit(records, get_device("emulated-a76"), 1, "tflite-arm").kernel_costs(kernels) == predictor.kernel_costs(kernels)
 
+
+@pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
+def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tmp_path, ray_cluster):
+    from edgec.executors import make_executor
+
+    device, options = get_device("emulated-a76"), {"ops": ("Conv",), "precisions": ("fp32",), "batch_size": 3}
+    here = PredictorStore(tmp_path / "here", device.name)
+    calibrate(device, here, 0, 1, **options)  # one batch
+    executor = make_executor("ray", ray_cluster)
+    try:
+        on_ray = PredictorStore(tmp_path / "ray", device.name)
+        calibrate(device, on_ray, 0, 1, executor=executor, **options)  # one round: a batch per worker
+    finally:
+        executor.close()
+    assert {r["batch"] for r in on_ray.samples()} == {0, 1}
+    assert [r for r in on_ray.samples() if r["batch"] == 0] == here.samples()

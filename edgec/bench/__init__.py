@@ -68,6 +68,10 @@ Sections of the JSON:
   uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
 * ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
   (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
+* ``scale``: the same search (NSGA-II, ``SCALE_TRIALS`` trials, batches of 4, a MACs budget on
+  ``local``) with ``--executor local`` and with ``--executor ray`` on a local Ray of this
+  machine's CPUs (its start included): wall seconds of each, their ratio, and whether both
+  chose the same settings.
 * ``summary``: the ratios those sections are read for.
 
 Latencies that are compared are measured in the same process in alternating rounds and
@@ -83,7 +87,9 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import platform
+import shutil
 import time
 import warnings
 import zlib
@@ -148,6 +154,7 @@ FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "p
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
 OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
+SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH = ("mobilenetv2",), 16, 4
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -457,12 +464,7 @@ class Bench:
         options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]), budgets=budget,
                                   device=device, max_drop=OPTIMIZE_MAX_DROP, trials=OPTIMIZE_TRIALS)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                search = optimize(self.source(entry), target, out, options).search
-            except BudgetError:
-                search = json.loads((out / "search.json").read_text())
+        search = self._search(entry, target, out, options)
         seconds = time.perf_counter() - start
         met = search["chosen"] is not None
         chosen = search["candidates"][search["chosen"] if met else search["closest"]]
@@ -490,15 +492,37 @@ class Bench:
         options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
                                   budgets=Budgets(speedup=3.0), max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=OPTIMIZE_TRIALS)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                search = optimize(self.source(entry), ORT_TARGET, self.work / entry["name"] / "optimize-time", options).search
-            except BudgetError:
-                search = json.loads((self.work / entry["name"] / "optimize-time" / "search.json").read_text())
+        search = self._search(entry, ORT_TARGET, self.work / entry["name"] / "optimize-time", options)
         built = [c for c in search["candidates"] if "error" not in c]
         return {"model": entry["name"], "trials": search["trials"], "seconds": round(time.perf_counter() - start, 1),
                 "build_and_measure_seconds_median": float(np.median([c["seconds"] for c in built])), "failed": len(search["candidates"]) - len(built)}
+
+    def scale_row(self, entry: dict) -> dict:
+        """One search on each executor: wall time and the choice (see the module docstring)."""
+        runs = {}
+        for executor in ("local", "ray"):
+            out = self.work / entry["name"] / f"scale-{executor}"
+            shutil.rmtree(out, ignore_errors=True)  # nothing reused from an earlier run
+            options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
+                                      budgets=Budgets(macs=int(self.build(entry, ORT_TARGET)[0].report["model"]["macs"] * 0.6)),
+                                      max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=SCALE_TRIALS, batch=SCALE_BATCH,
+                                      executor=executor)
+            start = time.perf_counter()
+            runs[executor] = (self._search(entry, ORT_TARGET, out, options), round(time.perf_counter() - start, 1))
+        (local, local_s), (ray, ray_s) = runs["local"], runs["ray"]
+        return {"model": entry["name"], "trials": SCALE_TRIALS, "local_seconds": local_s, "ray_seconds": ray_s,
+                "ray_workers": os.cpu_count(), "speedup": round(local_s / ray_s, 3),
+                "same_choice": _chosen_settings(local) == _chosen_settings(ray),
+                "same_candidates": [c["settings"] for c in local["candidates"]] == [c["settings"] for c in ray["candidates"]]}
+
+    def _search(self, entry: dict, target: str, out: Path, options: OptimizeOptions) -> dict:
+        """search.json of ``optimize`` (of the closest point when no candidate met the budget)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return optimize(self.source(entry), target, out, options).search
+            except BudgetError:
+                return json.loads((out / "search.json").read_text())
 
     def finetune_row(self, entry: dict) -> dict:
         """One-shot pruning against pruning + fine-tuning: int8 TFLite top-1 on the held-out
@@ -592,6 +616,11 @@ def _digits_train(work: Path, entry: dict) -> str:
         split = digits.load().train
         digits.save_npz(path, {key: make(split), "label": split.labels})
     return str(path)
+
+
+def _chosen_settings(search: dict) -> dict:
+    index = search["chosen"] if search["chosen"] is not None else search["closest"]
+    return search["candidates"][index]["settings"]
 
 
 def _source_cosines(result: BuildResult) -> dict[str, float]:
@@ -702,13 +731,14 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "predictor": [(d, chosen) for d in PREDICTOR_DEVICES],
         "optimize": [(e, d) for e in digits for d in OPTIMIZE_DEVICES if d == "local" or _emulator_ready()],
         "optimize_time": [(e,) for e in digits],
+        "scale": [(e,) for e in digits if e["name"] in SCALE_MODELS],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row, "int8_quality": bench.int8_quality_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row,
               "finetune": bench.finetune_row, "predictor": bench.predictor_row, "optimize": bench.optimize_row,
-              "optimize_time": bench.optimize_time_row}
+              "optimize_time": bench.optimize_time_row, "scale": bench.scale_row}
     for section, jobs in sections.items():
         if only and section not in only:
             report[section] = None

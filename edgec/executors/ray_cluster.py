@@ -61,9 +61,13 @@ class RayExecutor:
         return self._task.options(num_cpus=task.cpus).remote(task.fn, task.args)
 
     def _board(self, name: str):
+        """The board's actor, on this driver's machine: ``local`` is this machine, and the
+        device inventory (SSH keys, addresses) is the one the user gave here."""
         if name not in self._boards:
-            self._boards[name] = self._board_class.options(name=f"board:{name}", namespace=NAMESPACE,
-                                                           get_if_exists=True).remote()
+            here = self._ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+                self._ray.get_runtime_context().get_node_id(), soft=False)
+            self._boards[name] = self._board_class.options(name=f"board:{name}", namespace=NAMESPACE, get_if_exists=True,
+                                                           scheduling_strategy=here).remote()
         return self._boards[name]
 
     def _outcome(self, ref) -> Outcome:
@@ -91,10 +95,10 @@ def _connect(ray, address: str | None) -> None:
     try:
         if address:
             ray.init(address=address, **settings)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **settings)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+        else:  # "local": a new Ray of our own, even when another one runs on this machine
+            ray.init(address="local", num_cpus=os.cpu_count(), **settings)
+    except (ConnectionError, RuntimeError, ValueError) as exc:  # what ray.init raises for a bad or dead address
         where = f"the Ray cluster at {address}" if address else "a local Ray"
-        raise ExecutorError(f"Could not start or reach {where}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}.",
+        raise ExecutorError(f"Could not start or reach {where}: {(str(exc).splitlines() or [type(exc).__name__])[0].rstrip('.')}.",
                             hint="Check that `ray start --head` runs there and that the address and port are right "
                                  "(e.g. 127.0.0.1:6379, or ray://HEAD:10001 for Ray Client).") from exc

@@ -5,9 +5,10 @@
 * this machine (``local``): latency of the candidate and the fp32 reference in alternating
   rounds in this process, best round median each (noise only adds time), so the ratio
   holds on a busy machine;
-* an SSH board: the best median of a few profiling rounds, the reference the same way.
+* an SSH board: the best median of a few profiling rounds, the reference the same way;
+* with ``--cost predicted``, any of them from its fitted latency predictor (``predicted``).
 
-Measurements are kept in a JSON file keyed by device and artifact sha256 (and, for
+Measurements are kept in JSON files keyed by device and artifact sha256 (and, for
 ``local``, the reference's), so a resumed or repeated search never measures an artifact twice.
 """
 
@@ -33,19 +34,22 @@ def sha256(path: Path) -> str:
 
 
 class CostCache:
-    """Measured costs in ``path`` (JSON), written atomically after each new measurement."""
+    """Measured costs in folder ``path``, one small JSON file per key, each written atomically:
+    candidates measured at once in other processes (edgec.executors) never overwrite each other."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.entries: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
 
     def get(self, key: str) -> Any:
-        return self.entries.get(key)
+        file = self._file(key)
+        return json.loads(file.read_text()) if file.is_file() else None
 
     def put(self, key: str, value: Any) -> Any:
-        self.entries[key] = value
-        write_atomically(self.path, json.dumps(self.entries, indent=1, sort_keys=True).encode())
+        write_atomically(self._file(key), json.dumps(value, sort_keys=True).encode())
         return value
+
+    def _file(self, key: str) -> Path:
+        return self.path / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -69,6 +73,17 @@ def measure(artifact: Path, reference: Path | None, device: Device, runtime: dic
     value = _absolute(artifact, device, digest, cache)
     base = value if reference is None or ref_digest == digest else _absolute(reference, device, ref_digest, cache)
     return {"metric": "instructions" if device.emulated else "ms", "value": value, "relative": round(value / base, 6)}
+
+
+def predicted(artifact: Path, reference: Path | None, device: Device) -> dict[str, Any]:
+    """``measure``'s answer from the device's fitted latency predictor (edgec.predict) instead
+    of the device: milliseconds or instructions, deterministic, in a fraction of a second."""
+    from edgec.predict import predict_cost
+
+    value = predict_cost(artifact, device)
+    base = value if reference is None else predict_cost(reference, device)
+    return {"metric": "instructions" if device.emulated else "ms", "value": round(value, 5), "relative": round(value / base, 6),
+            "predicted": True}
 
 
 def _absolute(artifact: Path, device: Device, digest: str, cache: CostCache) -> float:

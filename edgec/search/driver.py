@@ -24,6 +24,7 @@ import sqlalchemy
 from edgec.build import canonicalize, input_specs
 from edgec.checks import above, at_least, one_of, option, within
 from edgec.errors import BudgetError, DeviceError, EdgecWarning, OptionError
+from edgec.executors import EXECUTORS, Executor, make_executor
 from edgec.images import ImagePreprocess
 from edgec.model import load
 from edgec.outputs import OutputDir
@@ -31,8 +32,8 @@ from edgec.profile import get_device
 from edgec.recipe import recipe_toml
 from edgec.report import write_json
 from edgec.search.cost import sha256, write_atomically
-from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, settings_key
-from edgec.search.report import render
+from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, evaluate_all, evaluate_costs, settings_key
+from edgec.search.report import front, render
 from edgec.search.space import Space, build_space, describe, pruning_sensitivity, recipe_steps
 from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
 from edgec.targets import load_target, same_arch
@@ -70,6 +71,7 @@ class Budgets:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
 
 
+COSTS = ("measured", "predicted")
 FLAGS = {"latency_ms": "--latency-budget", "speedup": "--speedup", "size_kb": "--size-budget", "macs": "--macs-budget"}
 
 
@@ -90,9 +92,16 @@ class OptimizeOptions:
     study: str | None = None  # a file or database URL; OUT/study.db by default
     input_shapes: Mapping[str, Sequence[int]] = dataclasses.field(default_factory=dict)
     images: ImagePreprocess = ImagePreprocess()
+    executor: str = "local"  # where candidates are built and measured: here, or on Ray (edgec.executors)
+    ray_address: str | None = None  # an existing Ray cluster; a local Ray is started when None
+    batch: int = 2  # candidates asked (and, on Ray, evaluated) at once; the same on every executor, so the same choice
+    cost: str = "measured"  # "predicted": by the device's latency predictor, the Pareto front measured before choosing
 
     def __post_init__(self) -> None:
         one_of(option("strategy"), self.strategy, STRATEGIES)
+        one_of(option("executor"), self.executor, EXECUTORS)
+        one_of(option("cost"), self.cost, COSTS)
+        at_least(option("batch"), self.batch, 1)
         at_least(option("trials"), self.trials, 1)
         above(option("time_budget_s", "--time-budget-s"), self.time_budget_s, 0)
         at_least(option("seed"), self.seed, 0)
@@ -122,6 +131,10 @@ def optimize(model: str | Path, target: str, out_dir: str | Path, options: Optim
     device = get_device(options.device, options.devices)
     spec = load_target(target)
     _check_device(options, device, spec)
+    if options.cost == "predicted":  # a device without a fitted predictor fails now, naming `edgec device calibrate`
+        from edgec.predict import PredictorStore, cache_dir
+
+        PredictorStore(cache_dir(None), device.name).load()
     out = OutputDir(out_dir)
     try:
         return _search(model, target, spec, out, options, progress)
@@ -135,7 +148,17 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
     measure = accuracy_measure(problem)
     allowed = _allowed_loss(options, measure)
     space, sensitivity = _space(problem, spec, allowed, options)
-    trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress)
+    executor = make_executor(options.executor, options.ray_address)
+    try:
+        trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress, executor)
+        return _run(trials, spec, sensitivity, measure, allowed, out)
+    finally:
+        executor.close()
+
+
+def _run(trials: _Trials, spec, sensitivity: dict[str, Any], measure: str, allowed: float, out: OutputDir) -> OptimizeResult:
+    """The reference build, the int8 baseline, the strategy's trials, then the choice."""
+    problem, space, options = trials.problem, trials.space, trials.options
     reference = trials.run(space.start())
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
@@ -159,7 +182,7 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
     return Problem(absolute(str(model)), target, options.device, absolute(options.eval), str(out.resolve() / ".search"),
                    absolute(options.devices), absolute(options.calib), options.seed,
                    tuple((k, tuple(v)) for k, v in options.input_shapes.items()), options.images, options.max_drop,
-                   tuple(sorted(finetune.items())))
+                   tuple(sorted(finetune.items())), cost=options.cost)
 
 
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
@@ -168,10 +191,9 @@ def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
         shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
         run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall)
         return
-    for level in range(1, max(len(v) for v in space.levels.values())):
-        if trials.left():
-            trials.run(space.uniform(level))  # uniform levels first: cheap to judge, and the front's anchors
-    run_sampler(trials)
+    uniform = [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
+    trials.run_batch(uniform[:trials.room(len(uniform))])  # uniform levels first: cheap to judge, and the front's anchors
+    run_sampler(trials, options.batch)
 
 
 def _check_device(options: OptimizeOptions, device, target) -> None:
@@ -224,7 +246,7 @@ def _study(problem: Problem, options: OptimizeOptions, space: Space, out: Path) 
     interrupt left running are marked failed."""
     storage = _storage(options.study or str(out / "study.db"))
     identity = json.dumps([hashlib.sha256(Path(problem.model).read_bytes()).hexdigest(),
-                           problem.target, problem.device, problem.eval, problem.calib, problem.finetune, options.strategy,
+                           problem.target, problem.device, problem.cost, problem.eval, problem.calib, problem.finetune, options.strategy,
                            space.to_dict()], sort_keys=True, default=str)
     name = f"edgec-{Path(problem.model).stem}-{options.strategy}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -259,8 +281,9 @@ class _Trials:
     resume), a sampler's repeat is told the stored result."""
 
     def __init__(self, study: optuna.Study, space: Space, problem: Problem, options: OptimizeOptions, allowed: float,
-                 progress: Progress | None):
+                 progress: Progress | None, executor: Executor):
         self.study, self.space, self.problem, self.options, self.allowed = study, space, problem, options, allowed
+        self.executor = executor
         self.progress = progress or (lambda *_: None)
         finished = _finished(study)
         self.memo: dict[str, dict[str, Any]] = {}
@@ -278,14 +301,29 @@ class _Trials:
         return self.memo.get(settings_key(self.space.settings(params))) or (self.run(params) if self.left() else None)
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
-        if params is not None:
-            known = self.memo.get(settings_key(self.space.settings(params)))
+        return self.run_batch([params])[0]
+
+    def run_batch(self, proposals: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+        """A trial per proposal (fixed parameters, or the sampler's with None), the new
+        settings evaluated together on the executor, all told in proposal order: the same
+        batches give the same study on any executor."""
+        asked, results = [], {}
+        for i, params in enumerate(proposals):
+            known = None if params is None else self.memo.get(settings_key(self.space.settings(params)))
             if known is not None:
-                return known
-            self.study.enqueue_trial(dict(params))
-        trial = self.study.ask(self.space.distributions())
-        settings = self.space.settings(trial.params)
-        result = self.memo.get(settings_key(settings)) or evaluate(self.problem, settings)
+                results[i] = known
+                continue
+            if params is not None:
+                self.study.enqueue_trial(dict(params))
+            trial = self.study.ask(self.space.distributions())
+            asked.append((i, trial, self.space.settings(trial.params)))
+        fresh = list({settings_key(s): s for _, _, s in asked if settings_key(s) not in self.memo}.values())
+        evaluated = {settings_key(s): r for s, r in zip(fresh, evaluate_all(self.executor, self.problem, fresh))}
+        for i, trial, settings in asked:
+            results[i] = self._tell(trial, self.memo.get(settings_key(settings)) or evaluated[settings_key(settings)])
+        return [results[i] for i in range(len(proposals))]
+
+    def _tell(self, trial: optuna.trial.Trial, result: dict[str, Any]) -> dict[str, Any]:
         result = judged({**result, "params": dict(trial.params), "trial": trial.number}, self.options.budgets, self.allowed)
         if "error" not in result:
             trial.set_user_attr("constraints", [*result["violations"].values(), result["loss"] - self.allowed])
@@ -300,13 +338,21 @@ class _Trials:
         self.progress(self.done, self.options.trials, result, self.best)
         return result
 
+    def room(self, wanted: int) -> int:
+        """How many of ``wanted`` trials fit in what is left of the search (0 when time is up)."""
+        return min(wanted, self.options.trials - self.done) if self.left() else 0
+
 
 def _best(results: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The most accurate feasible result; of equals, the one with fewest MACs, then the
     smallest, then the cheapest. Measured latency decides last: on a busy machine it moves
     between runs, and the choice under one seed should not."""
     feasible = [r for r in results if r.get("feasible")]
-    return min(feasible, key=lambda r: (r["loss"], r["macs"], r["size_bytes"], r["relative_cost"], r["trial"])) if feasible else None
+    return min(feasible, key=_preference) if feasible else None
+
+
+def _preference(result: dict[str, Any]) -> tuple:
+    return result["loss"], result["macs"], result["size_bytes"], result["relative_cost"], result["trial"]
 
 
 def _closest(results: Sequence[dict[str, Any]], allowed: float) -> dict[str, Any]:
@@ -322,6 +368,10 @@ def _finish(trials: _Trials, baselines: dict[str, dict[str, Any] | None], sensit
     results = sorted((judged(t.user_attrs["result"], trials.options.budgets, allowed) for t in _finished(trials.study)),
                      key=lambda r: r["trial"])
     ok = [r for r in results if "error" not in r]
+    if trials.problem.cost == "predicted":  # choose among measured candidates only
+        ok = _measured_front(trials, ok)
+        measured = {r["trial"]: r for r in ok}
+        results = [measured.get(r["trial"], r) for r in results]
     chosen = _best(ok) or _closest(ok, allowed)
     baselines = {**baselines, **_uniform_baselines(trials, chosen, baselines["fp32"])}
     search = search_record(results, chosen, baselines, trials, sensitivity, measure, allowed)
@@ -338,6 +388,21 @@ def _finish(trials: _Trials, baselines: dict[str, dict[str, Any] | None], sensit
                       f"{_accuracy_text(chosen, measure)}; misses {', '.join(_misses(chosen, allowed, measure))}. "
                       f"Its artifact is in {out.path / 'closest'}, the search in {out.path / 'report.html'}.",
                       hint="Loosen a budget or the accuracy bound, give more --trials, or --finetune data to recover accuracy.")
+
+
+MEASURED_CHOICES = 4  # --cost predicted: the predicted-feasible candidates measured besides the front
+
+
+def _measured_front(trials: _Trials, ok: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The candidates to choose from when costs were predicted: the Pareto front of ``ok``
+    and the ``MEASURED_CHOICES`` candidates the choice would prefer, their costs measured on
+    the device (the predictions kept as ``predicted_cost``), so the choice rests on measurements."""
+    preferred = sorted((r for r in ok if r.get("feasible")), key=_preference)[:MEASURED_CHOICES]
+    points = list({r["trial"]: r for r in [ok[i] for i in front(ok)] + preferred}.values())
+    measured = evaluate_costs(trials.executor, dataclasses.replace(trials.problem, cost="measured"), points)
+    return [judged({**m, "trial": p["trial"], "params": p["params"], "predicted_cost": p["cost"],
+                    "predicted_relative_cost": p["relative_cost"]}, trials.options.budgets, trials.allowed)
+            for p, m in zip(points, measured)]
 
 
 def _accuracy_text(result: dict[str, Any], measure: str) -> str:
@@ -421,7 +486,7 @@ def recipe_text(result: dict[str, Any], problem: Problem) -> str:
 
 
 PUBLIC = ("trial", "settings", "cost", "relative_cost", "metric", "accuracy", "loss", "size_bytes", "macs", "seconds",
-          "feasible", "violations", "artifact", "sha256", "error")
+          "feasible", "violations", "artifact", "sha256", "error", "predicted_cost", "predicted_relative_cost")
 
 
 def _public(result: dict[str, Any] | None) -> dict[str, Any] | None:

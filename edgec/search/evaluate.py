@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,13 @@ import numpy as np
 
 from edgec.build import BuildOptions, build, canonicalize, input_specs
 from edgec.errors import EdgecError
+from edgec.executors import Executor, Outcome, Task
 from edgec.images import ImagePreprocess
 from edgec.model import load, load_proto
 from edgec.profile import get_device
 from edgec.runtime import open_runner
 from edgec.runtime.ort import OrtRunner
-from edgec.search.cost import CostCache, measure
+from edgec.search.cost import CostCache, measure, predicted
 from edgec.search.space import recipe_steps
 from edgec.targets import load_target
 from edgec.verify import Criterion, InputSet, compare_outputs, load_inputs, run_all
@@ -43,7 +44,7 @@ class Problem:
     target: str
     device: str
     eval: str
-    work: str  # candidate builds go to work/candidates/<key>, measured costs to work/costs.json
+    work: str  # candidate builds go to work/candidates/<key>, measured costs to work/costs/
     devices: str | None = None
     calib: str | None = None
     seed: int = 0
@@ -52,6 +53,7 @@ class Problem:
     max_drop: float | None = None  # also the int8 builds' precision search goal on labeled --calib
     finetune: tuple[tuple[str, Any], ...] = ()  # the finetune step's options (data, epochs...) when given
     reference: str | None = None  # the fp32 artifact costs are relative to; None while building it
+    cost: str = "measured"  # or "predicted": by the device's latency predictor (edgec.predict)
 
 
 def settings_key(settings: Mapping[str, Any]) -> str:
@@ -88,6 +90,33 @@ def evaluate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
     "relative_cost", "metric", "accuracy", "loss", "size_bytes", "macs", "seconds",
     "artifact", "sha256", "folder"}``, or ``{"settings", "key", "error", "seconds"}`` when the
     build refuses (an EdgecError, e.g. the artifact fails verification)."""
+    built = build_candidate(problem, settings)
+    return built if "error" in built else cost_of(problem, built)
+
+
+def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``evaluate`` of every settings on ``executor``: the builds at once, then the costs, a
+    timed device's one at a time on its board (measuring while builds run would time the builds
+    too). A task that failed every retry is a failed candidate; the search goes on."""
+    built = _results(executor.run([Task(build_candidate, (problem, s)) for s in settings]), settings)
+    costed = iter(evaluate_costs(executor, problem, [b for b in built if "error" not in b]))
+    return [b if "error" in b else next(costed) for b in built]
+
+
+def evaluate_costs(executor: Executor, problem: Problem, built: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``cost_of`` every built candidate on ``executor``: a timed device's one at a time on its board."""
+    device = get_device(problem.device, problem.devices)
+    board = None if device.emulated or problem.cost == "predicted" else device.name
+    return _results(executor.run([Task(cost_of, (problem, b), board=board) for b in built]), [b["settings"] for b in built])
+
+
+def _results(outcomes: Sequence[Outcome], settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [o.value if o.ok else {"settings": dict(s), "key": settings_key(s), "error": f"the task failed: {o.error}", "seconds": 0.0}
+            for o, s in zip(outcomes, settings)]
+
+
+def build_candidate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The build of ``settings`` and its accuracy on ``--eval`` (everything but the cost)."""
     start = time.perf_counter()
     key = settings_key(settings)
     folder = Path(problem.work) / "candidates" / key
@@ -98,14 +127,22 @@ def evaluate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
     except EdgecError as exc:
         return {"settings": dict(settings), "key": key, "error": str(exc), "seconds": round(time.perf_counter() - start, 3)}
     entry = result.report["artifacts"][0]
-    artifact = folder / entry["file"]
-    target = load_target(problem.target)
-    cost = measure(artifact, Path(problem.reference) if problem.reference else None, get_device(problem.device, problem.devices),
-                   target.runtime, target.threads, CostCache(Path(problem.work) / "costs.json"))
-    return {"settings": dict(settings), "key": key, "cost": cost["value"], "relative_cost": cost["relative"],
-            "metric": cost["metric"], **accuracy(problem, artifact), "size_bytes": entry["size_bytes"],
+    return {"settings": dict(settings), "key": key, **accuracy(problem, folder / entry["file"]), "size_bytes": entry["size_bytes"],
             "macs": result.report["model"]["macs"], "seconds": round(time.perf_counter() - start, 3),
             "artifact": entry["file"], "sha256": entry["sha256"], "folder": str(folder)}
+
+
+def cost_of(problem: Problem, built: Mapping[str, Any]) -> dict[str, Any]:
+    """``built`` with its cost on the device, relative to the fp32 reference."""
+    start = time.perf_counter()
+    target, device = load_target(problem.target), get_device(problem.device, problem.devices)
+    artifact, reference = Path(built["folder"]) / built["artifact"], Path(problem.reference) if problem.reference else None
+    if problem.cost == "predicted":
+        cost = predicted(artifact, reference, device)
+    else:
+        cost = measure(artifact, reference, device, target.runtime, target.threads, CostCache(Path(problem.work) / "costs"))
+    return {**built, "cost": cost["value"], "relative_cost": cost["relative"], "metric": cost["metric"],
+            "seconds": round(built["seconds"] + time.perf_counter() - start, 3)}
 
 
 def accuracy_measure(problem: Problem) -> str:

@@ -17,7 +17,7 @@ settings:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import optuna
@@ -27,11 +27,16 @@ GREEDY_PROPOSALS = 4  # knobs measured per greedy step
 
 
 class Trials(Protocol):
-    """What a strategy drives: run one trial (fixed parameters, or the sampler's with None)."""
+    """What a strategy drives: run one trial or a batch of them (fixed parameters, or the
+    sampler's with None), evaluated at once where the executor can."""
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]: ...
 
+    def run_batch(self, proposals: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]: ...
+
     def left(self) -> bool: ...
+
+    def room(self, wanted: int) -> int: ...
 
 
 def sampler(strategy: str, seed: int, trials: int, constraints: Callable[[optuna.trial.FrozenTrial], list[float]]
@@ -44,10 +49,10 @@ def sampler(strategy: str, seed: int, trials: int, constraints: Callable[[optuna
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def run_sampler(trials: Trials) -> None:
-    """Optuna's strategies: ask the sampler until the trials or the time run out."""
+def run_sampler(trials: Trials, batch: int) -> None:
+    """Optuna's strategies: ask the sampler ``batch`` trials at a time until the trials or the time run out."""
     while trials.left():
-        trials.run(None)
+        trials.run_batch([None] * trials.room(batch))
 
 
 def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]],
@@ -63,10 +68,8 @@ def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mappin
         ranked = sorted(((promise(name, current["params"]), name, params) for name, params in moves(current["params"])
                          if name not in useless), key=lambda m: -m[0])
         measured = []
-        for _, name, params in [m for m in ranked if m[0] > 0][:GREEDY_PROPOSALS]:
-            if not trials.left():
-                break
-            result = trials.run(params)
+        proposals = [m for m in ranked if m[0] > 0][:trials.room(GREEDY_PROPOSALS)]
+        for (_, name, _), result in zip(proposals, trials.run_batch([params for _, _, params in proposals])):
             if "error" in result or shortfall(result) >= shortfall(current):
                 useless.add(name)
             elif result["loss"] <= allowed_loss:
