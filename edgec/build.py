@@ -80,7 +80,7 @@ def build(
 
 ORT_ONLY_OPTIONS = ("keep_float",)  # the TFLite lowering has none
 FLAGS = {"speed_check": "--no-speed-check", "speed_device": "--speed-check-on", "equalize": "--equalize/--no-equalize",
-         "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
+         "equalize_activations": "--equalize-activations/--no-equalize-activations", "bias_correction": "--bias-correction/--no-bias-correction"}  # where not --field-name
 
 
 def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None:

@@ -1,4 +1,4 @@
-"""The ``edgec`` command line: build, verify, profile, inspect, targets.
+"""The ``edgec`` command line: build, verify, profile, inspect, analyze, optimize, targets.
 
 Errors a user can cause are printed as one paragraph on stderr (no traceback) with a
 non-zero exit code; ``--debug`` shows the traceback for bug reports.
@@ -44,6 +44,7 @@ ImageRangeOpt = Annotated[Optional[str], typer.Option(help="Image folders: pixel
 ImageMeanOpt = Annotated[Optional[str], typer.Option(help="Image folders: per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406.")]
 ImageStdOpt = Annotated[Optional[str], typer.Option(help="Image folders: per-channel std divided by after the mean, e.g. 0.229,0.224,0.225.")]
 ToleranceOpt = Annotated[Optional[float], typer.Option(help="Max abs error as a fraction of max |output|; overrides the target's (fp32 default 1e-4).")]
+DevicesOpt = Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")]
 MinCosineOpt = Annotated[Optional[float], typer.Option(help="Minimum cosine similarity of each output to the source's; overrides the target's (int8 default 0.98 TFLite, 0.99 ORT; 0 also turns off the int8 precision search).")]
 
 
@@ -178,9 +179,10 @@ def build(
     speed_device: Annotated[Optional[str], typer.Option("--speed-check-on", help="int8: do the speed check on this device of --devices instead of this host (e.g. emulated-a76 for an arm target: instructions per inference).")] = None,
     equalize: Annotated[Optional[bool], typer.Option("--equalize/--no-equalize", help="int8: cross-layer equalization across Relu/PRelu/LeakyRelu (exact); default: only for per-tensor weight schemes.")] = None,
     equalize_relu6: Annotated[bool, typer.Option("--equalize-relu6", help="int8: equalize across ReLU6 too, replacing it by Relu (changes the model slightly; AIMET's default).")] = False,
+    equalize_activations: Annotated[Optional[bool], typer.Option("--equalize-activations/--no-equalize-activations", help="int8: shrink activation channels that set a tensor's int8 range into the next Conv's weights (exact; calibration data); default: on for per-channel weight schemes.")] = None,
     adaround: Annotated[bool, typer.Option("--adaround", help="int8: learn each weight's up/down rounding on --calib data (AdaRound), before bias correction.")] = False,
     bias_correction: Annotated[Optional[bool], typer.Option("--bias-correction/--no-bias-correction", help="int8: correct biases for the mean shift weight rounding causes; default: when it lowers the simulated int8 error on --calib data.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of \\[\\[step]] tables (pass = \"...\" plus options), run after canonicalization; the artifact is verified against the compressed model.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="Compression recipe: a TOML file of \\[\\[step]] tables (pass = \"...\" plus options), run after canonicalization, and an optional \\[build] table of build settings (precision, calib, keep_float...; flags given here win); the artifact is verified against the compressed model.")] = None,
     factorize: Annotated[Optional[list[str]], typer.Option("--factorize", help="Low-rank factorization step, e.g. mac_reduction=0.3 or energy=0.9,method=tucker2 (options: see README). Repeatable; runs after --recipe's steps.")] = None,
     prune: Annotated[Optional[list[str]], typer.Option("--prune", help="Remove whole channels, e.g. \"mac_reduction=0.3\" or \"rate=0.25,importance=l1,exclude=['conv1']\" (options: see README); re-fits the layers after on --calib data. Repeatable, runs after --recipe.")] = None,
     sparsify: Annotated[Optional[list[str]], typer.Option("--sparsify", help="Zero the smallest weights, e.g. \"sparsity=0.5\", \"pattern=2:4\" or \"sparsity=0.7,scope=global\" (smaller zipped files; no speed-up on ORT or TFLite). Repeatable, runs after --prune.")] = None,
@@ -211,9 +213,13 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, speed_device=speed_device, equalize=equalize,
-        equalize_relu6=equalize_relu6, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
+        equalize_relu6=equalize_relu6, equalize_activations=equalize_activations, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
+    if recipe:
+        from edgec.recipe import load_build_settings, with_build_settings
+
+        options = with_build_settings(options, load_build_settings(recipe))
     result = run_build(model, target, output, options, ConsoleProgress(err, verbose))
     if as_json:
         out.print_json(data=result.report)
@@ -371,6 +377,7 @@ def profile(
                 err.print(f"[bold yellow]warning:[/] {foreign}", highlight=False, soft_wrap=True)
             with err.status(f"Profiling {artifact.name} on {device}"):
                 measurements.append(run_profile(artifact, target_device, settings))
+            measurements[-1]["predicted"] = _predicted_beside(artifact, target_device, measurements[-1])
         report = profile_report(measurements, settings)
         files = {"report.html": render_html(report).encode(), "profile.json": write_json(report)}
         written = out_dir.commit(files, last="profile.json")
@@ -382,6 +389,22 @@ def profile(
         return
     _print_profile(measurements)
     out.print(f"Report: [bold]{written[0]}[/], [bold]{written[1]}[/]", highlight=False)
+
+
+def _predicted_beside(artifact: Path, device, measurement: dict) -> dict | None:
+    """The device predictor's cost for ``artifact`` beside what was measured (median ms, or
+    instructions on an emulated core), or None without a predictor or for a non-.tflite."""
+    from edgec.predict import PredictorMissing, predict_cost
+
+    if artifact.suffix.lower() != ".tflite":
+        return None
+    try:
+        predicted = predict_cost(artifact, device)
+    except PredictorMissing:
+        return None
+    cost = measurement.get("cost")
+    metric, measured = ("instructions", cost["instructions"]) if cost else ("ms", measurement["latency_ms"]["median"])
+    return {"metric": metric, "value": predicted, "error": predicted / measured - 1}
 
 
 def _print_profile(measurements: list[dict]) -> None:
@@ -418,6 +441,7 @@ _PROFILE_ROWS = [
     ("peak RSS MB", lambda m: _number(m.get("peak_memory_mb"))),
     ("ops total", lambda m: _number((m.get("ops") or {}).get("total_ms"))),
     ("unaccounted", lambda m: f"{m['ops']['unaccounted_share'] * 100:.1f}%" if (m.get("ops") or {}).get("unaccounted_share") is not None else "-"),
+    ("predicted", lambda m: f"{m['predicted']['value']:.4g} {m['predicted']['metric']} ({m['predicted']['error']:+.0%})" if m.get("predicted") else "-"),
 ]
 
 
@@ -537,11 +561,87 @@ def targets(as_json: JsonOpt = False, debug: DebugOpt = False) -> None:
     out.print(table)
 
 
+ExecutorOpt = Annotated[str, typer.Option(help="Where the work runs: local (this process) or ray (tasks on a Ray cluster).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--executor ray: an existing cluster (e.g. 127.0.0.1:6379, ray://HEAD:10001); a local Ray is started without it.")]
+
+
+@app.command()
+@_handles_errors
+@_prints_warnings
+def optimize(
+    model: Annotated[Path, typer.Argument(help="The ONNX model to optimize.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Target name (see `edgec targets`) or a target .toml file.")],
+    eval_data: Annotated[Path, typer.Option("--eval", help="Held-out samples accuracy is judged on (labeled .npz: top-1 drop; else worst output cosine). Keep them apart from --calib and --finetune data.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Where cost is measured: local (latency), an emulated core (instructions), an SSH board of --devices.")] = "local",
+    latency_budget: Annotated[Optional[float], typer.Option("--latency-budget", help="Budget: latency in ms on --device (a timed device).")] = None,
+    speedup: Annotated[Optional[float], typer.Option("--speedup", help="Budget: this many times cheaper than the fp32 build of the target on --device.")] = None,
+    size_budget: Annotated[Optional[float], typer.Option("--size-budget", help="Budget: artifact size in KiB.")] = None,
+    macs_budget: Annotated[Optional[int], typer.Option("--macs-budget", help="Budget: multiply-accumulates per inference.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(help="Largest top-1 drop on labeled --eval (0.01 = one point; default 0.01).")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option(help="Lowest worst-output cosine on unlabeled --eval (default 0.99).")] = None,
+    strategy: Annotated[str, typer.Option(help="greedy (NetAdapt-style), evolutionary (NSGA-II), bayesian (TPE) or random.")] = "greedy",
+    trials: Annotated[int, typer.Option(help="Candidates to build and measure at most (a resumed study's count).")] = 40,
+    time_budget_s: Annotated[Optional[float], typer.Option("--time-budget-s", help="Start no trial after this many seconds.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sampler and of the builds.")] = 0,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study storage: a SQLite file or a database URL (default OUT/study.db); an interrupted search resumes from it.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples (int8, pruning re-fits, sensitivity); not the --eval data.")] = None,
+    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training samples: fine-tuning after compression becomes a knob of the search.")] = None,
+    epochs: Annotated[int, typer.Option(help="--finetune: at most this many epochs.")] = 5,
+    lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact, report.json, recipe.toml, search.json, report.html and study.db.")] = Path("optimized"),
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    batch: Annotated[int, typer.Option(help="Candidates asked at once (on Ray: built at once); same --batch, same choice on either executor.")] = 2,
+    cost: Annotated[str, typer.Option(help="measured (on --device) or predicted (by its latency predictor, `edgec device calibrate`; the Pareto front is measured before choosing).")] = "measured",
+    input_shape: InputShapeOpt = None,
+    image_range: ImageRangeOpt = None,
+    image_mean: ImageMeanOpt = None,
+    image_std: ImageStdOpt = None,
+    devices: DevicesOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Search pruning, factorization and precision for the most accurate artifact meeting a budget on a device."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from edgec.search import Budgets, OptimizeOptions
+    from edgec.search import optimize as run_optimize
+
+    step = finetune_step(finetune, epochs, lr, batch_size, None)
+    options = OptimizeOptions(
+        eval=str(eval_data), budgets=Budgets(latency_budget, speedup, size_budget, macs_budget), device=device,
+        devices=str(devices) if devices else None, calib=str(calib) if calib else None, finetune=step.options if step else None,
+        max_drop=max_drop, min_cosine=min_cosine, strategy=strategy, trials=trials, time_budget_s=time_budget_s, seed=seed,
+        study=study, input_shapes=parse_input_shapes(input_shape), images=parse_image_preprocess(image_range, image_mean, image_std),
+        executor=executor, ray_address=ray_address, batch=batch, cost=cost)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("[dim]{task.fields[best]}"), console=err) as bar:
+        task = bar.add_task("Searching", total=trials, best="no feasible candidate yet")
+        result = run_optimize(model, target, output, options,
+                              lambda done, total, _, best: bar.update(task, completed=done, best=f"best: {_best_text(best)}"))
+    if as_json:
+        out.print_json(data=result.search)
+        return
+    chosen = result.chosen
+    out.print(f"Chosen (trial {chosen['trial']} of {result.search['trials']}): {_best_text(chosen)}, "
+              f"{chosen['size_bytes'] / 1024:.1f} KiB, {chosen['macs']:,} MACs", highlight=False)
+    out.print(f"Artifact, recipe.toml, search.json, report.html: [bold]{output}[/]", highlight=False)
+
+
+def _best_text(result: dict | None) -> str:
+    if result is None:
+        return "no feasible candidate yet"
+    from edgec.search.space import describe
+
+    return (f"{describe(result['settings'])}, {result['relative_cost']:.3f}× fp32 cost "
+            f"({result['cost']:.4g} {result['metric']}), accuracy {result['accuracy']:.4f}")
+
+
 # --- Latency prediction (edgec/predict): `edgec device calibrate D`, `edgec predict ARTIFACT... --device D`.
 device_app = typer.Typer(no_args_is_help=True, help="Devices: calibrate a latency predictor.")
 app.add_typer(device_app, name="device")
 CacheOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Where predictors are kept (default: $EDGEC_CACHE_DIR or ~/.cache/edgec).")]
-DevicesOpt = Annotated[Optional[Path], typer.Option("--devices", help="A device inventory .toml (default: targets/devices.toml).")]
 
 
 @device_app.command("calibrate")
@@ -552,12 +652,15 @@ def calibrate(
     threads: Annotated[Optional[int], typer.Option(help="Runtime threads (default: the device's).")] = None,
     cache_dir: CacheOpt = None,
     devices: DevicesOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure single-kernel models on DEVICE and fit its latency predictor; resumes an interrupted run."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from edgec.checks import at_least
+    from edgec.executors import make_executor
     from edgec.predict import PredictorStore, cache_dir as cache_folder
     from edgec.predict.calibrate import calibrate as run_calibration
     from edgec.profile import get_device
@@ -566,11 +669,15 @@ def calibrate(
     at_least("--threads", threads, 1)
     target = get_device(device, devices)
     store = PredictorStore(cache_folder(cache_dir), target.name)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
-                  TimeRemainingColumn(), console=err) as bar:
-        task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
-        predictor = run_calibration(target, store, minutes, threads or target.threads,
-                                    lambda samples, seconds: bar.update(task, completed=seconds, samples=samples))
+    runner = make_executor(executor, ray_address)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[samples]} samples"),
+                      TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task(f"Calibrating {target.name}", total=minutes * 60, samples=len(store.samples()))
+            predictor = run_calibration(target, store, minutes, threads or target.threads,
+                                        lambda samples, seconds: bar.update(task, completed=seconds, samples=samples), executor=runner)
+    finally:
+        runner.close()
     kinds = ", ".join(f"{key} ({n})" for key, n in predictor.summary()["kernels"].items())
     out.print(f"Predictor for [bold]{target.name}[/] ({predictor.metric}) in {store.folder}: {kinds}", highlight=False)
 

@@ -98,6 +98,10 @@ class DeviceError(EdgecError):
         super().__init__(message, hint=hint)
 
 
+class ExecutorError(EdgecError):
+    """The executor a search runs on (e.g. a Ray cluster) is missing or cannot be reached."""
+
+
 class InternalError(EdgecError):
     """A pass or backend failed in a way no user input should cause: a bug in edgec."""
 
@@ -106,3 +110,8 @@ class InternalError(EdgecError):
 
 class RecipeError(EdgecError):
     """A compression recipe or --prune/--factorize option is malformed or asks the impossible."""
+
+
+class BudgetError(EdgecError):
+    """``edgec optimize`` cannot deliver: no candidate met every budget within the accuracy
+    bound, or the fp32 build every cost is relative to failed."""

@@ -17,6 +17,7 @@ each other and of where their options came from.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -188,19 +189,81 @@ def _literal(raw: str) -> Any:
 
 
 def load_recipe(path: str | Path) -> list[Step]:
-    """Steps from a TOML file of ``[[step]]`` tables, each with ``pass = "<family>"``."""
+    """Steps from a TOML file of ``[[step]]`` tables, each with ``pass = "<family>"``. A
+    recipe that fixes only build settings (``[build]``, e.g. int8 alone) may have none."""
+    data = _read_recipe(path)
+    steps = data.get("step", [] if "build" in data else None)
+    if not isinstance(steps, list) or not (steps or "build" in data) or not all(isinstance(s, dict) for s in steps):
+        raise RecipeError(f"Recipe '{path}' has no [[step]] tables.",
+                          hint='Write one [[step]] table per pass, each with pass = "<name>".')
+    return [_step_from_table(table, Path(path), i) for i, table in enumerate(steps, 1)]
+
+
+def _read_recipe(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except OSError as exc:
         raise RecipeError(f"Cannot read recipe '{path}': {exc.strerror}.") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise RecipeError(f"Recipe '{path}' is not valid TOML: {exc}.") from None
-    steps = data.get("step")
-    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
-        raise RecipeError(f"Recipe '{path}' has no [[step]] tables.",
-                          hint='Write one [[step]] table per pass, each with pass = "<name>".')
-    return [_step_from_table(table, path, i) for i, table in enumerate(steps, 1)]
+
+
+# Build options a recipe's ``[build]`` table may fix (BuildOptions field → accepted types),
+# so that one file reproduces an artifact: ``edgec optimize`` writes the precision, the
+# calibration data and the int8 choices of the candidate it chose there.
+BUILD_SETTINGS: dict[str, tuple[type, ...]] = {
+    "precision": (str,), "calib": (str,), "calib_samples": (int,), "calib_method": (str,), "max_drop": (float, int),
+    "min_cosine": (float, int), "tolerance": (float, int), "keep_float": (list,), "speed_check": (bool,), "seed": (int,),
+    "int8_io": (bool,), "equalize": (bool,), "equalize_activations": (bool,), "bias_correction": (bool,), "adaround": (bool,),
+}
+
+
+def load_build_settings(path: str | Path) -> dict[str, Any]:
+    """The ``[build]`` table of a recipe file ({} without one), its keys and value types checked."""
+    table = _read_recipe(path).get("build", {})
+    if not isinstance(table, dict):
+        raise RecipeError(f"Recipe '{path}': build must be a table ([build]).")
+    for key, value in table.items():
+        types = BUILD_SETTINGS.get(key)
+        if types is None:
+            raise RecipeError(f"Recipe '{path}': [build] has no setting '{key}'.", hint=f"Its settings are: {', '.join(sorted(BUILD_SETTINGS))}.")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise RecipeError(f"Recipe '{path}': [build] {key} = {value!r} should be of type {types[0].__name__}.")
+    return {key: tuple(value) if isinstance(value, list) else value for key, value in table.items()}
+
+
+Settings = TypeVar("Settings")
+
+
+def with_build_settings(options: Settings, settings: Mapping[str, Any]) -> Settings:
+    """``options`` (a BuildOptions) with a recipe's ``[build]`` settings wherever the caller
+    left the default: a flag given on the command line wins over the file."""
+    defaults = type(options)()
+    return dataclasses.replace(options, **{k: v for k, v in settings.items() if getattr(options, k) == getattr(defaults, k)})
+
+
+def recipe_toml(steps: Sequence[Step], build: Mapping[str, Any]) -> str:
+    """The TOML text of a recipe: ``[build]`` settings, then one ``[[step]]`` table per step
+    (the inverse of :func:`load_recipe` and :func:`load_build_settings`)."""
+    tables = [("[build]", build)] if build else []
+    tables += [("[[step]]", step.to_dict()) for step in steps]
+    return "\n".join(f"{header}\n" + "".join(f"{_toml_key(k)} = {_toml_value(v)}\n" for k, v in values.items())
+                     for header, values in tables)
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    """A TOML literal: JSON's spelling is TOML's for strings, numbers, booleans and arrays;
+    tables become inline tables."""
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def _step_from_table(table: dict[str, Any], path: Path, index: int) -> Step:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 from edgec.bench import Bench, _converted
@@ -75,3 +76,16 @@ def test_build_time_row_times_each_stage_of_a_build_in_its_own_process(tmp_path)
     assert sum(s["seconds"] for s in row["stages"]) <= row["build_seconds"] + 0.05 <= row["wall_seconds"] + 0.05
     assert row["cpu_seconds"] > 0 and row["peak_rss_mb"] > 100  # the child's own: ORT and numpy alone take more
     assert (tmp_path / "mlp" / "ort-x86-int8-timed" / "report.json").is_file()
+
+
+@pytest.mark.parametrize(("model", "shape"), [("mobilenetv2", (1, 32, 32, 1)), ("blazeface", (1, 128, 3, 128))])
+def test_onnx2tf_calibration_comes_in_the_order_onnx2tf_reads_4d_inputs(tmp_path, model, shape):
+    """onnx2tf takes a 4-D input for NCHW whatever it is: an NCHW digit and an NHWC photo
+    input alike are transposed (0, 2, 3, 1); photo folders are read at the model's input range."""
+    bench = Bench(tmp_path, runs=1)
+    entry = next(e for e in bench.zoo if e["name"] == model)
+    (name, path), = bench._nhwc_calib(entry).items()
+    array = np.load(path)
+    assert name == entry["inputs"][0]["name"] and array.shape[1:] == shape[1:] and array.shape[0] > 1
+    low, high = entry.get("input_range", (array.min(), array.max()))  # photos: read at the model's range
+    assert low <= array.min() < array.max() <= high

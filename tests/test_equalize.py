@@ -13,7 +13,7 @@ from helpers import GraphBuilder, random_feeds, run_ort
 from edgec import model as edgec_model
 from edgec.build import canonicalize
 from edgec.graph import constant
-from edgec.passes.equalize import CrossLayerEqualization
+from edgec.passes.equalize import ActivationEqualization, CrossLayerEqualization
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -145,3 +145,35 @@ def test_mobilenetv2_relu6_to_relu_equalizes_and_keeps_accuracy(digits):
     assert "Clip" in [n.op_type for n in model.graph]  # the last ReLU6 feeds pooling, not a layer
     after = (logits(model, images).argmax(1) == labels).mean()
     assert abs(after - before) <= 0.01
+
+
+def outlier_channel(g: GraphBuilder, consumer_group: int):
+    """conv (channel 2's bias −300: an activation range the other channels never reach) →
+    Relu → a depthwise or ordinary conv."""
+    bias = np.zeros(8, np.float32)
+    bias[2] = 300.0
+    x = g.op("Conv", ["x", g.weight(8, 3, 1, 1), g.const(bias)], name="a")
+    weight = g.weight(8, 1, 3, 3) if consumer_group == 8 else g.weight(6, 8, 1, 1)
+    return g.op("Conv", [g.op("Relu", [x]), weight], name="b", group=consumer_group, pads=[1, 1, 1, 1] if consumer_group == 8 else [0, 0, 0, 0])
+
+
+@pytest.mark.parametrize("group", [8, 1])
+def test_activation_equalization_shrinks_the_outlier_channel_exactly(group):
+    g = GraphBuilder(seed=2)
+    proto = g.model({"x": [1, 3, 6, 6]}, {outlier_channel(g, group): None})
+    feeds = [random_feeds(proto, seed=i) for i in range(3)]
+    result = ActivationEqualization(feeds)(ir.serde.deserialize_model(proto))
+    edgec_model.check(result.model)
+    before, after = result.details["range_before_after"]["a"]
+    assert before > 250 and after < before / (20 if group == 8 else 4)  # depthwise: down to the typical channel
+    for feed in feeds:
+        want, got = run_ort(proto, feed)[0], run_ort(edgec_model.to_proto(result.model), feed)[0]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_activation_equalization_leaves_balanced_channels_alone():
+    g = GraphBuilder(seed=4)
+    x = g.op("Conv", ["x", g.weight(8, 3, 1, 1)], name="a")
+    proto = g.model({"x": [1, 3, 4, 4]}, {g.op("Conv", [g.op("Sigmoid", [x]), g.weight(4, 8, 1, 1)]): None})
+    result = ActivationEqualization([random_feeds(proto)])(ir.serde.deserialize_model(proto))
+    assert not result.modified and result.details["links"] == 0  # Sigmoid is not scale-equivariant

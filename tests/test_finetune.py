@@ -3,6 +3,7 @@ labels, determinism, and the errors a user can cause. Tiny models, one or two ep
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,6 +34,15 @@ def _net(alpha: float = 1.0, seed: int = 0):
     x = g.op("Gemm", [x, g.weight(4, 8 * 3 * 3, scale=0.1), g.weight(4)], name="fc", transB=1, alpha=alpha)
     y = g.op("Softmax", [x], name="softmax", axis=1)
     return g.model({"x": [1, 2, 6, 6]}, {y: [1, 4]})
+
+
+def _residual_net():
+    """Conv → Relu → Conv → Add (a residual join whose channels prune together) → Flatten → Gemm → Softmax."""
+    g = GraphBuilder(seed=4)
+    r = g.op("Relu", [g.op("Conv", ["x", g.weight(8, 2, 3, 3), g.weight(8)], name="conv1", pads=[1, 1, 1, 1])])
+    x = g.op("Add", [r, g.op("Conv", [r, g.weight(8, 8, 3, 3), g.weight(8)], name="conv2", pads=[1, 1, 1, 1])], name="join")
+    x = g.op("Gemm", [g.op("Flatten", [x]), g.weight(4, 8 * 6 * 6, scale=0.05), g.weight(4)], name="fc", transB=1)
+    return g.model({"x": [1, 2, 6, 6]}, {g.op("Softmax", [x], axis=1): [1, 4]})
 
 
 def _lowered(proto):
@@ -68,8 +78,8 @@ def _samples(proto, count: int, seed: int, labels: bool) -> dict[str, np.ndarray
     return arrays
 
 
-def _build(tmp_path, name: str, data: dict, steps=(), **finetune):
-    source = save(_net(), tmp_path)
+def _build(tmp_path, name: str, data: dict, steps=(), net=_net, **finetune):
+    source = save(net(), tmp_path)
     np.savez(tmp_path / "data.npz", **data)
     step = Step("finetune", {"data": str(tmp_path / "data.npz"), "epochs": 2, "batch_size": 8} | finetune)
     return build(source, "ort-x86", tmp_path / name, BuildOptions(recipe=[*steps, step], calib=str(tmp_path / "data.npz")))
@@ -141,3 +151,67 @@ def test_command_line_shows_each_epoch(tmp_path):
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["finetune"]["options"]["lr"] == 1e-3 and report["finetune"]["options"]["batch_size"] == 4
     assert "epoch   1/2" in result.output and "model.finetuned.onnx" in listing(tmp_path / "out")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    from edgec.train.loop import LoopSettings
+
+    settings = LoopSettings(epochs=4, lr=1e-2, batch_size=8, budget_s=10.0, patience=2, temperature=2.0, distill_weight=1.0,
+                            seed=0, schedule="cosine", warmup=0.25)
+    assert settings.rate(0, 40) == pytest.approx(1e-3) and settings.rate(10, 40) == pytest.approx(1e-2)  # 10 steps warm up
+    assert settings.rate(25, 40) < 1e-2 and settings.rate(40, 40) == pytest.approx(0.0, abs=1e-12)
+    assert dataclasses.replace(settings, schedule="constant").rate(25, 40) == 1e-2
+    assert settings.planned_epochs(1, 4.0, 4.0) == 2 and settings.planned_epochs(1, 1.0, 1.0) == 4  # as many as the budget fits
+    assert settings.planned_epochs(2, 9.0, 4.0) == 2  # the next epoch would overrun: stop
+
+
+def test_augmented_copies_move_images_and_stay_in_range():
+    from edgec.train.data import _augmented
+
+    rng = np.random.default_rng(0)
+    batches = [{"x": rng.uniform(-1, 1, (1, 2, 8, 8)).astype(np.float32), "n": np.ones(3, np.int64)} for _ in range(3)]
+    copies, origin = _augmented(batches, np.array([0, 2]), 2, {"x": (2, 3)}, flip=True, rng=rng)
+    assert list(origin) == [0, 2, 0, 2] and all(c["n"] is batches[o]["n"] for c, o in zip(copies, origin))
+    for copy, o in zip(copies, origin):
+        image, source = copy["x"], batches[o]["x"]
+        assert image.dtype == np.float32 and image.shape == source.shape and not np.array_equal(image, source)
+        assert source.min() <= image.min() and image.max() <= source.max()
+
+
+def test_augmentation_and_schedule_in_a_build(tmp_path):
+    result = _build(tmp_path, "augmented", _samples(_net(), 20, seed=7, labels=False), augment=2, schedule="cosine", warmup=0.1)
+    record = result.report["finetune"]
+    assert record["samples"] == 3 * 18 and record["options"]["augment"] == 2 and record["options"]["schedule"] == "cosine"
+
+
+def test_gradual_pruning_reaches_its_sparsity_and_goes_back_to_onnx(tmp_path):
+    result = _build(tmp_path, "sparse", _samples(_net(), 24, seed=8, labels=False), sparsity=0.6, epochs=3, lr=1e-3)
+    record = result.report["finetune"]
+    model = onnx.load(tmp_path / "sparse" / "model.finetuned.onnx")
+    weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    kernels = [weights[n.input[1]] for n in model.graph.node if n.name in ("conv", "fc")]  # depthwise kernels stay dense
+    zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+    assert record["sparsity"] == pytest.approx(0.6, abs=0.02) and zeros == pytest.approx(record["sparsity"], abs=1e-6)
+    assert record["best_epoch"] >= 2  # epochs before the final sparsity are never kept
+
+
+def test_pruning_and_clustering_are_one_or_the_other():
+    with pytest.raises(OptionError, match="not both"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "sparsity": 0.5, "clusters": 8})])
+
+
+def test_a_pruned_stage_output_is_matched_channel_by_channel():
+    from edgec.train.features import _match
+
+    teacher = np.random.default_rng(0).standard_normal((50, 4, 4, 6)).astype(np.float32)
+    student = teacher[..., [4, 1, 3]] * 0.9 + 0.01  # three channels kept, in another order, a little off
+    assert list(_match(student, teacher)) == [4, 1, 3]
+
+
+def test_feature_distillation_trains_on_the_residual_join(tmp_path):
+    data = _samples(_residual_net(), 32, seed=9, labels=False)
+    prune = Step("prune", {"rate": 0.5, "round_to": 1, "reconstruct": False})
+    result = _build(tmp_path, "features", data, [prune], net=_residual_net, features=1.0, epochs=2, lr=3e-3)
+    record = result.report["finetune"]
+    assert len(record["features"]) == 1 and record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
+    assert record["after"] >= record["before"] and len(record["losses"]) == 2

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from edgec.build import canonicalize, input_specs
 from edgec.cli import app
 from edgec.lower import LowerOptions, lower
-from edgec.predict import PredictorMissing, PredictorStore, predict
+from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import calibrate
-from edgec.predict.kernels import detect
+from edgec.predict.kernels import FEATURES, Kernel, detect
+from edgec.predict.model import Predictor
 from edgec.predict.measure import measure_batch
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
@@ -44,7 +45,7 @@ def _small_cnn(residual: bool = True):
 
 def _tflite(tmp_path, precision: str = "fp32", residual: bool = True):
     model = _small_cnn(residual)
-    options = LowerOptions("int8", random_inputs(input_specs(model), count=4)) if precision == "int8" else None
+    options = LowerOptions("int8", random_inputs(input_specs(model), count=4)) if precision == "int8" else LowerOptions(precision)
     lowered = lower(model, load_target("tflite-x86"), "cnn", options)
     path = tmp_path / f"cnn-{precision}-{residual}.tflite"
     path.write_bytes(lowered.files[lowered.primary])
@@ -60,6 +61,8 @@ def test_kernels_after_fusion(tmp_path):
     assert kernels[1].to_dict()["in2"] == 16 * 16 * 8  # the residual is an activation, not a constant
     int8 = [k.key for k in detect(_tflite(tmp_path, "int8"))]
     assert int8[0] == int8[-1] == "CONVERT/int8" and "CONV_2D/int8" in int8
+    # fp16 weights are widened once when the model loads: no conversion per inference
+    assert [k.key for k in detect(_tflite(tmp_path, "fp16"))] == [k.key for k in kernels]
 
 
 def test_missing_predictor_names_the_calibration(tmp_path):
@@ -69,7 +72,7 @@ def test_missing_predictor_names_the_calibration(tmp_path):
     assert result.exit_code == 2 and "edgec device calibrate local" in result.output
 
 
-def test_tiny_calibration_fits_resumes_and_predicts(tmp_path):
+def test_tiny_calibration_fits_resumes_and_predicts(tmp_path, monkeypatch):
     device, cache = get_device("local"), tmp_path / "cache"
     store = PredictorStore(cache, "local")
     options = {"ops": ("Conv",), "precisions": ("fp32",), "batch_size": 4}
@@ -83,11 +86,17 @@ def test_tiny_calibration_fits_resumes_and_predicts(tmp_path):
     assert result.exit_code == 0, result.output
     (prediction,) = json.loads(result.output)["predictions"]
     assert {"artifact", "device", "metric", "predicted", "kernels"} <= prediction.keys()
-    assert prediction["metric"] == "ms" and prediction["predicted"] > predictor.base
+    assert prediction["metric"] == "ms" and prediction["predicted"] > prediction["base"] > 0
     assert prediction["unknown"] == ["ADD/fp32", "FULLY_CONNECTED/fp32", "MEAN/fp32"]  # reported, not guessed
     conv = prediction["kernels"][0]
     assert conv["kind"] == "CONV_2D" and conv["predicted"] > 0
     assert predict(artifact, device, cache) == predict(artifact, device, cache)
+    assert predict_cost(artifact, "local", cache) == prediction["predicted"]
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(cache))  # `edgec profile` shows the prediction beside the measurement
+    result = CliRunner().invoke(app, ["profile", str(artifact), "--runs", "3", "--warmup", "1", "--no-ops", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    (measurement,) = json.loads((tmp_path / "p" / "profile.json").read_text())["measurements"]
+    assert measurement["predicted"]["metric"] == "ms" and measurement["predicted"]["value"] == prediction["predicted"]
 
 
 @pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
@@ -97,3 +106,54 @@ def test_emulated_batch_counts_are_deterministic(tmp_path):
     counts = measure_batch(device, contents, 1)
     assert all(count > 10_000 for count in counts)
     assert measure_batch(device, contents, 1) == counts
+
+
+def _record(kernels: list[tuple[str, tuple[int, ...]]], cost_of, io=(1, 1, 64, 64)) -> dict:
+    entries = [{"kind": kind, "precision": "fp32", "operator": "op", **dict(zip(FEATURES, shape))} for kind, shape in kernels]
+    interface = dict(zip(("inputs", "outputs", "in_bytes", "out_bytes"), io))
+    fixed = 1000 + 300 * (io[0] + io[1]) + 0.5 * (io[2] + io[3])
+    return {"kernels": entries, "io": interface, "cost": fixed + sum(cost_of(kind, shape) for kind, shape in kernels),
+            "base": 1000.0, "threads": 1}
+
+
+def test_joint_fit_separates_kernels_from_the_fixed_part():
+    """Costs made of a fixed part (invoke, copies) and per-kind linear terms, some measured only
+    in models of several kernels: one fit recovers the parts well enough to predict a model of
+    a new size."""
+    def cost_of(kind, shape):
+        macs, out = shape[-1], shape[3] * shape[4] * shape[5]
+        return 200 + (0.25 * macs + 0.1 * out if kind == "CONV_2D" else 2.0 * out)
+
+    rng = np.random.default_rng(0)
+
+    def conv(c):
+        return "CONV_2D", (16, 16, c, 16, 16, c, 3, 1, 0, 16 * 16 * c * c * 9)
+
+    def add(c):
+        return "ADD", (16, 16, c, 16, 16, c, 0, 1, 16 * 16 * c, 16 * 16 * c)
+
+    records = [_record([conv(int(c))], cost_of, (1, 1, int(c) * 1024, int(c) * 1024)) for c in rng.integers(4, 64, 20)]
+    records += [_record([conv(int(c)), add(int(c))], cost_of, (2, 1, int(c) * 2048, int(c) * 1024)) for c in rng.integers(4, 64, 20)]
+    predictor = Predictor.fit(records, get_device("emulated-a76"), 1, "tflite-arm")
+    model = _record([conv(96), add(96), conv(96)], cost_of, (1, 1, 96 * 1024, 96 * 1024))
+    kernels = [Kernel(e["kind"], e["precision"], tuple(e[f] for f in FEATURES), e["operator"]) for e in model["kernels"]]
+    predicted = predictor.fixed_cost(model["io"]) + sum(predictor.kernel_costs(kernels))
+    assert predicted == pytest.approx(model["cost"], rel=0.02)
+    assert Predictor.fit(records, get_device("emulated-a76"), 1, "tflite-arm").kernel_costs(kernels) == predictor.kernel_costs(kernels)
+
+
+@pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
+def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tmp_path, ray_cluster):
+    from edgec.executors import make_executor
+
+    device, options = get_device("emulated-a76"), {"ops": ("Conv",), "precisions": ("fp32",), "batch_size": 3}
+    here = PredictorStore(tmp_path / "here", device.name)
+    calibrate(device, here, 0, 1, **options)  # one batch
+    executor = make_executor("ray", ray_cluster)
+    try:
+        on_ray = PredictorStore(tmp_path / "ray", device.name)
+        calibrate(device, on_ray, 0, 1, executor=executor, **options)  # one round: a batch per worker
+    finally:
+        executor.close()
+    assert {r["batch"] for r in on_ray.samples()} == {0, 1}
+    assert [r for r in on_ray.samples() if r["batch"] == 0] == here.samples()

@@ -18,8 +18,9 @@ from edgec.cli import app
 from edgec.errors import DeviceError, QuantizationError, TargetError
 from edgec.model import load, to_bytes
 from edgec.passes import quantize as quantize_module
-from edgec.passes.quantize import (AccuracyGoal, Candidate, PrecisionSearch, QuantizeStatic, QuantScheme, Ranking, calibrate, to_qdq,
-                                   with_shapes)
+from edgec.analysis import layer_table
+from edgec.passes.quantize import (AccuracyGoal, Candidate, PrecisionSearch, QuantizeStatic, QuantScheme, Ranking, calibrate,
+                                    to_qdq, with_shapes)
 from edgec.targets import load_target, same_arch
 from edgec.verify import random_inputs, run_all
 from edgec.runtime import TensorSpec
@@ -131,6 +132,26 @@ def test_search_runs_each_distinct_artifact_once():
     assert "convA" in kept
     assert [s.get("same_artifact_as_check") for s in search.steps[:2]] == [None, 0]
     assert len(opened) == len(set(opened)) == len(search.steps) - sum("same_artifact_as_check" in s for s in search.steps)
+
+
+def test_search_takes_back_to_int8_the_float_layers_the_goal_does_without(tmp_path):
+    """A ranking that puts conv0 (harmless in int8) before convA's output: both float pass,
+    and the search then takes conv0 back to int8 since the goal holds without it."""
+    proto, scheme, calibration = outlier_model(), QuantScheme(), _calibration()
+    ranges, shaped = calibrate(proto, calibration.batches, scheme), with_shapes(proto)
+    reference = run_all(OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled"), calibration.batches)
+
+    def artifact(keep: set[str]) -> bytes:
+        return to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString()
+
+    convA = next(n for n in proto.graph.node if n.name == "convA")
+    relu = next(n.name for n in proto.graph.node if list(n.input) == [convA.output[0]])
+    spared = ("convA", relu, "convB")  # convA's range reaches convB through the Relu
+    ranking = [Candidate("conv0 weight", 0.1, ("conv0",)), Candidate(convA.output[0], 1.0, spared)]
+    macs = {row["name"]: row["macs"] for row in layer_table(load(save(proto, tmp_path)).graph)}
+    search = PrecisionSearch(reference, calibration, artifact, lambda content: OrtRunner(content, threads=1), macs)
+    assert search.run(AccuracyGoal(0.995), lambda kept: [c for c in ranking if c.tensor not in kept]) == set(spared)
+    assert search.steps[-1]["passed"] and search.steps[-1]["back_to_int8"] == "conv0 weight"
 
 
 def test_unknown_keep_float_name_is_an_error(tmp_path):

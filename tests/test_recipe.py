@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from edgec.build import BuildOptions, build
 from edgec.cli import app
 from edgec.errors import RecipeError
-from edgec.recipe import Step, load_recipe, make_passes, options_from, parse_step
+from edgec.recipe import Step, load_build_settings, load_recipe, make_passes, options_from, parse_step, recipe_toml, with_build_settings
 
 
 def test_parse_step_keeps_commas_inside_tables_and_strings():
@@ -38,16 +38,36 @@ def test_load_recipe_keeps_file_order(tmp_path):
     assert load_recipe(path) == [Step("factorize", {"energy": 0.9}), Step("prune", {"rate": 0.2})]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("step = 3", "no [[step]] tables"),
-    ("[[step]]\nrate = 1", 'missing pass = "<name>"'),
-    ("[[step]\n", "not valid TOML"),
+@pytest.mark.parametrize("load, text, message", [
+    (load_recipe, "step = 3", "no [[step]] tables"),
+    (load_recipe, "[[step]]\nrate = 1", 'missing pass = "<name>"'),
+    (load_recipe, "[[step]\n", "not valid TOML"),
+    (load_build_settings, "[build]\nprecison = 'int8'", "no setting 'precison'"),
+    (load_build_settings, "[build]\nspeed_check = 1", "speed_check = 1 should be of type bool"),
+    (load_build_settings, "build = 3", "must be a table"),
 ])
-def test_malformed_recipes_are_explained(tmp_path, text, message):
+def test_malformed_recipes_are_explained(tmp_path, load, text, message):
     path = tmp_path / "r.toml"
     path.write_text(text)
     with pytest.raises(RecipeError, match=message.replace("[", r"\[")):
-        load_recipe(path)
+        load(path)
+
+
+def test_recipe_toml_round_trips_steps_and_build_settings(tmp_path):
+    steps = [Step("prune", {"rates": {"/stage1/conv [a]": 0.5}}), Step("factorize", {"layer_reduction": 0.3, "include": ["fc"]})]
+    settings = {"precision": "int8", "calib": "c.npz", "speed_check": False, "keep_float": ["fc"], "max_drop": 0.01}
+    path = tmp_path / "r.toml"
+    path.write_text(recipe_toml(steps, settings))
+    assert load_recipe(path) == steps
+    assert load_build_settings(path) == {**settings, "keep_float": ("fc",)}
+
+
+def test_a_build_table_needs_no_steps_and_flags_win_over_it(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[build]\nprecision = "int8"\nseed = 3\n')
+    assert load_recipe(path) == []
+    given = with_build_settings(BuildOptions(seed=1), load_build_settings(path))
+    assert (given.precision, given.seed) == ("int8", 1)
 
 
 def test_missing_recipe_file(tmp_path):

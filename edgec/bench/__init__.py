@@ -15,9 +15,12 @@ Sections of the JSON:
   pruning (with and without reconstruction) and with 50% magnitude sparsity: held-out
   top-1, artifact size raw and deflated (what a zip or an app store download gives), and
   latency against the unpruned artifact in the same process.
-* ``arm_int8_cost``: fp32 vs int8 ``.tflite`` (tflite-arm) on the emulated Cortex-A53 and
-  Cortex-A76 devices (``make arm-emulator``): instructions per inference counted by qemu,
-  deterministic where wall time under emulation means nothing; skipped without the emulator.
+* ``arm_int8_cost``: edgec's fp32 and int8 ``.tflite`` (tflite-arm; int8 at the target's
+  criterion, as a default build makes it) and onnx2tf's int8 file of the same model (when
+  onnx2tf is installed) on the emulated Cortex-A53 and Cortex-A76 devices (``make
+  arm-emulator``): instructions per inference counted by qemu, deterministic where wall time
+  under emulation means nothing, the int8 MAC share and the op types edgec kept float;
+  skipped without the emulator.
 * ``factorization``: trained classifiers with 30% fewer MACs by low-rank factorization,
   plain and data-aware (fitted on the calibration split), on ONNX Runtime x86: held-out
   top-1 of the source and of each, and latency against the unfactorized build.
@@ -30,8 +33,9 @@ Sections of the JSON:
   next to edgec's where both convert.
 * ``int8_quality``: every zoo model with a calibration split, int8 on tflite-x86 and ort-x86
   at the target's criterion (precision search on, speed check off), calibrated with
-  ``minmax`` and with ``mse`` ranges and with AdaRound: the fraction of MACs in int8 when the
-  report has it, the lowest output cosine on the held-out split and the top-1 drop.
+  ``minmax`` and with ``mse`` ranges, without activation equalization and with AdaRound: the
+  fraction of MACs in int8, the lowest output cosine on the held-out split, the top-1 drop
+  and the build's wall time (noisy: other work shares the machine).
 * ``build_time``: how long edgec itself takes: the large detector and two small zoo models,
   fp32 and int8 (calibrated on the zoo's calibration split, the target's criterion, speed
   check on: the build a user runs), for ORT and TFLite on x86. Each build runs in a fresh
@@ -42,14 +46,32 @@ Sections of the JSON:
   MACs by channel pruning, int8 TFLite, one-shot vs fine-tuned on the zoo's training split
   (remade from scikit-learn's digits by ``models/digits.py``; the section is skipped without
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
-  time. Production models with 30% fewer MACs, distilled without labels on the calibration
-  photos: every output's cosine to the source on the held-out photos, one-shot and fine-tuned.
+  time. Per digits classifier also two weight-only rows against the unconstrained artifact:
+  gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
+  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives). Production
+  models with 30% fewer MACs, distilled without labels on the calibration photos: every
+  output's cosine to the source on the held-out photos, one-shot and fine-tuned.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
-  (``.tflite`` for the device's architecture) against measurements taken the way calibration
-  measures (best round median here, instructions per inference on emulated cores): RMSPE
-  and the share within ±10%. The predictors are fitted on synthetic single-kernel models
-  only, so every zoo model is held out.
+  (``.tflite`` for the device's architecture) and the pretrained originals, against
+  measurements taken the way calibration measures (best round's 10th percentile here, instructions per
+  inference on emulated cores): RMSPE and the share within ±10%, overall and per precision.
+  The zoo is split in two by model: each half is predicted by a fit on the calibration
+  samples plus the other half (edgec/predict/evaluate.py); a pretrained model by the fit
+  that did not see its zoo twin.
+* ``optimize``: ``edgec optimize`` (greedy, 40 trials at most, ``--max-drop 0.01`` on the
+  held-out split) on the digits classifiers, on ``local`` (ort-x86) and ``emulated-a76``
+  (tflite-arm; skipped without the emulator), for ``--speedup 2``, ``--speedup 3`` and a size
+  budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
+  apart from the search (new runners in alternating rounds against the bench's own fp32
+  build; instructions counted again), its top-1 drop, and the baselines the search ran:
+  uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
+* ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
+  (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
+* ``scale``: the same search (NSGA-II, ``SCALE_TRIALS`` trials, batches of 4, a MACs budget on
+  ``local``) with ``--executor local`` and with ``--executor ray`` on a local Ray of this
+  machine's CPUs (its start included): wall seconds of each, their ratio, and whether both
+  chose the same settings.
 * ``summary``: the ratios those sections are read for.
 
 Latencies that are compared are measured in the same process in alternating rounds and
@@ -62,9 +84,12 @@ too, which proves they load and compute, while their ARM speed is the profiler's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import os
 import platform
+import shutil
 import time
 import warnings
 import zlib
@@ -75,9 +100,11 @@ import numpy as np
 from edgec.bench import onnx2tf
 from edgec.bench.timing import timed_build
 from edgec.build import BuildOptions, BuildResult, build
-from edgec.errors import EdgecError
+from edgec.errors import BudgetError, EdgecError
 from edgec.images import ImagePreprocess
-from edgec.predict import PredictorMissing, PredictorStore, cache_dir, predict
+from edgec.model import load
+from edgec.predict import PredictorMissing, PredictorStore, cache_dir
+from edgec.predict.evaluate import Measured, accuracy, cross_validate
 from edgec.predict.calibrate import TFLITE_TARGETS
 from edgec.predict.measure import measure_batch
 from edgec.profile import ProfileSettings, compare_latency, get_device, profile
@@ -88,11 +115,15 @@ from edgec.report import versions
 from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
 from edgec.runtime.ort import OrtRunner
+from edgec.search import Budgets, OptimizeOptions, optimize
+from edgec.stages.source import input_specs
 from edgec.targets import known_targets
+from edgec.verify import load_calibration
 
 REPO = Path(__file__).resolve().parents[2]
-# int8_quality's variants: activation ranges and weight rounding, each alone.
+# int8_quality's variants: activation ranges, activation equalization (on by default) and weight rounding, each alone.
 INT8_QUALITY_VARIANTS = {"minmax": {"calib_method": "minmax"}, "mse": {"calib_method": "mse"},
+                         "no_activation_equalization": {"calib_method": "minmax", "equalize_activations": False},
                          "adaround": {"calib_method": "minmax", "adaround": True}}
 TFLITE_TARGET = "tflite-x86"  # the host's own TFLite target, for the TFLite-only sections
 ORT_TARGET = "ort-x86"
@@ -114,9 +145,16 @@ ROUND_TRIP_ROUNDS = 10  # new interpreters each round: one instance's memory pla
 BUILD_TIME_MODELS = ("detector", "mobilenetv2", "blazeface")
 BUILD_TIME_TARGETS = (ORT_TARGET, TFLITE_TARGET)
 # Fine-tuning: (MAC reduction, fine-tuning options) for the labeled digits and the unlabeled photos.
-FINETUNE_DIGITS = (0.5, {"epochs": 20, "lr": 1e-3})
-FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 6, "validation": 0.2})
+FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "cosine", "warmup": 0.05, "budget_s": 150})
+# Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
+FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
+FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
+FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
+                          "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
+OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
+OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
+SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH = ("mobilenetv2",), 16, 4
 
 
 def _tflite(path: Path) -> LiteRTRunner:
@@ -149,6 +187,7 @@ class Bench:
         self.runs = runs
         self.zoo = json.loads((REPO / "models" / "zoo.json").read_text())
         self.built: dict[tuple[str, str, str], tuple[BuildResult, float]] = {}
+        self.peer: dict[str, tuple[dict[str, Path], str | None]] = {}  # onnx2tf's conversions by model
 
     def source(self, entry: dict) -> Path:
         return REPO / "models" / entry["file"]
@@ -254,6 +293,7 @@ class Bench:
         """Post-training int8 quality per calibration choice (see the module docstring)."""
         row: dict = {"model": entry["name"], "target": target}
         for variant, options in INT8_QUALITY_VARIANTS.items():
+            start = time.perf_counter()
             try:
                 result = self.edgec_int8(entry, target, f"quality-{variant}", min_cosine=None, **options)
             except EdgecError as exc:
@@ -263,22 +303,34 @@ class Bench:
             drop = [o.accuracy_source - o.accuracy_artifact for o in outputs if o.accuracy_source is not None]
             row[variant] = {"int8_macs_fraction": result.report["int8"]["int8_macs_fraction"],
                             "min_cosine": round(min(o.cosine for o in outputs), 6),
-                            "top1_drop": round(max(drop), 4) if drop else None}
+                            "top1_drop": round(max(drop), 4) if drop else None,
+                            "build_seconds": round(time.perf_counter() - start, 1)}
         return row
 
     def arm_cost_row(self, entry: dict) -> dict:
-        """Instructions per inference of the fp32 and int8 .tflite on each emulated ARM core."""
-        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": self.edgec_int8(entry, ARM_TARGET).artifacts[0]}
+        """Instructions per inference on each emulated ARM core of edgec's fp32 and int8 .tflite
+        (tflite-arm; int8 as a default build makes it: the target's criterion, precision
+        search on) and of onnx2tf's int8 file of the same model, when onnx2tf is installed."""
+        int8 = self.edgec_int8(entry, ARM_TARGET, min_cosine=None)
+        artifacts = {"fp32": self.build(entry, ARM_TARGET)[0].artifacts[0], "int8": int8.artifacts[0]}
+        peer = self._onnx2tf(entry).get("int8")
+        if peer is not None:
+            artifacts["onnx2tf_int8"] = peer
         settings = ProfileSettings(warmup=1, runs=3, ops=False)
         devices = {}
         for device in ARM_DEVICES:
-            cost = {precision: profile(path, device, settings)["cost"] for precision, path in artifacts.items()}
+            cost = {kind: profile(path, device, settings)["cost"] for kind, path in artifacts.items()}
             devices[device] = {
-                **{p: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for p, c in cost.items()},
+                **{kind: {"instructions": c["instructions"], "vector_instructions": c["vector_instructions"]} for kind, c in cost.items()},
                 "int8_vs_fp32_instructions": round(cost["int8"]["instructions"] / cost["fp32"]["instructions"], 3),
                 "int8_vs_fp32_vector": round(cost["int8"]["vector_instructions"] / cost["fp32"]["vector_instructions"], 3),
             }
-        return {"model": entry["name"], "devices": devices}
+            if peer is not None:
+                devices[device]["int8_vs_onnx2tf_int8_instructions"] = round(
+                    cost["int8"]["instructions"] / cost["onnx2tf_int8"]["instructions"], 3)
+        lowering = int8.report["lowering"]
+        return {"model": entry["name"], "int8_macs_fraction": int8.report["int8"]["int8_macs_fraction"],
+                "float_ops": lowering["float_ops"], "devices": devices}
 
     def factorization_row(self, entry: dict) -> dict:
         """Plain vs data-aware factorization on ORT x86: top-1 on the whole held-out split
@@ -328,31 +380,38 @@ class Bench:
         }
 
     def predictor_row(self, name: str, entries: list[dict]) -> dict:
-        """Predicted against measured cost of every zoo model in fp32 and int8 on device ``name``."""
+        """Predicted against measured cost of every zoo model in fp32 and int8 on device ``name``
+        and of the pretrained originals, each predicted by a fit that did not see its model."""
         device = get_device(name)
         target = TFLITE_TARGETS[device.arch]
+        store = PredictorStore(cache_dir(), name)
         try:
-            predictor = PredictorStore(cache_dir(), name).load()
+            predictor = store.load()
         except PredictorMissing as exc:
             return {"device": name, "skipped": exc.message}
-        artifacts = {}
+        artifacts = self.predictor_artifacts(entries, target)
+        costs = measure_batch(device, [a.path.read_bytes() for a in artifacts], predictor.threads)
+        measured = [dataclasses.replace(a, cost=c) for a, c in zip(artifacts, costs) if c is not None]
+        samples = [r for r in store.samples() if r["threads"] == predictor.threads]
+        rows = cross_validate(samples, measured, device, predictor.threads, target)
+        return {"device": name, "metric": predictor.metric, "threads": predictor.threads, "samples": len(samples),
+                "kernels": predictor.summary()["kernels"], **accuracy(rows),
+                **{precision: accuracy([r for r in rows if r["precision"] == precision]) for precision in ("fp32", "int8")},
+                "models": rows}
+
+    def predictor_artifacts(self, entries: list[dict], target: str) -> list[Measured]:
+        """The zoo's fp32 and int8 builds for ``target`` and the pretrained originals (cost unset)."""
+        artifacts = []
         for entry in entries:
             for precision in ("fp32", "int8"):
                 try:
                     built = self.build(entry, target)[0] if precision == "fp32" else self.edgec_int8(entry, target)
                 except EdgecError:
                     continue
-                artifacts[(entry["name"], precision)] = built.artifacts[0]
-        measured = measure_batch(device, [path.read_bytes() for path in artifacts.values()], predictor.threads)
-        rows = []
-        for ((model, precision), path), cost in zip(artifacts.items(), measured):
-            predicted = predict(path, device)
-            rows.append({"model": model, "precision": precision, "predicted": predicted["predicted"], "measured": cost,
-                         "error": predicted["predicted"] / cost - 1, "unknown_kernels": predicted["unknown"]})
-        errors = np.array([r["error"] for r in rows])
-        return {"device": name, "metric": predictor.metric, "threads": predictor.threads, "kernels": predictor.summary()["kernels"],
-                "rmspe": round(float(np.sqrt(np.mean(errors ** 2))), 4),
-                "within_10pct": round(float(np.mean(np.abs(errors) <= 0.1)), 3), "models": rows}
+                artifacts.append(Measured(entry["name"], precision, built.artifacts[0], 0.0))
+            if entry.get("original_tflite"):
+                artifacts.append(Measured(entry["name"], "fp32", REPO / "models" / entry["original_tflite"], 0.0, pretrained=True))
+        return artifacts
 
     def plain_round_trip(self, entry: dict, original: Path) -> Path | str:
         """The original through a plain tf2onnx run (none of the zoo's fixes, as a user would
@@ -370,8 +429,16 @@ class Bench:
         except EdgecError as exc:
             return str(exc)
 
+    def _onnx2tf(self, entry: dict) -> dict[str, Path]:
+        """onnx2tf's files of ``entry`` (see ``onnx2tf.convert``), converted once per bench."""
+        if entry["name"] not in self.peer:
+            self.peer[entry["name"]] = onnx2tf.convert(self.source(entry), self.work / entry["name"] / "onnx2tf", self._nhwc_calib(entry)) \
+                if onnx2tf.available() else ({}, "onnx2tf is not installed")
+        return self.peer[entry["name"]][0]
+
     def onnx2tf_row(self, entry: dict) -> dict:
-        produced, error = onnx2tf.convert(self.source(entry), self.work / entry["name"] / "onnx2tf", self._nhwc_calib(entry))
+        self._onnx2tf(entry)
+        produced, error = self.peer[entry["name"]]
         row: dict = {"model": entry["name"], "converts": "fp32" in produced, "error": error}
         if "fp32" in produced:
             edgec = self.build(entry, TFLITE_TARGET)[0].artifacts[0]
@@ -382,6 +449,80 @@ class Bench:
             latency = compare_latency({"edgec": _tflite(edgec), "onnx2tf": _tflite(produced["int8"])}, self.runs)
             row["int8"] = {"latency_ms": latency, "edgec_vs_onnx2tf": _ratio(latency, "edgec", "onnx2tf")}
         return row
+
+    def optimize_row(self, entry: dict, device: str) -> dict:
+        """One digits classifier on one device, for each budget (see the module docstring)."""
+        target = OPTIMIZE_DEVICES[device]
+        reference = self.build(entry, target)[0].artifacts[0]  # the bench's own fp32 build: apart from the search's
+        budgets = {"speedup_2": Budgets(speedup=2.0), "speedup_3": Budgets(speedup=3.0),
+                   "size_third": Budgets(size_kb=reference.stat().st_size / 3 / 1024)}
+        return {"model": entry["name"], "device": device, "target": target,
+                **{name: self._optimized(entry, device, target, name, budget, reference) for name, budget in budgets.items()}}
+
+    def _optimized(self, entry: dict, device: str, target: str, name: str, budget: Budgets, reference: Path) -> dict:
+        out = self.work / entry["name"] / f"optimize-{device}-{name}"
+        options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]), budgets=budget,
+                                  device=device, max_drop=OPTIMIZE_MAX_DROP, trials=OPTIMIZE_TRIALS)
+        start = time.perf_counter()
+        search = self._search(entry, target, out, options)
+        seconds = time.perf_counter() - start
+        met = search["chosen"] is not None
+        chosen = search["candidates"][search["chosen"] if met else search["closest"]]
+        artifact = (out if met else out / "closest") / chosen["artifact"]
+        again = self._remeasured(artifact, reference, device)
+        baselines = {k: {m: b[m] for m in ("relative_cost", "accuracy", "loss", "size_bytes", "macs")} if b and "error" not in b else b
+                     for k, b in search["baselines"].items()}
+        return {"met": met, "choice": chosen["settings"], "relative_cost": chosen["relative_cost"], "remeasured_relative_cost": again,
+                "meets_when_remeasured": (again <= 1 / budget.speedup if budget.speedup else artifact.stat().st_size <= budget.size_kb * 1024),
+                "top1": chosen["accuracy"], "top1_drop": chosen["loss"], "size_bytes": chosen["size_bytes"], "macs": chosen["macs"],
+                "baselines": baselines, "trials": search["trials"], "seconds": round(seconds, 1)}
+
+    def _remeasured(self, artifact: Path, reference: Path, device: str) -> float:
+        """The artifact's cost relative to ``reference``, measured anew: instructions on an
+        emulated core, else alternating rounds of new runners here."""
+        if device != "local":
+            settings = ProfileSettings(warmup=0, runs=1, ops=False)
+            counts = [profile(path, device, settings)["cost"]["instructions"] for path in (artifact, reference)]
+            return round(counts[0] / counts[1], 4)
+        latency = compare_latency({"chosen": open_runner(artifact), "fp32": open_runner(reference)}, self.runs, OPTIMIZE_REMEASURE_ROUNDS)
+        return _ratio(latency, "chosen", "fp32")
+
+    def optimize_time_row(self, entry: dict) -> dict:
+        """Wall time of 40 NSGA-II trials on local (cost measured in alternating rounds here)."""
+        options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
+                                  budgets=Budgets(speedup=3.0), max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=OPTIMIZE_TRIALS)
+        start = time.perf_counter()
+        search = self._search(entry, ORT_TARGET, self.work / entry["name"] / "optimize-time", options)
+        built = [c for c in search["candidates"] if "error" not in c]
+        return {"model": entry["name"], "trials": search["trials"], "seconds": round(time.perf_counter() - start, 1),
+                "build_and_measure_seconds_median": float(np.median([c["seconds"] for c in built])), "failed": len(search["candidates"]) - len(built)}
+
+    def scale_row(self, entry: dict) -> dict:
+        """One search on each executor: wall time and the choice (see the module docstring)."""
+        runs = {}
+        for executor in ("local", "ray"):
+            out = self.work / entry["name"] / f"scale-{executor}"
+            shutil.rmtree(out, ignore_errors=True)  # nothing reused from an earlier run
+            options = OptimizeOptions(eval=str(REPO / entry["eval_data"]), calib=str(REPO / entry["calib_data"]),
+                                      budgets=Budgets(macs=int(self.build(entry, ORT_TARGET)[0].report["model"]["macs"] * 0.6)),
+                                      max_drop=OPTIMIZE_MAX_DROP, strategy="evolutionary", trials=SCALE_TRIALS, batch=SCALE_BATCH,
+                                      executor=executor)
+            start = time.perf_counter()
+            runs[executor] = (self._search(entry, ORT_TARGET, out, options), round(time.perf_counter() - start, 1))
+        (local, local_s), (ray, ray_s) = runs["local"], runs["ray"]
+        return {"model": entry["name"], "trials": SCALE_TRIALS, "local_seconds": local_s, "ray_seconds": ray_s,
+                "ray_workers": os.cpu_count(), "speedup": round(local_s / ray_s, 3),
+                "same_choice": _chosen_settings(local) == _chosen_settings(ray),
+                "same_candidates": [c["settings"] for c in local["candidates"]] == [c["settings"] for c in ray["candidates"]]}
+
+    def _search(self, entry: dict, target: str, out: Path, options: OptimizeOptions) -> dict:
+        """search.json of ``optimize`` (of the closest point when no candidate met the budget)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return optimize(self.source(entry), target, out, options).search
+            except BudgetError:
+                return json.loads((out / "search.json").read_text())
 
     def finetune_row(self, entry: dict) -> dict:
         """One-shot pruning against pruning + fine-tuning: int8 TFLite top-1 on the held-out
@@ -405,8 +546,27 @@ class Bench:
         if labeled:
             return row | {"top1_source": one_shot.report["compression"]["vs_source"]["outputs"][0]["accuracy_source"],
                           "top1_one_shot_int8": one_shot.verification.outputs[0].accuracy_artifact,
-                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact}
+                          "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact,
+                          "gradual_pruning": self._weights_row(entry, data, FINETUNE_SPARSE, "int8"),
+                          "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32")}
         return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned)}
+
+    def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
+        """Fine-tuning that only constrains weights (sparsity or clusters): held-out top-1 and the
+        deflated .tflite against the unconstrained artifact of the same precision."""
+        eval_data = {"inputs": str(REPO / entry["eval_data"]), "calib": str(REPO / entry["calib_data"]), "max_samples": None,
+                     "min_cosine": 0.0, "speed_check": False}
+        variant = "-".join(f"{k}{v}" for k, v in options.items() if k in ("sparsity", "clusters"))
+        start = time.perf_counter()
+        built = {name: self.build(entry, TFLITE_TARGET, f"{precision}-{name}", precision=precision, **eval_data,
+                                  recipe=[Step("finetune", {"data": data, **options})] if name == variant else ())[0]
+                 for name in ("dense", variant)}
+        dense, tuned = built["dense"], built[variant]
+        return {"options": options, "precision": precision, "build_seconds": round(time.perf_counter() - start, 1),
+                "top1_dense": dense.verification.outputs[0].accuracy_artifact, "top1": tuned.verification.outputs[0].accuracy_artifact,
+                "deflated_bytes": {"dense": _deflated(dense.artifacts[0]), variant: _deflated(tuned.artifacts[0])},
+                "deflated_ratio": round(_deflated(dense.artifacts[0]) / _deflated(tuned.artifacts[0]), 2),
+                "finetune": {k: tuned.report["finetune"].get(k) for k in (*FINETUNE_KEYS, "sparsity")}}
 
     def _finetune_build(self, entry: dict, variant: str, recipe: list[Step], labeled: bool) -> BuildResult:
         """Digits: int8 TFLite on the held-out split; photos: ORT fp32 (the cosines compare ONNX models)."""
@@ -417,22 +577,24 @@ class Bench:
         return self.build(entry, ORT_TARGET, variant, recipe=recipe, **data)[0]
 
     def _nhwc_calib(self, entry: dict) -> dict[str, Path] | None:
-        """The zoo's calibration split as onnx2tf wants it: one .npy per input, 4-D ones NHWC.
-
-        Only the .npz splits: onnx2tf has no image-folder input (the photo-calibrated models
-        are compared in fp32 only)."""
-        if not str(entry.get("calib_data")).endswith(".npz"):
+        """The zoo's calibration split as onnx2tf wants it: one .npy per input (image folders
+        read with the model's input range, as edgec reads them). onnx2tf takes every 4-D ONNX
+        input for NCHW and its calibration in the transposed order, so a 4-D input's array is
+        transposed (0, 2, 3, 1) whatever its layout (an NHWC one given as it is failed)."""
+        if not entry.get("calib_data"):
             return None
         folder = self.work / entry["name"] / "onnx2tf-calib"
         folder.mkdir(parents=True, exist_ok=True)
+        specs = input_specs(load(self.source(entry)))
+        samples = load_calibration(str(REPO / entry["calib_data"]), specs,
+                                   images=ImagePreprocess(tuple(entry.get("input_range", (0.0, 1.0)))))
         files = {}
-        with np.load(REPO / entry["calib_data"]) as data:
-            for spec in entry["inputs"]:
-                array = data[spec["name"]]
-                if array.ndim == 4 and spec.get("layout") == "NCHW":
-                    array = array.transpose(0, 2, 3, 1)
-                files[spec["name"]] = folder / f"{spec['name']}.npy"
-                np.save(files[spec["name"]], np.ascontiguousarray(array))
+        for spec in entry["inputs"]:
+            array = np.concatenate([batch[spec["name"]] for batch in samples.batches])
+            if array.ndim == 4:
+                array = array.transpose(0, 2, 3, 1)
+            files[spec["name"]] = folder / f"{spec['name']}.npy"
+            np.save(files[spec["name"]], np.ascontiguousarray(array))
         return files
 
 
@@ -454,6 +616,11 @@ def _digits_train(work: Path, entry: dict) -> str:
         split = digits.load().train
         digits.save_npz(path, {key: make(split), "label": split.labels})
     return str(path)
+
+
+def _chosen_settings(search: dict) -> dict:
+    index = search["chosen"] if search["chosen"] is not None else search["closest"]
+    return search["candidates"][index]["settings"]
 
 
 def _source_cosines(result: BuildResult) -> dict[str, float]:
@@ -487,6 +654,13 @@ def _summary(report: dict) -> dict:
         ratios = [r["devices"][device]["int8_vs_fp32_instructions"] for r in report["arm_int8_cost"]]
         summary[f"{device}_int8_vs_fp32_instructions_geomean"] = _geomean(ratios)
         summary[f"{device}_int8_vs_fp32_instructions_worst"] = max(ratios)
+        peers = [r["devices"][device]["int8_vs_onnx2tf_int8_instructions"] for r in report["arm_int8_cost"]
+                 if "int8_vs_onnx2tf_int8_instructions" in r["devices"][device]]
+        summary[f"{device}_int8_vs_onnx2tf_int8_instructions_geomean"] = _geomean(peers)
+        summary[f"{device}_int8_vs_onnx2tf_int8_instructions_worst"] = max(peers, default=None)
+    for variant in INT8_QUALITY_VARIANTS if report["int8_quality"] else ():
+        rows = [r[variant] for r in report["int8_quality"]]
+        summary[f"int8_quality_{variant}_at_least_90pct_int8"] = f"{sum((r.get('int8_macs_fraction') or 0) >= 0.9 for r in rows)}/{len(rows)}"
     for row in report["predictor"] or ():
         if "rmspe" in row:
             summary[f"predictor_{row['device']}_rmspe"] = row["rmspe"]
@@ -495,6 +669,12 @@ def _summary(report: dict) -> dict:
         factorized = report["factorization"]
         summary[f"factorization_{variant}_speedup_geomean"] = _geomean([r["speedup"][variant] for r in factorized])
         summary[f"factorization_{variant}_top1_drop_worst"] = round(max(r["top1"]["source"] - r["top1"][variant] for r in factorized), 4)
+    optimized = [row[b] for row in report.get("optimize") or () for b in ("speedup_2", "speedup_3", "size_third")]
+    if optimized:
+        summary["optimize_met"] = f"{sum(r['met'] for r in optimized)}/{len(optimized)}"
+        summary["optimize_met_when_remeasured"] = f"{sum(r['met'] and r['meets_when_remeasured'] for r in optimized)}/{len(optimized)}"
+        uniform = [r for r in optimized if r["met"] and isinstance(r["baselines"].get("uniform"), dict) and "loss" in r["baselines"]["uniform"]]
+        summary["optimize_as_accurate_as_uniform"] = f"{sum(r['top1_drop'] <= r['baselines']['uniform']['loss'] for r in uniform)}/{len(uniform)}"
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
@@ -532,6 +712,7 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
     # Large models only where asked for by name, and in build_time.
     chosen = [e for e in bench.zoo if e["name"] in models] if models else [e for e in bench.zoo if not e.get("large")]
     timed = [e for e in bench.zoo if e["name"] in (models or BUILD_TIME_MODELS)]
+    digits = [e for e in chosen if e.get("calib_data") and e["task"] == "classification"]
     report: dict = {"measured_on": platform.machine(), "threads": 1, "targets": targets, "versions": versions()}
     sections = {
         "results": [(e, t) for e in chosen for t in targets],
@@ -548,12 +729,16 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "finetune": ([(e,) for e in chosen if e.get("calib_data") and (e["task"] == "classification" or "photos" in e["calib_data"])]
                      if _sklearn_ready() else None),
         "predictor": [(d, chosen) for d in PREDICTOR_DEVICES],
+        "optimize": [(e, d) for e in digits for d in OPTIMIZE_DEVICES if d == "local" or _emulator_ready()],
+        "optimize_time": [(e,) for e in digits],
+        "scale": [(e,) for e in digits if e["name"] in SCALE_MODELS],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
               "factorization": bench.factorization_row, "int8_quality": bench.int8_quality_row,
               "round_trip": bench.round_trip_row, "onnx2tf": bench.onnx2tf_row, "build_time": bench.build_time_row,
-              "finetune": bench.finetune_row, "predictor": bench.predictor_row}
+              "finetune": bench.finetune_row, "predictor": bench.predictor_row, "optimize": bench.optimize_row,
+              "optimize_time": bench.optimize_time_row, "scale": bench.scale_row}
     for section, jobs in sections.items():
         if only and section not in only:
             report[section] = None

@@ -6,7 +6,8 @@ With XNNPACK, a TFLite CONV_2D carries its bias and activation (one kernel); a z
 feeding a convolution is folded into it; reshapes of static shapes cost nothing. Every other
 operator is a kernel of its own, described by the few numbers its cost depends on
 (:class:`Kernel`). A kernel kind without a fitted regressor is *unknown*: reported, never
-guessed.
+guessed. Besides its kernels, an inference costs the copies of its inputs and outputs
+(:class:`Interface`), which grow with their sizes.
 """
 
 from __future__ import annotations
@@ -26,8 +27,16 @@ _BUILTIN_NAMES = {v: k for k, v in vars(tfl.BuiltinOperator).items() if not k.st
 FREE = {"RESHAPE", "SQUEEZE", "EXPAND_DIMS"}
 # A zero PAD whose only reader is one of these is folded into it by XNNPACK.
 PAD_FOLDS_INTO = {"CONV_2D", "DEPTHWISE_CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D"}
-# Float ↔ int8 conversions: one kind, costed by the elements converted.
+# A clamp whose input only it reads is fused by XNNPACK into the op that computes that input.
+CLAMPS = {"RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1"}
+CLAMP_FUSES_INTO = {"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "FULLY_CONNECTED", "ADD", "SUB", "MUL", "DIV",
+                    "MAX_POOL_2D", "AVERAGE_POOL_2D", "CUSTOM:Convolution2DTransposeBias"}
+# Float ↔ int8 conversions: one kind, costed by the elements converted. A DEQUANTIZE of a
+# constant (fp16 or int8 weights) is done once when the model loads, not per inference.
 CONVERT = {"QUANTIZE": "CONVERT", "DEQUANTIZE": "CONVERT"}
+# Kinds that run as another's kernel: MediaPipe's transposed convolution is XNNPACK's deconvolution.
+SAME_KERNEL = {**CONVERT, "CUSTOM:Convolution2DTransposeBias": "TRANSPOSE_CONV"}
+CONVOLUTIONS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
 FEATURES = ("hin", "win", "cin", "hout", "wout", "cout", "k", "stride", "in2", "macs")
 
 
@@ -51,6 +60,19 @@ class Kernel:
                 **dict(zip(FEATURES, self.shape))}
 
 
+@dataclasses.dataclass(frozen=True)
+class Interface:
+    """What an inference copies in and out: tensor count and bytes each way."""
+
+    inputs: int
+    outputs: int
+    in_bytes: int
+    out_bytes: int
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
 def detect(path: Path) -> list[Kernel]:
     """The kernels of the ``.tflite`` at ``path``, in execution order."""
     if path.suffix.lower() != ".tflite":
@@ -72,13 +94,33 @@ def kernels_of(content: bytes) -> list[Kernel]:
     for index, op in enumerate(graph.operators):
         for tensor in _inputs(op):
             readers.setdefault(tensor, []).append(index)
+    producers = {int(t): index for index, op in enumerate(graph.operators) for t in op.outputs}
+    outputs = {int(t) for t in graph.outputs}
     kernels = []
     for index, op in enumerate(graph.operators):
         kind = codes[op.opcodeIndex]
         if kind in FREE or (kind == "PAD" and _folds(graph, op, readers, codes)):
             continue
-        kernels.append(_kernel(CONVERT.get(kind, kind), model, graph, op, index))
+        if kind == "DEQUANTIZE" and _constant(model, graph.tensors[_inputs(op)[0]]):
+            continue
+        if kind in CLAMPS and _fused_clamp(graph, op, readers, producers, outputs, codes):
+            continue
+        kernels.append(_kernel(SAME_KERNEL.get(kind, kind), model, graph, op, index))
     return kernels
+
+
+def interface_of(content: bytes) -> Interface:
+    """The inputs and outputs of a ``.tflite`` flatbuffer: what an inference copies."""
+    graph = tfl.ModelT.InitFromPackedBuf(content, 0).subgraphs[0]
+    return Interface(len(graph.inputs), len(graph.outputs), _bytes(graph, graph.inputs), _bytes(graph, graph.outputs))
+
+
+def _bytes(graph, tensors) -> int:
+    return sum(int(np.prod(graph.tensors[t].shape)) * _ITEMSIZE.get(graph.tensors[t].type, 4) for t in tensors)
+
+
+_ITEMSIZE = {tfl.TensorType.INT8: 1, tfl.TensorType.UINT8: 1, tfl.TensorType.INT16: 2, tfl.TensorType.FLOAT16: 2,
+             tfl.TensorType.BOOL: 1, tfl.TensorType.INT64: 8}
 
 
 def _code_name(code) -> str:
@@ -98,9 +140,20 @@ def _folds(graph, pad, readers: dict[int, list[int]], codes: list[str]) -> bool:
     return len(users) == 1 and codes[graph.operators[users[0]].opcodeIndex] in PAD_FOLDS_INTO
 
 
+def _fused_clamp(graph, clamp, readers: dict[int, list[int]], producers: dict[int, int], outputs: set[int],
+                 codes: list[str]) -> bool:
+    """A clamp on a value only it reads, computed by an op XNNPACK fuses clamps into."""
+    source = _inputs(clamp)[0]
+    producer = producers.get(source)
+    return (producer is not None and source not in outputs and len(readers.get(source, [])) == 1
+            and codes[graph.operators[producer].opcodeIndex] in CLAMP_FUSES_INTO)
+
+
 def _kernel(kind: str, model, graph, op, index: int) -> Kernel:
     tensors = graph.tensors
     inputs = [tensors[t] for t in _inputs(op)]
+    if kind == "TRANSPOSE_CONV" and inputs[0].type == tfl.TensorType.INT32:  # output shape, weights, input[, bias]
+        inputs = [inputs[2], inputs[1], *inputs[3:]]
     output = tensors[int(op.outputs[0])]
     first = inputs[0] if inputs else output
     hin, win, cin = _hwc(first.shape)
@@ -108,7 +161,7 @@ def _kernel(kind: str, model, graph, op, index: int) -> Kernel:
     options = op.builtinOptions
     stride = int(getattr(options, "strideH", 1) or 1)
     k = int(getattr(options, "filterHeight", 0) or 0)
-    if kind in ("CONV_2D", "DEPTHWISE_CONV_2D") and len(inputs) > 1:
+    if kind in CONVOLUTIONS and len(inputs) > 1:
         k = int(inputs[1].shape[1])
     in2 = sum(int(np.prod(t.shape)) for t in inputs[1:] if not _constant(model, t))
     macs = _macs(kind, hout * wout * cout, cin, k, first.shape, inputs)
@@ -134,6 +187,10 @@ def _hwc(shape) -> tuple[int, int, int]:
 def _macs(kind: str, out_elems: int, cin: int, k: int, in_shape, inputs) -> int:
     if kind == "CONV_2D":
         return out_elems * k * k * cin
+    if kind == "TRANSPOSE_CONV":  # every input pixel scatters a k×k patch to every output channel
+        return int(np.prod(in_shape)) * k * k * int(inputs[1].shape[0])
+    if kind == "BATCH_MATMUL" and len(inputs) > 1:
+        return out_elems * int(inputs[0].shape[-1])
     if kind == "DEPTHWISE_CONV_2D":
         return out_elems * k * k
     if kind == "FULLY_CONNECTED" and len(inputs) > 1:

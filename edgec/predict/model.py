@@ -1,12 +1,18 @@
-"""A device's predictor: one regressor per kernel kind and precision, fitted on calibration
-measurements, saved with the data it was fitted on.
+"""A device's predictor: what one inference costs, as a sum of per-kernel-kind terms, fitted
+on calibration measurements and saved with the data it was fitted on.
 
-Each regressor has two stages. A power law of the work (log cost linear in the logs of MACs,
-elements read and elements written) gives the cost's scale and extrapolates sensibly past
-the sampled sizes; a random forest on the logs of all shape numbers corrects it by a factor
-(tiling, cache and kernel-choice effects, which nn-Meter also fits with random forests).
-Fitting logs keeps a few slow outliers from swamping the rest. A fixed seed and one
-job make predictions deterministic.
+An inference costs a fixed part (the interpreter's invoke, one Python call per input and
+output, the bytes copied in and out: :class:`Interface`) plus each kernel's cost. A kernel
+kind's cost is, first, linear in work measures with non-negative coefficients (a per-kernel
+overhead, MACs, MACs with the output channels padded to the micro-kernel's tile, elements
+read and written, output pixels, window positions): a sum of non-negative terms is how
+kernels spend instructions, and it extrapolates past the sampled sizes without blowing up.
+All these terms are fitted in one least-squares problem over every measurement, relative
+to its cost, so a calibration model of several kernels (an int8 kernel XNNPACK runs in
+float between two conversions, a layer norm) or a whole model constrains every kind it
+contains. Second, a random forest per kind, fitted on the single-kernel measurements,
+corrects the linear part by a factor (tiling, cache and kernel-choice effects, which
+nn-Meter fits with random forests). A fixed seed and one job make predictions deterministic.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import dataclasses
 import json
 import os
 import pickle
-from collections import defaultdict
+from collections import Counter, defaultdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,12 +35,12 @@ from edgec.errors import EdgecError
 from edgec.predict.kernels import FEATURES, Kernel
 from edgec.profile.devices import Device
 
-MIN_SAMPLES = 3  # fewer: the kind stays unknown
-MIN_FOREST = 8  # fewer: the linear stage alone
-FLOOR = 0.01  # a kernel costs at least this share of the trivial model (noise can make a difference negative)
-CONVERT = "CONVERT/int8"
-FORMAT = "2"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
+MIN_SAMPLES = 3  # measurements a kind must appear in; fewer: the kind stays unknown
+MIN_FOREST = 12  # single-kernel measurements a kind needs for its forest; fewer: the linear part alone
+CORRECTION = 0.7  # the forest corrects the linear part by at most e^±0.7 (2x): it interpolates, never rules
+FORMAT = "3"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
 PICKLE, META, SAMPLES = "predictor.pkl", "predictor.json", "samples.jsonl"
+TILE = 16  # output channels a micro-kernel computes at once (XNNPACK's int8 kernels; fp32 uses 8, a divisor)
 
 
 class PredictorMissing(EdgecError):
@@ -51,67 +57,100 @@ def cache_dir(option: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
 
 
+def _work(shapes: np.ndarray) -> np.ndarray:
+    """Per kernel, the work measures its cost is linear in (columns: ``WORK``)."""
+    hin, win, cin, hout, wout, cout, k, _stride, in2, macs = shapes.T
+    pixels = hout * wout
+    padded = macs / np.maximum(cout, 1) * np.ceil(cout / TILE) * TILE
+    return np.column_stack([np.ones(len(shapes)), macs, padded, np.where(k <= 1, macs, 0), hin * win * cin + in2,
+                            pixels * cout, pixels, pixels * np.maximum(k, 1) ** 2])
+
+
+WORK = ("kernel", "macs", "macs_padded", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window")
+FIXED = ("inference", "tensors", "bytes_in", "bytes_out")  # the fixed part's terms, from the Interface
+
+
+def _fixed(interface: dict[str, int]) -> np.ndarray:
+    return np.array([1.0, interface["inputs"] + interface["outputs"], interface["in_bytes"], interface["out_bytes"]])
+
+
 def _log_features(shapes: np.ndarray) -> np.ndarray:
-    """The shape numbers with elements in (both inputs) and out, and the work's three
-    measures first (MACs, elements in, elements out), all as log(1 + x)."""
-    index = {name: i for i, name in enumerate(FEATURES)}
-    elems_in = shapes[:, index["hin"]] * shapes[:, index["win"]] * shapes[:, index["cin"]] + shapes[:, index["in2"]]
-    elems_out = shapes[:, index["hout"]] * shapes[:, index["wout"]] * shapes[:, index["cout"]]
-    return np.log1p(np.column_stack([shapes[:, index["macs"]], elems_in, elems_out, shapes]))
-
-
-WORK = 3  # the first three log features: what the power law is fitted on
+    """What the forest splits on: the logs of the work measures and of every shape number."""
+    return np.log1p(np.column_stack([_work(shapes)[:, 1:], shapes]))
 
 
 @dataclasses.dataclass
 class KindRegressor:
     """Cost of one kernel kind at one precision from its shape numbers."""
 
-    power: LinearRegression  # log cost from log work: a power law, which extrapolates past the samples
-    forest: RandomForestRegressor | None  # the power law's residual (log) from all shape numbers
+    coefficients: np.ndarray  # per WORK column, non-negative
+    forest: RandomForestRegressor | None  # log factor on the linear part, from the shape numbers
     samples: int
 
-    @classmethod
-    def fit(cls, shapes: np.ndarray, costs: np.ndarray) -> KindRegressor:
-        features, log_costs = _log_features(shapes), np.log(costs)
-        regressor = cls(LinearRegression().fit(features[:, :WORK], log_costs), None, len(costs))
-        if len(costs) >= MIN_FOREST:
-            regressor.forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, random_state=0, n_jobs=1)
-            regressor.forest.fit(features, log_costs - regressor.power.predict(features[:, :WORK]))
-        return regressor
+    def linear(self, shapes: np.ndarray) -> np.ndarray:
+        return _work(shapes) @ self.coefficients
 
     def predict(self, shapes: np.ndarray) -> np.ndarray:
-        features = _log_features(shapes)
-        log_costs = self.power.predict(features[:, :WORK])
+        costs = self.linear(shapes)
         if self.forest is not None:
-            log_costs += self.forest.predict(features)
-        return np.exp(log_costs)
+            costs = costs * np.exp(self.forest.predict(_log_features(shapes)))
+        return costs
+
+    def fit_forest(self, shapes: np.ndarray, costs: np.ndarray) -> None:
+        """The forest, on single-kernel measurements' costs beyond the fixed part."""
+        linear = self.linear(shapes)
+        usable = (costs > 0) & (linear > 0)
+        if usable.sum() >= MIN_FOREST:
+            factors = np.clip(np.log(costs[usable] / linear[usable]), -CORRECTION, CORRECTION)
+            self.forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, random_state=0, n_jobs=1)
+            self.forest.fit(_log_features(shapes[usable]), factors)
 
 
 @dataclasses.dataclass
 class Predictor:
     """Per-kernel regressors of one device (at one thread count and TFLite target), and the
-    cost every inference has whatever it computes (``base``)."""
+    fixed cost of an inference from what it copies in and out."""
 
     device: dict[str, Any]
     metric: str
     threads: int
     target: str
-    base: float
+    fixed: np.ndarray  # per FIXED term
     regressors: dict[str, KindRegressor]
     versions: dict[str, str]
 
     @classmethod
     def fit(cls, records: list[dict], device: Device, threads: int, target: str) -> Predictor:
-        base = float(np.median([r["base"] for r in records]))
-        data = _single_kernel_data(records)
-        regressors = {key: KindRegressor.fit(*_arrays(rows)) for key, rows in data.items() if len(rows) >= MIN_SAMPLES}
-        predictor = cls(device.summary(), "instructions" if device.emulated else "ms", threads, target, base,
-                        regressors, versions())
-        conversions = predictor._conversion_data(records)
-        if len(conversions) >= MIN_SAMPLES:
-            regressors[CONVERT] = KindRegressor.fit(*_arrays(conversions))
+        """One least-squares fit of every term, relative to each measurement's cost, then the
+        kinds' forests."""
+        costs = _normalised_costs(records)
+        appearances = Counter(key for r in records for key in {_key(k) for k in r["kernels"]})
+        keys = sorted(key for key, n in appearances.items() if n >= MIN_SAMPLES)
+        rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
+        design = np.array([_design_row(records[i], keys) for i in rows])
+        scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
+        fit = LinearRegression(positive=True, fit_intercept=False).fit(design / scale / costs[rows, None], np.ones(len(rows)))
+        weights = fit.coef_ / scale
+        width = len(WORK)
+        regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], None, appearances[key])
+                      for i, key in enumerate(keys)}
+        predictor = cls(device.summary(), "instructions" if device.emulated else "ms", threads, target,
+                        weights[:len(FIXED)], regressors, versions())
+        predictor._fit_forests([records[i] for i in rows], costs[rows])
         return predictor
+
+    def _fit_forests(self, records: list[dict], costs: np.ndarray) -> None:
+        single: dict[str, list[tuple[tuple[int, ...], float]]] = defaultdict(list)
+        for record, cost in zip(records, costs):
+            if len(record["kernels"]) == 1:
+                kernel = _kernel(record["kernels"][0])
+                single[kernel.key].append((kernel.shape, cost - self.fixed_cost(record["io"])))
+        for key, rows in single.items():
+            self.regressors[key].fit_forest(np.array([s for s, _ in rows], dtype=np.float64), np.array([c for _, c in rows]))
+
+    def fixed_cost(self, interface: dict[str, int]) -> float:
+        """What an inference costs whatever it computes: invoke, and copying its inputs and outputs."""
+        return float(_fixed(interface) @ self.fixed)
 
     def kernel_costs(self, kernels: list[Kernel]) -> list[float | None]:
         """Each kernel's predicted cost; None for kinds without a regressor (unknown)."""
@@ -126,44 +165,36 @@ class Predictor:
                     costs[i] = float(cost)
         return costs
 
-    def _conversion_data(self, records: list[dict]) -> list[tuple[tuple[int, ...], float]]:
-        """Conversions measured around kernels int8 keeps float: the record's cost beyond its
-        other (already predicted) kernels, shared among its conversions by elements."""
-        rows = []
-        for record in records:
-            kernels = [_kernel(k) for k in record["kernels"]]
-            converts = [k for k in kernels if k.key == CONVERT]
-            others = [k for k in kernels if k.key != CONVERT]
-            predicted = self.kernel_costs(others)
-            if not converts or len(converts) == len(kernels) or None in predicted:
-                continue
-            rest = record["cost"] - record["base"] - sum(predicted)
-            elements = [k.shape[FEATURES.index("macs")] for k in converts]
-            rows += [(k.shape, max(rest * e / sum(elements), FLOOR * record["base"])) for k, e in zip(converts, elements)]
-        return rows
-
     def summary(self) -> dict[str, Any]:
         return {"device": self.device, "metric": self.metric, "threads": self.threads, "target": self.target,
-                "base": self.base, "kernels": {key: r.samples for key, r in sorted(self.regressors.items())},
-                "versions": self.versions}
+                "fixed": dict(zip(FIXED, map(float, self.fixed))),
+                "kernels": {key: r.samples for key, r in sorted(self.regressors.items())}, "versions": self.versions}
+
+
+def _key(entry: dict) -> str:
+    return f"{entry['kind']}/{entry['precision']}"
 
 
 def _kernel(entry: dict) -> Kernel:
     return Kernel(entry["kind"], entry["precision"], tuple(entry[f] for f in FEATURES), entry["operator"])
 
 
-def _single_kernel_data(records: list[dict]) -> dict[str, list[tuple[tuple[int, ...], float]]]:
-    """Records whose artifact is one kernel: that kernel's cost is what the record measured."""
-    data: dict[str, list] = defaultdict(list)
-    for record in records:
-        if len(record["kernels"]) == 1:
-            kernel = _kernel(record["kernels"][0])
-            data[kernel.key].append((kernel.shape, max(record["cost"] - record["base"], FLOOR * record["base"])))
-    return data
+def _design_row(record: dict, keys: list[str]) -> np.ndarray:
+    """The record's fixed terms, then per kind its kernels' summed work measures."""
+    width = len(WORK)
+    row = np.zeros(len(FIXED) + width * len(keys))
+    row[:len(FIXED)] = _fixed(record["io"])
+    for entry in record["kernels"]:
+        start = len(FIXED) + keys.index(_key(entry)) * width
+        row[start:start + width] += _work(np.array([[entry[f] for f in FEATURES]], dtype=np.float64))[0]
+    return row
 
 
-def _arrays(rows: list[tuple[tuple[int, ...], float]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.array([s for s, _ in rows], dtype=np.float64), np.array([c for _, c in rows], dtype=np.float64)
+def _normalised_costs(records: list[dict]) -> np.ndarray:
+    """Costs rescaled by their batch's trivial model against the median one: on a CPU whose
+    load drifts between batches, this takes the drift out (on an emulated core it is 1)."""
+    bases = np.array([r["base"] for r in records], dtype=np.float64)
+    return np.array([r["cost"] for r in records], dtype=np.float64) * np.median(bases) / bases
 
 
 def versions() -> dict[str, str]:

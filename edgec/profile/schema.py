@@ -14,7 +14,9 @@ one *measurement* of the same shape, so reports and comparisons never care where
                      "p90": .., "p99": .., "std": ..},
       "peak_memory_mb": 85.1,                # peak resident set of the measuring process
       "ops": null | {...},                   # per-op breakdown, where the runtime can give one
-      "cost": null | {...}                   # deterministic cost (instruction counts) on emulators
+      "cost": null | {...},                  # deterministic cost (instruction counts) on emulators
+      "predicted": null | {"metric": "ms" | "instructions", "value": .., "error": ..}
+                                             # `edgec profile`: the device's predictor beside it
     }
 
 Wall times on an emulated device are kept (``device.emulated`` is true) but are not latency

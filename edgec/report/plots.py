@@ -95,3 +95,30 @@ def training_curve(losses: Sequence[float], validation_losses: Sequence[float], 
         handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], frameon=False, loc="center right")
         return _svg(fig)
+
+
+def pareto(points: Sequence[dict[str, Any]], front: Sequence[int], chosen: int | None, baselines: dict[str, dict[str, Any]],
+           cost_label: str, accuracy_label: str, cost_limit: float | None = None) -> str:
+    """Search candidates as cost (x) against accuracy (y), artifact size as colour; the Pareto
+    front joined by a line, the chosen point ringed, baselines as labelled diamonds, the
+    cost budget (when there is one on this axis) as a dashed line."""
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        dots = ax.scatter([p["relative_cost"] for p in points], [p["accuracy"] for p in points],
+                          c=[p["size_bytes"] / 1024 for p in points], cmap="viridis", s=22, zorder=2)
+        fig.colorbar(dots, ax=ax, label="artifact size (KiB)")
+        ordered = sorted((points[i] for i in front), key=lambda p: p["relative_cost"])
+        ax.plot([p["relative_cost"] for p in ordered], [p["accuracy"] for p in ordered], color=_MEASURED, lw=1, zorder=1,
+                label="Pareto front")
+        if chosen is not None:
+            ax.scatter([points[chosen]["relative_cost"]], [points[chosen]["accuracy"]], s=160, facecolors="none",
+                       edgecolors="#c0504d", linewidths=2, zorder=3, label="chosen")
+        for name, point in baselines.items():
+            ax.scatter([point["relative_cost"]], [point["accuracy"]], marker="D", s=40, color=_EMULATED, edgecolors="black", zorder=3)
+            ax.annotate(name, (point["relative_cost"], point["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if cost_limit is not None:
+            ax.axvline(cost_limit, color="#c0504d", linestyle="--", lw=1, label="budget")
+        ax.set_xlabel(cost_label)
+        ax.set_ylabel(accuracy_label)
+        ax.legend(frameon=False, loc="lower right")
+        return _svg(fig)

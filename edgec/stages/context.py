@@ -76,6 +76,7 @@ class BuildOptions:
     equalize: bool | None = None  # cross-layer equalization where it is exact (Relu/PRelu/LeakyRelu chains)
     equalize_relu6: bool = False  # ...and across ReLU6 too, replacing it by Relu (changes the function)
     bias_correction: bool | None = None  # cancel the mean output shift of weight rounding
+    equalize_activations: bool | None = None  # shrink outlier activation channels into the next Conv (per-channel schemes)
     adaround: bool = False  # learn each weight's rounding on --calib (AdaRound) before bias correction
     # Compression passes run after canonicalization (pruning, factorization...; see edgec.recipe)
     recipe: Sequence[Step] = ()
@@ -96,4 +97,4 @@ class BuildOptions:
 
 
 INT8_OPTIONS = ("calib_method", "max_drop", "keep_float", "speed_check", "speed_device", "equalize", "equalize_relu6",
-                "bias_correction", "adaround")
+                "equalize_activations", "bias_correction", "adaround")

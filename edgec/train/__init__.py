@@ -21,11 +21,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from edgec.checks import above, at_least, within
-from edgec.errors import EdgecError
+from edgec.checks import above, at_least, one_of, within
+from edgec.errors import EdgecError, OptionError
 from edgec.runtime import TensorSpec
 from edgec.verify import InputSet
 
+SCHEDULES = ("constant", "cosine")
 # Called after each epoch with {"epoch", "epochs", "loss", "metric", "seconds"}.
 EpochObserver = Callable[[dict], None]
 # Reads a step's ``data`` (a path) as samples for these inputs; the build owns the filesystem.
@@ -55,9 +56,14 @@ class FinetuneOptions:
     budget_s: float | None = None
     validation: float = 0.1  # share of the data held back for early stopping
     patience: int = 2  # epochs without a better validation metric before stopping
+    schedule: str = "constant"  # learning rate over the epochs: constant, or cosine (decays to 0 after a warmup)
+    warmup: float = 0.0  # cosine: share of the steps spent ramping the rate up from a tenth
     temperature: float = 2.0
     distill_weight: float = 1.0
+    features: float = 0.0  # weight of distilling the residual stages' tensors too (edgec.train.features); 0: outputs only
     mix: int = 0  # blends of two samples added per training sample (few photos, no labels)
+    augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
+    sparsity: float | None = None  # prune Conv/Dense kernels gradually to this share of zeros while training (TFMOT)
     clusters: int | None = None  # cluster Conv/Dense kernels to this many values while training (TFMOT)
     seed: int | None = None  # the build's --seed when None
 
@@ -71,8 +77,16 @@ class FinetuneOptions:
         above("budget_s (--finetune-budget-s)", self.budget_s, 0)
         within("validation", self.validation, 0, 1, include_high=False)
         at_least("patience", self.patience, 1)
+        one_of("schedule", self.schedule, SCHEDULES)
+        within("warmup", self.warmup, 0, 1, include_high=False)
         above("temperature", self.temperature, 0)
         at_least("distill_weight", self.distill_weight, 0)
+        at_least("features", self.features, 0)
         at_least("mix", self.mix, 0)
+        at_least("augment", self.augment, 0)
         at_least("clusters", self.clusters, 2)
+        within("sparsity", self.sparsity, 0, 1, include_high=False)
+        if self.sparsity is not None and self.clusters is not None:
+            raise OptionError("The finetune step can prune (sparsity) or cluster (clusters) the weights, not both.",
+                              hint="Give one of them; or two finetune steps, pruning first.")
         at_least("seed", self.seed, 0)

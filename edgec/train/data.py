@@ -25,7 +25,8 @@ SOFTMAX_OPS = {"Softmax": False, "LogSoftmax": True}  # op → its output is a l
 @dataclasses.dataclass(frozen=True)
 class Head:
     """How one output is distilled: ``softmax`` heads by KL divergence over ``axis`` (in the
-    Keras layout), everything else (``regression``: logits, boxes, masks) by MSE."""
+    Keras layout), everything else (``regression``: logits, boxes, masks; ``feature``: an
+    intermediate tensor, ``edgec.train.features``) by MSE."""
 
     name: str
     kind: str
@@ -61,15 +62,19 @@ class Split:
     def __len__(self) -> int:
         return len(self.inputs[0])
 
+    def with_targets(self, more: list[np.ndarray]) -> Split:
+        return Split(self.inputs, [*self.targets, *more], self.labels)
+
     def take(self, index: np.ndarray) -> Split:
         return Split([a[index] for a in self.inputs], [t[index] for t in self.targets],
                      None if self.labels is None else self.labels[index])
 
 
-def training_data(data: InputSet, teacher: Runner, io: dict, validation: float, seed: int, mix: int = 0) -> tuple[Split, Split]:
+def training_data(data: InputSet, teacher: Runner, io: dict, validation: float, seed: int, mix: int = 0,
+                  augment: int = 0) -> tuple[Split, Split]:
     """(train, validation) from ``data``: inputs and teacher outputs moved into the Keras
     layout, split by a seeded permutation (at least one model batch held back). ``mix``
-    adds that many blends per training sample (below)."""
+    adds that many blends per training sample, ``augment`` that many augmented copies (below)."""
     if len(data.batches) < 2:
         raise InputDataError(f"Fine-tuning data {data.source} has {len(data.batches)} sample(s); it needs at least 2 "
                              "(one is held back to validate).", hint="Give more samples.")
@@ -78,6 +83,8 @@ def training_data(data: InputSet, teacher: Runner, io: dict, validation: float, 
     held = min(len(order) - 1, max(1, round(validation * len(order))))
     labels = None if data.labels is None else np.asarray(data.labels).reshape(len(data.batches), -1)
     train, kept = _blended(data.batches, labels, np.sort(order[held:]), mix, rng)
+    copies, origin = _augmented(data.batches, np.sort(order[held:]), augment, _image_axes(io), labels is None, rng)
+    train, kept = train + copies, np.concatenate([kept, origin]).astype(np.int64)
     return (_split(train, None if labels is None else labels[kept], teacher, io),
             _split([data.batches[i] for i in np.sort(order[:held])], None if labels is None else labels[np.sort(order[:held])], teacher, io))
 
@@ -95,6 +102,42 @@ def _blended(batches: list, labels, index: np.ndarray, mix: int, rng: np.random.
                             for k, v in batches[i].items()})
             origin.append(i)
     return samples, np.array(origin)
+
+
+def _image_axes(io: dict) -> dict[str, tuple[int, int]]:
+    """Per 4-D input, its (height, width) axes in the source layout: the Keras layout is
+    channels-last, so they are where the layout permutation takes Keras axes 1 and 2 from."""
+    return {e["name"]: (e["perm"][1], e["perm"][2]) for e in io["inputs"] if len(e["perm"]) == 4}
+
+
+def _augmented(batches: list, index: np.ndarray, augment: int, axes: dict[str, tuple[int, int]], flip: bool,
+               rng: np.random.Generator) -> tuple[list, np.ndarray]:
+    """``augment`` copies of each sample at ``index``, image inputs shifted by up to an eighth
+    of their size (edges repeated), mirrored left-right half the time when ``flip`` (only
+    without labels: a mirrored digit is not its label), and with contrast and brightness
+    moved by up to 20% and 10% of the image's value range (kept inside it). The source model answers
+    each copy, so a few photos ask it many more questions."""
+    samples, origin = [], []
+    for _ in range(augment):
+        for i in index:
+            samples.append({k: _augment(v, axes[k], flip, rng) if k in axes and np.issubdtype(v.dtype, np.floating) else v
+                            for k, v in batches[i].items()})
+            origin.append(i)
+    return samples, np.array(origin, np.int64)
+
+
+def _augment(image: np.ndarray, axes: tuple[int, int], flip: bool, rng: np.random.Generator) -> np.ndarray:
+    dtype, low, high = image.dtype, float(image.min()), float(image.max())
+    for axis in axes:
+        limit = image.shape[axis] // 8
+        shift = int(rng.integers(-limit, limit + 1))
+        pad = [(max(shift, 0), max(-shift, 0)) if a == axis else (0, 0) for a in range(image.ndim)]
+        image = np.take(np.pad(image, pad, mode="edge"), np.arange(image.shape[axis]) + max(-shift, 0), axis=axis)
+    if flip and rng.random() < 0.5:
+        image = np.flip(image, axes[1])
+    mean = image.mean()
+    image = mean + rng.uniform(0.8, 1.2) * (image - mean) + rng.uniform(-0.1, 0.1) * (high - low)
+    return np.ascontiguousarray(np.clip(image, low, high), dtype=dtype)
 
 
 def _split(batches: list, labels, teacher: Runner, io: dict) -> Split:

@@ -6,18 +6,21 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from edgec.errors import EdgecError
-from edgec.lower.tflite import prepare, to_keras
+from edgec.lower.tflite import KerasLowering, prepare, to_keras
 from edgec.model import to_bytes
 from edgec.passes.layout import inverse
 from edgec.passes.pipeline import PassOutcome
 from edgec.runtime.ort import OrtRunner
-from edgec.train.clustering import clustered, stripped
-from edgec.train.data import Split, classifier_output, heads, training_data
+from edgec.train.clustering import Clustering
+from edgec.train.data import Head, Split, classifier_output, heads, training_data
+from edgec.train.features import feature_targets, shared_features, with_features
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
+from edgec.train.pruning import GradualPruning
 from edgec.train.trace import coded_copy, layer_weights, trace
 from edgec.verify import run_all
 
@@ -35,26 +38,37 @@ class Finetune(ir.passes.InPlacePass):
         seed = self.context.seed if o.seed is None else o.seed
         before_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         samples = self.context.read(o.data, before_runner.inputs)
+        source = self._source_lowering() if o.features else None  # first: every lowering clears the Keras session
         coded, offsets = coded_copy(model)
         codes = layer_weights(to_keras(prepare(coded)[0]).model)
-        lowering = to_keras(prepare(model.clone())[0])
+        prepared = prepare(model.clone())[0]
+        lowering = to_keras(prepared)
         weights = trace(model, lowering.model, codes, offsets)
         frozen_nodes = self._freeze(lowering, weights.frozen)
         teacher = OrtRunner(self.context.source, threads=1, optimization="disabled")
-        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix)
+        train, validation = training_data(samples, teacher, lowering.io, o.validation, seed, o.mix, o.augment)
         found = heads(model, lowering.io["outputs"])
         classifier = None if samples.labels is None else classifier_output(model, lowering.io["outputs"], train.labels)
-        settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed)
-        trained = clustered(lowering.model, o.clusters) if o.clusters else lowering.model
-        trainer = Trainer(trained, found, classifier, train, settings)
+        features = shared_features(source[0], prepared) if source else []
+        if features:
+            taught, (held,) = feature_targets(source[1], lowering, features, train.inputs, [validation.inputs])
+            train, validation = train.with_targets(taught), validation.with_targets(held)
+            found = [*found, *(Head(name, "feature") for name in features)]
+        settings = LoopSettings(o.epochs, o.lr, o.batch_size, o.budget_s, o.patience, o.temperature, o.distill_weight, seed,
+                                o.schedule, o.warmup, o.features)
+        steps = o.epochs * -(-len(train) // o.batch_size)
+        pruning = GradualPruning(lowering.model, o.sparsity, steps) if o.sparsity else None
+        clustering = Clustering(lowering.model, o.clusters) if o.clusters else None
+        trained = with_features(lowering, features) if features else lowering.model
+        trainer = Trainer(trained, found, classifier, train, settings, pruning or clustering)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
-        changed = weights.write_back(model, stripped(trained) if o.clusters else trained)
+        changed = weights.write_back(model, clustering.stripped() if clustering else lowering.model)
         after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
         details = {
             "data": samples.source, "labeled": classifier is not None, "samples": len(train), "validation_samples": len(validation),
-            "heads": [h.to_dict() for h in found], "metric": "top1" if classifier is not None else "min_output_cosine",
+            "heads": [h.to_dict() for h in found if h.kind != "feature"], "features": features, "metric": "top1" if classifier is not None else "min_output_cosine",
             "options": {k: v for k, v in dataclasses.asdict(o).items() if k != "data"} | {"seed": seed},
             "epochs": len(history.losses), "best_epoch": history.best_epoch, "stopped": history.stopped,
             "losses": history.losses, "validation_losses": history.validation_losses, "validation_metric": history.metrics,
@@ -62,11 +76,18 @@ class Finetune(ir.passes.InPlacePass):
             "trained_layers": sum(1 for layer in lowering.model.layers if layer.weights and layer.trainable),
             "frozen_nodes": frozen_nodes, "initializers_updated": len(changed),
         }
+        if pruning is not None:
+            details["sparsity"] = round(pruning.sparsity(), 6)
         if frozen_nodes:
             details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
                                f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
                                f"{'...' if len(frozen_nodes) > 5 else ''}.")
-        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters)), details)
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity)), details)
+
+    def _source_lowering(self) -> tuple[ir.Model, KerasLowering]:
+        """The source model prepared for and lowered to Keras, to take its features from."""
+        prepared = prepare(ir.serde.deserialize_model(onnx.load_from_string(self.context.source)))[0]
+        return prepared, to_keras(prepared)
 
     @staticmethod
     def _freeze(lowering, frozen_layers: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 
 # ruff: noqa: E402
 
-from edgec.analysis import int8_coverage, is_quantized
+from edgec.analysis import int8_coverage, is_quantized, layer_table
 from edgec.errors import UnsupportedOpError
 from edgec.lower import Lowered, LowerOptions, ahead
 from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, integer_ops, keras_to_tflite, op_histogram, op_names,
@@ -79,7 +79,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     _refuse_quantized(model, target)
     source = to_bytes(model)  # the float reference of int8 checks, and what the conversion is remembered by
     key, arguments = _conversion(source, target, options)
-    converted = _CONVERTED.get(key, lambda: ahead.take(key) or _convert(model, *arguments))
+    # A copy: the layout passes edit in place, and the int8 report counts MACs on the model given.
+    converted = _CONVERTED.get(key, lambda: ahead.take(key) or _convert(model.clone(), *arguments))
     content, details = converted.content, {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
@@ -177,7 +178,7 @@ class _Int8:
 
     def build(self, source: bytes, model: ir.Model) -> tuple[bytes, dict]:
         float_ops = self._xnnpack_float_ops()
-        kept, steps = self._search(source, float_ops) if self.options.goal else (set(), [])
+        kept, steps = self._search(source, float_ops, model) if self.options.goal else (set(), [])
         content = self.quantize(float_ops, kept)
         return content, {
             "float_ops": float_op_histogram(content),
@@ -205,7 +206,7 @@ class _Int8:
             kept |= left_out
         return kept
 
-    def _search(self, source: bytes, float_ops: set[str]) -> tuple[set[str], list]:
+    def _search(self, source: bytes, float_ops: set[str], model: ir.Model) -> tuple[set[str], list]:
         """Rank on the source-layout float model (ORT runs it), check the .tflite itself."""
         check = head(self.options.calibration, CHECK_BATCHES)
         proto = onnx.load_from_string(source)
@@ -217,9 +218,15 @@ class _Int8:
             return LiteRTRunner(content, threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
                                 io=self.lowering.io)
 
-        search = PrecisionSearch(reference, check, lambda keep: self.quantize(float_ops, keep), runner)
+        search = PrecisionSearch(reference, check, lambda keep: self.quantize(float_ops, keep), runner, self._op_macs(model))
         ranking = functools.cache(lambda: Ranking(proto, ranges, self.options.scheme, check))  # built only if it is needed
         return search.run(self.options.goal, lambda kept: self._op_ranking(ranking()(kept))), search.steps
+
+    def _op_macs(self, model: ir.Model) -> dict[str, int]:
+        """Each op of the calibrated model → the MACs of the source nodes it computes."""
+        macs = {row["name"]: row["macs"] for row in layer_table(model.graph)}
+        names = op_names(self.calibrated)
+        return {name: sum(macs.get(node, 0) for node in nodes) for name, nodes in zip(names, op_nodes(names, self.lowering.layers))}
 
     def _op_ranking(self, ranking: list[Candidate]) -> list[Candidate]:
         """The ONNX ranking in TFLite op names: each candidate's nodes → the Keras layers

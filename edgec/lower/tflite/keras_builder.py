@@ -35,6 +35,7 @@ class KerasLowering:
     model: keras.Model
     io: dict[str, list[dict[str, Any]]]
     layers: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    tensors: dict[str, Any] = dataclasses.field(default_factory=dict)  # value name → its Keras tensor (feature distillation)
 
 
 def to_keras(model: ir.Model, target: str = "tflite", loops: bool = True) -> KerasLowering:
@@ -65,7 +66,8 @@ class _Builder:
         outputs = [self._output(v) for v in graph.outputs]
         keras_model = keras.Model(inputs=[t for t, _ in inputs], outputs=[t for t, _ in outputs], name=sanitize(graph.name or "edgec"))
         io = {"inputs": [entry for _, entry in inputs], "outputs": [entry for _, entry in outputs]}
-        return KerasLowering(keras_model, io, self.layers)
+        tensors = {value.name: tensor for value, tensor in self.tensors.items() if is_tensor(tensor)}
+        return KerasLowering(keras_model, io, self.layers, tensors)
 
     def _unique(self, name: str) -> str:
         base, i = sanitize(name), 1

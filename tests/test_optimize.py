@@ -1,0 +1,152 @@
+"""edgec optimize: a few-trial search on the zoo's MLP (ORT x86, cost measured here), its
+outputs, the recipe that rebuilds the chosen artifact, determinism, resume, and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from typer.testing import CliRunner
+
+from edgec.cli import app
+from edgec.errors import BudgetError, DeviceError, EdgecError, InputDataError, OptionError
+from edgec.search import Budgets, OptimizeOptions, optimize
+
+REPO = Path(__file__).resolve().parents[1]
+MLP = REPO / "models" / "mlp.onnx"
+EVAL, CALIB = (str(REPO / "models" / "data" / f"digits_{split}_flat.npz") for split in ("eval", "calib"))
+MLP_MACS = 17024
+
+
+def _options(**overrides) -> OptimizeOptions:
+    # A MACs budget: what is feasible does not hang on this machine's timing noise.
+    settings = {"eval": EVAL, "calib": CALIB, "budgets": Budgets(macs=int(MLP_MACS * 0.9)), "strategy": "random", "trials": 5}
+    return OptimizeOptions(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("optimized")
+    return out, optimize(MLP, "ort-x86", out, _options())
+
+
+def test_search_writes_artifact_recipe_search_and_report(searched):
+    out, result = searched
+    search = json.loads((out / "search.json").read_text())
+    assert {"mlp.onnx", "mlp.ort", "report.json", "recipe.toml", "search.json", "report.html", "study.db"} <= {p.name for p in out.iterdir()}
+    assert len(search["candidates"]) == 5 and search["trials"] == 5
+    chosen = search["candidates"][search["chosen"]]
+    assert chosen["feasible"] and chosen["macs"] <= MLP_MACS * 0.9 and chosen["loss"] <= 0.01
+    assert set(chosen) >= {"settings", "cost", "accuracy", "size_bytes", "macs", "seconds"}
+    assert chosen["sha256"] == json.loads((out / "report.json").read_text())["artifacts"][0]["sha256"]
+    assert search["baselines"]["fp32"]["relative_cost"] == 1.0 and search["baselines"]["int8"]["settings"]["precision"] == "int8"
+    uniform = search["baselines"]["uniform_same_macs"]  # the chosen point prunes, so uniform pruning at its MACs is there
+    assert uniform["settings"]["uniform_prune"] > 0 and "uniform" in search["baselines"]
+    assert "<svg" in (out / "report.html").read_text() and result.chosen["trial"] == chosen["trial"]
+
+
+def test_recipe_rebuilds_the_artifact_byte_for_byte(searched, tmp_path):
+    out, _ = searched
+    run = CliRunner().invoke(app, ["build", str(MLP), "-t", "ort-x86", "--recipe", str(out / "recipe.toml"), "-o", str(tmp_path)])
+    assert run.exit_code == 0, run.output
+    assert (tmp_path / "mlp.onnx").read_bytes() == (out / "mlp.onnx").read_bytes()
+
+
+def test_same_seed_same_candidates_and_choice(searched, tmp_path):
+    out, _ = searched
+    again = json.loads((out / "search.json").read_text())
+    other = optimize(MLP, "ort-x86", tmp_path, _options()).search
+    assert [c["settings"] for c in other["candidates"]] == [c["settings"] for c in again["candidates"]]
+    assert other["candidates"][other["chosen"]]["settings"] == again["candidates"][again["chosen"]]["settings"]
+
+
+def test_interrupted_search_resumes_from_its_study(tmp_path):
+    first = optimize(MLP, "ort-x86", tmp_path, _options(trials=3)).search
+    resumed = optimize(MLP, "ort-x86", tmp_path, _options(trials=5)).search
+    assert len(resumed["candidates"]) == 5
+    assert resumed["candidates"][:3] == first["candidates"]  # reused from the study, not rebuilt (same seconds)
+    studies = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
+    assert [s.n_trials for s in studies] == [5]
+    looser = optimize(MLP, "ort-x86", tmp_path, _options(trials=5, budgets=Budgets(macs=MLP_MACS))).search
+    assert looser["candidates"][0]["feasible"]  # the stored fp32 reference, judged again against the new budget
+
+
+def test_infeasible_budget_names_the_closest_point_and_writes_it(tmp_path):
+    run = CliRunner().invoke(app, ["optimize", str(MLP), "-t", "ort-x86", "--eval", EVAL, "--calib", CALIB, "--macs-budget", "100",
+                                   "--strategy", "random", "--trials", "3", "-o", str(tmp_path)])
+    assert run.exit_code == BudgetError.exit_code
+    assert "closest" in run.output and "--macs-budget by" in run.output
+    assert {"mlp.onnx", "recipe.toml", "report.json"} <= {p.name for p in (tmp_path / "closest").iterdir()}
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert search["chosen"] is None and search["candidates"][search["closest"]]["feasible"] is False
+    assert json.loads((tmp_path / "closest" / "report.json").read_text())["optimize"]["feasible"] is False
+    assert "misses" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ({"budgets": None}, OptionError, "Give a budget"),
+    ({"strategy": "annealing"}, OptionError, "strategy"),
+    ({"max_drop": 0.01, "min_cosine": 0.9}, OptionError, "exclude each other"),
+    ({"device": "pixel-9000"}, DeviceError, "Unknown device"),
+    ({"device": "emulated-a76"}, DeviceError, "aarch64|arm"),  # an ARM core cannot price an x86 artifact
+    ({"eval": str(REPO / "models" / "data" / "digits_eval_nchw.npz")}, InputDataError, "has no array for input"),
+    ({"min_cosine": 0.9}, OptionError, "--max-drop"),  # labeled --eval: the top-1 drop is the bound
+    ({"eval": CALIB}, OptionError, "--eval is the --calib data"),
+    ({"study": "/nonexistent/folder/study.db"}, OptionError, "cannot be opened"),
+    ({"study": "nosuchdb://x"}, OptionError, "cannot be opened"),
+])
+def test_bad_options_are_user_errors(tmp_path, change, error, message):
+    with pytest.raises(error, match=message):
+        if change.get("budgets", 1) is None:
+            Budgets()
+        optimize(MLP, "ort-x86", tmp_path, _options(**change))
+
+
+def test_latency_budget_needs_a_timed_device(tmp_path):
+    with pytest.raises(OptionError, match="timed device"):
+        optimize(MLP, "tflite-arm", tmp_path, _options(device="emulated-a76", budgets=Budgets(latency_ms=1.0)))
+
+
+def test_settings_keep_no_factorized_layer_float():
+    from edgec.search.space import Space
+
+    space = Space({"precision": ("fp32", "int8"), "factorize:fc": (0.0, 0.3), "float:fc": (False, True), "float:head": (False, True)})
+    settings = space.settings({"precision": "int8", "factorize:fc": 0.3, "float:fc": True, "float:head": True})
+    assert settings["keep_float"] == ["head"] and settings["factorize"] == {"fc": 0.3}
+    assert space.settings({"precision": "fp32", "factorize:fc": 0.0, "float:fc": True, "float:head": True})["keep_float"] == []
+
+
+def test_time_budget_stops_after_the_reference(tmp_path):
+    with pytest.raises(BudgetError, match="No candidate of 1"):  # the uncompressed reference misses the MACs budget
+        optimize(MLP, "ort-x86", tmp_path, _options(time_budget_s=1e-6))
+    search = json.loads((tmp_path / "search.json").read_text())
+    assert [c["settings"]["precision"] for c in search["candidates"]] == ["fp32"]  # the reference every cost needs, then nothing
+    assert search["baselines"]["int8"] is None
+
+
+def test_a_search_on_ray_makes_the_choice_the_local_executor_makes(searched, ray_cluster, tmp_path):
+    """Two Ray worker processes build the batch's candidates at once; the study is told in the same
+    order, so the same seed gives the same candidates and choice as the local search above."""
+    _, local = searched
+    on_ray = optimize(MLP, "ort-x86", tmp_path, _options(executor="ray", ray_address=ray_cluster)).search
+    assert [c["settings"] for c in on_ray["candidates"]] == [c["settings"] for c in local.search["candidates"]]
+    assert on_ray["candidates"][on_ray["chosen"]]["settings"] == local.search["candidates"][local.search["chosen"]]["settings"]
+    assert [c["sha256"] for c in on_ray["candidates"]] == [c["sha256"] for c in local.search["candidates"]]
+
+
+def test_predicted_cost_searches_by_the_predictor_and_measures_the_front_before_choosing(tmp_path, monkeypatch):
+    from edgec.predict import PredictorStore
+    from edgec.predict.calibrate import calibrate
+    from edgec.profile import get_device
+
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(EdgecError, match="edgec device calibrate local"):
+        optimize(MLP, "tflite-x86", tmp_path / "none", _options(cost="predicted", trials=2))
+    calibrate(get_device("local"), PredictorStore(tmp_path / "cache", "local"), 0.001, 1, ops=("Gemm",), precisions=("fp32", "int8"),
+              batch_size=6)
+    search = optimize(MLP, "tflite-x86", tmp_path / "out", _options(cost="predicted", trials=4)).search
+    front = [c for c in search["candidates"] if "predicted_cost" in c]
+    assert front and all(c["metric"] == "ms" and c["cost"] > 0 for c in front)
+    assert search["candidates"][search["chosen"]] in front  # chosen on measured cost
