@@ -52,6 +52,9 @@ class Recent(Generic[T]):
         self.size = size
         self._results: collections.OrderedDict[Hashable, T] = collections.OrderedDict()
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._results
+
     def get(self, key: Hashable, compute: Callable[[], T]) -> T:
         if key not in self._results:
             self._results[key] = compute()

@@ -112,6 +112,28 @@ def test_mixed_precision_keeps_only_what_the_goal_needs_float(tmp_path):
     assert mixed.details["quantized_ops"].get("Conv", 0) >= 1  # conv0 (at least) stays int8
 
 
+def test_search_runs_each_distinct_artifact_once():
+    """Keeping float a node that is float anyway (the output head) gives the same file as
+    before: the search records the step, marked as such, without running that file again."""
+    proto, scheme, samples = outlier_model(), QuantScheme(), _calibration(4)
+    ranges, shaped = calibrate(proto, samples.batches, scheme), with_shapes(proto)
+    opened = []
+
+    def runner(content: bytes) -> OrtRunner:
+        opened.append(content)
+        return OrtRunner(content, threads=1)
+
+    reference = run_all(OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled"), samples.batches)
+    search = PrecisionSearch(reference, samples, lambda keep: to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString(),
+                             runner)
+    # The head's claimed worth makes it the first step alone; it changes nothing, so the next step is twice as long.
+    ranking = [Candidate("head-out", 1.0, ("head",)), Candidate("a-out", 0.0, ("convA",)), Candidate("b-out", 0.0, ("convB",))]
+    kept = search.run(AccuracyGoal(0.995), lambda floated: [c for c in ranking if c.tensor not in floated])
+    assert "convA" in kept
+    assert [s.get("same_artifact_as_check") for s in search.steps[:2]] == [None, 0]
+    assert len(opened) == len(set(opened)) == len(search.steps) - sum("same_artifact_as_check" in s for s in search.steps)
+
+
 def test_search_takes_back_to_int8_the_float_layers_the_goal_does_without(tmp_path):
     """A ranking that puts conv0 (harmless in int8) before convA's output: both float pass,
     and the search then takes conv0 back to int8 since the goal holds without it."""
@@ -119,15 +141,15 @@ def test_search_takes_back_to_int8_the_float_layers_the_goal_does_without(tmp_pa
     ranges, shaped = calibrate(proto, calibration.batches, scheme), with_shapes(proto)
     reference = run_all(OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled"), calibration.batches)
 
-    def runner(keep: set[str]) -> OrtRunner:
-        return OrtRunner(to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString(), threads=1)
+    def artifact(keep: set[str]) -> bytes:
+        return to_qdq(shaped, ranges, scheme, sorted(keep | {"head"})).SerializeToString()
 
     convA = next(n for n in proto.graph.node if n.name == "convA")
     relu = next(n.name for n in proto.graph.node if list(n.input) == [convA.output[0]])
     spared = ("convA", relu, "convB")  # convA's range reaches convB through the Relu
     ranking = [Candidate("conv0 weight", 0.1, ("conv0",)), Candidate(convA.output[0], 1.0, spared)]
     macs = {row["name"]: row["macs"] for row in layer_table(load(save(proto, tmp_path)).graph)}
-    search = PrecisionSearch(reference, calibration, runner, macs)
+    search = PrecisionSearch(reference, calibration, artifact, lambda content: OrtRunner(content, threads=1), macs)
     assert search.run(AccuracyGoal(0.995), lambda kept: [c for c in ranking if c.tensor not in kept]) == set(spared)
     assert search.steps[-1]["passed"] and search.steps[-1]["back_to_int8"] == "conv0 weight"
 

@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from edgec.analysis import quantized_nodes
 from edgec.errors import EdgecWarning, QuantizationError
-from edgec.lower import Lowered, LowerOptions, lower
+from edgec.lower import Lowered, LowerOptions, background, lower, lower_ahead
 from edgec.model import to_bytes
 from edgec.passes.adaround import AdaRound
 from edgec.passes.bias_correction import BiasCorrection
@@ -25,7 +25,7 @@ from edgec.profile import Device
 from edgec.runtime import compare_threads
 from edgec.runtime.ort import OrtRunner
 from edgec.stages.context import INT8_OPTIONS, BuildOptions, Progress, SilentProgress
-from edgec.stages.speed import speed_check
+from edgec.stages.speed import speed_check, start_speed_check
 from edgec.stages.verify import criterion, open_artifact
 from edgec.targets import Target
 from edgec.verify import InputSet, cosine, run_all
@@ -42,16 +42,29 @@ def lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet
         "calibration": {**calibration.to_dict(), "real_data": options.calib is not None},
         "int8_options": {k: _named(getattr(options, k)) for k in INT8_OPTIONS},
     }
-    variants, extra["recovery"] = recover_accuracy(model, calibration, target.quantize, options, progress)
-    lowered, records, errors = _most_accurate(model, variants, stem, target, _int8_options(target, calibration, options), progress)
-    if errors:  # variant 0 without bias correction, variant 1 with it
-        extra["recovery"]["bias_correction"].update(applied=any(r.name == BiasCorrection.name for r in records),
-                                                    int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
-    built = lowered.details["int8_coverage"]
-    if options.speed_check:
-        lowered, extra["speed_check"] = speed_check(model, target, stem, lowered, options.speed_device, progress)
+    with background(model, target):
+        variants, extra["recovery"] = recover_accuracy(model, calibration, target.quantize, options, progress)
+        lower_options = _int8_options(target, calibration, options)
+        _start_ahead(model, variants, target, lower_options, options)
+        lowered, records, errors = _most_accurate(model, variants, stem, target, lower_options, progress)
+        if errors:  # variant 0 without bias correction, variant 1 with it
+            extra["recovery"]["bias_correction"].update(applied=any(r.name == BiasCorrection.name for r in records),
+                                                        int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
+        built = lowered.details["int8_coverage"]
+        if options.speed_check:
+            lowered, extra["speed_check"] = speed_check(model, target, stem, lowered, options.speed_device, progress)
     extra["int8"] = int8_summary(built, extra.get("speed_check", {}).get("shipped", "int8"), _goal(target, options))
     return lowered, records, extra
+
+
+def _start_ahead(model: ir.Model, variants: list[tuple[ir.Model, list[PassRecord]]], target: Target, lower_options: LowerOptions,
+                 options: BuildOptions) -> None:
+    """Start the lowerings this stage will need after the first variant's, in the order it
+    needs them: the other recovery variants, then fp32 for the speed check."""
+    for variant, _ in variants[1:]:
+        lower_ahead(variant, target, dataclasses.replace(lower_options, goal=None))
+    if options.speed_check:
+        start_speed_check(model, target, options.speed_device)
 
 
 def int8_summary(built: dict[str, Any], shipped: str, goal: AccuracyGoal | None) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import onnx_ir as ir
 
 from edgec.errors import EdgecWarning
-from edgec.lower import Lowered, LowerOptions, lower
+from edgec.lower import Lowered, LowerOptions, lower, lower_ahead
 from edgec.profile import Device, ProfileSettings, compare_latency, profile
 from edgec.profile.kernels import compare_kernels, slower_in_int8
 from edgec.runtime import open_runner
@@ -23,9 +23,19 @@ from edgec.targets import Target, same_arch
 def speed_check(model: ir.Model, target: Target, stem: str, int8: Lowered, device: Device | None,
                 progress: Progress) -> tuple[Lowered, dict[str, Any]]:
     """``choose_faster``, shown as a stage when something is measured at all."""
-    measurable = device is not None or same_arch(platform.machine(), target.arch)
-    with progress.stage(_speed_check_stage(device)) if measurable else contextlib.nullcontext():
+    with progress.stage(_speed_check_stage(device)) if _measurable(target, device) else contextlib.nullcontext():
         return choose_faster(model, target, stem, int8, device)
+
+
+def start_speed_check(model: ir.Model, target: Target, device: Device | None) -> None:
+    """Start the fp32 lowering the speed check will time, ahead (``edgec.lower.lower_ahead``)."""
+    if _measurable(target, device):
+        lower_ahead(model, target, LowerOptions("fp32"))
+
+
+def _measurable(target: Target, device: Device | None) -> bool:
+    """Whether the target's code runs on ``device``, or here without one."""
+    return device is not None or same_arch(platform.machine(), target.arch)
 
 
 def _speed_check_stage(device: Device | None) -> str:
@@ -55,7 +65,7 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
     int8 loses on are named. Without a device of the target's architecture the int8 artifact
     is kept, with a warning, and the report says the check was not possible.
     """
-    if device is None and not same_arch(platform.machine(), target.arch):
+    if not _measurable(target, device):
         return int8, _unmeasured(target)
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:

@@ -23,7 +23,7 @@ import_tensorflow()  # before any module below imports it, so its start-up noise
 
 from edgec.analysis import int8_coverage, is_quantized, layer_table
 from edgec.errors import UnsupportedOpError
-from edgec.lower import Lowered, LowerOptions
+from edgec.lower import Lowered, LowerOptions, ahead
 from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, integer_ops, keras_to_tflite, op_histogram, op_names,
                                        op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
@@ -43,7 +43,7 @@ from edgec.runtime.ort import OrtRunner
 from edgec.verify import run_all
 from edgec.targets import Target
 
-__all__ = ["lower", "prepare", "to_keras", "KerasLowering"]
+__all__ = ["lower", "convert_ahead", "prepare", "to_keras", "KerasLowering"]
 
 RANGE_SAMPLES = 32  # calibration batches the float model runs on to histogram every tensor
 MAX_PLACEMENT_ROUNDS = 3  # keeping an op float can expose another one XNNPACK leaves out
@@ -78,16 +78,15 @@ _CONVERTED: Recent[_Converted] = Recent(2)
 def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> Lowered:
     _refuse_quantized(model, target)
     source = to_bytes(model)  # the float reference of int8 checks, and what the conversion is remembered by
-    calibration = options.calibration.batches if options.precision == "int8" else []
-    method = options.scheme.method if options.precision == "int8" else None
-    key = fingerprint(source, target.name, options.precision, calibration, method)
+    key, arguments = _conversion(source, target, options)
     # A copy: the layout passes edit in place, and the int8 report counts MACs on the model given.
-    converted = _CONVERTED.get(key, lambda: _convert(model.clone(), target, options.precision, calibration, method))
+    converted = _CONVERTED.get(key, lambda: ahead.take(key) or _convert(model.clone(), *arguments))
     content, details = converted.content, {}
     if options.precision == "int8":
         content, details = _Int8(content, target, options, converted).build(source, model)
     content = canonical(content)  # one file whatever the exporter's node order; see order.py
-    content = add_metadata(_with_io(content, converted.io), OP_NODES_METADATA, json.dumps(_op_nodes(content, converted)).encode())
+    content = add_metadata(content, {IO_METADATA: json.dumps(converted.io, sort_keys=True).encode(),
+                                     OP_NODES_METADATA: json.dumps(_op_nodes(content, converted)).encode()})
     details = {
         "precision": options.precision,
         "passes": [r.to_dict() for r in converted.records],
@@ -97,6 +96,28 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
         **details,
     }
     return Lowered({f"{stem}.tflite": content}, f"{stem}.tflite", details)
+
+
+def convert_ahead(model: ir.Model, target: Target, options: LowerOptions) -> None:
+    """Start the conversion a later ``lower(model, target, _, options)`` needs in the worker
+    process (``edgec.lower.lower_ahead``)."""
+    if ahead.active():
+        source = to_bytes(model)
+        key, arguments = _conversion(source, target, options)
+        if key not in _CONVERTED:
+            ahead.submit(key, _convert_serialized, source, *arguments)
+
+
+def _conversion(source: bytes, target: Target, options: LowerOptions) -> tuple[str, tuple]:
+    """What a conversion is remembered by, and its arguments after the model."""
+    calibration = options.calibration.batches if options.precision == "int8" else []
+    method = options.scheme.method if options.precision == "int8" else None
+    return fingerprint(source, target.name, options.precision, calibration, method), (target, options.precision, calibration, method)
+
+
+def _convert_serialized(source: bytes, *arguments) -> _Converted:
+    """``_convert`` of a model given as bytes (in the worker process)."""
+    return _convert(ir.serde.deserialize_model(onnx.load_from_string(source)), *arguments)
 
 
 def _refuse_quantized(model: ir.Model, target: Target) -> None:
@@ -136,10 +157,6 @@ def _convert(model: ir.Model, target: Target, precision: str, calibration: list,
         records = [*records, PassRecord("activation-ranges", True, 0, 0, {"method": method, **record})]
     producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
     return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers), producers)
-
-
-def _with_io(content: bytes, io: dict) -> bytes:
-    return add_metadata(content, IO_METADATA, json.dumps(io, sort_keys=True).encode())
 
 
 class _Int8:
@@ -196,12 +213,12 @@ class _Int8:
         ranges = calibrate(proto, check.batches, self.options.scheme)
         reference = run_all(OrtRunner(source, threads=1, optimization="disabled"), check.batches)
 
-        def runner(keep: set[str]) -> Runner:
+        def runner(content: bytes) -> Runner:
             # The io mapping given directly: writing it into each candidate file took seconds.
-            return LiteRTRunner(self.quantize(float_ops, keep), threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
+            return LiteRTRunner(content, threads=compare_threads(".tflite"), xnnpack=self.target.runtime.get("xnnpack", True),
                                 io=self.lowering.io)
 
-        search = PrecisionSearch(reference, check, runner, self._op_macs(model))
+        search = PrecisionSearch(reference, check, lambda keep: self.quantize(float_ops, keep), runner, self._op_macs(model))
         ranking = functools.cache(lambda: Ranking(proto, ranges, self.options.scheme, check))  # built only if it is needed
         return search.run(self.options.goal, lambda kept: self._op_ranking(ranking()(kept))), search.steps
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import flatbuffers
 import numpy as np
@@ -148,17 +148,19 @@ def _diagnostic(exc: Exception) -> str:
     return lines[0] if lines else str(exc).strip().splitlines()[0]
 
 
-def add_metadata(content: bytes, name: str, data: bytes) -> bytes:
-    """Append a named metadata entry (a standard TFLite flatbuffer field) to a model."""
+def add_metadata(content: bytes, entries: Mapping[str, bytes]) -> bytes:
+    """Append named metadata entries (a standard TFLite flatbuffer field) to a model, in
+    one unpack and repack (each took 0.2 s on a 7 MB model)."""
     model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
-    buffer = tfl_schema.BufferT()
-    buffer.data = np.frombuffer(data, dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = tfl_schema.MetadataT()
-    entry.name = name
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(content) + len(data) + 1024)
+    for name, data in entries.items():
+        buffer = tfl_schema.BufferT()
+        buffer.data = np.frombuffer(data, dtype=np.uint8)
+        model.buffers.append(buffer)
+        entry = tfl_schema.MetadataT()
+        entry.name = name
+        entry.buffer = len(model.buffers) - 1
+        model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(len(content) + sum(map(len, entries.values())) + 1024)
     builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
     return bytes(builder.Output())
 
