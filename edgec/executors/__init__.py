@@ -42,6 +42,10 @@ class Executor(Protocol):
     name: str
     workers: int  # how many tasks run at once
 
+    def prepare(self, modules: Sequence[str]) -> None:
+        """Start importing ``modules`` where tasks will run, without waiting (seconds of
+        TensorFlow per worker process, otherwise paid by the first task there)."""
+
     def run(self, tasks: Sequence[Task]) -> list[Outcome]: ...
 
     def close(self) -> None: ...

@@ -12,6 +12,9 @@ class LocalExecutor:
     name = "local"
     workers = 1
 
+    def prepare(self, modules: Sequence[str]) -> None:
+        pass  # tasks run here: they import what they use when they run
+
     def run(self, tasks: Sequence[Task]) -> list[Outcome]:
         return [run_task(task) for task in tasks]
 

@@ -64,7 +64,7 @@ def worker(preload: str) -> Iterator[None]:
     """One worker process for the work submitted inside, importing module ``preload`` from
     the start; stopped (with whatever it still runs) on leaving, so nothing outlives the build."""
     global _worker
-    if _worker is not None or (os.cpu_count() or 1) < 2:  # nested, or no second core to use
+    if _worker is not None or _cores() < 2:  # nested, or no second core to use
         yield
         return
     _worker = _Worker(preload)
@@ -74,6 +74,12 @@ def worker(preload: str) -> Iterator[None]:
         stopping, _worker = _worker, None
         _pending.clear()
         stopping.stop()
+
+
+def _cores() -> int:
+    """The cores this process may use: ``EDGEC_CPUS`` where a scheduler gave it fewer than the
+    machine has (a Ray task declaring one CPU), else all of them."""
+    return int(os.environ.get("EDGEC_CPUS") or os.cpu_count() or 1)
 
 
 def active() -> bool:

@@ -26,6 +26,7 @@ from edgec.checks import above, at_least, one_of, option, within
 from edgec.errors import BudgetError, DeviceError, EdgecWarning, OptionError
 from edgec.executors import EXECUTORS, Executor, make_executor
 from edgec.images import ImagePreprocess
+from edgec.lower import BACKENDS
 from edgec.model import load
 from edgec.outputs import OutputDir
 from edgec.profile import get_device
@@ -39,6 +40,7 @@ from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
 from edgec.targets import load_target, same_arch
 from edgec.verify import InputSet, load_inputs, random_inputs
 
+CANDIDATE_MODULES = ("edgec.search.evaluate",)  # what a candidate's task imports, besides its backend
 SENSITIVITY_SAMPLES = 64  # calibration batches the space's sensitivity is measured on
 DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE = 0.01, 0.99
 
@@ -147,9 +149,10 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
     problem = _problem(model, target, out.path, options)
     measure = accuracy_measure(problem)
     allowed = _allowed_loss(options, measure)
-    space, sensitivity = _space(problem, spec, allowed, options)
     executor = make_executor(options.executor, options.ray_address)
     try:
+        executor.prepare(CANDIDATE_MODULES + (BACKENDS[spec.backend].module,))  # workers import while the space is measured
+        space, sensitivity = _space(problem, spec, allowed, options)
         trials = _Trials(_study(problem, options, space, out.path), space, problem, options, allowed, progress, executor)
         return _run(trials, spec, sensitivity, measure, allowed, out)
     finally:
@@ -159,12 +162,12 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
 def _run(trials: _Trials, spec, sensitivity: dict[str, Any], measure: str, allowed: float, out: OutputDir) -> OptimizeResult:
     """The reference build, the int8 baseline, the strategy's trials, then the choice."""
     problem, space, options = trials.problem, trials.space, trials.options
-    reference = trials.run(space.start())
+    reference = trials.run_batch([space.start()], ahead=_opening(trials))[0]
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
     reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
     trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
-    int8 = trials.baseline({**space.start(), "precision": "int8"}) if "int8" in space.levels["precision"] else None
+    int8 = trials.baseline(_int8_alone(space)) if "int8" in space.levels["precision"] else None
     _run_strategy(trials, options)
     return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
 
@@ -185,14 +188,34 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
                    tuple(sorted(finetune.items())), cost=options.cost)
 
 
+def _int8_alone(space: Space) -> dict[str, Any]:
+    return {**space.start(), "precision": "int8"}
+
+
+def _uniform_levels(space: Space) -> list[dict[str, Any]]:
+    """The samplers' first trials: every knob at the same level, cheap to judge, and the front's anchors."""
+    return [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
+
+
+def _opening(trials: _Trials) -> list[dict[str, Any]]:
+    """The fixed trials that follow the reference (int8 alone, the uniform levels), built
+    beside it: only their costs need the reference's."""
+    space, fixed = trials.space, []
+    if "int8" in space.levels["precision"]:
+        fixed.append(_int8_alone(space))
+    if trials.options.strategy != "greedy":
+        fixed += _uniform_levels(space)
+    return fixed[:max(trials.room(1 + len(fixed)) - 1, 0)]
+
+
 def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
     space = trials.space
     if options.strategy == "greedy":
         shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
         run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall)
         return
-    uniform = [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
-    trials.run_batch(uniform[:trials.room(len(uniform))])  # uniform levels first: cheap to judge, and the front's anchors
+    uniform = _uniform_levels(space)
+    trials.run_batch(uniform[:trials.room(len(uniform))])
     run_sampler(trials, options.batch)
 
 
@@ -287,6 +310,7 @@ class _Trials:
         self.progress = progress or (lambda *_: None)
         finished = _finished(study)
         self.memo: dict[str, dict[str, Any]] = {}
+        self.built: dict[str, dict[str, Any]] = {}  # builds made ahead of their trials, by settings key
         for trial in finished:  # judged again: a resumed search may have other budgets
             self.memo.setdefault(trial.user_attrs["result"]["key"], judged(trial.user_attrs["result"], options.budgets, allowed))
         self.done = len(finished)
@@ -303,10 +327,11 @@ class _Trials:
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         return self.run_batch([params])[0]
 
-    def run_batch(self, proposals: Sequence[Mapping[str, Any] | None]) -> list[dict[str, Any]]:
+    def run_batch(self, proposals: Sequence[Mapping[str, Any] | None], ahead: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
         """A trial per proposal (fixed parameters, or the sampler's with None), the new
         settings evaluated together on the executor, all told in proposal order: the same
-        batches give the same study on any executor."""
+        batches give the same study on any executor. The candidates of ``ahead`` (fixed
+        parameters of later trials) are built in the same round, for those trials to reuse."""
         asked, results = [], {}
         for i, params in enumerate(proposals):
             known = None if params is None else self.memo.get(settings_key(self.space.settings(params)))
@@ -318,7 +343,11 @@ class _Trials:
             trial = self.study.ask(self.space.distributions())
             asked.append((i, trial, self.space.settings(trial.params)))
         fresh = list({settings_key(s): s for _, _, s in asked if settings_key(s) not in self.memo}.values())
-        evaluated = {settings_key(s): r for s, r in zip(fresh, evaluate_all(self.executor, self.problem, fresh))}
+        taken = {settings_key(s) for s in fresh} | set(self.memo) | set(self.built)
+        later = [s for s in {settings_key(s): s for s in map(self.space.settings, ahead)}.values() if settings_key(s) not in taken]
+        outcomes, made = evaluate_all(self.executor, self.problem, fresh, self.built, later)
+        self.built.update(made)
+        evaluated = {settings_key(s): r for s, r in zip(fresh, outcomes)}
         for i, trial, settings in asked:
             results[i] = self._tell(trial, self.memo.get(settings_key(settings)) or evaluated[settings_key(settings)])
         return [results[i] for i in range(len(proposals))]
@@ -443,7 +472,8 @@ def _uniform_baselines(trials: _Trials, chosen: dict[str, Any], reference: dict[
 
 def _uniform(trials: _Trials, chosen: dict[str, Any], reduction: float) -> dict[str, Any]:
     settings = {**chosen["settings"], "prune": {}, "factorize": {}, "uniform_prune": reduction}
-    return judged(trials.memo.get(settings_key(settings)) or evaluate(trials.problem, settings), trials.options.budgets, trials.allowed)
+    known = trials.memo.get(settings_key(settings))
+    return judged(known or evaluate_all(trials.executor, trials.problem, [settings])[0][0], trials.options.budgets, trials.allowed)
 
 
 def judged(result: dict[str, Any], budgets: Budgets, allowed: float) -> dict[str, Any]:

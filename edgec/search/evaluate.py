@@ -94,20 +94,42 @@ def evaluate(problem: Problem, settings: Mapping[str, Any]) -> dict[str, Any]:
     return built if "error" in built else cost_of(problem, built)
 
 
-def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """``evaluate`` of every settings on ``executor``: the builds at once, then the costs, a
-    timed device's one at a time on its board (measuring while builds run would time the builds
-    too). A task that failed every retry is a failed candidate; the search goes on."""
-    built = _results(executor.run([Task(build_candidate, (problem, s)) for s in settings]), settings)
-    costed = iter(evaluate_costs(executor, problem, [b for b in built if "error" not in b]))
-    return [b if "error" in b else next(costed) for b in built]
+def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mapping[str, Any]],
+                 built: Mapping[str, dict[str, Any]] | None = None, ahead: Sequence[Mapping[str, Any]] = ()
+                 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """``evaluate`` of every settings on ``executor``, and the builds of ``ahead`` (candidates
+    evaluated later, whose builds need nothing from these) made in the same round of tasks.
+    ``built`` holds such builds, by settings key. A cost counted or predicted in the task
+    (emulated cores, predictors) goes with its build, one task per candidate, so no worker
+    waits for the round's slowest build; a timed device's costs come after all the builds,
+    one at a time on its board (measuring while builds run would time the builds too). A task
+    that failed every retry is a failed candidate; the search goes on."""
+    built, board = built or {}, _board(problem)
+    first = build_candidate if board else evaluate  # a new candidate's task
+    jobs = [(s, built.get(settings_key(s))) for s in settings]
+    pending = lambda b: b is None or (board is None and "error" not in b)  # noqa: E731 - a task still to run for it
+    tasks = [(s, Task(first, (problem, s)) if b is None else Task(cost_of, (problem, b))) for s, b in jobs if pending(b)]
+    tasks += [(a, Task(build_candidate, (problem, a))) for a in ahead]
+    done = iter(_results(executor.run([t for _, t in tasks]), [s for s, _ in tasks]))
+    results = [next(done) if pending(b) else b for _, b in jobs]
+    later = {settings_key(a): next(done) for a in ahead}
+    if board is not None:
+        costed = iter(evaluate_costs(executor, problem, [r for r in results if "error" not in r]))
+        results = [r if "error" in r else next(costed) for r in results]
+    return results, later
 
 
 def evaluate_costs(executor: Executor, problem: Problem, built: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """``cost_of`` every built candidate on ``executor``: a timed device's one at a time on its board."""
-    device = get_device(problem.device, problem.devices)
-    board = None if device.emulated or problem.cost == "predicted" else device.name
+    board = _board(problem)
     return _results(executor.run([Task(cost_of, (problem, b), board=board) for b in built]), [b["settings"] for b in built])
+
+
+def _board(problem: Problem) -> str | None:
+    """The physical device costs are timed on (one measurement at a time), or None when a
+    cost is counted (emulated core) or predicted and can run anywhere, beside builds."""
+    device = get_device(problem.device, problem.devices)
+    return None if device.emulated or problem.cost == "predicted" else device.name
 
 
 def _results(outcomes: Sequence[Outcome], settings: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
