@@ -17,11 +17,12 @@ from typing import Any
 import onnx_ir as ir
 
 from edgec.checks import option
-from edgec.errors import DeviceError, EdgecWarning, QuantizationError
+from edgec.errors import DeviceError, EdgecWarning, OptionError, QuantizationError
 from edgec.lower import Lowered, LowerOptions, check_precision, lower
 from edgec.outputs import OutputDir
 from edgec.passes.pipeline import PassRecord
 from edgec.profile import Device, foreign_device_warning, get_device
+from edgec.recipe import quantization_aware
 from edgec.report import write_json
 from edgec.runtime import Runner
 from edgec.stages.compress import compress, compressed_kind
@@ -68,6 +69,7 @@ def build(
         if foreign:
             warnings.warn(foreign, EdgecWarning, stacklevel=2)
     check_precision(target, options.precision or target.precision)
+    _check_qat(options, target)
     _warn_ignored(options, target, options.precision or target.precision)
     _check_calib_method(options, target)
     out = OutputDir(out_dir)
@@ -94,6 +96,14 @@ def _warn_ignored(options: BuildOptions, target: Target, precision: str) -> None
                       "ignored.", EdgecWarning, stacklevel=3)
 
 
+def _check_qat(options: BuildOptions, target: Target) -> None:
+    """Quantization-aware training trains for the build's int8 scheme: refused before any work otherwise."""
+    precision = options.precision or target.precision
+    if quantization_aware(options.recipe) and precision != "int8":
+        raise OptionError(f"Quantization-aware training (--qat, qat = true) trains the model for int8, and this is a {precision} build.",
+                          hint="Add --precision int8, or drop --qat.")
+
+
 TFLITE_CALIB_METHODS = ("minmax", "mse")  # the converter calibrates min/max; edgec.ranges refines to mse
 
 
@@ -113,10 +123,12 @@ def _check_speed_device(device: Device | None, target: Target) -> None:
 def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, progress: Progress) -> BuildResult:
     model, records, source = load_source(path, options.input_shapes, options.seed, progress)
     samples = Samples(model, options)
-    compressed = compress(model, path.stem, options.recipe, samples, source, options, progress) if options.recipe else None
+    int8 = target.quantize if (options.precision or target.precision) == "int8" else None
+    compressed = compress(model, path.stem, options.recipe, samples, source, options, progress, int8) if options.recipe else None
     if compressed:
         model, records = compressed.model, records + compressed.records
-    lowered, precision, more, int8_report = _lower(model, path.stem, target, samples, options, progress)
+    lowered, precision, more, int8_report = _lower(model, path.stem, target, samples, options, progress,
+                                                   compressed.ranges if compressed else None)
     verification = _verify(compressed.reference if compressed else source, lowered, target, precision, samples, options,
                            compressed_kind(options.recipe) if compressed else "source", progress)
     report = {**build_report(path, target, model, records + more, lowered, verification, options), "precision": precision,
@@ -126,15 +138,16 @@ def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, pr
     return BuildResult(report, written[:-1], out.path / "report.json", verification)
 
 
-def _lower(model: ir.Model, stem: str, target: Target, samples: Samples, options: BuildOptions,
-           progress: Progress) -> tuple[Lowered, str, list[PassRecord], dict[str, Any]]:
+def _lower(model: ir.Model, stem: str, target: Target, samples: Samples, options: BuildOptions, progress: Progress,
+           ranges: dict[str, list[float]] | None = None) -> tuple[Lowered, str, list[PassRecord], dict[str, Any]]:
     """The lowered artifact, the precision it ships in, the records of passes it got (int8's
-    accuracy recovery, unless the speed check shipped fp32 instead) and int8's report entries."""
+    accuracy recovery, unless the speed check shipped fp32 instead) and int8's report entries.
+    ``ranges``: activation ranges quantization-aware training learned, which int8 quantizes with."""
     precision = options.precision or target.precision
     if precision != "int8":
         with progress.stage(f"Lowering for {target.name} ({target.backend}, {precision})"):
             return lower(model, target, stem, LowerOptions(precision)), precision, [], {}
-    lowered, records, report = lower_int8(model, stem, target, samples.calibration(), options, progress)
+    lowered, records, report = lower_int8(model, stem, target, samples.calibration(), options, progress, ranges)
     shipped = report.get("speed_check", {}).get("shipped", "int8")
     return lowered, shipped, records if shipped == "int8" else [], report
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from edgec import crash
-from edgec.errors import DynamicShapeError, EdgecWarning, InputDataError, InternalError
+from edgec.errors import DynamicShapeError, EdgecWarning, InputDataError, InternalError, OptionError
 
 app = typer.Typer(
     add_completion=False,
@@ -191,6 +191,7 @@ def build(
     lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
     finetune_budget_s: Annotated[Optional[float], typer.Option("--finetune-budget-s", help="--finetune: stop after the epoch that would overrun this many seconds.")] = None,
+    qat: Annotated[bool, typer.Option("--qat", help="--finetune: quantization-aware training: train with weights and activations fake-quantized as int8 will quantize them, and quantize with the activation ranges it learns (needs --precision int8).")] = False,
     tolerance: ToleranceOpt = None,
     min_cosine: MinCosineOpt = None,
     image_range: ImageRangeOpt = None,
@@ -213,7 +214,7 @@ def build(
         calib=str(calib) if calib else None, calib_samples=calib_samples, int8_io=int8_io,
         images=parse_image_preprocess(image_range, image_mean, image_std), calib_method=calib_method,
         max_drop=max_drop, keep_float=tuple(keep_float or ()), speed_check=speed_check, speed_device=speed_device, equalize=equalize,
-        equalize_relu6=equalize_relu6, equalize_activations=equalize_activations, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s)),
+        equalize_relu6=equalize_relu6, equalize_activations=equalize_activations, bias_correction=bias_correction, adaround=adaround, recipe=compose_recipe(recipe, factorize, prune, sparsify, finetune_step(finetune, epochs, lr, batch_size, finetune_budget_s, qat)),
         profile_device=profile_device, devices=str(devices) if devices else None,
     )
     if recipe:
@@ -246,14 +247,17 @@ def compose_recipe(recipe_file: Path | None, factorize: list[str] | None = None,
     return steps + ([finetune] if finetune else [])
 
 
-def finetune_step(data: Path | None, epochs: int, lr: float, batch_size: int, budget_s: float | None):
+def finetune_step(data: Path | None, epochs: int, lr: float, batch_size: int, budget_s: float | None, qat: bool = False):
     """The ``finetune`` recipe step of ``--finetune DATA`` and its options, or None."""
     from edgec.recipe import Step
 
     if data is None:
+        if qat:
+            raise OptionError("--qat is a way of fine-tuning, and no --finetune DATA is given.",
+                              hint="Add --finetune DATA (training samples), or use a recipe's finetune step with qat = true.")
         return None
     options = {"data": str(data), "epochs": epochs, "lr": lr, "batch_size": batch_size}
-    return Step("finetune", options | ({"budget_s": budget_s} if budget_s is not None else {}))
+    return Step("finetune", options | ({"budget_s": budget_s} if budget_s is not None else {}) | ({"qat": True} if qat else {}))
 
 
 def _print_compression(compression: dict | None) -> None:

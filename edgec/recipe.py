@@ -137,9 +137,16 @@ def check_training_steps(steps: Sequence[Step]) -> None:
     families check theirs when their passes are made."""
     from edgec.train import FinetuneOptions
 
-    for step in steps:
-        if step.name == "finetune":
-            options_from(FinetuneOptions, step.options, step.name)
+    for i, step in enumerate(steps):
+        if step.name == "finetune" and options_from(FinetuneOptions, step.options, step.name).qat and i < len(steps) - 1:
+            raise RecipeError("A finetune step with qat = true must be the recipe's last step: the activation ranges it "
+                              "learns hold for the model it trained, which a later step would change.",
+                              hint="Move the QAT step to the end of the recipe.")
+
+
+def quantization_aware(steps: Sequence[Step]) -> bool:
+    """Whether a recipe trains for int8 (a finetune step with ``qat = true``)."""
+    return any(step.name == "finetune" and step.options.get("qat") is True for step in steps)
 
 
 def trains(steps: Sequence[Step]) -> bool:

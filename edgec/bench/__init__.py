@@ -48,7 +48,9 @@ Sections of the JSON:
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
   time. Per digits classifier also two weight-only rows against the unconstrained artifact:
   gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
-  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives). Production
+  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives), and a
+  quantization-aware training row per x86 target (the unpruned model, all-int8: post-training
+  vs QAT top-1 against the fp32 source). Production
   models with 30% fewer MACs, distilled without labels on the calibration photos: every
   output's cosine to the source on the held-out photos, one-shot and fine-tuned.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
@@ -151,6 +153,7 @@ FINETUNE_DIGITS = (0.5, {"epochs": 40, "lr": 3e-3, "patience": 40, "schedule": "
 # Weights only, no channel removal: gradual magnitude pruning to this sparsity (int8), clustering to this many values (fp32).
 FINETUNE_SPARSE = {"sparsity": 0.5, "epochs": 20, "lr": 1e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
 FINETUNE_CLUSTERS = {"clusters": 16, "epochs": 5, "lr": 1e-4}
+FINETUNE_QAT = {"qat": True, "epochs": 2, "lr": 1e-4, "patience": 2, "schedule": "cosine", "warmup": 0.05}
 FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "patience": 30, "validation": 0.2, "schedule": "cosine",
                           "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
@@ -550,7 +553,8 @@ class Bench:
                           "top1_one_shot_int8": one_shot.verification.outputs[0].accuracy_artifact,
                           "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact,
                           "gradual_pruning": self._weights_row(entry, data, FINETUNE_SPARSE, "int8"),
-                          "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32")}
+                          "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32"),
+                          "qat": {target: self._qat_row(entry, data, target) for target in (TFLITE_TARGET, ORT_TARGET)}}
         return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned)}
 
     def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
@@ -569,6 +573,17 @@ class Bench:
                 "deflated_bytes": {"dense": _deflated(dense.artifacts[0]), variant: _deflated(tuned.artifacts[0])},
                 "deflated_ratio": round(_deflated(dense.artifacts[0]) / _deflated(tuned.artifacts[0]), 2),
                 "finetune": {k: tuned.report["finetune"].get(k) for k in (*FINETUNE_KEYS, "sparsity")}}
+
+    def _qat_row(self, entry: dict, data: str, target: str) -> dict:
+        """Quantization-aware training of the unpruned model against post-training int8 (all-int8,
+        held-out top-1): does QAT hold int8 within 0.3 pt of the fp32 source?"""
+        start = time.perf_counter()
+        tuned = self.edgec_int8(entry, target, "int8-qat", recipe=[Step("finetune", {"data": data, **FINETUNE_QAT})])
+        plain = self.edgec_int8(entry, target).verification.outputs[0]
+        qat = tuned.report["finetune"]["qat"]
+        return {"options": FINETUNE_QAT, "build_seconds": round(time.perf_counter() - start, 1), "top1_source": plain.accuracy_source,
+                "top1_int8": plain.accuracy_artifact, "top1_qat_int8": tuned.verification.outputs[0].accuracy_artifact,
+                "activations": qat["activations"]["tensors"], "finetune": {k: tuned.report["finetune"][k] for k in FINETUNE_KEYS}}
 
     def _finetune_build(self, entry: dict, variant: str, recipe: list[Step], labeled: bool) -> BuildResult:
         """Digits: int8 TFLite on the held-out split; photos: ORT fp32 (the cosines compare ONNX models)."""

@@ -39,7 +39,9 @@ class LowerOptions:
     ``calibration`` holds samples in the source model's layout, keyed by input name
     (the build loads them; backends never touch files). For int8, ``scheme`` is the
     target's quantization scheme with the user's overrides, and ``goal`` what the int8
-    model must keep (None: quantize everything the scheme allows).
+    model must keep (None: quantize everything the scheme allows). ``ranges`` are activation
+    ranges to quantize with instead of calibrated ones, ``(ONNX value name, low, high)``:
+    those quantization-aware training learned.
     """
 
     precision: str = "fp32"
@@ -48,6 +50,7 @@ class LowerOptions:
     scheme: QuantScheme = QuantScheme()
     goal: AccuracyGoal | None = None
     keep_float: tuple[str, ...] = ()
+    ranges: tuple[tuple[str, float, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,8 @@ def lower(model: ir.Model, target: Target, stem: str, options: LowerOptions) -> 
     _check_options(target, level, formats)
     details: dict = {"graph_optimization": level, "formats": formats}
     if options.precision == "int8":
-        quantize = QuantizeStatic(options.calibration, options.scheme, options.goal, options.keep_float, optimization=level)
+        quantize = QuantizeStatic(options.calibration, options.scheme, options.goal, options.keep_float, optimization=level,
+                                  ranges=options.ranges)
         model, records = Pipeline([quantize])(model)
         details["quantization"] = records[0].details
         details["int8_coverage"] = details["quantization"].pop("int8_coverage")

@@ -185,6 +185,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         check_samples: int = CHECK_BATCHES,
         optimization: str = "all",
         quantize_outputs: bool = False,
+        ranges: Sequence[tuple[str, float, float]] = (),
     ) -> None:
         super().__init__()
         if not calibration.batches:
@@ -196,12 +197,13 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         self.check = head(calibration, check_samples)
         self.optimization = optimization
         self.quantize_outputs = quantize_outputs
+        self.ranges = tuple(ranges)
 
     def call(self, model: ir.Model) -> PassOutcome:
         source = ir.serde.serialize_model(model)
         _check_names(source, self.exclude)
         heads = [] if self.quantize_outputs else output_heads(source)
-        ranges = calibrate(source, self.calibration.batches, self.scheme)
+        ranges, learned = with_ranges(calibrate(source, self.calibration.batches, self.scheme), self.ranges)
         shaped, always = with_shapes(source), {*self.exclude, *heads}
 
         def quantize(keep: set[str]) -> onnx.ModelProto:
@@ -223,6 +225,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         details = {
             "scheme": self.scheme.to_dict(),
             "calibration_batches": len(self.calibration.batches),
+            **({"learned_ranges": learned} if self.ranges else {}),
             "goal": None if self.goal is None else dataclasses.asdict(self.goal),
             "output_heads": heads,
             "search": steps,
@@ -283,6 +286,15 @@ def calibrate(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]
     """
     key = fingerprint(model.SerializeToString(), batches, scheme.method, scheme.percentile, scheme.op_types)
     return copy.deepcopy(_RANGES.get(key, lambda: _calibrated(model, batches, scheme)))
+
+
+def with_ranges(calibrated: TensorsData, ranges: Sequence[tuple[str, float, float]]) -> tuple[TensorsData, int]:
+    """``calibrated`` with the ranges given (quantization-aware training's) in place of those
+    calibrated for the same tensors; and how many of them it had."""
+    known = {name: (low, high) for name, low, high in ranges if name in calibrated.data}
+    for name, (low, high) in known.items():
+        calibrated.data[name] = TensorData(lowest=np.float32(low), highest=np.float32(high))
+    return calibrated, len(known)
 
 
 RANGE_SAMPLES = 32  # calibration batches histogrammed for error-minimizing ("mse") ranges

@@ -31,11 +31,15 @@ from edgec.targets import Target
 from edgec.verify import InputSet, cosine, run_all
 
 def lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet, options: BuildOptions,
-               progress: Progress) -> tuple[Lowered, list[PassRecord], dict[str, Any]]:
+               progress: Progress, ranges: dict[str, list[float]] | None = None) -> tuple[Lowered, list[PassRecord], dict[str, Any]]:
     """Recover accuracy, quantize and lower; keep fp32 instead if int8 is slower here.
 
-    Returns the lowered artifact, the records of the accuracy-recovery passes, and report
-    entries (calibration source, recovery decisions, speed check).
+    ``ranges`` (ONNX value → [low, high]) are activation ranges quantization-aware training
+    learned: they replace the calibrated ones, and the accuracy-recovery passes are skipped
+    (QAT trained the weights for this very rounding; equalization would rescale the tensors
+    the ranges were learned on). Returns the lowered artifact, the records of the
+    accuracy-recovery passes, and report entries (calibration source, recovery decisions,
+    speed check).
     """
     _refuse_quantized(model)
     extra: dict[str, Any] = {
@@ -43,8 +47,12 @@ def lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet
         "int8_options": {k: _named(getattr(options, k)) for k in INT8_OPTIONS},
     }
     with background(model, target):
-        variants, extra["recovery"] = recover_accuracy(model, calibration, target.quantize, options, progress)
-        lower_options = _int8_options(target, calibration, options)
+        if ranges:
+            variants, extra["recovery"] = [(model.clone(), [])], {"skipped": "quantization-aware training"}
+            extra["activation_ranges"] = {"source": "quantization-aware training", "tensors": len(ranges)}
+        else:
+            variants, extra["recovery"] = recover_accuracy(model, calibration, target.quantize, options, progress)
+        lower_options = _int8_options(target, calibration, options, ranges)
         _start_ahead(model, variants, target, lower_options, options)
         lowered, records, errors = _most_accurate(model, variants, stem, target, lower_options, progress)
         if errors:  # variant 0 without bias correction, variant 1 with it
@@ -188,11 +196,13 @@ def recover_accuracy(
     return [(corrected, base[1] + more)], decisions
 
 
-def _int8_options(target: Target, calibration: InputSet, options: BuildOptions) -> LowerOptions:
+def _int8_options(target: Target, calibration: InputSet, options: BuildOptions,
+                  ranges: dict[str, list[float]] | None = None) -> LowerOptions:
     scheme = target.quantize
     if options.calib_method:
         scheme = dataclasses.replace(scheme, method=options.calib_method)
-    return LowerOptions("int8", calibration, options.int8_io, scheme, _goal(target, options), tuple(options.keep_float))
+    learned = tuple((name, float(low), float(high)) for name, (low, high) in sorted((ranges or {}).items()))
+    return LowerOptions("int8", calibration, options.int8_io, scheme, _goal(target, options), tuple(options.keep_float), learned)
 
 
 def _goal(target: Target, options: BuildOptions) -> AccuracyGoal | None:

@@ -43,6 +43,8 @@ class TrainingContext:
     read: SampleReader
     seed: int = 0
     on_epoch: EpochObserver | None = None
+    # The int8 build's largest integer weight (its target's scheme), which QAT trains toward; None: not an int8 build.
+    weight_qmax: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,7 @@ class FinetuneOptions:
     augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
     sparsity: float | None = None  # prune Conv/Dense kernels gradually to this share of zeros while training (TFMOT)
     clusters: int | None = None  # cluster Conv/Dense kernels to this many values while training (TFMOT)
+    qat: bool = False  # train with weights and activations fake-quantized as the int8 stage quantizes them (edgec.train.qat)
     seed: int | None = None  # the build's --seed when None
 
     def __post_init__(self) -> None:
@@ -89,4 +92,9 @@ class FinetuneOptions:
         if self.sparsity is not None and self.clusters is not None:
             raise OptionError("The finetune step can prune (sparsity) or cluster (clusters) the weights, not both.",
                               hint="Give one of them; or two finetune steps, pruning first.")
+        if not isinstance(self.qat, bool):
+            raise OptionError(f"qat must be true or false, not {self.qat!r}.")
+        if self.qat and (self.sparsity is not None or self.clusters is not None):
+            raise OptionError("The finetune step's qat cannot be combined with sparsity or clusters in the same step.",
+                              hint="Prune or cluster in a first finetune step, then a second one with qat = true.")
         at_least("seed", self.seed, 0)

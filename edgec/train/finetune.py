@@ -60,9 +60,12 @@ class Finetune(ir.passes.InPlacePass):
         pruning = GradualPruning(lowering.model, o.sparsity, steps) if o.sparsity else None
         clustering = Clustering(lowering.model, o.clusters) if o.clusters else None
         trained = with_features(lowering, features) if features else lowering.model
-        trainer = Trainer(trained, found, classifier, train, settings, pruning or clustering)
+        qat = self._quantization_aware(trained, lowering, model, prepared, train) if o.qat else None
+        trainer = Trainer(qat.model if qat else trained, found, classifier, train, settings, pruning or clustering)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
+        if qat is not None:
+            qat.strip()
         changed = weights.write_back(model, clustering.stripped() if clustering else lowering.model)
         after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
@@ -78,11 +81,23 @@ class Finetune(ir.passes.InPlacePass):
         }
         if pruning is not None:
             details["sparsity"] = round(pruning.sparsity(), 6)
+        if qat is not None:
+            details["qat"] = qat.report()
         if frozen_nodes:
             details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
                                f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
                                f"{'...' if len(frozen_nodes) > 5 else ''}.")
-        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity)), details)
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity or o.qat)), details)
+
+    def _quantization_aware(self, trained, lowering: KerasLowering, model: ir.Model, prepared: ir.Model, train: Split):
+        """``trained`` wrapped for quantization-aware training toward the build's int8 scheme."""
+        if self.context.weight_qmax is None:
+            raise EdgecError("Quantization-aware training (qat = true) trains for an int8 build, and this build is not one.",
+                             hint="Build with --precision int8, or drop qat from the finetune step.")
+        from edgec.train.qat import QuantizationAware, quantized_values  # TFMOT's quantization API: only when asked for
+
+        names = quantized_values(prepared, {v.name for node in model.graph for v in node.outputs})
+        return QuantizationAware(trained, lowering, names, self.context.weight_qmax, train.inputs)
 
     def _source_lowering(self) -> tuple[ir.Model, KerasLowering]:
         """The source model prepared for and lowered to Keras, to take its features from."""

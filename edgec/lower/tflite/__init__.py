@@ -28,7 +28,7 @@ from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, intege
                                        op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
-from edgec.lower.tflite.ranges import refine_ranges
+from edgec.lower.tflite.ranges import learned_ranges, refine_ranges
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu
@@ -112,7 +112,9 @@ def _conversion(source: bytes, target: Target, options: LowerOptions) -> tuple[s
     """What a conversion is remembered by, and its arguments after the model."""
     calibration = options.calibration.batches if options.precision == "int8" else []
     method = options.scheme.method if options.precision == "int8" else None
-    return fingerprint(source, target.name, options.precision, calibration, method), (target, options.precision, calibration, method)
+    ranges = options.ranges if options.precision == "int8" else ()
+    return (fingerprint(source, target.name, options.precision, calibration, method, ranges),
+            (target, options.precision, calibration, method, ranges))
 
 
 def _convert_serialized(source: bytes, *arguments) -> _Converted:
@@ -146,7 +148,8 @@ def _op_nodes(content: bytes, converted: _Converted) -> list[list[str]]:
     return nodes
 
 
-def _convert(model: ir.Model, target: Target, precision: str, calibration: list, method: str | None = None) -> _Converted:
+def _convert(model: ir.Model, target: Target, precision: str, calibration: list, method: str | None = None,
+             ranges: tuple = ()) -> _Converted:
     model, records = prepare(model)
     keras_lowering = to_keras(model, target.name, loops=precision != "int8")
     representative = [_keras_inputs(sample, keras_lowering.io) for sample in calibration]
@@ -155,6 +158,9 @@ def _convert(model: ir.Model, target: Target, precision: str, calibration: list,
         named = [dict(zip(keras_lowering.model.input_names, sample)) for sample in representative[:RANGE_SAMPLES]]
         content, record = refine_ranges(content, named)
         records = [*records, PassRecord("activation-ranges", True, 0, 0, {"method": method, **record})]
+    if ranges:
+        content, record = learned_ranges(content, ranges, keras_lowering, representative[0])
+        records = [*records, PassRecord("learned-activation-ranges", True, 0, 0, record)]
     producers = {v.name: v.producer().name for v in model.graph.outputs if v.producer() is not None}
     return _Converted(content, records, keras_lowering.io, keras_lowering.layers, len(keras_lowering.model.layers), producers)
 

@@ -19,9 +19,12 @@ from collections.abc import Mapping, Sequence
 
 import flatbuffers
 import numpy as np
+import tensorflow as tf
+import tf_keras as keras
 from ai_edge_litert import schema_py_generated as tfl_schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from edgec.lower.tflite.keras_builder import KerasLowering
 from edgec.quiet import captured_stderr
 from edgec.ranges import Histogram
 
@@ -56,6 +59,57 @@ def refine_ranges(calibrated: bytes, samples: Sequence[Mapping[str, np.ndarray]]
     return bytes(builder.Output()), {"groups": len(groups), "mean_range_kept": round(float(np.mean(kept)), 4) if kept else 1.0}
 
 
+MATCH_TOLERANCE = 1e-3  # of a tensor's largest magnitude: TFLite's float kernels and folded constants round differently
+
+
+def learned_ranges(calibrated: bytes, ranges: Sequence[tuple[str, float, float]], lowering: KerasLowering,
+                   sample: list[np.ndarray]) -> tuple[bytes, dict]:
+    """The calibrated model with ``ranges`` (ONNX value name, low, high: those quantization-aware
+    training learned) in place of min/max on the tensors holding those values, and a record.
+
+    Tensors are found by value, not by name (the converter fuses several layers into one op
+    and names its tensor after all of them): ``lowering``'s Keras tensor of each ONNX value and
+    every calibrated TFLite tensor are computed on one ``sample`` (Keras-ordered inputs), and a
+    TFLite tensor holds a value when its shape and numbers match. A same-scale group (see the
+    module) takes the union of its members' learned ranges; groups holding a graph output
+    keep min/max, as ``refine_ranges`` does."""
+    model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    graph = model.subgraphs[0]
+    named = [(name, low, high) for name, low, high in ranges if name in lowering.tensors]
+    probe = keras.Model(lowering.model.inputs, [lowering.tensors[name] for name, _, _ in named])
+    values = [np.asarray(v) for v in tf.nest.flatten(probe(sample, training=False))] if named else []
+    interpreter, run = _float_interpreter(calibrated)
+    run(**dict(zip(lowering.model.input_names, sample)))
+    tensors = {i: interpreter.get_tensor(i) for i, tensor in enumerate(graph.tensors) if _calibrated(tensor)}
+    found: dict[int, tuple[float, float]] = {}
+    matched = 0
+    for (_, low, high), value in zip(named, values):
+        holding = [i for i, tensor in tensors.items() if tensor.shape == value.shape
+                   and np.max(np.abs(tensor - value), initial=0.0) <= MATCH_TOLERANCE * (np.max(np.abs(value), initial=0.0) + 1e-6)]
+        matched += bool(holding)
+        for i in holding:
+            known = found.get(i, (low, high))
+            found[i] = (min(known[0], low), max(known[1], high))
+    groups = [g for g in _groups(model) if set(g) & set(found) and not set(g) & set(graph.outputs)]
+    for group in groups:
+        low, high = min(found[i][0] for i in group if i in found), max(found[i][1] for i in group if i in found)
+        for index in group:
+            graph.tensors[index].quantization.min = np.array([low], np.float32)
+            graph.tensors[index].quantization.max = np.array([high], np.float32)
+    builder = flatbuffers.Builder(len(calibrated) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
+    return bytes(builder.Output()), {"source": "quantization-aware training", "given": len(ranges), "matched": matched,
+                                     "tensors": sum(len(g) for g in groups)}
+
+
+def _float_interpreter(calibrated: bytes):
+    """The calibrated (float) model in LiteRT's reference kernels, every tensor kept, and its signature runner."""
+    with captured_stderr():
+        interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return interpreter, interpreter.get_signature_runner()
+
+
 def _calibrated(tensor) -> bool:
     q = tensor.quantization
     return q is not None and q.min is not None and len(q.min) == 1 and tensor.type == tfl_schema.TensorType.FLOAT32
@@ -87,10 +141,7 @@ def _groups(model) -> list[list[int]]:
 def _histograms(calibrated: bytes, graph, groups: list[list[int]], samples) -> list[Histogram]:
     """Per group, one histogram of all its tensors' values over the float model's runs."""
     per_tensor = {i: Histogram(graph.tensors[i].quantization.min[0], graph.tensors[i].quantization.max[0]) for g in groups for i in g}
-    with captured_stderr():
-        interpreter = Interpreter(model_content=calibrated, experimental_preserve_all_tensors=True,
-                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    run = interpreter.get_signature_runner()
+    interpreter, run = _float_interpreter(calibrated)
     for sample in samples:
         run(**sample)
         for i, histogram in per_tensor.items():
