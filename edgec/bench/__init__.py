@@ -70,7 +70,7 @@ Sections of the JSON:
   uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
 * ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
   (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
-* ``scale``: the same search (NSGA-II, ``SCALE_TRIALS`` trials, batches of 4, a MACs budget,
+* ``scale``: the same search (NSGA-II, optimize's default 40 trials, batches of 4, a MACs budget,
   tflite-arm priced on ``emulated-a76``, whose counts run as parallel tasks; ``local`` timing
   is one measurement at a time by design, and small ORT candidates build in about a second,
   less than Ray's start) with ``--executor local`` and with ``--executor ray`` on a local Ray of this
@@ -159,7 +159,7 @@ FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "p
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
 OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
-SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH, SCALE_DEVICE = ("mobilenetv2",), 24, 4, "emulated-a76"
+SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH, SCALE_DEVICE = ("mobilenetv2",), OPTIMIZE_TRIALS, 4, "emulated-a76"  # optimize's default trials
 
 
 def _tflite(path: Path) -> LiteRTRunner:

@@ -162,12 +162,14 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
 def _run(trials: _Trials, spec, sensitivity: dict[str, Any], measure: str, allowed: float, out: OutputDir) -> OptimizeResult:
     """The reference build, the int8 baseline, the strategy's trials, then the choice."""
     problem, space, options = trials.problem, trials.space, trials.options
-    reference = trials.run_batch([space.start()], ahead=_opening(trials))[0]
+    opening = _opening(trials)
+    reference = trials.run_batch([space.start()], ahead=opening)[0]
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
     reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
     trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
-    int8 = trials.baseline(_int8_alone(space)) if "int8" in space.levels["precision"] else None
+    opened = {settings_key(space.settings(p)): r for p, r in zip(opening, trials.run_batch(opening))}
+    int8 = opened.get(settings_key(space.settings(_int8_alone(space))))
     _run_strategy(trials, options)
     return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
 
@@ -192,19 +194,16 @@ def _int8_alone(space: Space) -> dict[str, Any]:
     return {**space.start(), "precision": "int8"}
 
 
-def _uniform_levels(space: Space) -> list[dict[str, Any]]:
-    """The samplers' first trials: every knob at the same level, cheap to judge, and the front's anchors."""
-    return [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
-
-
 def _opening(trials: _Trials) -> list[dict[str, Any]]:
-    """The fixed trials that follow the reference (int8 alone, the uniform levels), built
-    beside it: only their costs need the reference's."""
+    """The fixed trials that follow the reference, as many as the trials left allow: int8
+    alone (a baseline), and for the samplers the uniform levels (cheap to judge, and the
+    front's anchors). They are built beside the reference (only their costs need its cost)
+    and evaluated as one batch."""
     space, fixed = trials.space, []
     if "int8" in space.levels["precision"]:
         fixed.append(_int8_alone(space))
     if trials.options.strategy != "greedy":
-        fixed += _uniform_levels(space)
+        fixed += [space.uniform(level) for level in range(1, max(len(v) for v in space.levels.values()))]
     return fixed[:max(trials.room(1 + len(fixed)) - 1, 0)]
 
 
@@ -214,8 +213,6 @@ def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
         shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
         run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall)
         return
-    uniform = _uniform_levels(space)
-    trials.run_batch(uniform[:trials.room(len(uniform))])
     run_sampler(trials, options.batch)
 
 
@@ -319,10 +316,6 @@ class _Trials:
 
     def left(self) -> bool:
         return self.done < self.options.trials and (self.deadline is None or time.monotonic() < self.deadline)
-
-    def baseline(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
-        """``params`` evaluated: from the study if it was, else as a trial if trials are left."""
-        return self.memo.get(settings_key(self.space.settings(params))) or (self.run(params) if self.left() else None)
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         return self.run_batch([params])[0]
