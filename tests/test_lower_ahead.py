@@ -47,3 +47,13 @@ def test_small_models_and_other_backends_start_nothing(tmp_path):
     for target in ("tflite-x86", "ort-x86"):
         with background(model, load_target(target)):
             assert not ahead.active()
+
+
+def test_no_worker_process_where_the_scheduler_gave_one_cpu(tmp_path, monkeypatch):
+    """A Ray task declaring one CPU (EDGEC_CPUS=1) lowers in its own process only."""
+    model, target = _model(tmp_path), load_target("tflite-x86")
+    monkeypatch.setitem(BACKENDS, "tflite", dataclasses.replace(BACKENDS["tflite"], ahead_min_macs=0))
+    for cpus, started in (("1", False), ("2", True)):
+        monkeypatch.setenv("EDGEC_CPUS", cpus)
+        with background(model, target):
+            assert ahead.active() is started
