@@ -123,7 +123,7 @@ class Predictor:
     def fit(cls, records: list[dict], device: Device, threads: int, target: str) -> Predictor:
         """One least-squares fit of every term, relative to each measurement's cost, then the
         kinds' forests."""
-        costs = _normalised_costs(records)
+        costs = _normalised_costs(records) if not device.emulated else np.array([r["cost"] for r in records], dtype=np.float64)
         appearances = Counter(key for r in records for key in {_key(k) for k in r["kernels"]})
         keys = sorted(key for key, n in appearances.items() if n >= MIN_SAMPLES)
         rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
@@ -192,7 +192,8 @@ def _design_row(record: dict, keys: list[str]) -> np.ndarray:
 
 def _normalised_costs(records: list[dict]) -> np.ndarray:
     """Costs rescaled by their batch's trivial model against the median one: on a CPU whose
-    load drifts between batches, this takes the drift out (on an emulated core it is 1)."""
+    load drifts between batches, this takes the drift out. Emulated counts do not drift (the
+    trivial model's count still wanders by a few hundred instructions: not rescaled by)."""
     bases = np.array([r["base"] for r in records], dtype=np.float64)
     return np.array([r["cost"] for r in records], dtype=np.float64) * np.median(bases) / bases
 
