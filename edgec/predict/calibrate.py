@@ -29,7 +29,7 @@ from edgec.verify import random_inputs
 
 PRECISIONS = ("fp32", "int8")
 BASE = Sample("Relu", "fp32", {"h": 1, "c": 8})  # the trivial model every batch starts with
-BATCH = {"local": 16, "emulated": 24}  # emulated: one emulator process (PER_EMULATOR) with the base model
+BATCH = {"local": 16, "emulated": 20}  # emulated: one emulator process (PER_EMULATOR) with the base model
 TFLITE_TARGETS = {"x86_64": "tflite-x86", "aarch64": "tflite-arm"}
 CALIBRATION_BATCHES = 4  # random int8 calibration samples per configuration
 

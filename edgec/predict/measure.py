@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edgec.errors import DeviceError
+from edgec.predict.kernels import kernels_of
 from edgec.profile import device_runner
 from edgec.profile.devices import Device
 from edgec.profile.emulator import counting_command, guest_env, ready_emulation
@@ -23,8 +24,11 @@ LOCAL_RUNS, LOCAL_ROUNDS, LOCAL_WARMUP = 20, 3, 3  # timed runs per round; round
 # Other load only ever adds time, and on a shared machine a run of tens of milliseconds is
 # rarely left alone: the 10th percentile of a round, not its median, is the model's own time.
 LOCAL_QUANTILE = 10
-COUNTED_RUNS = 2  # instruction counts per inference are deterministic: few runs suffice
-PER_EMULATOR = 32  # the qemu plugin records at most 64 marks, two per model
+# Runs of a model's first counted window (batch_runner.py): counts are deterministic, so a
+# large model needs one; a tiny one (tens of thousands of instructions) gets more, so the few
+# hundred instructions a window's count wanders by are a small part of it.
+WINDOW_WORK, OVERHEAD_WORK, MAX_RUNS = 3e5, 3e4, 16  # MACs a window aims at, an inference's fixed part in MACs
+PER_EMULATOR = 21  # the qemu plugin records at most 64 marks, three per model (batch_runner.MARKS)
 BATCH_RUNNER = Path(__file__).with_name("batch_runner.py")  # a guest script: never imported here
 
 
@@ -70,16 +74,29 @@ def _count_emulated(device: Device, artifacts: list[bytes]) -> list[float | None
         for script in (RUNNER, BATCH_RUNNER):
             (folder / script.name).write_bytes(script.read_bytes())
         marks = folder / "marks.txt"
+        runs = [window_runs(content) for content in artifacts]
         command = [*counting_command(emulation, marks), BATCH_RUNNER.name,
-                   "--runs", str(COUNTED_RUNS), *names]
+                   "--runs", ",".join(map(str, runs)), *names]
         completed = run_with_timeout(device, command, device.timeout_s * len(artifacts), cwd=folder,
                                      env=guest_env(emulation, folder))
         results = _results(device, completed)
         totals = [int(line.split()[0]) for line in marks.read_text().splitlines()] if marks.is_file() else []
-    if len(totals) != 2 * len(artifacts) or len(results) != len(artifacts):
+    if len(totals) != 3 * len(artifacts) or len(results) != len(artifacts):
         raise DeviceError(f"Emulated device '{device.name}': the batch of {len(artifacts)} calibration models "
-                          f"left {len(totals)} instruction-count marks, not {2 * len(artifacts)}.", reason="failed")
-    return [None if "error" in r else (totals[2 * i + 1] - totals[2 * i]) / r["runs"] for i, r in enumerate(results)]
+                          f"left {len(totals)} instruction-count marks, not {3 * len(artifacts)}.", reason="failed")
+    return [None if "error" in r else _per_inference(totals[3 * i:3 * i + 3], r["runs"]) for i, r in enumerate(results)]
+
+
+def _per_inference(marks: list[int], runs: int) -> float:
+    """A window of 2r runs minus one of r runs: what a window costs besides its runs cancels."""
+    return ((marks[2] - marks[1]) - (marks[1] - marks[0])) / runs
+
+
+def window_runs(content: bytes) -> int:
+    """Runs of a model's first counted window, from its MACs (deterministic: the same model
+    is always counted the same way)."""
+    macs = sum(kernel.shape[-1] for kernel in kernels_of(content))
+    return int(np.clip(round(WINDOW_WORK / (macs + OVERHEAD_WORK)), 1, MAX_RUNS))
 
 
 def _results(device: Device, completed) -> list[dict]:

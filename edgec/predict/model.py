@@ -3,16 +3,19 @@ on calibration measurements and saved with the data it was fitted on.
 
 An inference costs a fixed part (the interpreter's invoke, one Python call per input and
 output, the bytes copied in and out: :class:`Interface`) plus each kernel's cost. A kernel
-kind's cost is, first, linear in work measures with non-negative coefficients (a per-kernel
+kind's cost is linear in work measures with non-negative coefficients (a per-kernel
 overhead, MACs, MACs with the output channels padded to the micro-kernel's tile, elements
-read and written, output pixels, window positions): a sum of non-negative terms is how
+read and written, output pixels, window positions, micro-kernel tiles): a sum of non-negative terms is how
 kernels spend instructions, and it extrapolates past the sampled sizes without blowing up.
 All these terms are fitted in one least-squares problem over every measurement, relative
 to its cost, so a calibration model of several kernels (an int8 kernel XNNPACK runs in
 float between two conversions, a layer norm) or a whole model constrains every kind it
-contains. Second, a random forest per kind, fitted on the single-kernel measurements,
-corrects the linear part by a factor (tiling, cache and kernel-choice effects, which
-nn-Meter fits with random forests). A fixed seed and one job make predictions deterministic.
+contains. A measurement weighs in proportion to its kernels: a whole model (tens of
+kernels) says how kernels add up inside a network, which one-kernel samples, thousands of
+them, would otherwise outvote. nn-Meter corrects per kind with random forests on the
+single-kernel samples; here such forests (a factor of up to 2 on the linear part) made
+held-out models worse (on emulated-a76, 58% within ±10% instead of 87%): they learn the
+single-kernel models' quirks, not the kernels'. Least squares is deterministic.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.ensemble import RandomForestRegressor
 from sklearn.linear_model import LinearRegression
 
 from edgec import __version__
@@ -35,11 +37,11 @@ from edgec.errors import EdgecError
 from edgec.predict.kernels import FEATURES, Kernel
 from edgec.profile.devices import Device
 
+KERNEL_WEIGHT = 1.0  # a measurement's weight in the fit: its kernels to this power
 MIN_SAMPLES = 3  # measurements a kind must appear in; fewer: the kind stays unknown
-MIN_FOREST = 12  # single-kernel measurements a kind needs for its forest; fewer: the linear part alone
-CORRECTION = 0.7  # the forest corrects the linear part by at most e^±0.7 (2x): it interpolates, never rules
-FORMAT = "3"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
+FORMAT = "5"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
 PICKLE, META, SAMPLES = "predictor.pkl", "predictor.json", "samples.jsonl"
+NR = 8  # output channels an fp32 GEMM micro-kernel computes at once
 TILE = 16  # output channels a micro-kernel computes at once (XNNPACK's int8 kernels; fp32 uses 8, a divisor)
 
 
@@ -62,11 +64,17 @@ def _work(shapes: np.ndarray) -> np.ndarray:
     hin, win, cin, hout, wout, cout, k, _stride, in2, macs = shapes.T
     pixels = hout * wout
     padded = macs / np.maximum(cout, 1) * np.ceil(cout / TILE) * TILE
+    taps = pixels * np.maximum(k, 1) ** 2
     return np.column_stack([np.ones(len(shapes)), macs, padded, np.where(k <= 1, macs, 0), hin * win * cin + in2,
-                            pixels * cout, pixels, pixels * np.maximum(k, 1) ** 2])
+                            pixels * cout, pixels, taps, taps * np.ceil(cout / NR), np.where(k <= 1, pixels * np.ceil(cout / NR), 0)])
 
 
-WORK = ("kernel", "macs", "macs_padded", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window")
+# "tap_tiles": an indirect GEMM walks every kernel tap once per tile of NR output channels,
+# whatever the input channels; with few of them (an RGB image's 3) that walk is most of the cost.
+# "tiles_1x1": a pointwise convolution is a plain GEMM, whose per-tile overhead outweighs a
+# short (few input channels) inner loop.
+WORK = ("kernel", "macs", "macs_padded", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window", "tap_tiles",
+        "tiles_1x1")
 FIXED = ("inference", "tensors", "bytes_in", "bytes_out")  # the fixed part's terms, from the Interface
 
 
@@ -74,36 +82,15 @@ def _fixed(interface: dict[str, int]) -> np.ndarray:
     return np.array([1.0, interface["inputs"] + interface["outputs"], interface["in_bytes"], interface["out_bytes"]])
 
 
-def _log_features(shapes: np.ndarray) -> np.ndarray:
-    """What the forest splits on: the logs of the work measures and of every shape number."""
-    return np.log1p(np.column_stack([_work(shapes)[:, 1:], shapes]))
-
-
 @dataclasses.dataclass
 class KindRegressor:
     """Cost of one kernel kind at one precision from its shape numbers."""
 
     coefficients: np.ndarray  # per WORK column, non-negative
-    forest: RandomForestRegressor | None  # log factor on the linear part, from the shape numbers
     samples: int
 
-    def linear(self, shapes: np.ndarray) -> np.ndarray:
-        return _work(shapes) @ self.coefficients
-
     def predict(self, shapes: np.ndarray) -> np.ndarray:
-        costs = self.linear(shapes)
-        if self.forest is not None:
-            costs = costs * np.exp(self.forest.predict(_log_features(shapes)))
-        return costs
-
-    def fit_forest(self, shapes: np.ndarray, costs: np.ndarray) -> None:
-        """The forest, on single-kernel measurements' costs beyond the fixed part."""
-        linear = self.linear(shapes)
-        usable = (costs > 0) & (linear > 0)
-        if usable.sum() >= MIN_FOREST:
-            factors = np.clip(np.log(costs[usable] / linear[usable]), -CORRECTION, CORRECTION)
-            self.forest = RandomForestRegressor(n_estimators=100, min_samples_leaf=2, random_state=0, n_jobs=1)
-            self.forest.fit(_log_features(shapes[usable]), factors)
+        return _work(shapes) @ self.coefficients
 
 
 @dataclasses.dataclass
@@ -121,32 +108,23 @@ class Predictor:
 
     @classmethod
     def fit(cls, records: list[dict], device: Device, threads: int, target: str) -> Predictor:
-        """One least-squares fit of every term, relative to each measurement's cost, then the
-        kinds' forests."""
-        costs = _normalised_costs(records)
+        """One least-squares fit of every term, relative to each measurement's cost, each
+        measurement weighted by its kernels (see the module's docstring)."""
+        costs = _normalised_costs(records) if not device.emulated else np.array([r["cost"] for r in records], dtype=np.float64)
         appearances = Counter(key for r in records for key in {_key(k) for k in r["kernels"]})
         keys = sorted(key for key, n in appearances.items() if n >= MIN_SAMPLES)
         rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
         design = np.array([_design_row(records[i], keys) for i in rows])
         scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
-        fit = LinearRegression(positive=True, fit_intercept=False).fit(design / scale / costs[rows, None], np.ones(len(rows)))
+        weight = np.array([len(records[i]["kernels"]) for i in rows], dtype=np.float64) ** KERNEL_WEIGHT
+        fit = LinearRegression(positive=True, fit_intercept=False).fit(design / scale / costs[rows, None], np.ones(len(rows)),
+                                                                       sample_weight=weight)
         weights = fit.coef_ / scale
         width = len(WORK)
-        regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], None, appearances[key])
+        regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], appearances[key])
                       for i, key in enumerate(keys)}
-        predictor = cls(device.summary(), "instructions" if device.emulated else "ms", threads, target,
-                        weights[:len(FIXED)], regressors, versions())
-        predictor._fit_forests([records[i] for i in rows], costs[rows])
-        return predictor
-
-    def _fit_forests(self, records: list[dict], costs: np.ndarray) -> None:
-        single: dict[str, list[tuple[tuple[int, ...], float]]] = defaultdict(list)
-        for record, cost in zip(records, costs):
-            if len(record["kernels"]) == 1:
-                kernel = _kernel(record["kernels"][0])
-                single[kernel.key].append((kernel.shape, cost - self.fixed_cost(record["io"])))
-        for key, rows in single.items():
-            self.regressors[key].fit_forest(np.array([s for s, _ in rows], dtype=np.float64), np.array([c for _, c in rows]))
+        return cls(device.summary(), "instructions" if device.emulated else "ms", threads, target,
+                   weights[:len(FIXED)], regressors, versions())
 
     def fixed_cost(self, interface: dict[str, int]) -> float:
         """What an inference costs whatever it computes: invoke, and copying its inputs and outputs."""
@@ -175,10 +153,6 @@ def _key(entry: dict) -> str:
     return f"{entry['kind']}/{entry['precision']}"
 
 
-def _kernel(entry: dict) -> Kernel:
-    return Kernel(entry["kind"], entry["precision"], tuple(entry[f] for f in FEATURES), entry["operator"])
-
-
 def _design_row(record: dict, keys: list[str]) -> np.ndarray:
     """The record's fixed terms, then per kind its kernels' summed work measures."""
     width = len(WORK)
@@ -192,7 +166,8 @@ def _design_row(record: dict, keys: list[str]) -> np.ndarray:
 
 def _normalised_costs(records: list[dict]) -> np.ndarray:
     """Costs rescaled by their batch's trivial model against the median one: on a CPU whose
-    load drifts between batches, this takes the drift out (on an emulated core it is 1)."""
+    load drifts between batches, this takes the drift out. Emulated counts do not drift (the
+    trivial model's count still wanders by a few hundred instructions: not rescaled by)."""
     bases = np.array([r["base"] for r in records], dtype=np.float64)
     return np.array([r["cost"] for r in records], dtype=np.float64) * np.median(bases) / bases
 

@@ -56,6 +56,20 @@ def _conv(rng: np.random.Generator) -> dict[str, int]:
     return {**spatial, "cout": cout, "k": k, "stride": 2 if k == 2 else int(rng.choice([1, 1, 2]))}
 
 
+def _pointwise(rng: np.random.Generator) -> dict[str, int]:
+    """1x1 convolutions at the sizes mobile detectors run most of their work in: large
+    images, few (often not a multiple of 8) channels, where per-tile overhead rivals the MACs."""
+    c = _channels(rng, 4, 128)
+    return {"h": _log_int(rng, 8, 128), "c": c, "cout": _channels(rng, max(4, c // 2), min(256, c * 2)), "k": 1, "stride": 1}
+
+
+def _mixed(rng: np.random.Generator) -> dict[str, int]:
+    """Convolution → activation → convolution; at int8 the lowering keeps PRelu and
+    hard-swish float for XNNPACK, so the chain measures the int8 ↔ float conversions around
+    them as whole models pay them."""
+    return {**_spatial(rng), "k": int(rng.choice([1, 3])), "act": int(rng.integers(0, 2))}
+
+
 def _depthwise(rng: np.random.Generator) -> dict[str, int]:
     return {**_spatial(rng), "k": int(rng.choice([1, 3, 3, 5, 5])), "stride": int(rng.choice([1, 1, 2]))}
 
@@ -110,7 +124,7 @@ def _transpose(rng: np.random.Generator) -> dict[str, int]:
 
 # ONNX operator sampled → how its sizes are drawn.
 SIZES: dict[str, Callable[[np.random.Generator], dict[str, int]]] = {
-    "Conv": _conv, "DepthwiseConv": _depthwise, "Gemm": _fc, "MaxPool": _pool, "AveragePool": _pool,
+    "Conv": _conv, "PointwiseConv": _pointwise, "MixedChain": _mixed, "DepthwiseConv": _depthwise, "Gemm": _fc, "MaxPool": _pool, "AveragePool": _pool,
     "GlobalAveragePool": _spatial, "Add": _binary, "Mul": _binary, "Concat": _concat,
     "HardSwish": _spatial, "Sigmoid": _spatial, "Relu": _spatial,
     "PRelu": _spatial, "ConvTranspose": _deconv, "Resize": _spatial, "Pad": _pad, "Sub": _binary, "Slice": _spatial,
@@ -123,7 +137,7 @@ SIZES: dict[str, Callable[[np.random.Generator], dict[str, int]]] = {
 # their time, and where a kind's cost depends on the most shape numbers.
 # SigmoidChain: n kernels in one model tell what each kernel costs apart from what the
 # inference costs once (a single-kernel model pays both once, so it cannot).
-SHARE = {"Conv": 6, "DepthwiseConv": 3, "Gemm": 2, "SigmoidChain": 3}
+SHARE = {"Conv": 6, "PointwiseConv": 3, "MixedChain": 2, "DepthwiseConv": 3, "Gemm": 2, "SigmoidChain": 3}
 
 
 def draw(op: str, precision: str, rng: np.random.Generator) -> Sample:
@@ -135,7 +149,7 @@ def draw(op: str, precision: str, rng: np.random.Generator) -> Sample:
 
 
 def _macs(op: str, s: dict[str, int]) -> float:
-    if op == "Conv":
+    if op in ("Conv", "PointwiseConv"):
         return (s["h"] / s["stride"]) ** 2 * s["c"] * s["cout"] * s["k"] ** 2
     if op in ("Gemm", "MatMul"):
         return s.get("batch", 1) * s["rows"] * s["c"] * s["cout"]
@@ -145,6 +159,8 @@ def _macs(op: str, s: dict[str, int]) -> float:
         return s.get("batch", 1) * s["rows"] * s["c"]
     if op == "SigmoidChain":
         return s["h"] ** 2 * s["c"] * s["n"]
+    if op == "MixedChain":
+        return 2 * s["h"] ** 2 * s["c"] ** 2 * s["k"] ** 2
     return s["h"] ** 2 * s["c"] * (s.get("k", 1) / s.get("stride", 1)) ** 2
 
 
@@ -270,6 +286,18 @@ def _sigmoid_chain(op: str, s, weight, constant) -> Graph:
     return [_image(s)], [helper.make_node("Sigmoid", [a], [b]) for a, b in zip(names, names[1:])]
 
 
+def _mixed_chain(op: str, s, weight, constant) -> Graph:
+    """Conv → PRelu or HardSwish → Conv, same channels throughout."""
+    c, k = s["c"], s["k"]
+
+    def conv(x: str, y: str, name: str) -> onnx.NodeProto:
+        return helper.make_node("Conv", [x, weight(f"{name}w", [c, c, k, k]), weight(f"{name}b", [c])], [y],
+                                kernel_shape=[k, k], pads=[(k - 1) // 2] * 4)
+    act = (helper.make_node("PRelu", ["t", weight("slope", [c, 1, 1])], ["a"]) if s["act"] == 0
+           else helper.make_node("HardSwish", ["t"], ["a"]))
+    return [_image(s)], [conv("x", "t", "c1"), act, conv("a", "y", "c2")]
+
+
 def _batch_matmul(op: str, s, weight, constant) -> Graph:
     return [("x", [s["batch"], s["rows"], s["c"]]), ("x2", [s["batch"], s["c"], s["cout"]])], [
         helper.make_node("MatMul", ["x", "x2"], ["y"])]
@@ -282,7 +310,7 @@ def _transpose(op: str, s, weight, constant) -> Graph:
 
 # ONNX operator sampled → how its graph is made (default: the operator on one image).
 _GRAPHS: dict[str, Callable[..., Graph]] = {
-    "Conv": _conv, "DepthwiseConv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MaxPool": _pool,
+    "Conv": _conv, "PointwiseConv": _conv, "MixedChain": _mixed_chain, "DepthwiseConv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MaxPool": _pool,
     "AveragePool": _pool, "Add": _binary, "Mul": _binary, "Sub": _binary, "Concat": _binary, "PRelu": _prelu,
     "Resize": _resize, "Pad": _pad, "Slice": _slice, "Softmax": _softmax, "LayerNormalization": _layer_norm,
     "Gelu": _gelu, "Split": _split, "MatMul": _batch_matmul, "Transpose": _transpose, "SigmoidChain": _sigmoid_chain,
