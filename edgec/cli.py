@@ -596,7 +596,7 @@ def optimize(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the artifact, report.json, recipe.toml, search.json, report.html and study.db.")] = Path("optimized"),
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
-    batch: Annotated[int, typer.Option(help="Candidates asked at once (on Ray: built at once); same --batch, same choice on either executor.")] = 2,
+    batch: Annotated[int, typer.Option(help="Candidates in flight at once (on Ray: evaluated at once); same --batch, same choice on either executor.")] = 2,
     cost: Annotated[str, typer.Option(help="measured (on --device) or predicted (by its latency predictor, `edgec device calibrate`; the Pareto front is measured before choosing).")] = "measured",
     input_shape: InputShapeOpt = None,
     image_range: ImageRangeOpt = None,

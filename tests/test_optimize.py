@@ -3,6 +3,7 @@ outputs, the recipe that rebuilds the chosen artifact, determinism, resume, and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -134,6 +135,30 @@ def test_a_search_on_ray_makes_the_choice_the_local_executor_makes(searched, ray
     assert [c["settings"] for c in on_ray["candidates"]] == [c["settings"] for c in local.search["candidates"]]
     assert on_ray["candidates"][on_ray["chosen"]]["settings"] == local.search["candidates"][local.search["chosen"]]["settings"]
     assert [c["sha256"] for c in on_ray["candidates"]] == [c["sha256"] for c in local.search["candidates"]]
+
+
+def _emulator_problem() -> str | None:
+    from edgec.profile import get_device
+    from edgec.profile.emulator import setup_problem
+
+    return setup_problem(get_device("emulated-a76").emulation)
+
+
+@pytest.mark.skipif(_emulator_problem() is not None, reason="needs the emulated arm64 device (make arm-emulator)")
+def test_counted_costs_run_in_one_window_with_the_same_study_on_ray(ray_cluster, tmp_path):
+    """On an emulated core a candidate is one task and up to --batch of them are in flight,
+    the next asked as the oldest is told: Ray and the local executor tell the same trials in
+    the same order, so both see the same candidates, counts and choice."""
+    options = _options(device="emulated-a76", budgets=Budgets(speedup=1.25), trials=6, batch=3)
+    local = optimize(MLP, "tflite-arm", tmp_path / "local", options).search
+    on_ray = optimize(MLP, "tflite-arm", tmp_path / "ray", dataclasses.replace(options, executor="ray", ray_address=ray_cluster)).search
+    assert [(c["settings"], c["sha256"], c["cost"]) for c in on_ray["candidates"]] == \
+        [(c["settings"], c["sha256"], c["cost"]) for c in local["candidates"]]
+    assert on_ray["chosen"] == local["chosen"] and on_ray["closest"] == local["closest"]
+    reference = local["baselines"]["fp32"]
+    assert reference["relative_cost"] == 1.0 and local["candidates"][0]["settings"] == reference["settings"]
+    for candidate in local["candidates"]:  # costs counted apart in each task, made relative by the driver
+        assert candidate["relative_cost"] == round(candidate["cost"] / reference["cost"], 6)
 
 
 def test_predicted_cost_searches_by_the_predictor_and_measures_the_front_before_choosing(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ Sections of the JSON:
   uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
 * ``optimize_time``: 40 NSGA-II trials on ``local`` for each digits classifier
   (``--speedup 3``, so the search never stops early): wall seconds, against the 15 minutes it must fit in.
-* ``scale``: the same search (NSGA-II, optimize's default 40 trials, batches of 4, a MACs budget,
+* ``scale``: the same search (NSGA-II, optimize's default 40 trials, 4 in flight, a MACs budget,
   tflite-arm priced on ``emulated-a76``, whose counts run as parallel tasks; ``local`` timing
   is one measurement at a time by design, and small ORT candidates build in about a second,
   less than Ray's start) with ``--executor local`` and with ``--executor ray`` on a local Ray of this

@@ -1,8 +1,10 @@
 """Where independent work of a search runs: in this process (``local``) or as tasks on a Ray
 cluster (``ray``), with each physical board behind one actor that measures one thing at a time.
 
-Both executors run a batch of tasks and return the outcomes in task order, so a driver that
-asks, runs and tells batch by batch (Optuna's ask/tell) makes the same choices on either.
+A task is submitted and its outcome collected later (``submit`` → ``Pending.result``): Ray
+starts it at once, the local executor when the outcome is asked for. A driver that asks,
+submits and tells in a fixed order (Optuna's ask/tell) therefore makes the same choices on
+either, while Ray keeps every worker busy.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ class Outcome:
         return self.error is None
 
 
-class Executor(Protocol):
+class Pending(Protocol):
+    def result(self) -> Outcome:
+        """The task's outcome, waiting for it (the local executor runs the task now)."""
+
+
+class Executor:
+    """Where tasks run; subclasses submit them."""
+
     name: str
     workers: int  # how many tasks run at once
 
@@ -46,9 +55,16 @@ class Executor(Protocol):
         """Start importing ``modules`` where tasks will run, without waiting (seconds of
         TensorFlow per worker process, otherwise paid by the first task there)."""
 
-    def run(self, tasks: Sequence[Task]) -> list[Outcome]: ...
+    def submit(self, task: Task) -> Pending:
+        raise NotImplementedError
 
-    def close(self) -> None: ...
+    def run(self, tasks: Sequence[Task]) -> list[Outcome]:
+        """Every task submitted at once, the outcomes in task order."""
+        pending = [self.submit(task) for task in tasks]
+        return [p.result() for p in pending]
+
+    def close(self) -> None:
+        """Release what the executor started."""
 
 
 def make_executor(kind: str, address: str | None = None) -> Executor:

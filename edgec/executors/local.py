@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import traceback
-from collections.abc import Sequence
 
-from edgec.executors import Outcome, Task
+from edgec.executors import Executor, Outcome, Task
 
 
-class LocalExecutor:
+class LocalExecutor(Executor):
+    """Tasks run here, one at a time, when their outcome is asked for (so in the order a
+    driver collects them); they import what they use when they run."""
+
     name = "local"
     workers = 1
 
-    def prepare(self, modules: Sequence[str]) -> None:
-        pass  # tasks run here: they import what they use when they run
+    def submit(self, task: Task) -> "_Deferred":
+        return _Deferred(task)
 
-    def run(self, tasks: Sequence[Task]) -> list[Outcome]:
-        return [run_task(task) for task in tasks]
 
-    def close(self) -> None:
-        pass
+class _Deferred:
+    """A task run at its first ``result()``."""
+
+    def __init__(self, task: Task):
+        self._task, self._outcome = task, None
+
+    def result(self) -> Outcome:
+        if self._outcome is None:
+            self._outcome = run_task(self._task)
+        return self._outcome
 
 
 def run_task(task: Task) -> Outcome:

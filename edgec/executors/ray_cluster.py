@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from edgec.errors import ExecutorError
-from edgec.executors import Outcome, Task
+from edgec.executors import Executor, Outcome, Task
 
 RETRIES = 2  # re-runs of a task after its worker died; then the candidate is recorded as failed
 NAMESPACE = "edgec"  # board actors are found by name in it, so two drivers share one board
@@ -39,7 +39,7 @@ class _Board:
         return fn(*args)
 
 
-class RayExecutor:
+class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, address: str | None = None):
@@ -62,19 +62,15 @@ class RayExecutor:
         build and TensorFlow took 6.5 s)."""
         self._warming = [self._task.options(num_cpus=1).remote(_import, (tuple(modules),)) for _ in range(self.workers)]
 
-    def run(self, tasks: Sequence[Task]) -> list[Outcome]:
-        """All ``tasks`` submitted at once, their outcomes gathered in task order."""
-        refs = [self._submit(task) for task in tasks]
-        return [self._outcome(ref) for ref in refs]
+    def submit(self, task: Task) -> "_Running":
+        """``task`` started now on the cluster (or queued for a free CPU, or its board)."""
+        if task.board is not None:
+            return _Running(self._ray, self._board(task.board).call.remote(task.fn, task.args))
+        return _Running(self._ray, self._task.options(num_cpus=task.cpus).remote(task.fn, task.args))
 
     def close(self) -> None:
         """Stop the local Ray this executor started, or disconnect from the cluster."""
         self._ray.shutdown()
-
-    def _submit(self, task: Task):
-        if task.board is not None:
-            return self._board(task.board).call.remote(task.fn, task.args)
-        return self._task.options(num_cpus=task.cpus).remote(task.fn, task.args)
 
     def _board(self, name: str):
         """The board's actor, on this driver's machine: ``local`` is this machine, and the
@@ -86,9 +82,16 @@ class RayExecutor:
                                                            scheduling_strategy=here).remote()
         return self._boards[name]
 
-    def _outcome(self, ref) -> Outcome:
+
+class _Running:
+    """A submitted Ray task or board call."""
+
+    def __init__(self, ray, ref):
+        self._ray, self._ref = ray, ref
+
+    def result(self) -> Outcome:
         try:
-            return Outcome(self._ray.get(ref))
+            return Outcome(self._ray.get(self._ref))
         except self._ray.exceptions.RayTaskError as exc:  # the function raised
             return Outcome(error=f"{type(exc.cause).__name__}: {exc.cause}")
         except self._ray.exceptions.RayError as exc:  # its worker or board died, every retry

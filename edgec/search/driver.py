@@ -1,14 +1,16 @@
 """``edgec optimize``: from a device and a budget to the best verified artifact.
 
 The driver keeps one Optuna study (SQLite ``OUT/study.db`` unless ``--study`` names another
-file or database URL) and asks, evaluates (:func:`edgec.search.evaluate.evaluate`, the real
-build), tells, all in this process. Each trial stores its whole result in the study, so an
+file or database URL) and asks and tells in this process; candidates are evaluated
+(:func:`edgec.search.evaluate.evaluate`, the real build) on the executor, here or as Ray
+tasks, and told in the order they were asked, so either executor gives the same study. Each trial stores its whole result in the study, so an
 interrupted search resumes from it: finished trials are reused, not rebuilt, and settings
 already evaluated are never built twice.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -33,7 +35,8 @@ from edgec.profile import get_device
 from edgec.recipe import recipe_toml
 from edgec.report import write_json
 from edgec.search.cost import sha256, write_atomically
-from edgec.search.evaluate import Problem, accuracy_measure, build_settings, evaluate, evaluate_all, evaluate_costs, settings_key
+from edgec.search.evaluate import (Problem, accuracy_measure, build_settings, counted_in_task, evaluate, evaluate_all, evaluate_costs,
+                                   outcome_result, settings_key, submit_evaluation)
 from edgec.search.report import front, render
 from edgec.search.space import Space, build_space, describe, pruning_sensitivity, recipe_steps
 from edgec.search.strategies import STRATEGIES, run_greedy, run_sampler, sampler
@@ -96,7 +99,7 @@ class OptimizeOptions:
     images: ImagePreprocess = ImagePreprocess()
     executor: str = "local"  # where candidates are built and measured: here, or on Ray (edgec.executors)
     ray_address: str | None = None  # an existing Ray cluster; a local Ray is started when None
-    batch: int = 2  # candidates asked (and, on Ray, evaluated) at once; the same on every executor, so the same choice
+    batch: int = 2  # candidates in flight at once (a window, or batches on a timed device); the same on every executor, so the same choice
     cost: str = "measured"  # "predicted": by the device's latency predictor, the Pareto front measured before choosing
 
     def __post_init__(self) -> None:
@@ -161,17 +164,32 @@ def _search(model: str | Path, target: str, spec, out: OutputDir, options: Optim
 
 def _run(trials: _Trials, spec, sensitivity: dict[str, Any], measure: str, allowed: float, out: OutputDir) -> OptimizeResult:
     """The reference build, the int8 baseline, the strategy's trials, then the choice."""
-    problem, space, options = trials.problem, trials.space, trials.options
+    reference = _open(trials)
+    _run_strategy(trials, trials.options)
+    int8 = trials.memo.get(settings_key(trials.space.settings(_int8_alone(trials.space))))
+    return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
+
+
+def _open(trials: _Trials) -> dict[str, Any]:
+    """The fp32 reference and the opening trials, and, where costs are counted in the task,
+    the sampler's trials too in the same window; the reference's result."""
+    space, options = trials.space, trials.options
     opening = _opening(trials)
-    reference = trials.run_batch([space.start()], ahead=opening)[0]
+    if counted_in_task(trials.problem):  # no candidate waits for another: one window from the reference on
+        trials.run_window([space.start(), *opening], options.batch, sample=options.strategy != "greedy")
+        return _referenced(trials, trials.reference)
+    reference = _referenced(trials, trials.run_batch([space.start()], ahead=opening)[0])
+    trials.run_batch(opening)
+    return reference
+
+
+def _referenced(trials: _Trials, reference: dict[str, Any]) -> dict[str, Any]:
+    """``reference`` on disk and named in the problem (costs measured after are relative to it)."""
     if "error" in reference:
         raise BudgetError(f"The uncompressed fp32 build, the reference every cost is relative to, failed: {reference['error']}")
-    reference = _materialize(problem, reference)  # a shared study's reference may have been built elsewhere
-    trials.problem = dataclasses.replace(problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
-    opened = {settings_key(space.settings(p)): r for p, r in zip(opening, trials.run_batch(opening))}
-    int8 = opened.get(settings_key(space.settings(_int8_alone(space))))
-    _run_strategy(trials, options)
-    return _finish(trials, {"fp32": reference, "int8": int8}, sensitivity, measure, allowed, out, spec)
+    reference = _materialize(trials.problem, reference)  # a shared study's reference may have been built elsewhere
+    trials.problem = dataclasses.replace(trials.problem, reference=str(Path(reference["folder"]) / reference["artifact"]))
+    return reference
 
 
 def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions) -> Problem:
@@ -197,8 +215,7 @@ def _int8_alone(space: Space) -> dict[str, Any]:
 def _opening(trials: _Trials) -> list[dict[str, Any]]:
     """The fixed trials that follow the reference, as many as the trials left allow: int8
     alone (a baseline), and for the samplers the uniform levels (cheap to judge, and the
-    front's anchors). They are built beside the reference (only their costs need its cost)
-    and evaluated as one batch."""
+    front's anchors). They are built beside the reference (only their costs need its cost)."""
     space, fixed = trials.space, []
     if "int8" in space.levels["precision"]:
         fixed.append(_int8_alone(space))
@@ -313,9 +330,10 @@ class _Trials:
         self.done = len(finished)
         self.deadline = None if options.time_budget_s is None else time.monotonic() + options.time_budget_s
         self.best = _best(list(self.memo.values()))
+        self.reference: dict[str, Any] | None = None  # the fp32 build's result, once run_window has it
 
     def left(self) -> bool:
-        return self.done < self.options.trials and (self.deadline is None or time.monotonic() < self.deadline)
+        return self.done < self.options.trials and self._in_time()
 
     def run(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         return self.run_batch([params])[0]
@@ -344,6 +362,56 @@ class _Trials:
         for i, trial, settings in asked:
             results[i] = self._tell(trial, self.memo.get(settings_key(settings)) or evaluated[settings_key(settings)])
         return [results[i] for i in range(len(proposals))]
+
+    def run_window(self, fixed: Sequence[Mapping[str, Any]], width: int, sample: bool) -> None:
+        """The trials of ``fixed`` (the first the fp32 reference), then the sampler's while
+        ``sample`` and trials and time are left, with up to ``width`` evaluating at once: a
+        trial is asked when the oldest in flight is told. So the sampler sees the same history
+        at every ask on any executor (the same study), and Ray starts the next candidate as
+        soon as a worker is free instead of waiting for a batch's slowest. Costs must be
+        counted in the task (:func:`counted_in_task`): they are made relative here."""
+        queue, flight, running = list(fixed), collections.deque(), {}
+        while True:
+            while len(flight) < width and (queue or sample) and self._room_beside(flight) and (self._in_time() or self.reference is None and not flight):
+                flight.append(self._ask_and_submit(queue.pop(0) if queue else None, running))
+            if not flight:
+                return
+            trial, settings, pending = flight.popleft()
+            result = self._relative(outcome_result(pending.result(), settings) if pending else self.memo[settings_key(settings)])
+            told = self._tell(trial, result) if trial is not None else result
+            if self.reference is None:
+                self.reference = told
+                if "error" in told:
+                    return  # the caller names the failed reference
+
+    def _ask_and_submit(self, params: Mapping[str, Any] | None, running: dict[str, Any]) -> tuple:
+        """(trial, settings, pending task): the trial None for fixed parameters evaluated
+        before (they cost no trial), the task None for settings in the memo, and one task per
+        settings in flight."""
+        known = None if params is None else self.memo.get(settings_key(self.space.settings(params)))
+        if known is not None:
+            return None, known["settings"], None
+        if params is not None:
+            self.study.enqueue_trial(dict(params))
+        trial = self.study.ask(self.space.distributions())
+        settings = self.space.settings(trial.params)
+        key = settings_key(settings)
+        if key not in self.memo and key not in running:
+            running[key] = submit_evaluation(self.executor, self.problem, settings)
+        return trial, settings, running.get(key) if key not in self.memo else None
+
+    def _room_beside(self, flight: Sequence[tuple]) -> bool:
+        return self.done + sum(trial is not None for trial, _, _ in flight) < self.options.trials
+
+    def _relative(self, result: dict[str, Any]) -> dict[str, Any]:
+        """``result``'s cost relative to the reference's (the reference's own: 1.0)."""
+        reference = self.reference or result
+        if "error" in result or "error" in reference:
+            return result
+        return {**result, "relative_cost": round(result["cost"] / reference["cost"], 6)}
+
+    def _in_time(self) -> bool:
+        return self.deadline is None or time.monotonic() < self.deadline
 
     def _tell(self, trial: optuna.trial.Trial, result: dict[str, Any]) -> dict[str, Any]:
         result = judged({**result, "params": dict(trial.params), "trial": trial.number}, self.options.budgets, self.allowed)

@@ -24,7 +24,7 @@ import numpy as np
 
 from edgec.build import BuildOptions, build, canonicalize, input_specs
 from edgec.errors import EdgecError
-from edgec.executors import Executor, Outcome, Task
+from edgec.executors import Executor, Outcome, Pending, Task
 from edgec.images import ImagePreprocess
 from edgec.model import load, load_proto
 from edgec.profile import get_device
@@ -117,6 +117,24 @@ def evaluate_all(executor: Executor, problem: Problem, settings: Sequence[Mappin
         costed = iter(evaluate_costs(executor, problem, [r for r in results if "error" not in r]))
         results = [r if "error" in r else next(costed) for r in results]
     return results, later
+
+
+def counted_in_task(problem: Problem) -> bool:
+    """Whether a candidate's cost is counted or predicted where it is built (an emulated core,
+    a predictor), so a candidate needs nothing from any other: one task from settings to result."""
+    return _board(problem) is None
+
+
+def submit_evaluation(executor: Executor, problem: Problem, settings: Mapping[str, Any]) -> Pending:
+    """``evaluate`` of ``settings`` as one task, its cost absolute (``relative_cost`` 1.0): the
+    driver divides by the reference's cost, so the task need not wait for the reference.
+    Only where :func:`counted_in_task`."""
+    return executor.submit(Task(evaluate, (dataclasses.replace(problem, reference=None), dict(settings))))
+
+
+def outcome_result(outcome: Outcome, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A task's result, or a failed candidate naming why the task failed after its retries."""
+    return _results([outcome], [settings])[0]
 
 
 def evaluate_costs(executor: Executor, problem: Problem, built: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
