@@ -269,6 +269,33 @@ def test_pads_between_int8_layers_run_on_the_integers(tmp_path, monkeypatch, sch
             np.testing.assert_array_equal(got[name], array)
 
 
+def rgb_stem_model() -> onnx.ModelProto:
+    """A 3 → 24 channel conv on a 64-wide image (BlazeFace's stem) → relu → head."""
+    g = GraphBuilder(seed=4)
+    y = g.op("Relu", [conv(g, "x", 3, 24, name="stem")])
+    y = conv(g, y, 24, 4, name="head")
+    return g.model({"x": [1, 3, 64, 64]}, {y: [1, 4, 64, 64]})
+
+
+def test_convs_the_x86_int8_kernel_gets_wrong_get_zero_input_channels(tmp_path, monkeypatch):
+    """ORT 1.23's x86 QLinearConv miscomputes 3 → 24 channels on AVX-512 VNNI CPUs (up to
+    255 levels off); with the input channels padded to 4 on the integers the fused kernels
+    match ORT's float evaluation of the same QDQ graph, which the padding leaves unchanged."""
+    specs = [TensorSpec("x", (1, 3, 64, 64), np.dtype(np.float32))]
+    calibration, scheme = random_inputs(specs, seed=5, count=4), load_target("ort-x86").quantize
+    model = _ir(rgb_stem_model(), tmp_path)
+    padded = to_bytes(QuantizeStatic(calibration, scheme)(model.clone()).model)
+    assert "stem_channel_pad" in {n.name for n in onnx.load_from_string(padded).graph.node}
+    monkeypatch.setattr(quantize_module, "integer_channel_padding", lambda model: 0)
+    plain = to_bytes(QuantizeStatic(calibration, scheme)(model.clone()).model)
+    for batch in calibration.batches:
+        reference = OrtRunner(plain, threads=1, optimization="disabled").run(batch)
+        for level in ("disabled", "all"):
+            got = OrtRunner(padded, threads=1, optimization=level).run(batch)
+            for name, array in reference.items():
+                np.testing.assert_allclose(got[name], array, atol=0.01 * np.abs(array).max())
+
+
 @pytest.mark.parametrize(("machine", "arch", "same"), [
     ("aarch64", "arm64", True), ("arm64", "arm64", True), ("x86_64", "x86_64", True), ("AMD64", "x86_64", True),
     ("x86_64", "arm64", False), ("aarch64", "x86_64", False),

@@ -38,7 +38,7 @@ from edgec.errors import QuantizationError
 from edgec.graph import constant
 from edgec.memo import Recent, fingerprint
 from edgec.passes.pipeline import PassOutcome
-from edgec.passes.qdq import integer_pads
+from edgec.passes.qdq import integer_channel_padding, integer_pads
 from edgec.quiet import captured_stderr
 from edgec.ranges import Histogram
 from edgec.runtime import Runner
@@ -333,7 +333,8 @@ def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarra
 
 def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, keep_float: Sequence[str] = ()) -> onnx.ModelProto:
     """Insert QuantizeLinear/DequantizeLinear pairs around every quantizable node not kept float,
-    then move the Pads between them onto the integers (``edgec.passes.qdq``).
+    then move the Pads between them onto the integers and pad the input channels of Convs
+    ORT's x86 int8 kernel computes wrongly (``edgec.passes.qdq``).
 
     ``shaped`` is the model after ``with_shapes`` (ORT's quantizer needs every value's type).
     """
@@ -348,6 +349,7 @@ def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, ke
         quantizer.quantize_model()
     quantized = ir.serde.deserialize_model(quantizer.model.model)
     integer_pads(quantized)
+    integer_channel_padding(quantized)
     return ir.serde.serialize_model(quantized)
 
 
