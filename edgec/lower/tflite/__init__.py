@@ -28,6 +28,7 @@ from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, intege
                                        op_nodes, output_ops as _output_ops, quantize_calibrated)
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
+from edgec.lower.tflite.prelu import shared_slope_prelu_as_leaky_relu
 from edgec.lower.tflite.ranges import learned_ranges, refine_ranges
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
@@ -173,22 +174,27 @@ class _Int8:
     depending on the version) splits the model into partitions with reference kernels
     between them, which made int8 up to 7× slower than fp32 here. Which ops those are is
     measured by loading the file in LiteRT, not listed by hand. With an accuracy goal, the
-    most sensitive ops also stay float, as few as meet it (``PrecisionSearch``).
+    most sensitive ops also stay float, as few as meet it (``PrecisionSearch``). A PRELU
+    XNNPACK leaves out becomes an int8 LEAKY_RELU where its slope is one number.
     """
 
     def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: _Converted):
         self.calibrated, self.target, self.options, self.lowering = calibrated, target, options, lowering
+        self.prelu_as_leaky_relu = 0  # shared-slope PReLUs run as int8 LEAKY_RELU instead of kept float
 
     def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
         return quantize_calibrated(self.calibrated, self.target.name, self.options.int8_io, sorted(float_ops), sorted(float_nodes))
 
     def build(self, source: bytes, model: ir.Model) -> tuple[bytes, dict]:
         float_ops = self._xnnpack_float_ops()
+        if "PRELU" in float_ops:
+            float_ops = self._prelu_as_leaky_relu(float_ops)
         kept, steps = self._search(source, float_ops, model) if self.options.goal else (set(), [])
         content = self.quantize(float_ops, kept)
         return content, {
             "float_ops": float_op_histogram(content),
             "kept_float_for_xnnpack": sorted(float_ops),
+            "prelu_as_leaky_relu": self.prelu_as_leaky_relu,
             "kept_float": len(kept),
             "search": steps,
             "placement": _placement(content),
@@ -211,6 +217,20 @@ class _Int8:
                 break
             kept |= left_out
         return kept
+
+    def _prelu_as_leaky_relu(self, float_ops: set[str]) -> set[str]:
+        """The op types kept float once shared-slope PReLUs are LEAKY_RELUs, if XNNPACK runs
+        those in int8; else ``float_ops``, and the PRELUs stay as they were."""
+        rewritten, replaced = shared_slope_prelu_as_leaky_relu(self.calibrated)
+        if not replaced:
+            return float_ops
+        original, self.calibrated = self.calibrated, rewritten
+        with_leaky_relu = self._xnnpack_float_ops()
+        if with_leaky_relu <= float_ops and "LEAKY_RELU" not in with_leaky_relu:
+            self.prelu_as_leaky_relu = replaced
+            return with_leaky_relu
+        self.calibrated = original
+        return float_ops
 
     def _search(self, source: bytes, float_ops: set[str], model: ir.Model) -> tuple[set[str], list]:
         """Rank on the source-layout float model (ORT runs it), check the .tflite itself."""
