@@ -16,8 +16,9 @@ from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import calibrate
 from edgec.predict.kernels import FEATURES, Kernel, detect
-from edgec.predict.model import Predictor
+from edgec.predict.model import WORK, Predictor, _work
 from edgec.predict.measure import measure_batch
+from edgec.predict.tiles import gemm_tiles, has_dot_product, heuristic_mr, kind_tiling
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
 from edgec.targets import load_target
@@ -157,3 +158,62 @@ def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tm
         executor.close()
     assert {r["batch"] for r in on_ray.samples()} == {0, 1}
     assert [r for r in on_ray.samples() if r["batch"] == 0] == here.samples()
+
+
+def test_xnnpack_tiles_pad_pixels_channels_and_dot_product_depth():
+    """A layer costs whole micro-kernel tiles: pixels padded to XNNPACK's choice of mr, output
+    channels to nr, and (int8 with dot product) each tap's input channels to 4."""
+    f32, dot, plain = gemm_tiles("fp32", True), gemm_tiles("int8", True), gemm_tiles("int8", False)
+    assert heuristic_mr(np.array([1, 4, 5, 4096]), f32).tolist() == [1, 4, 6, 6]
+    assert heuristic_mr(np.array([1, 3, 4096]), dot).tolist() == [1, 4, 4]
+    conv = kind_tiling("CONV_2D", "fp32", True)
+    work = dict(zip(WORK, _work(_conv_shape(64, 24, 32, 3), conv)[0]))
+    assert work["tiles"] == 683 * 4 and work["macs_tiled"] == 683 * 6 * 4 * 8 * 24 * 9 and work["macs_narrow"] == 0
+    rgb = _conv_shape(32, 3, 16, 3)
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", True))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 4
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", False))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 3
+
+
+def _conv_shape(size: int, cin: int, cout: int, k: int, stride: int = 1) -> np.ndarray:
+    out = size // stride
+    return np.array([[size, size, cin, out, out, cout, k, stride, 0, out * out * cout * k * k * cin]], dtype=np.float64)
+
+
+def test_fp32_layers_that_fill_tiles_of_8_poorly_take_the_narrow_micro_kernel():
+    """XNNPACK runs a 1x1 convolution as a fully connected layer, and gives an fp32 one the 4x2
+    micro-kernel when its output channels waste part of the 6x8 one's tiles; other convolutions
+    only below 8 channels; int8 never."""
+    def narrow(kind, precision, shape):
+        return dict(zip(WORK, _work(shape, kind_tiling(kind, precision, True))[0]))["macs_narrow"] > 0
+    assert narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 1))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 32, 1))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 3)) and narrow("CONV_2D", "fp32", _conv_shape(64, 24, 6, 3))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 1, stride=2))
+    assert not narrow("CONV_2D", "int8", _conv_shape(64, 24, 28, 1))
+    fc = np.array([[1, 1, 158, 1, 1, 268, 0, 1, 0, 158 * 268]], dtype=np.float64)
+    assert narrow("FULLY_CONNECTED", "fp32", fc)
+    assert not narrow("FULLY_CONNECTED", "fp32", np.array([[1, 1, 158, 1, 1, 1004, 0, 1, 0, 158 * 1004]], dtype=np.float64))
+
+
+def test_fit_on_tiled_work_predicts_channels_it_never_saw():
+    """Convolutions whose cost is their tiles' work: fitted on other widths, the predictor
+    prices a 3x3 convolution to 28 channels (a partly filled tile of 8) as it costs."""
+    tiling = kind_tiling("CONV_2D", "fp32", False)
+
+    def conv(c, cout):
+        return "CONV_2D", tuple(_conv_shape(32, c, cout, 3)[0])
+
+    def cost_of(kind, shape):
+        work = dict(zip(WORK, _work(np.array([shape], dtype=np.float64), tiling)[0]))
+        return 0.6 * work["macs_tiled"] + 40 * work["tap_tiles"]
+
+    records = [_record([conv(c, cout)], cost_of) for c in (8, 13, 24, 37, 48) for cout in (9, 16, 21, 40, 64)]
+    predictor = Predictor.fit(records, get_device("emulated-a53"), 1, "tflite-arm")
+    odd = _record([conv(24, 28)], cost_of)
+    kernels = [Kernel("CONV_2D", "fp32", conv(24, 28)[1], "op")]
+    assert predictor.fixed_cost(odd["io"]) + sum(predictor.kernel_costs(kernels)) == pytest.approx(odd["cost"], rel=0.01)
+
+
+@pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
+def test_emulated_cores_report_dot_product_as_linux_does():
+    assert has_dot_product(get_device("emulated-a76")) and not has_dot_product(get_device("emulated-a53"))
