@@ -14,10 +14,11 @@ from edgec.build import canonicalize, input_specs
 from edgec.cli import app
 from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
-from edgec.predict.calibrate import calibrate
-from edgec.predict.kernels import FEATURES, Kernel, detect
+from edgec.predict.calibrate import _lower, calibrate
+from edgec.predict.kernels import FEATURES, Kernel, detect, kernels_of
 from edgec.predict.model import WORK, Predictor, _work
 from edgec.predict.measure import measure_batch
+from edgec.predict.space import Sample
 from edgec.predict.tiles import gemm_tiles, has_dot_product, heuristic_mr, kind_tiling
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
@@ -163,7 +164,7 @@ def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tm
 def test_xnnpack_tiles_pad_pixels_channels_and_dot_product_depth():
     """A layer costs whole micro-kernel tiles: pixels padded to XNNPACK's choice of mr, output
     channels to nr, and (int8 with dot product) each tap's input channels to 4."""
-    f32, dot, plain = gemm_tiles("fp32", True), gemm_tiles("int8", True), gemm_tiles("int8", False)
+    f32, dot = gemm_tiles("fp32", True), gemm_tiles("int8", True)
     assert heuristic_mr(np.array([1, 4, 5, 4096]), f32).tolist() == [1, 4, 6, 6]
     assert heuristic_mr(np.array([1, 3, 4096]), dot).tolist() == [1, 4, 4]
     conv = kind_tiling("CONV_2D", "fp32", True)
@@ -217,3 +218,15 @@ def test_fit_on_tiled_work_predicts_channels_it_never_saw():
 @pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
 def test_emulated_cores_report_dot_product_as_linux_does():
     assert has_dot_product(get_device("emulated-a76")) and not has_dot_product(get_device("emulated-a53"))
+
+
+def test_unary_runs_between_int8_values_are_one_table_lookup():
+    """XNNPACK fuses unary ops from an 8-bit value to an 8-bit value into one table lookup: a
+    hard-swish XNNPACK keeps float between two conversions, or a chain of int8 sigmoids. A
+    PReLU (a per-channel slope: binary) keeps its conversions."""
+    def keys(op, sizes):
+        return [k.key for k in kernels_of(_lower(Sample(op, "int8", sizes), "tflite-arm"))]
+    assert keys("MixedChain", {"h": 8, "c": 8, "k": 1, "act": 1}) == ["CONV_2D/int8", "LUT/int8", "CONV_2D/int8"]
+    assert keys("MixedChain", {"h": 8, "c": 8, "k": 1, "act": 0}) == [
+        "CONV_2D/int8", "CONVERT/int8", "PRELU/fp32", "CONVERT/int8", "CONV_2D/int8"]
+    assert keys("SigmoidChain", {"h": 8, "c": 8, "n": 3}) == ["LUT/int8"]

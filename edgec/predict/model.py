@@ -73,6 +73,7 @@ def _work(shapes: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
         tap_tiles = taps * pixels * np.ceil(cout / NR)
     else:
         depth = macs / np.maximum(pixels * cout * taps, 1)  # input channels per tap (1 for a depthwise one)
+        taps = tiling.kernel_taps(taps)
         padded, tile_count = tiled(pixels, cout, taps, depth, tiling.wide)
         narrow_macs, narrow_tiles = tiled(pixels, cout, taps, depth, tiling.narrow) if tiling.narrow else (zero, zero)
         narrow = tiling.narrow_layers(cout, k, stride)

@@ -15,7 +15,8 @@ A76 unless said):
 * int8 GEMM: ``4x16`` (mr 1 or 4); with the dot-product instructions (Linux reports
   ``asimddp``: Cortex-A55, A76 and later) ``4x16c4``, four input channels per step (each
   tap's channels padded to 4); without (Cortex-A53), ``4x16`` multiply-accumulate by lane;
-* depthwise: 8 channels at a time in fp32, 16 in int8.
+* depthwise: 8 channels at a time in fp32, 16 in int8, and a fixed number of kernel taps
+  (``DEPTHWISE_TAPS``).
 
 XNNPACK picks ``mr`` per layer from the number of output pixels (``xnn_get_heuristic_mr_gemm``:
 an exact fit if one exists, else the fewest loads and multiply-adds); :func:`heuristic_mr`
@@ -35,6 +36,10 @@ GEMM_KINDS = ("CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")
 NARROW_KINDS = ("CONV_2D", "FULLY_CONNECTED")  # fp32 kinds XNNPACK may give the narrow micro-kernel
 DEPTHWISE = "DEPTHWISE_CONV_2D"
 DEPTHWISE_TILE = {"fp32": 8, "int8": 16}
+# Kernel taps of the depthwise micro-kernels (dwconv-config.c); XNNPACK takes the smallest
+# that holds a layer's taps, padding the rest with zero weights. fp32's single tap is the
+# channel-wise multiply-add (vmulcaddc), which int8 lacks: its 1×1 runs in the 3-tap kernel.
+DEPTHWISE_TAPS = {"fp32": (1, 3, 4, 9, 25), "int8": (3, 9, 25)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +60,15 @@ class Tiling:
     kind: str
     wide: Tiles
     narrow: Tiles | None = None
+    taps: tuple[int, ...] = ()  # the kernel taps micro-kernels come in, if they come in fixed ones
+
+    def kernel_taps(self, taps: np.ndarray) -> np.ndarray:
+        """The taps a layer's micro-kernel computes: the fewest of ``self.taps`` that hold its own."""
+        if not self.taps:
+            return taps
+        sizes = np.array(self.taps, dtype=np.float64)
+        smallest = np.where(sizes[None, :] >= taps[:, None], sizes[None, :], np.inf).min(axis=1)
+        return np.where(np.isfinite(smallest), smallest, taps)  # more taps than any: a multipass kernel
 
     def narrow_layers(self, cout: np.ndarray, k: np.ndarray, stride: np.ndarray) -> np.ndarray:
         """Which layers XNNPACK runs in the narrow micro-kernel. A 1×1 convolution of stride 1
@@ -86,7 +100,7 @@ def kind_tiling(kind: str, precision: str, dot_product: bool) -> Tiling | None:
         narrow = NARROW_FP32 if precision == "fp32" and kind in NARROW_KINDS else None
         return Tiling(kind, gemm_tiles(precision, dot_product), narrow)
     if kind == DEPTHWISE:
-        return Tiling(kind, Tiles((1,), DEPTHWISE_TILE.get(precision, 8)))
+        return Tiling(kind, Tiles((1,), DEPTHWISE_TILE.get(precision, 8)), taps=DEPTHWISE_TAPS.get(precision, ()))
     return None
 
 
