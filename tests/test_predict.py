@@ -230,3 +230,16 @@ def test_unary_runs_between_int8_values_are_one_table_lookup():
     assert keys("MixedChain", {"h": 8, "c": 8, "k": 1, "act": 0}) == [
         "CONV_2D/int8", "CONVERT/int8", "PRELU/fp32", "CONVERT/int8", "CONV_2D/int8"]
     assert keys("SigmoidChain", {"h": 8, "c": 8, "n": 3}) == ["LUT/int8"]
+
+
+def test_depthwise_work_counts_whole_tiles_remainder_steps_and_fixed_taps():
+    """int8 depthwise: 16 channels a tile, the rest 8 at a time, taps in kernels of 3, 9 or 25."""
+    tiling = kind_tiling("DEPTHWISE_CONV_2D", "int8", True)
+
+    def work(c, k):
+        shape = np.array([[8, 8, c, 8, 8, c, k, 1, 0, 64 * c * k * k]], dtype=np.float64)
+        return dict(zip(WORK, _work(shape, tiling)[0]))
+    assert (work(16, 3)["tiles"], work(16, 3)["steps"]) == (64, 0)
+    assert (work(9, 3)["tiles"], work(9, 3)["steps"]) == (0, 128)
+    assert (work(24, 5)["tiles"], work(24, 5)["tap_steps"]) == (64, 64 * 25)
+    assert work(16, 1)["tap_tiles"] == 64 * 3  # a 1x1 int8 depthwise convolution runs the 3-tap kernel

@@ -69,19 +69,19 @@ def _work(shapes: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
     zero = np.zeros(len(shapes))
     if tiling is None:
         padded, narrow_macs = macs / np.maximum(cout, 1) * np.ceil(cout / TILE) * TILE, zero
-        tile_count, narrow_tiles = np.where(k <= 1, pixels * np.ceil(cout / NR), 0), zero
+        tile_count, narrow_tiles, steps = np.where(k <= 1, pixels * np.ceil(cout / NR), 0), zero, zero
         tap_tiles = taps * pixels * np.ceil(cout / NR)
     else:
         depth = macs / np.maximum(pixels * cout * taps, 1)  # input channels per tap (1 for a depthwise one)
         taps = tiling.kernel_taps(taps)
-        padded, tile_count = tiled(pixels, cout, taps, depth, tiling.wide)
-        narrow_macs, narrow_tiles = tiled(pixels, cout, taps, depth, tiling.narrow) if tiling.narrow else (zero, zero)
+        padded, tile_count, steps = tiled(pixels, cout, taps, depth, tiling.wide)
+        narrow_macs, narrow_tiles, _ = tiled(pixels, cout, taps, depth, tiling.narrow) if tiling.narrow else (zero, zero, zero)
         narrow = tiling.narrow_layers(cout, k, stride)
         tap_tiles = np.where(narrow, narrow_tiles, tile_count) * taps
         padded, narrow_macs = np.where(narrow, 0, padded), np.where(narrow, narrow_macs, 0)
         tile_count, narrow_tiles = np.where(narrow, 0, tile_count), np.where(narrow, narrow_tiles, 0)
     return np.column_stack([np.ones(len(shapes)), macs, padded, narrow_macs, np.where(k <= 1, macs, 0), hin * win * cin + in2,
-                            pixels * cout, pixels, pixels * taps, tap_tiles, tile_count, narrow_tiles])
+                            pixels * cout, pixels, pixels * taps, tap_tiles, tile_count, narrow_tiles, steps, steps * taps])
 
 
 # "macs_tiled": the multiply-adds a tiled micro-kernel executes, padding included (for kinds
@@ -91,9 +91,11 @@ def _work(shapes: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
 # "tap_tiles": an indirect GEMM walks every kernel tap once per tile, whatever the input
 # channels; with few of them (an RGB image's 3) that walk is most of the cost.
 # "tiles": what a tile costs besides its multiply-adds (accumulators set up, requantized,
-# stored); for kinds without tiles, the 1×1 GEMM tiles of NR channels.
+# stored); for kinds without tiles, the 1×1 GEMM tiles of NR channels. "steps" and
+# "tap_steps": a depthwise micro-kernel's loop over the channels past its whole tiles, a
+# few at a time (int8: 8), with its own cost per step and per tap.
 WORK = ("kernel", "macs", "macs_tiled", "macs_narrow", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window",
-        "tap_tiles", "tiles", "tiles_narrow")
+        "tap_tiles", "tiles", "tiles_narrow", "steps", "tap_steps")
 FIXED = ("inference", "tensors", "bytes_in", "bytes_out")  # the fixed part's terms, from the Interface
 
 

@@ -15,8 +15,8 @@ A76 unless said):
 * int8 GEMM: ``4x16`` (mr 1 or 4); with the dot-product instructions (Linux reports
   ``asimddp``: Cortex-A55, A76 and later) ``4x16c4``, four input channels per step (each
   tap's channels padded to 4); without (Cortex-A53), ``4x16`` multiply-accumulate by lane;
-* depthwise: 8 channels at a time in fp32, 16 in int8, and a fixed number of kernel taps
-  (``DEPTHWISE_TAPS``).
+* depthwise: 8 channels at a time in fp32, 16 in int8, what remains past them 4 (fp32) or 8
+  (int8) at a time, and a fixed number of kernel taps (``DEPTHWISE_TAPS``).
 
 XNNPACK picks ``mr`` per layer from the number of output pixels (``xnn_get_heuristic_mr_gemm``:
 an exact fit if one exists, else the fewest loads and multiply-adds); :func:`heuristic_mr`
@@ -36,6 +36,7 @@ GEMM_KINDS = ("CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")
 NARROW_KINDS = ("CONV_2D", "FULLY_CONNECTED")  # fp32 kinds XNNPACK may give the narrow micro-kernel
 DEPTHWISE = "DEPTHWISE_CONV_2D"
 DEPTHWISE_TILE = {"fp32": 8, "int8": 16}
+DEPTHWISE_STEP = {"fp32": 4, "int8": 8}  # channels per step past the whole tiles
 # Kernel taps of the depthwise micro-kernels (dwconv-config.c); XNNPACK takes the smallest
 # that holds a layer's taps, padding the rest with zero weights. fp32's single tap is the
 # channel-wise multiply-add (vmulcaddc), which int8 lacks: its 1×1 runs in the 3-tap kernel.
@@ -50,6 +51,7 @@ class Tiles:
     mrs: tuple[int, ...]
     nr: int
     kr: int = 1
+    step: int = 0  # channels per step of the loop over what remains past whole tiles (0: a whole tile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +102,8 @@ def kind_tiling(kind: str, precision: str, dot_product: bool) -> Tiling | None:
         narrow = NARROW_FP32 if precision == "fp32" and kind in NARROW_KINDS else None
         return Tiling(kind, gemm_tiles(precision, dot_product), narrow)
     if kind == DEPTHWISE:
-        return Tiling(kind, Tiles((1,), DEPTHWISE_TILE.get(precision, 8)), taps=DEPTHWISE_TAPS.get(precision, ()))
+        tiles = Tiles((1,), DEPTHWISE_TILE.get(precision, 8), step=DEPTHWISE_STEP.get(precision, 0))
+        return Tiling(kind, tiles, taps=DEPTHWISE_TAPS.get(precision, ()))
     return None
 
 
@@ -119,13 +122,20 @@ def heuristic_mr(pixels: np.ndarray, tiles: Tiles) -> np.ndarray:
     return np.where(exact, pixels, best)
 
 
-def tiled(pixels: np.ndarray, cout: np.ndarray, taps: np.ndarray, depth: np.ndarray, tiles: Tiles) -> tuple[np.ndarray, np.ndarray]:
-    """The multiply-adds a layer's micro-kernel calls execute, padding included, and how many
-    tiles they compute: ``pixels`` × ``cout`` outputs, ``taps`` kernel taps of ``depth``
-    input channels each."""
+def tiled(pixels: np.ndarray, cout: np.ndarray, taps: np.ndarray, depth: np.ndarray,
+          tiles: Tiles) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The multiply-adds a layer's micro-kernel calls execute, padding included; how many
+    tiles they compute; and how many steps over channels past the whole tiles (none where
+    the micro-kernel computes a whole tile for them). ``pixels`` × ``cout`` outputs, ``taps``
+    kernel taps of ``depth`` input channels each."""
     mr = heuristic_mr(pixels, tiles)
-    count = np.ceil(pixels / mr) * np.ceil(cout / tiles.nr)
-    return count * mr * tiles.nr * taps * np.ceil(depth / tiles.kr) * tiles.kr, count
+    rows = np.ceil(pixels / mr)
+    if tiles.step:
+        count, steps = rows * np.floor(cout / tiles.nr), rows * np.ceil(cout % tiles.nr / tiles.step)
+    else:
+        count, steps = rows * np.ceil(cout / tiles.nr), np.zeros(len(cout))
+    channels = count * tiles.nr + steps * tiles.step
+    return channels * mr * taps * np.ceil(depth / tiles.kr) * tiles.kr, count, steps
 
 
 def has_dot_product(device: Device) -> bool:
