@@ -15,7 +15,7 @@ from edgec.cli import app
 from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import _lower, calibrate
-from edgec.predict.kernels import FEATURES, Kernel, detect, kernels_of
+from edgec.predict.kernels import DETECTOR, FEATURES, Kernel, detect, kernels_of
 from edgec.predict.model import WORK, Predictor, _work
 from edgec.predict.measure import measure_batch
 from edgec.predict.space import Sample
@@ -243,3 +243,18 @@ def test_depthwise_work_counts_whole_tiles_remainder_steps_and_fixed_taps():
     assert (work(9, 3)["tiles"], work(9, 3)["steps"]) == (0, 128)
     assert (work(24, 5)["tiles"], work(24, 5)["tap_steps"]) == (64, 64 * 25)
     assert work(16, 1)["tap_tiles"] == 64 * 3  # a 1x1 int8 depthwise convolution runs the 3-tap kernel
+
+
+def test_refit_reads_kernels_of_samples_an_older_detector_read_anew(tmp_path):
+    """A sample stored before int8 unary runs were one table lookup is lowered again and read
+    anew by a refit (no new measurement), and the samples file keeps what it read."""
+    store = PredictorStore(tmp_path, "local")
+    old = [{"kind": kind, "precision": precision, "operator": "op", **dict(zip(FEATURES, (8, 8, 8, 8, 8, 8, 0, 1, 0, 512)))}
+           for kind, precision in (("CONVERT", "int8"), ("HARD_SWISH", "fp32"), ("CONVERT", "int8"))]
+    store.append([{"batch": 0, "sample": Sample("HardSwish", "int8", {"h": h, "c": 8}).to_dict(), "kernels": old,
+                   "io": {"inputs": 1, "outputs": 1, "in_bytes": h * h * 8, "out_bytes": h * h * 8},
+                   "cost": 1000.0 + h * h, "base": 100.0, "threads": 1} for h in (4, 8, 16)])
+    predictor = calibrate(get_device("local"), store, 0, 1)
+    assert {r["detector"] for r in store.samples()} == {DETECTOR}
+    assert [[k["kind"] for k in r["kernels"]] for r in store.samples()] == [["LUT"]] * 3
+    assert list(predictor.regressors) == ["LUT/int8"]

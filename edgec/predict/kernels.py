@@ -47,6 +47,9 @@ SCALAR_BINARY = {"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFF
 LUT_MAX_OPS = 10  # XNN_MAX_UNARY_FUSION_NODES
 _BYTE_TYPES = {tfl.TensorType.INT8, tfl.TensorType.UINT8}
 FEATURES = ("hin", "win", "cin", "hout", "wout", "cout", "k", "stride", "in2", "macs")
+# How kernels are read off a .tflite; each calibration sample records it, and one read by an
+# older version is lowered again and read anew before a fit (calibrate.py).
+DETECTOR = "2"  # 2: unary runs between int8 values are one LUT kernel
 
 
 @dataclasses.dataclass(frozen=True)

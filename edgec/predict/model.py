@@ -220,6 +220,13 @@ class PredictorStore:
             file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return records
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the samples file with ``records`` (written aside, then moved over it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        aside = self.folder / f"{SAMPLES}.new"
+        aside.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        aside.replace(self.folder / SAMPLES)
+
     def save(self, predictor: Predictor) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / PICKLE).write_bytes(pickle.dumps(predictor))
