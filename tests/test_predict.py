@@ -16,10 +16,10 @@ from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import _lower, calibrate
 from edgec.predict.kernels import DETECTOR, FEATURES, Kernel, detect, kernels_of
-from edgec.predict.model import WORK, Predictor, _work
+from edgec.predict.model import WORK, Predictor, _work, regressor_key
 from edgec.predict.measure import measure_batch
 from edgec.predict.space import Sample
-from edgec.predict.tiles import gemm_tiles, has_dot_product, heuristic_mr, kind_tiling
+from edgec.predict.tiles import Core, core_of, gemm_tiles, heuristic_mr, kind_tiling
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
 from edgec.targets import load_target
@@ -167,12 +167,12 @@ def test_xnnpack_tiles_pad_pixels_channels_and_dot_product_depth():
     f32, dot = gemm_tiles("fp32", True), gemm_tiles("int8", True)
     assert heuristic_mr(np.array([1, 4, 5, 4096]), f32).tolist() == [1, 4, 6, 6]
     assert heuristic_mr(np.array([1, 3, 4096]), dot).tolist() == [1, 4, 4]
-    conv = kind_tiling("CONV_2D", "fp32", True)
+    conv = kind_tiling("CONV_2D", "fp32", Core(dot_product=True))
     work = dict(zip(WORK, _work(_conv_shape(64, 24, 32, 3), conv)[0]))
     assert work["tiles"] == 683 * 4 and work["macs_tiled"] == 683 * 6 * 4 * 8 * 24 * 9 and work["macs_narrow"] == 0
     rgb = _conv_shape(32, 3, 16, 3)
-    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", True))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 4
-    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", False))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 3
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", Core(dot_product=True)))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 4
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", Core()))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 3
 
 
 def _conv_shape(size: int, cin: int, cout: int, k: int, stride: int = 1) -> np.ndarray:
@@ -185,7 +185,7 @@ def test_fp32_layers_that_fill_tiles_of_8_poorly_take_the_narrow_micro_kernel():
     micro-kernel when its output channels waste part of the 6x8 one's tiles; other convolutions
     only below 8 channels; int8 never."""
     def narrow(kind, precision, shape):
-        return dict(zip(WORK, _work(shape, kind_tiling(kind, precision, True))[0]))["macs_narrow"] > 0
+        return dict(zip(WORK, _work(shape, kind_tiling(kind, precision, Core(dot_product=True)))[0]))["macs_narrow"] > 0
     assert narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 1))
     assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 32, 1))
     assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 3)) and narrow("CONV_2D", "fp32", _conv_shape(64, 24, 6, 3))
@@ -199,7 +199,7 @@ def test_fp32_layers_that_fill_tiles_of_8_poorly_take_the_narrow_micro_kernel():
 def test_fit_on_tiled_work_predicts_channels_it_never_saw():
     """Convolutions whose cost is their tiles' work: fitted on other widths, the predictor
     prices a 3x3 convolution to 28 channels (a partly filled tile of 8) as it costs."""
-    tiling = kind_tiling("CONV_2D", "fp32", False)
+    tiling = kind_tiling("CONV_2D", "fp32", Core())
 
     def conv(c, cout):
         return "CONV_2D", tuple(_conv_shape(32, c, cout, 3)[0])
@@ -216,8 +216,9 @@ def test_fit_on_tiled_work_predicts_channels_it_never_saw():
 
 
 @pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
-def test_emulated_cores_report_dot_product_as_linux_does():
-    assert has_dot_product(get_device("emulated-a76")) and not has_dot_product(get_device("emulated-a53"))
+def test_emulated_cores_are_read_as_linux_reports_them():
+    assert core_of(get_device("emulated-a76")) == Core(dot_product=True, little=False)
+    assert core_of(get_device("emulated-a53")) == Core(dot_product=False, little=True)
 
 
 def test_unary_runs_between_int8_values_are_one_table_lookup():
@@ -234,7 +235,7 @@ def test_unary_runs_between_int8_values_are_one_table_lookup():
 
 def test_depthwise_work_counts_whole_tiles_remainder_steps_and_fixed_taps():
     """int8 depthwise: 16 channels a tile, the rest 8 at a time, taps in kernels of 3, 9 or 25."""
-    tiling = kind_tiling("DEPTHWISE_CONV_2D", "int8", True)
+    tiling = kind_tiling("DEPTHWISE_CONV_2D", "int8", Core(dot_product=True))
 
     def work(c, k):
         shape = np.array([[8, 8, c, 8, 8, c, k, 1, 0, 64 * c * k * k]], dtype=np.float64)
@@ -258,3 +259,13 @@ def test_refit_reads_kernels_of_samples_an_older_detector_read_anew(tmp_path):
     assert {r["detector"] for r in store.samples()} == {DETECTOR}
     assert [[k["kind"] for k in r["kernels"]] for r in store.samples()] == [["LUT"]] * 3
     assert list(predictor.regressors) == ["LUT/int8"]
+
+
+def test_depthwise_micro_kernels_are_priced_apart():
+    """Each depthwise tap count is its own micro-kernel (its own regressor); the little cores'
+    fp32 3x3 one computes 4 channels a tile."""
+    assert regressor_key("DEPTHWISE_CONV_2D", "fp32", 3) == "DEPTHWISE_CONV_2D/fp32/9"
+    assert regressor_key("DEPTHWISE_CONV_2D", "int8", 1) == "DEPTHWISE_CONV_2D/int8/3"
+    assert regressor_key("CONV_2D", "fp32", 3) == "CONV_2D/fp32"
+    assert kind_tiling("DEPTHWISE_CONV_2D", "fp32", Core(little=True), 9).wide.nr == 4
+    assert kind_tiling("DEPTHWISE_CONV_2D", "fp32", Core(little=True), 25).wide.nr == 8

@@ -35,7 +35,7 @@ from sklearn.linear_model import LinearRegression
 from edgec import __version__
 from edgec.errors import EdgecError
 from edgec.predict.kernels import FEATURES, Kernel
-from edgec.predict.tiles import Tiling, has_dot_product, kind_tiling, tiled
+from edgec.predict.tiles import Tiling, core_of, kind_tiling, tiled, variant
 from edgec.profile.devices import Device
 
 KERNEL_WEIGHT = 1.0  # a measurement's weight in the fit: its kernels to this power
@@ -135,8 +135,8 @@ class Predictor:
         costs = _normalised_costs(records) if not device.emulated else np.array([r["cost"] for r in records], dtype=np.float64)
         appearances = Counter(key for r in records for key in {_key(k) for k in r["kernels"]})
         keys = sorted(key for key, n in appearances.items() if n >= MIN_SAMPLES)
-        dot_product = has_dot_product(device)
-        tilings = {key: kind_tiling(*key.split("/"), dot_product) for key in keys}
+        core = core_of(device)
+        tilings = {key: kind_tiling(kind, precision, core, which) for key in keys for kind, precision, which in [_key_parts(key)]}
         rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
         design = np.array([_design_row(records[i], keys, tilings) for i in rows])
         scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
@@ -158,7 +158,7 @@ class Predictor:
         """Each kernel's predicted cost; None for kinds without a regressor (unknown)."""
         by_key: dict[str, list[int]] = defaultdict(list)
         for i, kernel in enumerate(kernels):
-            by_key[kernel.key].append(i)
+            by_key[regressor_key(kernel.kind, kernel.precision, kernel.shape[FEATURES.index("k")])].append(i)
         costs: list[float | None] = [None] * len(kernels)
         for key, indices in by_key.items():
             if key in self.regressors:
@@ -173,8 +173,20 @@ class Predictor:
                 "kernels": {key: r.samples for key, r in sorted(self.regressors.items())}, "versions": self.versions}
 
 
+def regressor_key(kind: str, precision: str, k: int) -> str:
+    """Which regressor prices a kernel: its kind and precision, and for kinds XNNPACK runs in
+    several micro-kernels, which one (tiles.variant: a depthwise convolution's taps)."""
+    which = variant(kind, precision, k)
+    return f"{kind}/{precision}/{which}" if which else f"{kind}/{precision}"
+
+
+def _key_parts(key: str) -> tuple[str, str, int]:
+    kind, precision, *which = key.split("/")
+    return kind, precision, int(which[0]) if which else 0
+
+
 def _key(entry: dict) -> str:
-    return f"{entry['kind']}/{entry['precision']}"
+    return regressor_key(entry["kind"], entry["precision"], entry["k"])
 
 
 def _design_row(record: dict, keys: list[str], tilings: dict[str, Tiling | None]) -> np.ndarray:

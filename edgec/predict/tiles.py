@@ -16,7 +16,9 @@ A76 unless said):
   ``asimddp``: Cortex-A55, A76 and later) ``4x16c4``, four input channels per step (each
   tap's channels padded to 4); without (Cortex-A53), ``4x16`` multiply-accumulate by lane;
 * depthwise: 8 channels at a time in fp32, 16 in int8, what remains past them 4 (fp32) or 8
-  (int8) at a time, and a fixed number of kernel taps (``DEPTHWISE_TAPS``).
+  (int8) at a time, and a fixed number of kernel taps (``DEPTHWISE_TAPS``): one micro-kernel
+  per tap count, each with its own cost per tap (:func:`variant`); on the in-order little
+  cores (Cortex-A53, A55) the fp32 9-tap one is hand-written assembly of 4 channels a tile.
 
 XNNPACK picks ``mr`` per layer from the number of output pixels (``xnn_get_heuristic_mr_gemm``:
 an exact fit if one exists, else the fewest loads and multiply-adds); :func:`heuristic_mr`
@@ -86,6 +88,27 @@ class Tiling:
         return (cout < wide) | (fully_connected & (narrow_wasted < wasted) & (wasted * 100 > cout))
 
 
+@dataclasses.dataclass(frozen=True)
+class Core:
+    """What of an arm64 core decides XNNPACK's micro-kernels: the dot-product instructions,
+    and whether it is an in-order little core (Cortex-A53/A55), which gets its own."""
+
+    dot_product: bool = False
+    little: bool = False
+
+
+LITTLE_PARTS = {"0xd03", "0xd05"}  # Cortex-A53, Cortex-A55 (the "CPU part" in /proc/cpuinfo)
+
+
+def variant(kind: str, precision: str, k: int) -> int:
+    """Which of a kind's micro-kernels a layer of kernel size ``k`` runs (0: the kind has one):
+    a depthwise convolution's tap count."""
+    if kind != DEPTHWISE:
+        return 0
+    taps = max(k, 1) ** 2
+    return min((t for t in DEPTHWISE_TAPS.get(precision, ()) if t >= taps), default=taps)
+
+
 def gemm_tiles(precision: str, dot_product: bool) -> Tiles:
     """The GEMM micro-kernel tile of ``precision`` on an arm64 core (see the module docstring)."""
     if precision == "int8":
@@ -96,13 +119,16 @@ def gemm_tiles(precision: str, dot_product: bool) -> Tiles:
 NARROW_FP32 = Tiles((4,), 2)  # f32_gemm_nr2_config on arm64: 4x2 micro-kernels only
 
 
-def kind_tiling(kind: str, precision: str, dot_product: bool) -> Tiling | None:
-    """How XNNPACK tiles kernel kind ``kind`` (None: not a tiled convolution)."""
+def kind_tiling(kind: str, precision: str, core: Core, taps: int = 0) -> Tiling | None:
+    """How XNNPACK tiles kernel kind ``kind`` (None: not a tiled convolution); ``taps``: which
+    depthwise micro-kernel (:func:`variant`)."""
     if kind in GEMM_KINDS:
         narrow = NARROW_FP32 if precision == "fp32" and kind in NARROW_KINDS else None
-        return Tiling(kind, gemm_tiles(precision, dot_product), narrow)
+        return Tiling(kind, gemm_tiles(precision, core.dot_product), narrow)
     if kind == DEPTHWISE:
         tiles = Tiles((1,), DEPTHWISE_TILE.get(precision, 8), step=DEPTHWISE_STEP.get(precision, 0))
+        if precision == "fp32" and taps == 9 and core.little:
+            tiles = Tiles((1,), 4)  # f32_dwconv 9p4c, cortex_a55 assembly
         return Tiling(kind, tiles, taps=DEPTHWISE_TAPS.get(precision, ()))
     return None
 
@@ -138,18 +164,19 @@ def tiled(pixels: np.ndarray, cout: np.ndarray, taps: np.ndarray, depth: np.ndar
     return channels * mr * taps * np.ceil(depth / tiles.kr) * tiles.kr, count, steps
 
 
-def has_dot_product(device: Device) -> bool:
-    """Whether the device's core has the arm64 dot-product instructions, as its Linux reports
-    them (``asimddp`` among the features in /proc/cpuinfo; an emulated core's is the one its
-    root file system fakes). False where that cannot be read."""
+def core_of(device: Device) -> Core:
+    """The device's core as its Linux reports it in /proc/cpuinfo (an emulated core's is the
+    one its root file system fakes): ``asimddp`` among the features, and the CPU part. The
+    default core where that cannot be read."""
     if device.emulation is not None:
         cpuinfo = device.emulation.root / device.emulation.cpu / "proc" / "cpuinfo"
     elif device.kind == "local":
         cpuinfo = Path("/proc/cpuinfo")
     else:
-        return False
+        return Core()
     try:
-        text = cpuinfo.read_text()
+        lines = [line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line]
     except OSError:
-        return False
-    return any("asimddp" in line.split() for line in text.splitlines() if line.lower().startswith("features"))
+        return Core()
+    fields = {name.strip().lower(): value.split() for name, value in lines}
+    return Core("asimddp" in fields.get("features", []), bool(LITTLE_PARTS & set(fields.get("cpu part", []))))
