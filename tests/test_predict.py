@@ -14,10 +14,12 @@ from edgec.build import canonicalize, input_specs
 from edgec.cli import app
 from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
-from edgec.predict.calibrate import calibrate
-from edgec.predict.kernels import FEATURES, Kernel, detect
-from edgec.predict.model import Predictor
+from edgec.predict.calibrate import _lower, calibrate
+from edgec.predict.kernels import DETECTOR, FEATURES, Kernel, detect, kernels_of
+from edgec.predict.model import WORK, Predictor, _work, regressor_key
 from edgec.predict.measure import measure_batch
+from edgec.predict.space import Sample
+from edgec.predict.tiles import Core, core_of, gemm_tiles, heuristic_mr, kind_tiling
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
 from edgec.targets import load_target
@@ -157,3 +159,113 @@ def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tm
         executor.close()
     assert {r["batch"] for r in on_ray.samples()} == {0, 1}
     assert [r for r in on_ray.samples() if r["batch"] == 0] == here.samples()
+
+
+def test_xnnpack_tiles_pad_pixels_channels_and_dot_product_depth():
+    """A layer costs whole micro-kernel tiles: pixels padded to XNNPACK's choice of mr, output
+    channels to nr, and (int8 with dot product) each tap's input channels to 4."""
+    f32, dot = gemm_tiles("fp32", True), gemm_tiles("int8", True)
+    assert heuristic_mr(np.array([1, 4, 5, 4096]), f32).tolist() == [1, 4, 6, 6]
+    assert heuristic_mr(np.array([1, 3, 4096]), dot).tolist() == [1, 4, 4]
+    conv = kind_tiling("CONV_2D", "fp32", Core(dot_product=True))
+    work = dict(zip(WORK, _work(_conv_shape(64, 24, 32, 3), conv)[0]))
+    assert work["tiles"] == 683 * 4 and work["macs_tiled"] == 683 * 6 * 4 * 8 * 24 * 9 and work["macs_narrow"] == 0
+    rgb = _conv_shape(32, 3, 16, 3)
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", Core(dot_product=True)))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 4
+    assert dict(zip(WORK, _work(rgb, kind_tiling("CONV_2D", "int8", Core()))[0]))["macs_tiled"] == 32 * 32 * 16 * 9 * 3
+
+
+def _conv_shape(size: int, cin: int, cout: int, k: int, stride: int = 1) -> np.ndarray:
+    out = size // stride
+    return np.array([[size, size, cin, out, out, cout, k, stride, 0, out * out * cout * k * k * cin]], dtype=np.float64)
+
+
+def test_fp32_layers_that_fill_tiles_of_8_poorly_take_the_narrow_micro_kernel():
+    """XNNPACK runs a 1x1 convolution as a fully connected layer, and gives an fp32 one the 4x2
+    micro-kernel when its output channels waste part of the 6x8 one's tiles; other convolutions
+    only below 8 channels; int8 never."""
+    def narrow(kind, precision, shape):
+        return dict(zip(WORK, _work(shape, kind_tiling(kind, precision, Core(dot_product=True)))[0]))["macs_narrow"] > 0
+    assert narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 1))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 32, 1))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 3)) and narrow("CONV_2D", "fp32", _conv_shape(64, 24, 6, 3))
+    assert not narrow("CONV_2D", "fp32", _conv_shape(64, 24, 28, 1, stride=2))
+    assert not narrow("CONV_2D", "int8", _conv_shape(64, 24, 28, 1))
+    fc = np.array([[1, 1, 158, 1, 1, 268, 0, 1, 0, 158 * 268]], dtype=np.float64)
+    assert narrow("FULLY_CONNECTED", "fp32", fc)
+    assert not narrow("FULLY_CONNECTED", "fp32", np.array([[1, 1, 158, 1, 1, 1004, 0, 1, 0, 158 * 1004]], dtype=np.float64))
+
+
+def test_fit_on_tiled_work_predicts_channels_it_never_saw():
+    """Convolutions whose cost is their tiles' work: fitted on other widths, the predictor
+    prices a 3x3 convolution to 28 channels (a partly filled tile of 8) as it costs."""
+    tiling = kind_tiling("CONV_2D", "fp32", Core())
+
+    def conv(c, cout):
+        return "CONV_2D", tuple(_conv_shape(32, c, cout, 3)[0])
+
+    def cost_of(kind, shape):
+        work = dict(zip(WORK, _work(np.array([shape], dtype=np.float64), tiling)[0]))
+        return 0.6 * work["macs_tiled"] + 40 * work["tap_tiles"]
+
+    records = [_record([conv(c, cout)], cost_of) for c in (8, 13, 24, 37, 48) for cout in (9, 16, 21, 40, 64)]
+    predictor = Predictor.fit(records, get_device("emulated-a53"), 1, "tflite-arm")
+    odd = _record([conv(24, 28)], cost_of)
+    kernels = [Kernel("CONV_2D", "fp32", conv(24, 28)[1], "op")]
+    assert predictor.fixed_cost(odd["io"]) + sum(predictor.kernel_costs(kernels)) == pytest.approx(odd["cost"], rel=0.01)
+
+
+@pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")
+def test_emulated_cores_are_read_as_linux_reports_them():
+    assert core_of(get_device("emulated-a76")) == Core(dot_product=True, little=False)
+    assert core_of(get_device("emulated-a53")) == Core(dot_product=False, little=True)
+
+
+def test_unary_runs_between_int8_values_are_one_table_lookup():
+    """XNNPACK fuses unary ops from an 8-bit value to an 8-bit value into one table lookup: a
+    hard-swish XNNPACK keeps float between two conversions, or a chain of int8 sigmoids. A
+    PReLU (a per-channel slope: binary) keeps its conversions."""
+    def keys(op, sizes):
+        return [k.key for k in kernels_of(_lower(Sample(op, "int8", sizes), "tflite-arm"))]
+    assert keys("MixedChain", {"h": 8, "c": 8, "k": 1, "act": 1}) == ["CONV_2D/int8", "LUT/int8", "CONV_2D/int8"]
+    assert keys("MixedChain", {"h": 8, "c": 8, "k": 1, "act": 0}) == [
+        "CONV_2D/int8", "CONVERT/int8", "PRELU/fp32", "CONVERT/int8", "CONV_2D/int8"]
+    assert keys("SigmoidChain", {"h": 8, "c": 8, "n": 3}) == ["LUT/int8"]
+
+
+def test_depthwise_work_counts_whole_tiles_remainder_steps_and_fixed_taps():
+    """int8 depthwise: 16 channels a tile, the rest 8 at a time, taps in kernels of 3, 9 or 25."""
+    tiling = kind_tiling("DEPTHWISE_CONV_2D", "int8", Core(dot_product=True))
+
+    def work(c, k):
+        shape = np.array([[8, 8, c, 8, 8, c, k, 1, 0, 64 * c * k * k]], dtype=np.float64)
+        return dict(zip(WORK, _work(shape, tiling)[0]))
+    assert (work(16, 3)["tiles"], work(16, 3)["steps"]) == (64, 0)
+    assert (work(9, 3)["tiles"], work(9, 3)["steps"]) == (0, 128)
+    assert (work(24, 5)["tiles"], work(24, 5)["tap_steps"]) == (64, 64 * 25)
+    assert work(16, 1)["tap_tiles"] == 64 * 3  # a 1x1 int8 depthwise convolution runs the 3-tap kernel
+
+
+def test_refit_reads_kernels_of_samples_an_older_detector_read_anew(tmp_path):
+    """A sample stored before int8 unary runs were one table lookup is lowered again and read
+    anew by a refit (no new measurement), and the samples file keeps what it read."""
+    store = PredictorStore(tmp_path, "local")
+    old = [{"kind": kind, "precision": precision, "operator": "op", **dict(zip(FEATURES, (8, 8, 8, 8, 8, 8, 0, 1, 0, 512)))}
+           for kind, precision in (("CONVERT", "int8"), ("HARD_SWISH", "fp32"), ("CONVERT", "int8"))]
+    store.append([{"batch": 0, "sample": Sample("HardSwish", "int8", {"h": h, "c": 8}).to_dict(), "kernels": old,
+                   "io": {"inputs": 1, "outputs": 1, "in_bytes": h * h * 8, "out_bytes": h * h * 8},
+                   "cost": 1000.0 + h * h, "base": 100.0, "threads": 1} for h in (4, 8, 16)])
+    predictor = calibrate(get_device("local"), store, 0, 1)
+    assert {r["detector"] for r in store.samples()} == {DETECTOR}
+    assert [[k["kind"] for k in r["kernels"]] for r in store.samples()] == [["LUT"]] * 3
+    assert list(predictor.regressors) == ["LUT/int8"]
+
+
+def test_depthwise_micro_kernels_are_priced_apart():
+    """Each depthwise tap count is its own micro-kernel (its own regressor); the little cores'
+    fp32 3x3 one computes 4 channels a tile."""
+    assert regressor_key("DEPTHWISE_CONV_2D", "fp32", 3) == "DEPTHWISE_CONV_2D/fp32/9"
+    assert regressor_key("DEPTHWISE_CONV_2D", "int8", 1) == "DEPTHWISE_CONV_2D/int8/3"
+    assert regressor_key("CONV_2D", "fp32", 3) == "CONV_2D/fp32"
+    assert kind_tiling("DEPTHWISE_CONV_2D", "fp32", Core(little=True), 9).wide.nr == 4
+    assert kind_tiling("DEPTHWISE_CONV_2D", "fp32", Core(little=True), 25).wide.nr == 8

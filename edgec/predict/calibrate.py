@@ -19,7 +19,7 @@ from edgec.errors import EdgecError, EdgecWarning
 from edgec.executors import Executor, Outcome, Task
 from edgec.executors.local import LocalExecutor
 from edgec.lower import LowerOptions, lower
-from edgec.predict.kernels import interface_of, kernels_of
+from edgec.predict.kernels import DETECTOR, interface_of, kernels_of
 from edgec.predict.measure import measure_batch
 from edgec.predict.model import Predictor, PredictorStore
 from edgec.predict.space import SHARE, SIZES, Sample, draw, to_onnx
@@ -47,7 +47,7 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
     tasks, then each batch measured (emulated cores in parallel, a board one batch at a time)."""
     executor = executor or LocalExecutor()
     target = load_target(TFLITE_TARGETS[device.arch])
-    records = [r for r in store.samples() if r["threads"] == threads]  # timings at other thread counts do not mix
+    records = [r for r in _redetected(store, executor, target.name) if r["threads"] == threads]  # timings at other thread counts do not mix
     start = time.monotonic()
     pairs = [(op, precision) for op in ops for _ in range(SHARE.get(op, 1)) for precision in precisions]
     size = batch_size or BATCH[device.kind]
@@ -60,6 +60,26 @@ def calibrate(device: Device, store: PredictorStore, minutes: float, threads: in
     predictor = Predictor.fit(records, device, threads, target.name)
     store.save(predictor)
     return predictor
+
+
+def _redetected(store: PredictorStore, executor: Executor, target: str) -> list[dict]:
+    """The store's samples, those whose kernels an older detector read (``DETECTOR``) lowered
+    again and read anew, and the samples file rewritten with them: a change in how kernels
+    are detected needs no new measurements. A sample that no longer lowers is dropped."""
+    records = store.samples()
+    stale = {i for i, r in enumerate(records) if r.get("detector") != DETECTOR}
+    if not stale:
+        return records
+    outcomes = executor.run([Task(_lower, (Sample(**records[i]["sample"]), target)) for i in sorted(stale)])
+    fresh = {i: _detected(records[i], o.value) for i, o in zip(sorted(stale), outcomes) if o.ok and o.value is not None}
+    kept = [fresh.get(i, r) for i, r in enumerate(records) if i not in stale or i in fresh]
+    store.rewrite(kept)
+    return kept
+
+
+def _detected(record: dict, content: bytes) -> dict:
+    return {**record, "kernels": [k.to_dict() for k in kernels_of(content)], "io": interface_of(content).to_dict(),
+            "detector": DETECTOR}
 
 
 def _draw(pairs: Sequence[tuple[str, str]], batch: int, size: int) -> list[Sample]:
@@ -91,8 +111,7 @@ def _records(device: Device, batch: int, lowered: list[tuple[Sample, bytes]], ou
         raise EdgecError(f"Device '{device.name}' could not run the trivial calibration model"
                          f"{f' ({outcome.error})' if outcome.error else ''}.",
                          hint="Check the device with `edgec profile` on a small artifact first.")
-    return [{"batch": batch, "sample": sample.to_dict(), "kernels": [k.to_dict() for k in kernels_of(content)],
-             "io": interface_of(content).to_dict(), "cost": cost, "base": base, "threads": threads}
+    return [_detected({"batch": batch, "sample": sample.to_dict(), "cost": cost, "base": base, "threads": threads}, content)
             for (sample, content), cost in zip(lowered, costs) if cost is not None]
 
 

@@ -3,7 +3,9 @@
 nn-Meter's observation: a runtime executes a model as a sequence of *kernels* (operators
 after its fusions), and a model's latency is close to the sum of its kernels' latencies.
 With XNNPACK, a TFLite CONV_2D carries its bias and activation (one kernel); a zero PAD
-feeding a convolution is folded into it; reshapes of static shapes cost nothing. Every other
+feeding a convolution is folded into it; reshapes of static shapes cost nothing; a run of
+unary ops from an int8 value to an int8 value (a float activation between two conversions)
+is one table lookup (``LUT``). Every other
 operator is a kernel of its own, described by the few numbers its cost depends on
 (:class:`Kernel`). A kernel kind without a fitted regressor is *unknown*: reported, never
 guessed. Besides its kernels, an inference costs the copies of its inputs and outputs
@@ -37,7 +39,17 @@ CONVERT = {"QUANTIZE": "CONVERT", "DEQUANTIZE": "CONVERT"}
 # Kinds that run as another's kernel: MediaPipe's transposed convolution is XNNPACK's deconvolution.
 SAME_KERNEL = {**CONVERT, "CUSTOM:Convolution2DTransposeBias": "TRANSPOSE_CONV"}
 CONVOLUTIONS = ("CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV")
+# XNNPACK's unary elementwise operators (QUANTIZE and DEQUANTIZE are its "convert"), and the
+# binary ones, which count as unary when one operand is a constant single value.
+UNARY = {"QUANTIZE", "DEQUANTIZE", *CLAMPS, "HARD_SWISH", "LOGISTIC", "TANH", "ELU", "LEAKY_RELU", "GELU", "ABS", "NEG",
+         "SQRT", "RSQRT", "SQUARE", "EXP", "LOG", "SIN", "COS", "CEIL", "FLOOR", "ROUND", "SIGN"}
+SCALAR_BINARY = {"ADD", "SUB", "MUL", "DIV", "MAXIMUM", "MINIMUM", "SQUARED_DIFFERENCE"}
+LUT_MAX_OPS = 10  # XNN_MAX_UNARY_FUSION_NODES
+_BYTE_TYPES = {tfl.TensorType.INT8, tfl.TensorType.UINT8}
 FEATURES = ("hin", "win", "cin", "hout", "wout", "cout", "k", "stride", "in2", "macs")
+# How kernels are read off a .tflite; each calibration sample records it, and one read by an
+# older version is lowered again and read anew before a fit (calibrate.py).
+DETECTOR = "2"  # 2: unary runs between int8 values are one LUT kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,9 +109,14 @@ def kernels_of(content: bytes) -> list[Kernel]:
     producers = {int(t): index for index, op in enumerate(graph.operators) for t in op.outputs}
     outputs = {int(t) for t in graph.outputs}
     kernels = []
+    chains = _lut_chains(model, graph, codes, readers, outputs)
+    in_chain = {index for chain in chains.values() for index in chain}
     for index, op in enumerate(graph.operators):
         kind = codes[op.opcodeIndex]
-        if kind in FREE or (kind == "PAD" and _folds(graph, op, readers, codes)):
+        if index in chains:
+            kernels.append(_kernel("LUT", model, graph, graph.operators[chains[index][-1]], index))
+            continue
+        if index in in_chain or kind in FREE or (kind == "PAD" and _folds(graph, op, readers, codes)):
             continue
         if kind == "DEQUANTIZE" and _constant(model, graph.tensors[_inputs(op)[0]]):
             continue
@@ -138,6 +155,41 @@ def _folds(graph, pad, readers: dict[int, list[int]], codes: list[str]) -> bool:
     """A PAD read only by one convolution or pooling op (XNNPACK folds it in)."""
     users = readers.get(int(pad.outputs[0]), [])
     return len(users) == 1 and codes[graph.operators[users[0]].opcodeIndex] in PAD_FOLDS_INTO
+
+
+def _lut_chains(model, graph, codes: list[str], readers: dict[int, list[int]], outputs: set[int]) -> dict[int, list[int]]:
+    """Runs of two or more unary elementwise ops from an 8-bit tensor to an 8-bit tensor, each
+    value between them read only by the next: XNNPACK computes such a run as one table
+    lookup (``xnn_subgraph_fuse_unary_quantized_into_lut``), e.g. DEQUANTIZE → HARD_SWISH →
+    QUANTIZE, or a chain of int8 sigmoids. Keyed by the first op's index."""
+    chains: dict[int, list[int]] = {}
+    claimed: set[int] = set()
+    for index, op in enumerate(graph.operators):
+        if index in claimed or not _unary(model, graph, op, codes) or graph.tensors[_inputs(op)[0]].type not in _BYTE_TYPES:
+            continue
+        chain = [index]
+        while len(chain) < LUT_MAX_OPS:
+            value = int(graph.operators[chain[-1]].outputs[0])
+            users = readers.get(value, [])
+            if value in outputs or len(users) != 1 or not _unary(model, graph, graph.operators[users[0]], codes):
+                break
+            chain.append(users[0])
+        while len(chain) > 1 and graph.tensors[int(graph.operators[chain[-1]].outputs[0])].type not in _BYTE_TYPES:
+            chain.pop()  # the run must end on an 8-bit value: a table's entries
+        if len(chain) > 1:
+            chains[index] = chain
+            claimed.update(chain)
+    return chains
+
+
+def _unary(model, graph, op, codes: list[str]) -> bool:
+    """An op XNNPACK takes for a pure function of one tensor (see ``_lut_chains``)."""
+    kind = codes[op.opcodeIndex]
+    if kind in UNARY:
+        return len(_inputs(op)) == 1
+    inputs = [graph.tensors[t] for t in _inputs(op)]
+    return (kind in SCALAR_BINARY and len(inputs) == 2
+            and any(_constant(model, t) and int(np.prod(t.shape)) == 1 for t in inputs))
 
 
 def _fused_clamp(graph, clamp, readers: dict[int, list[int]], producers: dict[int, int], outputs: set[int],

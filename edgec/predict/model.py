@@ -35,11 +35,12 @@ from sklearn.linear_model import LinearRegression
 from edgec import __version__
 from edgec.errors import EdgecError
 from edgec.predict.kernels import FEATURES, Kernel
+from edgec.predict.tiles import Tiling, core_of, kind_tiling, tiled, variant
 from edgec.profile.devices import Device
 
 KERNEL_WEIGHT = 1.0  # a measurement's weight in the fit: its kernels to this power
 MIN_SAMPLES = 3  # measurements a kind must appear in; fewer: the kind stays unknown
-FORMAT = "5"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
+FORMAT = "6"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
 PICKLE, META, SAMPLES = "predictor.pkl", "predictor.json", "samples.jsonl"
 NR = 8  # output channels an fp32 GEMM micro-kernel computes at once
 TILE = 16  # output channels a micro-kernel computes at once (XNNPACK's int8 kernels; fp32 uses 8, a divisor)
@@ -59,22 +60,42 @@ def cache_dir(option: str | os.PathLike[str] | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgec"
 
 
-def _work(shapes: np.ndarray) -> np.ndarray:
-    """Per kernel, the work measures its cost is linear in (columns: ``WORK``)."""
-    hin, win, cin, hout, wout, cout, k, _stride, in2, macs = shapes.T
+def _work(shapes: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
+    """Per kernel, the work measures its cost is linear in (columns: ``WORK``); ``tiling``: the
+    micro-kernels XNNPACK computes the kind in (edgec/predict/tiles.py), if it is tiled."""
+    hin, win, cin, hout, wout, cout, k, stride, in2, macs = shapes.T
     pixels = hout * wout
-    padded = macs / np.maximum(cout, 1) * np.ceil(cout / TILE) * TILE
-    taps = pixels * np.maximum(k, 1) ** 2
-    return np.column_stack([np.ones(len(shapes)), macs, padded, np.where(k <= 1, macs, 0), hin * win * cin + in2,
-                            pixels * cout, pixels, taps, taps * np.ceil(cout / NR), np.where(k <= 1, pixels * np.ceil(cout / NR), 0)])
+    taps = np.maximum(k, 1) ** 2
+    zero = np.zeros(len(shapes))
+    if tiling is None:
+        padded, narrow_macs = macs / np.maximum(cout, 1) * np.ceil(cout / TILE) * TILE, zero
+        tile_count, narrow_tiles, steps = np.where(k <= 1, pixels * np.ceil(cout / NR), 0), zero, zero
+        tap_tiles = taps * pixels * np.ceil(cout / NR)
+    else:
+        depth = macs / np.maximum(pixels * cout * taps, 1)  # input channels per tap (1 for a depthwise one)
+        taps = tiling.kernel_taps(taps)
+        padded, tile_count, steps = tiled(pixels, cout, taps, depth, tiling.wide)
+        narrow_macs, narrow_tiles, _ = tiled(pixels, cout, taps, depth, tiling.narrow) if tiling.narrow else (zero, zero, zero)
+        narrow = tiling.narrow_layers(cout, k, stride)
+        tap_tiles = np.where(narrow, narrow_tiles, tile_count) * taps
+        padded, narrow_macs = np.where(narrow, 0, padded), np.where(narrow, narrow_macs, 0)
+        tile_count, narrow_tiles = np.where(narrow, 0, tile_count), np.where(narrow, narrow_tiles, 0)
+    return np.column_stack([np.ones(len(shapes)), macs, padded, narrow_macs, np.where(k <= 1, macs, 0), hin * win * cin + in2,
+                            pixels * cout, pixels, pixels * taps, tap_tiles, tile_count, narrow_tiles, steps, steps * taps])
 
 
-# "tap_tiles": an indirect GEMM walks every kernel tap once per tile of NR output channels,
-# whatever the input channels; with few of them (an RGB image's 3) that walk is most of the cost.
-# "tiles_1x1": a pointwise convolution is a plain GEMM, whose per-tile overhead outweighs a
-# short (few input channels) inner loop.
-WORK = ("kernel", "macs", "macs_padded", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window", "tap_tiles",
-        "tiles_1x1")
+# "macs_tiled": the multiply-adds a tiled micro-kernel executes, padding included (for kinds
+# without tiles: MACs with output channels padded to TILE); "macs_narrow" and "tiles_narrow":
+# the same for layers XNNPACK gives its narrow micro-kernel, several times slower per
+# multiply-add (fp32 output channels that do not fill tiles of 8).
+# "tap_tiles": an indirect GEMM walks every kernel tap once per tile, whatever the input
+# channels; with few of them (an RGB image's 3) that walk is most of the cost.
+# "tiles": what a tile costs besides its multiply-adds (accumulators set up, requantized,
+# stored); for kinds without tiles, the 1×1 GEMM tiles of NR channels. "steps" and
+# "tap_steps": a depthwise micro-kernel's loop over the channels past its whole tiles, a
+# few at a time (int8: 8), with its own cost per step and per tap.
+WORK = ("kernel", "macs", "macs_tiled", "macs_narrow", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window",
+        "tap_tiles", "tiles", "tiles_narrow", "steps", "tap_steps")
 FIXED = ("inference", "tensors", "bytes_in", "bytes_out")  # the fixed part's terms, from the Interface
 
 
@@ -88,9 +109,10 @@ class KindRegressor:
 
     coefficients: np.ndarray  # per WORK column, non-negative
     samples: int
+    tiling: Tiling | None = None  # the micro-kernels the kind runs in on the device, if tiled
 
     def predict(self, shapes: np.ndarray) -> np.ndarray:
-        return _work(shapes) @ self.coefficients
+        return _work(shapes, self.tiling) @ self.coefficients
 
 
 @dataclasses.dataclass
@@ -113,15 +135,17 @@ class Predictor:
         costs = _normalised_costs(records) if not device.emulated else np.array([r["cost"] for r in records], dtype=np.float64)
         appearances = Counter(key for r in records for key in {_key(k) for k in r["kernels"]})
         keys = sorted(key for key, n in appearances.items() if n >= MIN_SAMPLES)
+        core = core_of(device)
+        tilings = {key: kind_tiling(kind, precision, core, which) for key in keys for kind, precision, which in [_key_parts(key)]}
         rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
-        design = np.array([_design_row(records[i], keys) for i in rows])
+        design = np.array([_design_row(records[i], keys, tilings) for i in rows])
         scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
         weight = np.array([len(records[i]["kernels"]) for i in rows], dtype=np.float64) ** KERNEL_WEIGHT
         fit = LinearRegression(positive=True, fit_intercept=False).fit(design / scale / costs[rows, None], np.ones(len(rows)),
                                                                        sample_weight=weight)
         weights = fit.coef_ / scale
         width = len(WORK)
-        regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], appearances[key])
+        regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], appearances[key], tilings[key])
                       for i, key in enumerate(keys)}
         return cls(device.summary(), "instructions" if device.emulated else "ms", threads, target,
                    weights[:len(FIXED)], regressors, versions())
@@ -134,7 +158,7 @@ class Predictor:
         """Each kernel's predicted cost; None for kinds without a regressor (unknown)."""
         by_key: dict[str, list[int]] = defaultdict(list)
         for i, kernel in enumerate(kernels):
-            by_key[kernel.key].append(i)
+            by_key[regressor_key(kernel.kind, kernel.precision, kernel.shape[FEATURES.index("k")])].append(i)
         costs: list[float | None] = [None] * len(kernels)
         for key, indices in by_key.items():
             if key in self.regressors:
@@ -149,18 +173,30 @@ class Predictor:
                 "kernels": {key: r.samples for key, r in sorted(self.regressors.items())}, "versions": self.versions}
 
 
+def regressor_key(kind: str, precision: str, k: int) -> str:
+    """Which regressor prices a kernel: its kind and precision, and for kinds XNNPACK runs in
+    several micro-kernels, which one (tiles.variant: a depthwise convolution's taps)."""
+    which = variant(kind, precision, k)
+    return f"{kind}/{precision}/{which}" if which else f"{kind}/{precision}"
+
+
+def _key_parts(key: str) -> tuple[str, str, int]:
+    kind, precision, *which = key.split("/")
+    return kind, precision, int(which[0]) if which else 0
+
+
 def _key(entry: dict) -> str:
-    return f"{entry['kind']}/{entry['precision']}"
+    return regressor_key(entry["kind"], entry["precision"], entry["k"])
 
 
-def _design_row(record: dict, keys: list[str]) -> np.ndarray:
+def _design_row(record: dict, keys: list[str], tilings: dict[str, Tiling | None]) -> np.ndarray:
     """The record's fixed terms, then per kind its kernels' summed work measures."""
     width = len(WORK)
     row = np.zeros(len(FIXED) + width * len(keys))
     row[:len(FIXED)] = _fixed(record["io"])
     for entry in record["kernels"]:
         start = len(FIXED) + keys.index(_key(entry)) * width
-        row[start:start + width] += _work(np.array([[entry[f] for f in FEATURES]], dtype=np.float64))[0]
+        row[start:start + width] += _work(np.array([[entry[f] for f in FEATURES]], dtype=np.float64), tilings[_key(entry)])[0]
     return row
 
 
@@ -195,6 +231,13 @@ class PredictorStore:
         with open(self.folder / SAMPLES, "a") as file:
             file.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
         return records
+
+    def rewrite(self, records: list[dict]) -> None:
+        """Replace the samples file with ``records`` (written aside, then moved over it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        aside = self.folder / f"{SAMPLES}.new"
+        aside.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        aside.replace(self.folder / SAMPLES)
 
     def save(self, predictor: Predictor) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
