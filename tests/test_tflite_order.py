@@ -70,6 +70,23 @@ def test_canonical_form_ignores_operator_tensor_and_buffer_numbering(block_tflit
     assert canonical(_scrambled(content, seed=0)) == canonical(_scrambled(content, seed=1)) == canonical(content)
 
 
+def test_conversion_names_do_not_depend_on_the_converters_numbering(tmp_path):
+    """The converter numbered its QUANTIZE/DEQUANTIZE outputs differently between runs; the
+    canonical form names each after what it converts, so their names cannot make two files."""
+    model_path = save(downsampling_block(), tmp_path)
+    content = build(model_path, "tflite-x86", tmp_path / "out", BuildOptions(seed=3, precision="int8", speed_check=False)).artifacts[0].read_bytes()
+    model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(content), 0)
+    graph, codes = model.subgraphs[0], [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    conversions = {tfl_schema.BuiltinOperator.QUANTIZE, tfl_schema.BuiltinOperator.DEQUANTIZE}
+    outputs = [int(op.outputs[0]) for op in graph.operators if codes[op.opcodeIndex] in conversions]
+    outputs = [t for t in outputs if t not in {int(i) for i in [*graph.inputs, *graph.outputs]}]
+    assert len(outputs) >= 2, "the PRelu kept float puts conversions around it"
+    assert all(graph.tensors[t].name.decode().rsplit("/", 1)[-1].rstrip("0123456789") in ("quantize", "dequantize") for t in outputs)
+    for i, t in enumerate(outputs):
+        graph.tensors[t].name = f"converter_numbering_{len(outputs) - i}".encode()
+    assert canonical(_packed(model)) == canonical(content) == content
+
+
 def test_a_graph_with_stateful_tensors_keeps_its_operator_order(block_tflite):
     """Ops reading and writing a variable tensor depend on file order, not only on data."""
     model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(_scrambled(block_tflite.read_bytes(), seed=3)), 0)

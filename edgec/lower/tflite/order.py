@@ -16,7 +16,12 @@ that artifact was 9-15% slower than Google's own file with the same kernels.
   by a hash of what the operator computes (op, options, and recursively its inputs; constants
   by content) — never by names or by the order the exporter chose;
 * tensors by first use in that order (graph inputs first), buffers by first use, operator
-  codes by first use.
+  codes by first use;
+* the output of a QUANTIZE or DEQUANTIZE named after its input (``<input>/quantize<k>``,
+  ``<input>/dequantize<k>``, k counting such conversions of that input in operator order):
+  the converter numbers those names in an order that varied between two runs on the same
+  model (an int8 transformer came out with two pairs of names swapped), and the input's name
+  already carries the layer it converts. Graph inputs and outputs keep their names.
 
 A subgraph with resource variables or stateful tensors keeps the converter's operator order
 (only its numbering changes): there the order carries meaning data dependencies do not show.
@@ -48,6 +53,7 @@ def canonical(content: bytes) -> bytes:
             keys = _GraphKeys(model, graph)
             graph.operators = [graph.operators[i] for i in lean_order(graph, keys.operator, lambda t: _activation_bytes(model, graph, t))]
         _renumber_tensors(model, graph, index)
+        _name_conversions(model, graph)
     _renumber_buffers(model)
     _renumber_operator_codes(model)
     builder = flatbuffers.Builder(len(content) + 1024)
@@ -155,6 +161,20 @@ def _activation_bytes(model, graph, tensor: int) -> int:
         return 0
     count = int(np.prod(t.shape)) if t.shape is not None else 1
     return count * _ITEM_BYTES.get(_TYPE_NAMES.get(t.type, ""), 4)
+
+
+def _name_conversions(model, graph) -> None:
+    """Each conversion's output named after its input (see the module docstring)."""
+    codes = [_BUILTIN_NAMES.get(max(c.builtinCode, c.deprecatedBuiltinCode)) for c in model.operatorCodes]
+    pinned = {int(t) for t in [*graph.inputs, *graph.outputs]}
+    seen: dict[tuple[int, str], int] = {}
+    for op in graph.operators:
+        kind = codes[op.opcodeIndex]
+        if kind not in ("QUANTIZE", "DEQUANTIZE") or int(op.outputs[0]) in pinned:
+            continue
+        source = int(op.inputs[0])
+        k = seen[source, kind] = seen.get((source, kind), -1) + 1
+        graph.tensors[int(op.outputs[0])].name = f"{graph.tensors[source].name.decode()}/{kind.lower()}{k}".encode()
 
 
 def _renumber_tensors(model, graph, index: int) -> None:
