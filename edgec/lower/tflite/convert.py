@@ -11,7 +11,6 @@ import logging
 import warnings
 from collections.abc import Collection, Mapping, Sequence
 
-import flatbuffers
 import numpy as np
 import tensorflow as tf
 from tensorflow.lite.python import convert as tf_convert
@@ -21,9 +20,9 @@ from ai_edge_litert import schema_py_generated as tfl_schema
 
 from edgec.errors import UnsupportedOpError
 from edgec.lower.tflite.context import ORT_HINT
+from edgec.lower.tflite.flatbuffer import packed
 from edgec.quiet import captured_stderr
 
-_FILE_IDENTIFIER = b"TFL3"
 
 
 def keras_to_tflite(
@@ -160,9 +159,7 @@ def add_metadata(content: bytes, entries: Mapping[str, bytes]) -> bytes:
         entry.name = name
         entry.buffer = len(model.buffers) - 1
         model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(content) + sum(map(len, entries.values())) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output())
+    return packed(model, len(content) + sum(map(len, entries.values())))
 
 
 _BUILTIN_NAMES = {v: k for k, v in vars(tfl_schema.BuiltinOperator).items() if not k.startswith("_")}

@@ -32,11 +32,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl_schema
 
-_FILE_IDENTIFIER = b"TFL3"
+from edgec.lower.tflite.flatbuffer import builtin_codes, packed
+
 _ITEM_BYTES = {"FLOAT16": 2, "INT16": 2, "UINT16": 2, "BFLOAT16": 2, "INT8": 1, "UINT8": 1, "BOOL": 1,
                "INT64": 8, "UINT64": 8, "FLOAT64": 8, "COMPLEX64": 8, "COMPLEX128": 16, "INT4": 1}
 _TYPE_NAMES = {v: k for k, v in vars(tfl_schema.TensorType).items() if not k.startswith("_")}
@@ -56,9 +56,7 @@ def canonical(content: bytes) -> bytes:
         _name_conversions(model, graph)
     _renumber_buffers(model)
     _renumber_operator_codes(model)
-    builder = flatbuffers.Builder(len(content) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output())
+    return packed(model, len(content))
 
 
 def lean_order(graph, key: Callable[[int], str], size: Callable[[int], int]) -> list[int]:
@@ -139,7 +137,7 @@ class _GraphKeys:
 def _has_side_effects(model, graph) -> bool:
     """Whether the order of ``graph``'s operators means more than their data dependencies:
     resource variables and stateful (variable) tensors are read and written in file order."""
-    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    codes = builtin_codes(model)
     stateful = any(_BUILTIN_NAMES.get(codes[op.opcodeIndex]) in _STATEFUL_OPS for op in graph.operators)
     return stateful or any(t.isVariable for t in graph.tensors)
 
@@ -165,7 +163,7 @@ def _activation_bytes(model, graph, tensor: int) -> int:
 
 def _name_conversions(model, graph) -> None:
     """Each conversion's output named after its input (see the module docstring)."""
-    codes = [_BUILTIN_NAMES.get(max(c.builtinCode, c.deprecatedBuiltinCode)) for c in model.operatorCodes]
+    codes = [_BUILTIN_NAMES.get(code) for code in builtin_codes(model)]
     pinned = {int(t) for t in [*graph.inputs, *graph.outputs]}
     seen: dict[tuple[int, str], int] = {}
     for op in graph.operators:

@@ -15,11 +15,11 @@ about 4 instructions per element; see README, int8).
 
 from __future__ import annotations
 
-import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as tfl_schema
 
-_FILE_IDENTIFIER = b"TFL3"
+from edgec.lower.tflite.flatbuffer import builtin_codes, packed
+
 _OP = tfl_schema.BuiltinOperator
 
 
@@ -39,9 +39,7 @@ def shared_slope_prelu_as_leaky_relu(calibrated: bytes) -> tuple[bytes, int]:
             replaced += 1
     if not replaced:
         return calibrated, 0
-    builder = flatbuffers.Builder(len(calibrated) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output()), replaced
+    return packed(model, len(calibrated)), replaced
 
 
 def _shared_slope(model, op) -> float | None:
@@ -55,7 +53,7 @@ def _shared_slope(model, op) -> float | None:
 
 
 def _find_opcode(model, builtin: int) -> int | None:
-    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
+    codes = builtin_codes(model)
     return codes.index(builtin) if builtin in codes else None
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import flatbuffers
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from ai_edge_litert import schema_py_generated as tfl_schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from edgec.lower.tflite.flatbuffer import builtin_codes, packed
 from edgec.lower.tflite.keras_builder import KerasLowering
 from edgec.quiet import captured_stderr
 from edgec.ranges import Histogram
@@ -36,7 +36,6 @@ SAME_SCALE_OPS = frozenset({
     "SPACE_TO_DEPTH", "BATCH_TO_SPACE_ND", "SPACE_TO_BATCH_ND", "MAXIMUM", "MINIMUM",
 })
 _NAMES = {v: k for k, v in vars(tfl_schema.BuiltinOperator).items() if not k.startswith("_")}
-_FILE_IDENTIFIER = b"TFL3"
 
 
 def refine_ranges(calibrated: bytes, samples: Sequence[Mapping[str, np.ndarray]]) -> tuple[bytes, dict]:
@@ -54,9 +53,7 @@ def refine_ranges(calibrated: bytes, samples: Sequence[Mapping[str, np.ndarray]]
         for index in group:
             graph.tensors[index].quantization.min = np.array([low], np.float32)
             graph.tensors[index].quantization.max = np.array([high], np.float32)
-    builder = flatbuffers.Builder(len(calibrated) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output()), {"groups": len(groups), "mean_range_kept": round(float(np.mean(kept)), 4) if kept else 1.0}
+    return packed(model, len(calibrated)), {"groups": len(groups), "mean_range_kept": round(float(np.mean(kept)), 4) if kept else 1.0}
 
 
 MATCH_TOLERANCE = 1e-3  # of a tensor's largest magnitude: TFLite's float kernels and folded constants round differently
@@ -96,9 +93,7 @@ def learned_ranges(calibrated: bytes, ranges: Sequence[tuple[str, float, float]]
         for index in group:
             graph.tensors[index].quantization.min = np.array([low], np.float32)
             graph.tensors[index].quantization.max = np.array([high], np.float32)
-    builder = flatbuffers.Builder(len(calibrated) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=_FILE_IDENTIFIER)
-    return bytes(builder.Output()), {"source": "quantization-aware training", "given": len(ranges), "matched": matched,
+    return packed(model, len(calibrated)), {"source": "quantization-aware training", "given": len(ranges), "matched": matched,
                                      "tensors": sum(len(g) for g in groups)}
 
 
@@ -126,7 +121,7 @@ def _groups(model) -> list[list[int]]:
             i = parent[i]
         return i
 
-    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
+    codes = builtin_codes(model)
     for op in graph.operators or []:
         if _NAMES.get(codes[op.opcodeIndex]) in SAME_SCALE_OPS:
             tensors = [i for i in [*op.inputs, *op.outputs] if i in parent]
