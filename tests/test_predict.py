@@ -15,11 +15,11 @@ from edgec.cli import app
 from edgec.lower import LowerOptions, lower
 from edgec.predict import PredictorMissing, PredictorStore, predict, predict_cost
 from edgec.predict.calibrate import _lower, calibrate
-from edgec.predict.kernels import DETECTOR, FEATURES, Kernel, detect, kernels_of
-from edgec.predict.model import WORK, Predictor, _work, regressor_key
+from edgec.predict.kernels import DETECTOR, FEATURES, Kernel, detect, interface_of, kernels_of
+from edgec.predict.model import FIXED, WORK, Predictor, _fixed, _work, regressor_key
 from edgec.predict.measure import measure_batch
 from edgec.predict.space import Sample
-from edgec.predict.tiles import Core, core_of, gemm_tiles, heuristic_mr, kind_tiling
+from edgec.predict.tiles import Core, Tiles, core_from_cpuinfo, core_of, gemm_tiles, heuristic_mr, kind_tiling
 from edgec.profile import get_device
 from edgec.profile.emulator import setup_problem
 from edgec.targets import load_target
@@ -164,7 +164,7 @@ def test_calibration_on_ray_measures_one_batch_per_worker_and_the_same_counts(tm
 def test_xnnpack_tiles_pad_pixels_channels_and_dot_product_depth():
     """A layer costs whole micro-kernel tiles: pixels padded to XNNPACK's choice of mr, output
     channels to nr, and (int8 with dot product) each tap's input channels to 4."""
-    f32, dot = gemm_tiles("fp32", True), gemm_tiles("int8", True)
+    f32, dot = gemm_tiles("fp32", Core(dot_product=True)), gemm_tiles("int8", Core(dot_product=True))
     assert heuristic_mr(np.array([1, 4, 5, 4096]), f32).tolist() == [1, 4, 6, 6]
     assert heuristic_mr(np.array([1, 3, 4096]), dot).tolist() == [1, 4, 4]
     conv = kind_tiling("CONV_2D", "fp32", Core(dot_product=True))
@@ -213,6 +213,33 @@ def test_fit_on_tiled_work_predicts_channels_it_never_saw():
     odd = _record([conv(24, 28)], cost_of)
     kernels = [Kernel("CONV_2D", "fp32", conv(24, 28)[1], "op")]
     assert predictor.fixed_cost(odd["io"]) + sum(predictor.kernel_costs(kernels)) == pytest.approx(odd["cost"], rel=0.01)
+
+
+def test_x86_cores_get_xnnpack_x86_tiles_by_their_cpu_flags():
+    """On an AVX-512 host with AMX (the dev box: its fp32 1x1 convolutions cost the same from 33
+    to 64 channels, 24 channels more than 32; int8 steps at 64 channels and 16 pixels), fp32
+    runs 7x32 tiles and 7x16 below 32 channels, int8 AMX's 16x64c4; without AMX, 7x16c8."""
+    flags = "flags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni amx_tile amx_int8\nflags\t\t: fpu\n"
+    core = core_from_cpuinfo("processor\t: 0\n" + flags)
+    assert core == Core(x86=frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "amx_int8"}))
+    assert gemm_tiles("fp32", core) == Tiles((1, 7), 32) and gemm_tiles("int8", core) == Tiles((1, 16), 64, 4)
+    assert gemm_tiles("int8", Core(x86=frozenset({"avx512_vnni", "avx512f"}))) == Tiles((1, 7), 16, 8)
+    conv = kind_tiling("CONV_2D", "fp32", core)
+    assert conv.narrow_layers(np.array([16, 24, 32, 40]), np.array([3] * 4), np.ones(4)).tolist() == [True, True, False, False]
+    assert conv.narrow_layers(np.array([40, 56]), np.ones(2), np.ones(2)).tolist() == [True, False]
+    assert kind_tiling("DEPTHWISE_CONV_2D", "int8", core, 9).wide == Tiles((1,), 16)
+    assert core_from_cpuinfo("CPU implementer\t: 0x41\nFeatures\t: fp asimd asimddp\nCPU part\t: 0xd0b\n") == Core(dot_product=True)
+
+
+def test_weights_past_the_cache_are_streamed_every_inference():
+    """A model whose weights outgrow its core's cache reads the rest again each inference; a
+    device that counts instructions has no such cache (infinite)."""
+    content = _lower(Sample("Conv", "fp32", {"h": 8, "c": 8, "cout": 16, "k": 3, "stride": 1}), "tflite-x86")
+    assert interface_of(content).weight_bytes == (16 * 8 * 9 + 16) * 4
+    interface = {"inputs": 1, "outputs": 1, "in_bytes": 0, "out_bytes": 0, "weight_bytes": 3 * 2 ** 20}
+    streamed = FIXED.index("weights_streamed")
+    assert _fixed(interface, 2 ** 21)[streamed] == 2 ** 20 and _fixed(interface)[streamed] == 0
+    assert _fixed({**interface, "weight_bytes": 2 ** 20}, 2 ** 21)[streamed] == 0
 
 
 @pytest.mark.skipif(setup_problem(get_device("emulated-a76").emulation) is not None, reason="no emulator (make arm-emulator)")

@@ -74,12 +74,14 @@ class Kernel:
 
 @dataclasses.dataclass(frozen=True)
 class Interface:
-    """What an inference copies in and out: tensor count and bytes each way."""
+    """What an inference copies in and out: tensor count and bytes each way; and the bytes of
+    weights it reads (fp16 ones as the fp32 the runtime expands them to at load)."""
 
     inputs: int
     outputs: int
     in_bytes: int
     out_bytes: int
+    weight_bytes: int = 0
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -127,9 +129,12 @@ def kernels_of(content: bytes) -> list[Kernel]:
 
 
 def interface_of(content: bytes) -> Interface:
-    """The inputs and outputs of a ``.tflite`` flatbuffer: what an inference copies."""
-    graph = tfl.ModelT.InitFromPackedBuf(content, 0).subgraphs[0]
-    return Interface(len(graph.inputs), len(graph.outputs), _bytes(graph, graph.inputs), _bytes(graph, graph.outputs))
+    """The inputs and outputs of a ``.tflite`` flatbuffer (what an inference copies) and its weights."""
+    model = tfl.ModelT.InitFromPackedBuf(content, 0)
+    graph = model.subgraphs[0]
+    weights = [t for t in graph.tensors if model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data)]
+    weight_bytes = sum(int(np.prod(t.shape)) * (4 if t.type == tfl.TensorType.FLOAT16 else _ITEMSIZE.get(t.type, 4)) for t in weights)
+    return Interface(len(graph.inputs), len(graph.outputs), _bytes(graph, graph.inputs), _bytes(graph, graph.outputs), weight_bytes)
 
 
 def _bytes(graph, tensors) -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 from collections import Counter, defaultdict
@@ -40,7 +41,7 @@ from edgec.profile.devices import Device
 
 KERNEL_WEIGHT = 1.0  # a measurement's weight in the fit: its kernels to this power
 MIN_SAMPLES = 3  # measurements a kind must appear in; fewer: the kind stays unknown
-FORMAT = "6"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
+FORMAT = "7"  # the saved regressors' shape: a new one needs a refit (calibrate --minutes 0)
 PICKLE, META, SAMPLES = "predictor.pkl", "predictor.json", "samples.jsonl"
 NR = 8  # output channels an fp32 GEMM micro-kernel computes at once
 TILE = 16  # output channels a micro-kernel computes at once (XNNPACK's int8 kernels; fp32 uses 8, a divisor)
@@ -96,11 +97,15 @@ def _work(shapes: np.ndarray, tiling: Tiling | None = None) -> np.ndarray:
 # few at a time (int8: 8), with its own cost per step and per tap.
 WORK = ("kernel", "macs", "macs_tiled", "macs_narrow", "macs_1x1", "elements_in", "elements_out", "pixels_out", "window",
         "tap_tiles", "tiles", "tiles_narrow", "steps", "tap_steps")
-FIXED = ("inference", "tensors", "bytes_in", "bytes_out")  # the fixed part's terms, from the Interface
+# The fixed part's terms, from the Interface. "weights_streamed": the weight bytes past what
+# the core's cache holds, which every inference reads again from a slower level (a kernel
+# measured alone keeps its weights in cache; in a model of many layers they evict each other).
+FIXED = ("inference", "tensors", "bytes_in", "bytes_out", "weights_streamed")
 
 
-def _fixed(interface: dict[str, int]) -> np.ndarray:
-    return np.array([1.0, interface["inputs"] + interface["outputs"], interface["in_bytes"], interface["out_bytes"]])
+def _fixed(interface: dict[str, int], cache_bytes: float = math.inf) -> np.ndarray:
+    streamed = max(0.0, interface.get("weight_bytes", 0) - cache_bytes)
+    return np.array([1.0, interface["inputs"] + interface["outputs"], interface["in_bytes"], interface["out_bytes"], streamed])
 
 
 @dataclasses.dataclass
@@ -127,6 +132,7 @@ class Predictor:
     fixed: np.ndarray  # per FIXED term
     regressors: dict[str, KindRegressor]
     versions: dict[str, str]
+    cache_bytes: float = math.inf  # the core's cache, for the fixed part's streamed weights
 
     @classmethod
     def fit(cls, records: list[dict], device: Device, threads: int, target: str) -> Predictor:
@@ -138,7 +144,7 @@ class Predictor:
         core = core_of(device)
         tilings = {key: kind_tiling(kind, precision, core, which) for key in keys for kind, precision, which in [_key_parts(key)]}
         rows = [i for i, r in enumerate(records) if all(_key(k) in keys for k in r["kernels"])]
-        design = np.array([_design_row(records[i], keys, tilings) for i in rows])
+        design = np.array([_design_row(records[i], keys, tilings, core.cache_bytes) for i in rows])
         scale = np.maximum(np.abs(design).max(axis=0), 1e-30)
         weight = np.array([len(records[i]["kernels"]) for i in rows], dtype=np.float64) ** KERNEL_WEIGHT
         fit = LinearRegression(positive=True, fit_intercept=False).fit(design / scale / costs[rows, None], np.ones(len(rows)),
@@ -148,11 +154,11 @@ class Predictor:
         regressors = {key: KindRegressor(weights[len(FIXED) + i * width:len(FIXED) + (i + 1) * width], appearances[key], tilings[key])
                       for i, key in enumerate(keys)}
         return cls(device.summary(), "instructions" if device.emulated else "ms", threads, target,
-                   weights[:len(FIXED)], regressors, versions())
+                   weights[:len(FIXED)], regressors, versions(), core.cache_bytes)
 
     def fixed_cost(self, interface: dict[str, int]) -> float:
         """What an inference costs whatever it computes: invoke, and copying its inputs and outputs."""
-        return float(_fixed(interface) @ self.fixed)
+        return float(_fixed(interface, self.cache_bytes) @ self.fixed)
 
     def kernel_costs(self, kernels: list[Kernel]) -> list[float | None]:
         """Each kernel's predicted cost; None for kinds without a regressor (unknown)."""
@@ -189,11 +195,11 @@ def _key(entry: dict) -> str:
     return regressor_key(entry["kind"], entry["precision"], entry["k"])
 
 
-def _design_row(record: dict, keys: list[str], tilings: dict[str, Tiling | None]) -> np.ndarray:
+def _design_row(record: dict, keys: list[str], tilings: dict[str, Tiling | None], cache_bytes: float) -> np.ndarray:
     """The record's fixed terms, then per kind its kernels' summed work measures."""
     width = len(WORK)
     row = np.zeros(len(FIXED) + width * len(keys))
-    row[:len(FIXED)] = _fixed(record["io"])
+    row[:len(FIXED)] = _fixed(record["io"], cache_bytes)
     for entry in record["kernels"]:
         start = len(FIXED) + keys.index(_key(entry)) * width
         row[start:start + width] += _work(np.array([[entry[f] for f in FEATURES]], dtype=np.float64), tilings[_key(entry)])[0]

@@ -1,13 +1,13 @@
-"""The micro-kernel tiles XNNPACK computes convolutions in on arm64, and the work they do.
+"""The micro-kernel tiles XNNPACK computes convolutions in, and the work they do.
 
 XNNPACK runs a convolution or fully connected layer as a GEMM (an IGEMM, through an
 indirection buffer, when the kernel is larger than 1×1 or strided): a micro-kernel computes
 a tile of ``mr`` output pixels × ``nr`` output channels, stepping ``kr`` input channels at a
 time, so a layer costs whole tiles: the pixels are padded to ``mr``, the output channels to
 ``nr`` and, per kernel tap, the input channels to ``kr``. A depthwise convolution computes
-a tile of channels per output pixel. Which tiles, on aarch64 Linux (src/configs/gemm-config.c
-and dwconv-config.c of XNNPACK as ai-edge-litert 2.1 bundles it; the same for Cortex-A53 and
-A76 unless said):
+a tile of channels per output pixel. Which tiles (src/configs/gemm-config.c and
+dwconv-config.c of XNNPACK), on aarch64 Linux as ai-edge-litert 2.1 bundles it (the same for
+Cortex-A53 and A76 unless said):
 
 * fp32 GEMM: ``6x8`` (mr 1, 4 or 6), input channels one at a time; ``4x2`` (the "nr2"
   micro-kernel) for layers whose output channels do not fill tiles of 8 (see
@@ -20,6 +20,15 @@ A76 unless said):
   per tap count, each with its own cost per tap (:func:`variant`); on the in-order little
   cores (Cortex-A53, A55) the fp32 9-tap one is hand-written assembly of 4 channels a tile.
 
+On x86-64 XNNPACK picks by the CPU's flags (``X86_GEMM``, first match): fp32 ``7x32`` with
+AVX-512F and ``7x16`` as its narrow kernel, int8 ``16x64c4`` with AMX, ``7x16c8`` with
+AVX-512 VNNI; depthwise 16 channels a tile in both precisions, a remainder computed as a
+masked whole tile. Timed on this project's dev host (AVX-512F, AVX-512 VNNI, AMX), 1 thread:
+an fp32 1×1 convolution at 28×28×64 costs the same from 33 to 64 output channels and again
+from 65 to 96 (32-wide tiles), 8 to 24 channels run in 16-wide tiles (24 costs more than
+32); its int8 twin steps at 64 channels and 16 pixels (AMX tiles); depthwise 3×3 steps
+every 16 channels in fp32 and int8.
+
 XNNPACK picks ``mr`` per layer from the number of output pixels (``xnn_get_heuristic_mr_gemm``:
 an exact fit if one exists, else the fewest loads and multiply-adds); :func:`heuristic_mr`
 does the same.
@@ -28,6 +37,7 @@ does the same.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +100,15 @@ class Tiling:
 
 @dataclasses.dataclass(frozen=True)
 class Core:
-    """What of an arm64 core decides XNNPACK's micro-kernels: the dot-product instructions,
-    and whether it is an in-order little core (Cortex-A53/A55), which gets its own."""
+    """What of a core decides XNNPACK's micro-kernels. arm64: the dot-product instructions,
+    and whether it is an in-order little core (Cortex-A53/A55), which gets its own. x86-64:
+    which of the flags in ``X86_GEMM`` its Linux reports (None: not an x86 core). Timed
+    devices also pay for activations their core's cache cannot hold (edgec/predict/model.py)."""
 
     dot_product: bool = False
     little: bool = False
+    x86: frozenset[str] | None = None
+    cache_bytes: float = math.inf  # a core's own last cache (L2) where time is measured; instructions ignore it
 
 
 LITTLE_PARTS = {"0xd03", "0xd05"}  # Cortex-A53, Cortex-A55 (the "CPU part" in /proc/cpuinfo)
@@ -109,25 +123,45 @@ def variant(kind: str, precision: str, k: int) -> int:
     return min((t for t in DEPTHWISE_TAPS.get(precision, ()) if t >= taps), default=taps)
 
 
-def gemm_tiles(precision: str, dot_product: bool) -> Tiles:
-    """The GEMM micro-kernel tile of ``precision`` on an arm64 core (see the module docstring)."""
-    if precision == "int8":
-        return Tiles((1, 4), 16, 4 if dot_product else 1)
-    return Tiles((1, 4, 6), 8)
-
-
 NARROW_FP32 = Tiles((4,), 2)  # f32_gemm_nr2_config on arm64: 4x2 micro-kernels only
+# x86-64: (flag, precision, GEMM tile, narrow tile), the first whose flag the core has.
+X86_GEMM = (
+    ("amx_int8", "int8", Tiles((1, 16), 64, 4), None),
+    ("avx512_vnni", "int8", Tiles((1, 7), 16, 8), None),
+    ("avx2", "int8", Tiles((1, 3), 8, 8), None),
+    ("avx512f", "fp32", Tiles((1, 7), 32), Tiles((1, 7), 16)),
+    ("fma", "fp32", Tiles((1, 2, 5), 16), None),
+)
+X86_BASELINE = {"fp32": Tiles((1, 4), 8), "int8": Tiles((1, 3), 4, 8)}  # SSE2
+X86_DEPTHWISE_TILE = {"fp32": 16, "int8": 16}  # with AVX2 or later; what remains is one masked tile
+
+
+def gemm_tiles(precision: str, core: Core) -> Tiles:
+    """The GEMM micro-kernel tile of ``precision`` on ``core`` (see the module docstring)."""
+    return _gemm_tilings(precision, core)[0]
+
+
+def _gemm_tilings(precision: str, core: Core) -> tuple[Tiles, Tiles | None]:
+    """The wide GEMM tile and the narrow one (None: the core has no narrow kernel for it)."""
+    if core.x86 is not None:
+        return next(((wide, narrow) for flag, kind, wide, narrow in X86_GEMM if kind == precision and flag in core.x86),
+                    (X86_BASELINE.get(precision, X86_BASELINE["fp32"]), None))
+    if precision == "int8":
+        return Tiles((1, 4), 16, 4 if core.dot_product else 1), None
+    return Tiles((1, 4, 6), 8), NARROW_FP32
 
 
 def kind_tiling(kind: str, precision: str, core: Core, taps: int = 0) -> Tiling | None:
     """How XNNPACK tiles kernel kind ``kind`` (None: not a tiled convolution); ``taps``: which
     depthwise micro-kernel (:func:`variant`)."""
     if kind in GEMM_KINDS:
-        narrow = NARROW_FP32 if precision == "fp32" and kind in NARROW_KINDS else None
-        return Tiling(kind, gemm_tiles(precision, core.dot_product), narrow)
+        wide, narrow = _gemm_tilings(precision, core)
+        return Tiling(kind, wide, narrow if kind in NARROW_KINDS else None)
     if kind == DEPTHWISE:
         tiles = Tiles((1,), DEPTHWISE_TILE.get(precision, 8), step=DEPTHWISE_STEP.get(precision, 0))
-        if precision == "fp32" and taps == 9 and core.little:
+        if core.x86 is not None:
+            tiles = Tiles((1,), X86_DEPTHWISE_TILE.get(precision, 16) if core.x86 & {"avx2", "avx512f"} else 8)
+        elif precision == "fp32" and taps == 9 and core.little:
             tiles = Tiles((1,), 4)  # f32_dwconv 9p4c, cortex_a55 assembly
         return Tiling(kind, tiles, taps=DEPTHWISE_TAPS.get(precision, ()))
     return None
@@ -166,8 +200,8 @@ def tiled(pixels: np.ndarray, cout: np.ndarray, taps: np.ndarray, depth: np.ndar
 
 def core_of(device: Device) -> Core:
     """The device's core as its Linux reports it in /proc/cpuinfo (an emulated core's is the
-    one its root file system fakes): ``asimddp`` among the features, and the CPU part. The
-    default core where that cannot be read."""
+    one its root file system fakes): ``asimddp`` among the features and the CPU part on
+    arm64, the ``flags`` on x86-64. The default core where that cannot be read."""
     if device.emulation is not None:
         cpuinfo = device.emulation.root / device.emulation.cpu / "proc" / "cpuinfo"
     elif device.kind == "local":
@@ -175,8 +209,29 @@ def core_of(device: Device) -> Core:
     else:
         return Core()
     try:
-        lines = [line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line]
+        core = core_from_cpuinfo(cpuinfo.read_text())
     except OSError:
-        return Core()
-    fields = {name.strip().lower(): value.split() for name, value in lines}
+        core = Core()
+    return dataclasses.replace(core, cache_bytes=l2_bytes()) if device.kind == "local" else core
+
+
+def l2_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float:
+    """The size of the local CPU's level-2 cache as Linux reports it (inf where it does not)."""
+    for index in sorted(cpu.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()
+                return float(size[:-1]) * {"K": 2 ** 10, "M": 2 ** 20}[size[-1]] if size[-1] in "KM" else float(size)
+        except (OSError, ValueError):
+            continue
+    return math.inf
+
+
+def core_from_cpuinfo(text: str) -> Core:
+    """The core a /proc/cpuinfo describes (its first processor's lines decide)."""
+    fields: dict[str, list[str]] = {}
+    for name, value in (line.split(":", 1) for line in text.splitlines() if ":" in line):
+        fields.setdefault(name.strip().lower(), value.split())
+    if "flags" in fields:  # x86's /proc/cpuinfo; arm64's says "Features"
+        return Core(x86=frozenset(flag for flag, *_ in X86_GEMM if flag in fields["flags"]))
     return Core("asimddp" in fields.get("features", []), bool(LITTLE_PARTS & set(fields.get("cpu part", []))))
