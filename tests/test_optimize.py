@@ -67,7 +67,9 @@ def test_interrupted_search_resumes_from_its_study(tmp_path):
     first = optimize(MLP, "ort-x86", tmp_path, _options(trials=3)).search
     resumed = optimize(MLP, "ort-x86", tmp_path, _options(trials=5)).search
     assert len(resumed["candidates"]) == 5
-    assert resumed["candidates"][:3] == first["candidates"]  # reused from the study, not rebuilt (same seconds)
+    def built(candidates):  # what the study keeps (costs of the front are measured again before each choice)
+        return [{k: c[k] for k in ("trial", "settings", "accuracy", "sha256", "seconds")} for c in candidates]
+    assert built(resumed["candidates"][:3]) == built(first["candidates"])  # reused from the study, not rebuilt (same seconds)
     studies = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'study.db'}")
     assert [s.n_trials for s in studies] == [5]
     looser = optimize(MLP, "ort-x86", tmp_path, _options(trials=5, budgets=Budgets(macs=MLP_MACS))).search
@@ -175,3 +177,18 @@ def test_predicted_cost_searches_by_the_predictor_and_measures_the_front_before_
     front = [c for c in search["candidates"] if "predicted_cost" in c]
     assert front and all(c["metric"] == "ms" and c["cost"] > 0 for c in front)
     assert search["candidates"][search["chosen"]] in front  # chosen on measured cost
+
+
+def test_local_cost_opens_new_sessions_every_round(searched, monkeypatch):
+    """One session pair can stay lucky or unlucky for all its rounds (ORT with 2 threads on a
+    2-core host), and a search picking the cheapest candidate would pick the lucky ones: each
+    round times new sessions of both the candidate and the fp32 reference."""
+    from edgec.search import cost
+
+    out, _ = searched
+    opened = []
+    real = cost.open_runner
+    monkeypatch.setattr(cost, "open_runner", lambda path, **kw: opened.append(Path(path).name) or real(path, **kw))
+    artifact = next(out.glob("*.onnx"))
+    result = cost.local_latency(artifact, artifact, {}, 1, rounds=3)
+    assert len(opened) == 6 and result["metric"] == "ms" and 0.5 < result["relative"] < 2

@@ -120,8 +120,9 @@ from edgec.runtime import open_runner
 from edgec.runtime.litert import LiteRTRunner
 from edgec.runtime.ort import OrtRunner
 from edgec.search import Budgets, OptimizeOptions, optimize
+from edgec.search.cost import local_latency
 from edgec.stages.source import input_specs
-from edgec.targets import known_targets
+from edgec.targets import known_targets, load_target
 from edgec.verify import load_calibration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +159,7 @@ FINETUNE_PHOTOS = (0.3, {"epochs": 30, "lr": 3e-4, "batch_size": 4, "mix": 8, "p
                           "warmup": 0.05})
 PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
-OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 5
+OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 9
 SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH, SCALE_DEVICE = ("mobilenetv2",), OPTIMIZE_TRIALS, 4, "emulated-a76"  # optimize's default trials
 
 
@@ -474,7 +475,7 @@ class Bench:
         met = search["chosen"] is not None
         chosen = search["candidates"][search["chosen"] if met else search["closest"]]
         artifact = (out if met else out / "closest") / chosen["artifact"]
-        again = self._remeasured(artifact, reference, device)
+        again = self._remeasured(artifact, reference, device, target)
         baselines = {k: {m: b[m] for m in ("relative_cost", "accuracy", "loss", "size_bytes", "macs")} if b and "error" not in b else b
                      for k, b in search["baselines"].items()}
         return {"met": met, "choice": chosen["settings"], "relative_cost": chosen["relative_cost"], "remeasured_relative_cost": again,
@@ -482,15 +483,16 @@ class Bench:
                 "top1": chosen["accuracy"], "top1_drop": chosen["loss"], "size_bytes": chosen["size_bytes"], "macs": chosen["macs"],
                 "baselines": baselines, "trials": search["trials"], "seconds": round(seconds, 1)}
 
-    def _remeasured(self, artifact: Path, reference: Path, device: str) -> float:
+    def _remeasured(self, artifact: Path, reference: Path, device: str, target: str) -> float:
         """The artifact's cost relative to ``reference``, measured anew: instructions on an
-        emulated core, else alternating rounds of new runners here."""
+        emulated core, else here as the search measures (the target's threads, new sessions
+        each round), in more rounds and with none of the search's cached numbers."""
         if device != "local":
             settings = ProfileSettings(warmup=0, runs=1, ops=False)
             counts = [profile(path, device, settings)["cost"]["instructions"] for path in (artifact, reference)]
             return round(counts[0] / counts[1], 4)
-        latency = compare_latency({"chosen": open_runner(artifact), "fp32": open_runner(reference)}, self.runs, OPTIMIZE_REMEASURE_ROUNDS)
-        return _ratio(latency, "chosen", "fp32")
+        spec = load_target(target)
+        return round(local_latency(artifact, reference, spec.runtime, spec.threads, OPTIMIZE_REMEASURE_ROUNDS)["relative"], 3)
 
     def optimize_time_row(self, entry: dict) -> dict:
         """Wall time of 40 NSGA-II trials on local (cost measured in alternating rounds here)."""

@@ -180,7 +180,9 @@ def cost_of(problem: Problem, built: Mapping[str, Any]) -> dict[str, Any]:
     if problem.cost == "predicted":
         cost = predicted(artifact, reference, device)
     else:
-        cost = measure(artifact, reference, device, target.runtime, target.threads, CostCache(Path(problem.work) / "costs"))
+        # "confirmed": measured anew, apart from (and not cached with) the search's own measurements
+        folder = "costs-confirmed" if problem.cost == "confirmed" else "costs"
+        cost = measure(artifact, reference, device, target.runtime, target.threads, CostCache(Path(problem.work) / folder))
     return {**built, "cost": cost["value"], "relative_cost": cost["relative"], "metric": cost["metric"],
             "seconds": round(built["seconds"] + time.perf_counter() - start, 3)}
 
