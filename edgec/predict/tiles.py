@@ -102,8 +102,9 @@ class Tiling:
 class Core:
     """What of a core decides XNNPACK's micro-kernels. arm64: the dot-product instructions,
     and whether it is an in-order little core (Cortex-A53/A55), which gets its own. x86-64:
-    which of the flags in ``X86_GEMM`` its Linux reports (None: not an x86 core). Timed
-    devices also pay for activations their core's cache cannot hold (edgec/predict/model.py)."""
+    which of the flags in ``X86_GEMM`` its Linux reports (None: not an x86 core). On a timed
+    device, a model's weights past its core's cache are read again every inference
+    (``weights_streamed`` in edgec/predict/model.py)."""
 
     dot_product: bool = False
     little: bool = False
@@ -124,7 +125,9 @@ def variant(kind: str, precision: str, k: int) -> int:
 
 
 NARROW_FP32 = Tiles((4,), 2)  # f32_gemm_nr2_config on arm64: 4x2 micro-kernels only
-# x86-64: (flag, precision, GEMM tile, narrow tile), the first whose flag the core has.
+# x86-64: (flag, precision, GEMM tile, narrow tile), the first whose flag the core has. The
+# amx_int8 and avx512f rows were timed on the dev host; the others are read from XNNPACK's
+# gemm-config.c and untimed.
 X86_GEMM = (
     ("amx_int8", "int8", Tiles((1, 16), 64, 4), None),
     ("avx512_vnni", "int8", Tiles((1, 7), 16, 8), None),

@@ -24,7 +24,6 @@ from edgec.lower.tflite.flatbuffer import packed
 from edgec.quiet import captured_stderr
 
 
-
 def keras_to_tflite(
     model: keras.Model,
     target: str,
