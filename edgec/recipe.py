@@ -111,11 +111,43 @@ def _finetune(options: Mapping[str, Any], training: Any) -> ir.passes.PassBase:
 TRAINING_FAMILIES: dict[str, Callable[[Mapping[str, Any], Any], ir.passes.PassBase]] = {"finetune": _finetune}
 
 
+# Options a gate-training step takes from the finetune step after its prune step: how the
+# data is read and batched; the rest (epochs, what is constrained) is the gates' own.
+GATE_STEP_OPTIONS = ("data", "lr", "batch_size", "validation", "temperature", "distill_weight", "mix", "augment", "seed")
+
+
+def with_gate_training(steps: Sequence[Step]) -> list[Step]:
+    """``steps`` with a gate-training finetune step before each ``prune`` step of
+    ``importance = "gates"`` (channel importance learned on training data, see
+    ``edgec.train.gates``): it reads the data of the first finetune step after the prune
+    step, which fine-tunes what pruning leaves. Such a prune step ranks globally unless
+    it names a ``scope``: the gates start equal, so channels of different layers compare."""
+    expanded = []
+    for index, step in enumerate(steps):
+        if step.name == "prune" and step.options.get("importance") == "gates":
+            expanded.append(_gate_step(step, steps[index + 1:]))
+            step = Step(step.name, {"scope": "global", **step.options})
+        expanded.append(step)
+    return expanded
+
+
+def _gate_step(prune: Step, later: Sequence[Step]) -> Step:
+    finetune = next((s for s in later if s.name == "finetune" and "data" in s.options), None)
+    if finetune is None:
+        raise RecipeError("Pruning with importance = \"gates\" learns which channels matter by training, and no "
+                          "finetune step after it gives training data.",
+                          hint="Add --finetune DATA (or a finetune step after the prune step), or use importance = \"l2\".")
+    settings = options_from(ChannelPruningOptions, prune.options, prune.name)
+    inherited = {k: v for k, v in finetune.options.items() if k in GATE_STEP_OPTIONS}
+    return Step("finetune", inherited | {"gates": settings.gate_penalty, "epochs": settings.gate_epochs,
+                                         "patience": settings.gate_epochs})
+
+
 def make_passes(steps: Sequence[Step], calibration: Calibration, training: Any = None) -> list[ir.passes.PassBase]:
     """The passes of ``steps``, in order; unknown families are an error that lists the known.
     ``training`` (an ``edgec.train.TrainingContext``) is what training steps are built with."""
     passes = []
-    for step in steps:
+    for step in with_gate_training(steps):
         factory = FAMILIES.get(step.name)
         if step.name in TRAINING_FAMILIES:
             if training is None:
@@ -137,6 +169,7 @@ def check_training_steps(steps: Sequence[Step]) -> None:
     families check theirs when their passes are made."""
     from edgec.train import FinetuneOptions
 
+    steps = with_gate_training(steps)
     for i, step in enumerate(steps):
         if step.name == "finetune" and options_from(FinetuneOptions, step.options, step.name).qat and i < len(steps) - 1:
             raise RecipeError("A finetune step with qat = true must be the recipe's last step: the activation ranges it "
@@ -151,7 +184,7 @@ def quantization_aware(steps: Sequence[Step]) -> bool:
 
 def trains(steps: Sequence[Step]) -> bool:
     """Whether a recipe trains the model (its ONNX is then saved as fine-tuned, not compressed)."""
-    return any(step.name in TRAINING_FAMILIES for step in steps)
+    return any(step.name in TRAINING_FAMILIES for step in with_gate_training(steps))
 
 
 def _top_level_pairs(text: str) -> list[str]:

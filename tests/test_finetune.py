@@ -215,3 +215,44 @@ def test_feature_distillation_trains_on_the_residual_join(tmp_path):
     record = result.report["finetune"]
     assert len(record["features"]) == 1 and record["heads"] == [{"name": result.report["model"]["outputs"][0]["name"], "kind": "softmax"}]
     assert record["after"] >= record["before"] and len(record["losses"]) == 2
+
+
+@pytest.mark.parametrize("net, gated", [(_residual_net, ["conv1", "conv2"]), (_net, ["conv"])])
+def test_channel_gates_fold_into_the_weights_exactly(net, gated):
+    """A gate per channel class, at the producers only: conv1 and conv2 feed one residual
+    join and share gates; the depthwise conv after ``conv`` carries its channels, gated once.
+    Folded into kernels and biases, the gates give the ONNX model what the gated Keras model gave."""
+    from edgec.train.gates import ChannelGates
+
+    model, lowering, weights = _lowered(net())
+    gates = ChannelGates(model, lowering, penalty=1.0, steps=1)
+    assert gates.report()["gates"] == 8 and [g.layer.name for g in gates.gated] == gated  # fc's channels reach the output
+    assert all(np.array_equal(g.index, gates.gated[0].index) for g in gates.gated)
+    gates.logits.assign(np.random.default_rng(5).uniform(0.0, 0.15, 8).astype(np.float32))
+    x = np.random.default_rng(6).standard_normal((1, 2, 6, 6)).astype(np.float32)
+    gates.before_forward()
+    want = lowering.model(x.transpose(0, 2, 3, 1)).numpy()
+    gates.fold()
+    assert [w.name for w in lowering.model.get_layer(gated[0]).weights] == [f"{gated[0]}/kernel:0", f"{gated[0]}/bias:0"]
+    weights.write_back(model, lowering.model)
+    np.testing.assert_allclose(run_ort(to_proto(model), {"x": x})[0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_pruning_by_learned_gates(tmp_path):
+    data = _samples(_residual_net(), 48, seed=10, labels=False)
+    prune = Step("prune", {"rate": 0.5, "round_to": 1, "importance": "gates", "gate_epochs": 3, "gate_penalty": 5.0})
+    result = _build(tmp_path, "gated", data, [prune], net=_residual_net, epochs=1, lr=3e-3)
+    passes = [p for p in result.report["passes"] if p["name"] in ("finetune", "channel-pruning")]
+    assert [p["name"] for p in passes] == ["finetune", "channel-pruning", "finetune"]
+    learned, pruned, tuned = (p["details"] for p in passes)
+    assert learned["options"]["gates"] == 5.0 and learned["epochs"] == 3 and learned["best_epoch"] == 3  # only the last counts
+    assert learned["gates"]["gates"] == 8 and learned["gates"]["median"] < 1.0  # the penalty pulled them down
+    assert (pruned["importance"], pruned["scope"]) == ("gates", "global")
+    assert tuned["options"]["gates"] is None and result.report["finetune"] == tuned
+
+
+def test_gates_need_training_data_and_a_step_of_their_own():
+    with pytest.raises(RecipeError, match="no finetune step after it"):
+        BuildOptions(recipe=[Step("prune", {"rate": 0.5, "importance": "gates"})])
+    with pytest.raises(OptionError, match="cannot be combined"):
+        BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "gates": 1.0, "sparsity": 0.5})])

@@ -46,13 +46,15 @@ Sections of the JSON:
   MACs by channel pruning, int8 TFLite, one-shot vs fine-tuned on the zoo's training split
   (remade from scikit-learn's digits by ``models/digits.py``; the section is skipped without
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
-  time. Per digits classifier also two weight-only rows against the unconstrained artifact:
+  time; and the same with the channels chosen by learned gates (``importance = "gates"``)
+  instead of weight norms, at the same MAC reduction. Per digits classifier also two weight-only rows against the unconstrained artifact:
   gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
   with held-out top-1 and the zlib-deflated .tflite size (what a zip gives), and a
   quantization-aware training row per x86 target (the unpruned model, all-int8: post-training
   vs QAT top-1 against the fp32 source). Production
   models with 30% fewer MACs, distilled without labels on the calibration photos: every
-  output's cosine to the source on the held-out photos, one-shot and fine-tuned.
+  output's cosine to the source on the held-out photos, one-shot, fine-tuned, and fine-tuned
+  after pruning by learned gates.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
   (``.tflite`` for the device's architecture) and the pretrained originals, against
@@ -537,27 +539,32 @@ class Bench:
         labeled = entry["task"] == "classification"
         rate, options = FINETUNE_DIGITS if labeled else FINETUNE_PHOTOS
         data = _digits_train(self.work, entry) if labeled else str(REPO / entry["calib_data"])
-        prune = Step("prune", {"mac_reduction": rate})
-        recipes = {f"pruned-{rate}": [prune], f"pruned-{rate}-finetuned": [prune, Step("finetune", {"data": data, **options})]}
-        results, seconds = {}, 0.0
+        prune, finetune = Step("prune", {"mac_reduction": rate}), Step("finetune", {"data": data, **options})
+        gated = Step("prune", {"mac_reduction": rate, "importance": "gates"})
+        recipes = {f"pruned-{rate}": [prune], f"pruned-{rate}-finetuned": [prune, finetune],
+                   f"pruned-{rate}-gates-finetuned": [gated, finetune]}
+        results, seconds = {}, {}
         for variant, recipe in recipes.items():
             start = time.perf_counter()
             try:
                 results[variant] = self._finetune_build(entry, variant, recipe, labeled)
             except EdgecError as exc:  # e.g. a model whose frozen channels leave less than the rate to remove
                 return {"model": entry["name"], "error": str(exc)}
-            seconds = time.perf_counter() - start
-        one_shot, tuned = results.values()
+            seconds[variant] = round(time.perf_counter() - start, 1)
+        one_shot, tuned, gates = results.values()
         row = {"model": entry["name"], "mac_reduction": tuned.report["compression"]["mac_reduction"], "options": options,
-               "build_seconds": round(seconds, 1), "finetune": {k: tuned.report["finetune"][k] for k in FINETUNE_KEYS}}
+               "build_seconds": seconds[f"pruned-{rate}-finetuned"], "finetune": {k: tuned.report["finetune"][k] for k in FINETUNE_KEYS},
+               "gates": {"mac_reduction": gates.report["compression"]["mac_reduction"], "build_seconds": seconds[f"pruned-{rate}-gates-finetuned"]}}
         if labeled:
             return row | {"top1_source": one_shot.report["compression"]["vs_source"]["outputs"][0]["accuracy_source"],
                           "top1_one_shot_int8": one_shot.verification.outputs[0].accuracy_artifact,
                           "top1_finetuned_int8": tuned.verification.outputs[0].accuracy_artifact,
+                          "top1_gates_finetuned_int8": gates.verification.outputs[0].accuracy_artifact,
                           "gradual_pruning": self._weights_row(entry, data, FINETUNE_SPARSE, "int8"),
                           "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32"),
                           "qat": {target: self._qat_row(entry, data, target) for target in (TFLITE_TARGET, ORT_TARGET)}}
-        return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned)}
+        return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned),
+                      "cosine_gates_finetuned": _source_cosines(gates)}
 
     def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
         """Fine-tuning that only constrains weights (sparsity or clusters): held-out top-1 and the

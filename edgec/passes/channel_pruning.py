@@ -7,7 +7,10 @@ this pass decides which go and makes the model work without them:
    conv after it, an SE gate and what it gates) form one group; a group's channel is a class
    of coupled atoms. Frozen classes (reaching an output, a mixing Reshape...) never go.
 2. **Importance** of a channel: the L1 or L2 norm of its producers' weights, summed over the
-   coupled producers, or the mean |activation| of those producers on calibration data.
+   coupled producers, or the mean |activation| of those producers on calibration data; or,
+   with ``importance="gates"``, the L2 norm after a training step learned a gate per channel
+   under an L1 penalty and folded it into the weights (:mod:`edgec.train.gates`; the recipe
+   puts that step before this pass, so this pass only reads the weights it left).
 3. **How many:** ``rate`` of each group's channels (``scope="local"``), or the ``rate``
    least important channels of the whole model, each group's scores divided by their mean so
    groups compare (``scope="global"``); or the rate that removes ``mac_reduction`` of the
@@ -32,6 +35,7 @@ import onnx_ir as ir
 
 from edgec.activations import capture
 from edgec.analysis import MAC_COUNTERS
+from edgec.checks import above, at_least
 from edgec.errors import EdgecWarning, RecipeError
 from edgec.graph import attr, constant, replace_initializer_data, set_bias
 from edgec.passes.channels import FIXED, ChannelGraph, Source
@@ -40,7 +44,7 @@ from edgec.passes.pipeline import PassOutcome
 from edgec.refit import least_squares, output_rows, patches
 from edgec.verify import Sample
 
-IMPORTANCE = ("l1", "l2", "activation")
+IMPORTANCE = ("l1", "l2", "activation", "gates")
 SCOPES = ("local", "global")
 MAX_FIT_ROWS = 16384  # rows sampled per re-fit: enough for ~1k features, ~100 MB in float64
 RIDGE = 1e-3  # relative ridge of the re-fit, pulling toward the pruned weights
@@ -68,6 +72,9 @@ class ChannelPruningOptions:
     op_types: Sequence[str] = ()
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
+    # importance="gates": the L1 penalty and epochs of the gate-training step run before this pass.
+    gate_penalty: float = 1.0
+    gate_epochs: int = 4
 
     def __post_init__(self) -> None:
         if (self.rate is None and not self.rates) == (self.mac_reduction is None):
@@ -84,6 +91,8 @@ class ChannelPruningOptions:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {self.scope!r}")
         if not isinstance(self.round_to, int) or self.round_to < 1:
             raise ValueError(f"round_to must be a positive integer, not {self.round_to!r}")
+        above("gate_penalty", self.gate_penalty, 0)
+        at_least("gate_epochs", self.gate_epochs, 1)
 
     @property
     def selection(self) -> LayerSelection:
@@ -237,7 +246,7 @@ def _scores(graph: ChannelGraph, groups: list[Group], importance: str, model: ir
         else:
             weight = np.moveaxis(constant(source.node.inputs[1]).astype(np.float64), _out_axis(source.node), 0)
             flat = weight.reshape(weight.shape[0], -1)
-            values = np.abs(flat).sum(axis=1) if importance == "l1" else np.sqrt((flat ** 2).sum(axis=1))
+            values = np.abs(flat).sum(axis=1) if importance == "l1" else np.sqrt((flat ** 2).sum(axis=1))  # l2, gates
         per_atom.update(zip(source.atoms.tolist(), values.tolist()))
     scores: dict[int, float] = {}
     for atom, value in per_atom.items():

@@ -67,6 +67,7 @@ class FinetuneOptions:
     augment: int = 0  # shifted/mirrored/recoloured copies added per training sample (image inputs)
     sparsity: float | None = None  # prune Conv/Dense kernels gradually to this share of zeros while training (TFMOT)
     clusters: int | None = None  # cluster Conv/Dense kernels to this many values while training (TFMOT)
+    gates: float | None = None  # train a gate per prunable channel with this L1 penalty, folded in after (edgec.train.gates)
     qat: bool = False  # train with weights and activations fake-quantized as the int8 stage quantizes them (edgec.train.qat)
     seed: int | None = None  # the build's --seed when None
 
@@ -92,6 +93,11 @@ class FinetuneOptions:
         if self.sparsity is not None and self.clusters is not None:
             raise OptionError("The finetune step can prune (sparsity) or cluster (clusters) the weights, not both.",
                               hint="Give one of them; or two finetune steps, pruning first.")
+        above("gates", self.gates, 0)
+        if self.gates is not None and (self.sparsity is not None or self.clusters is not None or self.qat is True):
+            raise OptionError("The finetune step's gates (channel importance for pruning) cannot be combined with sparsity, "
+                              "clusters or qat in the same step.",
+                              hint="Train the gates in a step of their own, before the prune step that uses them.")
         if not isinstance(self.qat, bool):
             raise OptionError(f"qat must be true or false, not {self.qat!r}.")
         if self.qat and (self.sparsity is not None or self.clusters is not None):

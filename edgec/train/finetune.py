@@ -18,6 +18,7 @@ from edgec.runtime.ort import OrtRunner
 from edgec.train.clustering import Clustering
 from edgec.train.data import Head, Split, classifier_output, heads, training_data
 from edgec.train.features import feature_targets, shared_features, with_features
+from edgec.train.gates import ChannelGates
 from edgec.train import FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
 from edgec.train.pruning import GradualPruning
@@ -59,13 +60,16 @@ class Finetune(ir.passes.InPlacePass):
         steps = o.epochs * -(-len(train) // o.batch_size)
         pruning = GradualPruning(lowering.model, o.sparsity, steps) if o.sparsity else None
         clustering = Clustering(lowering.model, o.clusters) if o.clusters else None
+        gates = ChannelGates(model, lowering, o.gates, steps) if o.gates else None
         trained = with_features(lowering, features) if features else lowering.model
         qat = self._quantization_aware(trained, lowering, model, prepared, train) if o.qat else None
-        trainer = Trainer(qat.model if qat else trained, found, classifier, train, settings, pruning or clustering)
+        trainer = Trainer(qat.model if qat else trained, found, classifier, train, settings, pruning or clustering or gates)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
         history = trainer.fit(train, validation, self.context.on_epoch)
         if qat is not None:
             qat.strip()
+        if gates is not None:
+            gates.fold()
         changed = weights.write_back(model, clustering.stripped() if clustering else lowering.model)
         after_runner = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
         after = trainer.metric(validation, _onnx_predict(after_runner, lowering.io))
@@ -83,11 +87,13 @@ class Finetune(ir.passes.InPlacePass):
             details["sparsity"] = round(pruning.sparsity(), 6)
         if qat is not None:
             details["qat"] = qat.report()
+        if gates is not None:
+            details["gates"] = gates.report()
         if frozen_nodes:
             details["note"] = (f"Fine-tuning left {len(frozen_nodes)} layer(s) untrained, whose Keras weights are computed from "
                                f"their ONNX initializers rather than copied: {', '.join(frozen_nodes[:5])}"
                                f"{'...' if len(frozen_nodes) > 5 else ''}.")
-        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity or o.qat)), details)
+        return PassOutcome(model, bool(changed) and (history.best_epoch > 0 or bool(o.clusters or o.sparsity or o.qat or o.gates)), details)
 
     def _quantization_aware(self, trained, lowering: KerasLowering, model: ir.Model, prepared: ir.Model, train: Split):
         """``trained`` wrapped for quantization-aware training toward the build's int8 scheme."""

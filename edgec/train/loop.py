@@ -74,6 +74,10 @@ class WeightConstraint:
     def after_step(self, step: tf.Tensor) -> None:
         """After optimizer step ``step`` (from 1)."""
 
+    def penalty(self) -> tf.Tensor | float:
+        """A term added to the training loss (inside the traced step)."""
+        return 0.0
+
     def settled(self, steps_done: int) -> bool:
         """Whether weights after this many steps may be kept as the best."""
         return True
@@ -173,7 +177,7 @@ class Trainer:
         @tf.function(reduce_retracing=True)
         def step(inputs, targets, labels):
             with tf.GradientTape() as tape:
-                loss = self.loss(self.outputs(inputs), targets, labels if labeled else None)
+                loss = self.loss(self.outputs(inputs), targets, labels if labeled else None) + self.constraint.penalty()
             optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
             self.constraint.after_step(optimizer.iterations)
             return loss
