@@ -113,7 +113,8 @@ TRAINING_FAMILIES: dict[str, Callable[[Mapping[str, Any], Any], ir.passes.PassBa
 
 # Options a gate-training step takes from the finetune step after its prune step: how the
 # data is read and batched; the rest (epochs, what is constrained) is the gates' own.
-GATE_STEP_OPTIONS = ("data", "lr", "batch_size", "validation", "temperature", "distill_weight", "mix", "augment", "seed")
+GATE_STEP_OPTIONS = ("data", "lr", "batch_size", "schedule", "warmup", "validation", "temperature", "distill_weight", "mix", "augment",
+                     "seed")
 
 
 def with_gate_training(steps: Sequence[Step]) -> list[Step]:
