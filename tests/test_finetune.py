@@ -251,8 +251,11 @@ def test_pruning_by_learned_gates(tmp_path):
     assert tuned["options"]["gates"] is None and result.report["finetune"] == tuned
 
 
-def test_gates_need_training_data_and_a_step_of_their_own():
+def test_gates_need_training_data_and_a_step_of_their_own(tmp_path):
     with pytest.raises(RecipeError, match="no finetune step after it"):
         BuildOptions(recipe=[Step("prune", {"rate": 0.5, "importance": "gates"})])
+    result = CliRunner().invoke(app, ["build", str(save(_net(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                                      "--prune", "rate=0.5,importance=gates"])
+    assert result.exit_code == 2 and "--finetune DATA" in result.output and "Traceback" not in result.output
     with pytest.raises(OptionError, match="cannot be combined"):
         BuildOptions(recipe=[Step("finetune", {"data": "x.npz", "gates": 1.0, "sparsity": 0.5})])
