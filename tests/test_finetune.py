@@ -228,7 +228,7 @@ def test_channel_gates_fold_into_the_weights_exactly(net, gated):
     gates = ChannelGates(model, lowering, penalty=1.0, steps=1)
     assert gates.report()["gates"] == 8 and [g.layer.name for g in gates.gated] == gated  # fc's channels reach the output
     assert all(np.array_equal(g.index, gates.gated[0].index) for g in gates.gated)
-    gates.logits.assign(np.random.default_rng(5).uniform(0.0, 0.15, 8).astype(np.float32))
+    gates.variable.assign(np.random.default_rng(5).uniform(0.0, 0.15, 8).astype(np.float32))
     x = np.random.default_rng(6).standard_normal((1, 2, 6, 6)).astype(np.float32)
     gates.before_forward()
     want = lowering.model(x.transpose(0, 2, 3, 1)).numpy()

@@ -59,7 +59,7 @@ class ChannelGates(WeightConstraint):
         roots = sorted({graph.find(int(a)) for s in graph.sources for a in s.atoms if not graph.frozen(int(a))})
         position = {root: i for i, root in enumerate(roots)}
         self.penalty_weight, self.steps = penalty, steps
-        self.logits = tf.Variable(tf.fill([len(roots)], 1.0 / GATE_SPEED), name="channel_gates")
+        self.variable = tf.Variable(tf.fill([len(roots)], 1.0 / GATE_SPEED), name="channel_gates")  # gate / GATE_SPEED
         self.gated: list[_Gated] = []
         for source in graph.sources:
             index = np.array([len(roots) if graph.frozen(int(a)) else position[graph.find(int(a))] for a in source.atoms])
@@ -70,10 +70,10 @@ class ChannelGates(WeightConstraint):
 
     @property
     def gates(self) -> tf.Tensor:
-        return GATE_SPEED * self.logits
+        return GATE_SPEED * self.variable
 
     def trainable(self, model: keras.Model) -> list[tf.Variable]:
-        return [*model.trainable_variables, self.logits] if self.gated else model.trainable_variables
+        return [*model.trainable_variables, self.variable] if self.gated else model.trainable_variables
 
     def before_forward(self) -> None:
         """Each gated layer computes with its kernel and bias scaled by its channels' gates
