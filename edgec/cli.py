@@ -121,7 +121,8 @@ class ConsoleProgress:
     def epoch(self, info: dict) -> None:
         """One line per fine-tuning epoch: a bar of epochs done, the loss and the validation metric."""
         done = round(20 * info["epoch"] / info["epochs"])
-        self.console.print(f"  epoch {info['epoch']:>3}/{info['epochs']} [cyan]{'━' * done}[/][dim]{'━' * (20 - done)}[/] "
+        training = f"{info['training']} " if "training" in info else ""
+        self.console.print(f"  {training}epoch {info['epoch']:>3}/{info['epochs']} [cyan]{'━' * done}[/][dim]{'━' * (20 - done)}[/] "
                            f"loss {info['loss']:.4f}  validation loss {info['validation_loss']:.4f}, metric {info['metric']:.4f} [dim]({info['seconds']:.1f} s)[/]",
                            highlight=False)
 

@@ -239,16 +239,21 @@ def test_channel_gates_fold_into_the_weights_exactly(net, gated):
 
 
 def test_pruning_by_learned_gates(tmp_path):
-    data = _samples(_residual_net(), 48, seed=10, labels=False)
-    prune = Step("prune", {"rate": 0.5, "round_to": 1, "importance": "gates", "gate_epochs": 3, "gate_penalty": 5.0})
-    result = _build(tmp_path, "gated", data, [prune], net=_residual_net, epochs=1, lr=3e-3)
-    passes = [p for p in result.report["passes"] if p["name"] in ("finetune", "channel-pruning")]
+    np.savez(tmp_path / "data.npz", **_samples(_residual_net(), 48, seed=10, labels=False))
+    result = CliRunner().invoke(app, ["build", str(save(_residual_net(), tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"),
+                                      "--prune", "rate=0.5,round_to=1,importance=gates,gate_epochs=3,gate_penalty=5.0",
+                                      "--finetune", str(tmp_path / "data.npz"), "--epochs", "1", "--lr", "3e-3",
+                                      "--batch-size", "8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "channel gates epoch   3/3" in result.output and "\n  epoch   1/1" in result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    passes = [p for p in report["passes"] if p["name"] in ("finetune", "channel-pruning")]
     assert [p["name"] for p in passes] == ["finetune", "channel-pruning", "finetune"]
     learned, pruned, tuned = (p["details"] for p in passes)
     assert learned["options"]["gates"] == 5.0 and learned["epochs"] == 3 and learned["best_epoch"] == 3  # only the last counts
     assert learned["gates"]["gates"] == 8 and learned["gates"]["median"] < 1.0  # the penalty pulled them down
     assert (pruned["importance"], pruned["scope"]) == ("gates", "global")
-    assert tuned["options"]["gates"] is None and result.report["finetune"] == tuned
+    assert tuned["options"]["gates"] is None and report["finetune"] == tuned
 
 
 def test_gates_need_training_data_and_a_step_of_their_own(tmp_path):

@@ -19,7 +19,7 @@ from edgec.train.clustering import Clustering
 from edgec.train.data import Head, Split, classifier_output, heads, training_data
 from edgec.train.features import feature_targets, shared_features, with_features
 from edgec.train.gates import ChannelGates
-from edgec.train import FinetuneOptions, TrainingContext
+from edgec.train import EpochObserver, FinetuneOptions, TrainingContext
 from edgec.train.loop import LoopSettings, Trainer
 from edgec.train.pruning import GradualPruning
 from edgec.train.trace import coded_copy, layer_weights, trace
@@ -65,7 +65,8 @@ class Finetune(ir.passes.InPlacePass):
         qat = self._quantization_aware(trained, lowering, model, prepared, train) if o.qat else None
         trainer = Trainer(qat.model if qat else trained, found, classifier, train, settings, pruning or clustering or gates)
         before = trainer.metric(validation, _onnx_predict(before_runner, lowering.io))
-        history = trainer.fit(train, validation, self.context.on_epoch)
+        observer = _labeled(self.context.on_epoch, "channel gates") if gates is not None else self.context.on_epoch
+        history = trainer.fit(train, validation, observer)
         if qat is not None:
             qat.strip()
         if gates is not None:
@@ -121,6 +122,13 @@ class Finetune(ir.passes.InPlacePass):
             raise EdgecError(f"No layer of the model can be fine-tuned: {', '.join(frozen_layers[:5])} compute their weights "
                              "in ways edgec cannot write back to ONNX.", hint="Build without --finetune.")
         return sorted(node for node, layers in lowering.layers.items() if set(layers) & set(frozen_layers))
+
+
+def _labeled(observer: EpochObserver | None, training: str) -> EpochObserver | None:
+    """``observer`` told which training an epoch belongs to (the progress shows it)."""
+    if observer is None:
+        return None
+    return lambda info: observer({**info, "training": training})
 
 
 def _onnx_predict(runner: OrtRunner, io: dict) -> Callable[[Split], list]:
