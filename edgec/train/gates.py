@@ -42,7 +42,7 @@ GATE_SPEED = 10.0
 @dataclasses.dataclass
 class _Gated:
     """One Keras layer scaled by gates: its kernel and bias variables, and per output channel
-    the index of its gate (``classes`` for an ungated, frozen channel: a constant 1)."""
+    the index of its gate (one past the last gate for a frozen channel: a constant 1)."""
 
     layer: keras.layers.Layer
     attribute: str
