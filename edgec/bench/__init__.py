@@ -48,11 +48,11 @@ Sections of the JSON:
   scikit-learn): held-out top-1 against the fp32 source, and the fine-tuned build's wall
   time; and the same with the channels chosen by learned gates (``importance = "gates"``)
   instead of weight norms, at the same MAC reduction. Per digits classifier also two
-  weight-only rows against the unconstrained artifact: gradual magnitude pruning to 50% sparsity (int8) and clustering to 16 values (fp32), each
-  with held-out top-1 and the zlib-deflated .tflite size (what a zip gives), and a
-  quantization-aware training row per x86 target (the unpruned model, all-int8: post-training
-  vs QAT top-1 against the fp32 source). Production
-  models with 30% fewer MACs, distilled without labels on the calibration photos: every
+  weight-only rows against the unconstrained artifact: gradual magnitude pruning to 50%
+  sparsity (int8) and clustering to 16 values (fp32), each with held-out top-1 and the
+  zlib-deflated .tflite size (what a zip gives), and a quantization-aware training row per
+  x86 target (the unpruned model, all-int8: post-training vs QAT top-1 against the fp32
+  source). Production models with 30% fewer MACs, distilled without labels on the calibration photos: every
   output's cosine to the source on the held-out photos, one-shot, fine-tuned, and fine-tuned
   after pruning by learned gates.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
