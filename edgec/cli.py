@@ -512,7 +512,7 @@ def analyze(
     from edgec.errors import RecipeError
     from edgec.model import load
     from edgec.outputs import OutputDir
-    from edgec.passes.channel_pruning import IMPORTANCE
+    from edgec.passes.channel_pruning import OWN_IMPORTANCE
     from edgec.report import write_json
     from edgec.sensitivity import plot, sensitivity as measure
     from edgec.verify import load_inputs
@@ -524,7 +524,7 @@ def analyze(
     pruning_rates = _floats(rates, "--rates")
     for rate in pruning_rates:
         within("--rates", rate, 0, 1, include_high=False)
-    one_of("--importance", importance, IMPORTANCE)
+    one_of("--importance", importance, OWN_IMPORTANCE)  # gates need training, which analyze does not do
     at_least("--max-samples", max_samples, 1)
     canonical, _ = canonicalize(load(model), parse_input_shapes(input_shape))
     specs = input_specs(canonical)
