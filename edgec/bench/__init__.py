@@ -52,9 +52,9 @@ Sections of the JSON:
   sparsity (int8) and clustering to 16 values (fp32), each with held-out top-1 and the
   zlib-deflated .tflite size (what a zip gives), and a quantization-aware training row per
   x86 target (the unpruned model, all-int8: post-training vs QAT top-1 against the fp32
-  source). Production models with 30% fewer MACs, distilled without labels on the calibration photos: every
-  output's cosine to the source on the held-out photos, one-shot, fine-tuned, and fine-tuned
-  after pruning by learned gates.
+  source). Production models with 30% fewer MACs, distilled without labels on the
+  calibration photos: every output's cosine to the source on the held-out photos, one-shot,
+  fine-tuned, and fine-tuned after pruning by learned gates.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
   (``.tflite`` for the device's architecture) and the pretrained originals, against
