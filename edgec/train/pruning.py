@@ -24,9 +24,8 @@ import tf_keras as keras
 
 from edgec.train.loop import WeightConstraint
 
+# tf_keras's depthwise layers are not Conv1D/Conv2D subclasses: they stay dense (few weights per channel).
 PRUNED_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Dense)
-# Subclasses of Conv1D/Conv2D, left dense: TFMOT's registry prunes none of their weights (few per channel anyway).
-DENSE_LAYERS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 MASK_UPDATES = 16  # the schedule raises the sparsity this many times
 PRUNING_SHARE = 2 / 3  # of the planned steps; the rest train at the final sparsity
 
@@ -44,7 +43,7 @@ class GradualPruning(WeightConstraint):
         self.wrappers: list = []
 
         def wrap(layer: keras.layers.Layer) -> keras.layers.Layer:
-            if not isinstance(layer, PRUNED_LAYERS) or isinstance(layer, DENSE_LAYERS) or not layer.trainable:
+            if not isinstance(layer, PRUNED_LAYERS) or not layer.trainable:
                 return layer
             self.wrappers.append(sparsity_api.prune_low_magnitude(layer, pruning_schedule=schedule))
             return self.wrappers[-1]
