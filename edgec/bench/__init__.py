@@ -54,7 +54,8 @@ Sections of the JSON:
   x86 target (the unpruned model, all-int8: post-training vs QAT top-1 against the fp32
   source). Production models with 30% fewer MACs, distilled without labels on the
   calibration photos: every output's cosine to the source on the held-out photos, one-shot,
-  fine-tuned, and fine-tuned after pruning by learned gates.
+  fine-tuned, and fine-tuned after pruning by learned gates; and the same 30% by
+  factorization instead of pruning, one-shot and fine-tuned.
 * ``predictor``: per device with a fitted latency predictor (``edgec device calibrate D``,
   in the cache folder), its end-to-end predictions for the zoo models in fp32 and int8
   (``.tflite`` for the device's architecture) and the pretrained originals, against
@@ -543,6 +544,9 @@ class Bench:
         gated = Step("prune", {"mac_reduction": rate, "importance": "gates"})
         recipes = {f"pruned-{rate}": [prune], f"pruned-{rate}-finetuned": [prune, finetune],
                    f"pruned-{rate}-gates-finetuned": [gated, finetune]}
+        if not labeled:  # factorization keeps a detector's residual stream whole (blazeface: one channel group)
+            factorize = Step("factorize", {"mac_reduction": rate})
+            recipes |= {f"factorized-{rate}": [factorize], f"factorized-{rate}-finetuned": [factorize, finetune]}
         results, seconds = {}, {}
         for variant, recipe in recipes.items():
             start = time.perf_counter()
@@ -551,7 +555,7 @@ class Bench:
             except EdgecError as exc:  # e.g. a model whose frozen channels leave less than the rate to remove
                 return {"model": entry["name"], "error": str(exc)}
             seconds[variant] = round(time.perf_counter() - start, 1)
-        one_shot, tuned, gates = results.values()
+        one_shot, tuned, gates = (results[f"pruned-{rate}{suffix}"] for suffix in ("", "-finetuned", "-gates-finetuned"))
         row = {"model": entry["name"], "mac_reduction": tuned.report["compression"]["mac_reduction"], "options": options,
                "build_seconds": seconds[f"pruned-{rate}-finetuned"], "finetune": {k: tuned.report["finetune"][k] for k in FINETUNE_KEYS},
                "gates": {"mac_reduction": gates.report["compression"]["mac_reduction"], "build_seconds": seconds[f"pruned-{rate}-gates-finetuned"]}}
@@ -564,7 +568,11 @@ class Bench:
                           "clustering": self._weights_row(entry, data, FINETUNE_CLUSTERS, "fp32"),
                           "qat": {target: self._qat_row(entry, data, target) for target in (TFLITE_TARGET, ORT_TARGET)}}
         return row | {"cosine_one_shot": _source_cosines(one_shot), "cosine_finetuned": _source_cosines(tuned),
-                      "cosine_gates_finetuned": _source_cosines(gates)}
+                      "cosine_gates_finetuned": _source_cosines(gates),
+                      "factorized": {"mac_reduction": results[f"factorized-{rate}"].report["compression"]["mac_reduction"],
+                                     "cosine_one_shot": _source_cosines(results[f"factorized-{rate}"]),
+                                     "cosine_finetuned": _source_cosines(results[f"factorized-{rate}-finetuned"]),
+                                     "build_seconds": seconds[f"factorized-{rate}-finetuned"]}}
 
     def _weights_row(self, entry: dict, data: str, options: dict, precision: str) -> dict:
         """Fine-tuning that only constrains weights (sparsity or clusters): held-out top-1 and the
