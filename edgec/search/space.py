@@ -93,6 +93,13 @@ class Space:
         share = table[following][0] - table[now][0]
         return share / (table[following][1] + PROMISE_FLOOR)
 
+    def recovered(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """``params`` with fine-tuning turned on (greedy's recovery from a step that lost too
+        much accuracy), or None where it is on already or there is no data to train on."""
+        if "finetune" not in self.levels or params["finetune"]:
+            return None
+        return {**params, "finetune": True}
+
     def uniform(self, level: int) -> dict[str, Any]:
         """Every pruning knob at its ``level``-th level (or its last), the rest at the start."""
         return {name: values[min(level, len(values) - 1)] if name.startswith("prune:") else values[0]

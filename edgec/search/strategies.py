@@ -9,7 +9,11 @@ settings:
   move to the proposal that buys the most cost per unit of accuracy lost while accuracy
   holds (or to all the good proposals at once, when that measures better); stop once every
   budget is met. Promise is MACs removed (or the cost int8 saves)
-  over the damage sensitivity predicts, so cheap, harmless moves are measured first.
+  over the damage sensitivity predicts, so cheap, harmless moves are measured first. With
+  ``--finetune`` data, a step whose every shrinking proposal loses too much accuracy is
+  measured again with fine-tuning on, and the walk goes on fine-tuned from the best of those
+  that hold (NetAdapt's short-term fine-tuning, paid for only where one-shot compression
+  stops): training is the slowest part of a build, so no candidate trains that need not.
 * ``evolutionary`` — Optuna's NSGA-II on (cost, loss) with the budgets as constraints.
 * ``bayesian`` — Optuna's TPE on the same two objectives and constraints.
 * ``random`` — Optuna's random sampler, the baseline a search must beat.
@@ -57,27 +61,41 @@ def run_sampler(trials: Trials, batch: int) -> None:
 
 def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]],
                promise: Callable[[str, Mapping[str, Any]], float], allowed_loss: float,
-               shortfall: Callable[[dict[str, Any]], float]) -> None:
+               shortfall: Callable[[dict[str, Any]], float],
+               recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None] = lambda params: None) -> None:
     """NetAdapt-style shrinking from ``start`` (see the module docstring). Progress is
     ``shortfall``: how far a result is over the budgets, so a size budget is bought with what
     shrinks the file and a speed-up with what the device runs faster. A knob whose move did
     not lower it (factorizing a small layer adds kernels; int8 on a CPU without 8-bit dot
-    products) is not proposed again: its promise was wrong here."""
+    products) is not proposed again: its promise was wrong here. ``recovered``: the same
+    parameters with accuracy recovery (fine-tuning) turned on, None where it is on or not offered."""
     current, useless = trials.run(start), set()
     while "error" not in current and shortfall(current) > 0 and trials.left():
         ranked = sorted(((promise(name, current["params"]), name, params) for name, params in moves(current["params"])
                          if name not in useless), key=lambda m: -m[0])
-        measured = []
+        measured, lossy = [], []
         proposals = [m for m in ranked if m[0] > 0][:trials.room(GREEDY_PROPOSALS)]
         for (_, name, _), result in zip(proposals, trials.run_batch([params for _, _, params in proposals])):
             if "error" in result or shortfall(result) >= shortfall(current):
                 useless.add(name)
-            elif result["loss"] <= allowed_loss:
-                measured.append(result)
+            else:
+                (measured if result["loss"] <= allowed_loss else lossy).append(result)
+        if not measured:
+            measured = _recovering(trials, current, lossy, recovered, allowed_loss, shortfall)
         if not measured:
             return
         best = max(measured, key=lambda r: ((shortfall(current) - shortfall(r)) / max(r["loss"] - current["loss"], 1e-3), -r["trial"]))
         current = _combined(trials, current, measured, best, allowed_loss, shortfall)
+
+
+def _recovering(trials: Trials, current: dict[str, Any], lossy: list[dict[str, Any]],
+                recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None], allowed_loss: float,
+                shortfall: Callable[[dict[str, Any]], float]) -> list[dict[str, Any]]:
+    """The proposals that lost too much accuracy, measured again with recovery on: those that
+    now hold accuracy and still fall shorter of the budgets than ``current``."""
+    retries = [params for params in (recovered(r["params"]) for r in lossy) if params is not None][:trials.room(GREEDY_PROPOSALS)]
+    return [r for r in trials.run_batch(retries) if "error" not in r and r["loss"] <= allowed_loss
+            and shortfall(r) < shortfall(current)] if retries else []
 
 
 def _combined(trials: Trials, current: dict[str, Any], measured: list[dict[str, Any]], best: dict[str, Any],
