@@ -144,19 +144,26 @@ class _Toy:
         return min(wanted, 20 - len(self.runs))
 
 
-@pytest.mark.parametrize("finetune", [False, True])
-def test_greedy_fine_tunes_only_where_one_shot_moves_lose_too_much(finetune):
+ONE_SHOT, FINE_TUNED = ({"prune:a": rate, "finetune": tuned} for rate, tuned in ((0.25, False), (0.25, True)))
+
+
+@pytest.mark.parametrize("finetune, allowed, budget, runs", [
+    # the first step loses 2 points: a dead end without data to train on ...
+    (False, 0.01, 0.5, [{"prune:a": 0.0}, {"prune:a": 0.25}]),
+    # ... with it, the step is built again fine-tuned, and the walk goes on fine-tuned
+    (True, 0.01, 0.5, [{"prune:a": 0.0, "finetune": False}, ONE_SHOT, FINE_TUNED, {"prune:a": 0.5, "finetune": True}]),
+    # a budget met one-shot, at a loss: the point once more, fine-tuned
+    (True, 0.03, 0.75, [{"prune:a": 0.0, "finetune": False}, ONE_SHOT, FINE_TUNED]),
+])
+def test_greedy_fine_tunes_only_where_one_shot_moves_lose_accuracy(finetune, allowed, budget, runs):
     from edgec.search.space import Space
     from edgec.search.strategies import run_greedy
 
     levels = {"prune:a": (0.0, 0.25, 0.5), **({"finetune": (False, True)} if finetune else {})}
     space, toy = Space(levels, {"prune:a": {0.0: (0, 0), 0.25: (0.25, 0.005), 0.5: (0.5, 0.01)}}), _Toy()
-    run_greedy(toy, space.start(), space.neighbours, space.promise, 0.01, lambda r: max(r["relative_cost"] - 0.5, 0.0), space.recovered)
-    if not finetune:  # the first step loses 2 points: a dead end without data to train on
-        assert toy.runs == [{"prune:a": 0.0}, {"prune:a": 0.25}]
-    else:
-        assert toy.runs == [{"prune:a": 0.0, "finetune": False}, {"prune:a": 0.25, "finetune": False},
-                            {"prune:a": 0.25, "finetune": True}, {"prune:a": 0.5, "finetune": True}]
+    run_greedy(toy, space.start(), space.neighbours, space.promise, allowed, lambda r: max(r["relative_cost"] - budget, 0.0),
+               space.recovered)
+    assert toy.runs == runs
 
 
 def test_time_budget_stops_after_the_reference(tmp_path):

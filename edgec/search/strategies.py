@@ -13,7 +13,9 @@ settings:
   ``--finetune`` data, a step whose every shrinking proposal loses too much accuracy is
   measured again with fine-tuning on, and the walk goes on fine-tuned from the best of those
   that hold (NetAdapt's short-term fine-tuning, paid for only where one-shot compression
-  stops): training is the slowest part of a build, so no candidate trains that need not.
+  stops): training is the slowest part of a build, so no candidate trains that need not. A
+  walk that met the budgets one-shot with some accuracy lost builds its last point once more,
+  fine-tuned (NetAdapt's long-term fine-tuning).
 * ``evolutionary`` — Optuna's NSGA-II on (cost, loss) with the budgets as constraints.
 * ``bayesian`` — Optuna's TPE on the same two objectives and constraints.
 * ``random`` — Optuna's random sampler, the baseline a search must beat.
@@ -86,6 +88,17 @@ def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mappin
             return
         best = max(measured, key=lambda r: ((shortfall(current) - shortfall(r)) / max(r["loss"] - current["loss"], 1e-3), -r["trial"]))
         current = _combined(trials, current, measured, best, allowed_loss, shortfall)
+    _fine_tuned_at_last(trials, current, recovered, shortfall)
+
+
+def _fine_tuned_at_last(trials: Trials, current: dict[str, Any], recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None],
+                        shortfall: Callable[[dict[str, Any]], float]) -> None:
+    """The point that met the budgets once more, fine-tuned, if it lost accuracy one-shot
+    (NetAdapt's long-term fine-tuning of the final network): the choice takes whichever of
+    the two is more accurate, at the same cost."""
+    final = recovered(current["params"]) if "error" not in current and shortfall(current) <= 0 and current["loss"] > 0 else None
+    if final is not None and trials.left():
+        trials.run(final)
 
 
 def _recovering(trials: Trials, current: dict[str, Any], lossy: list[dict[str, Any]],
