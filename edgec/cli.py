@@ -590,7 +590,7 @@ def optimize(
     seed: Annotated[int, typer.Option(help="Seed of the sampler and of the builds.")] = 0,
     study: Annotated[Optional[str], typer.Option("--study", help="Study storage: a SQLite file or a database URL (default OUT/study.db); an interrupted search resumes from it.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration samples (int8, pruning re-fits, sensitivity); not the --eval data.")] = None,
-    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training samples: fine-tuning after compression becomes a knob of the search.")] = None,
+    finetune: Annotated[Optional[Path], typer.Option("--finetune", help="Training samples: fine-tuning after compression becomes a knob of the search (greedy turns it on where one-shot moves lose too much accuracy, and for its last point).")] = None,
     epochs: Annotated[int, typer.Option(help="--finetune: at most this many epochs.")] = 5,
     lr: Annotated[float, typer.Option(help="--finetune: Adam learning rate.")] = 1e-4,
     batch_size: Annotated[int, typer.Option(help="--finetune: samples per training step.")] = 32,
