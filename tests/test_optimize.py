@@ -97,6 +97,7 @@ def test_infeasible_budget_names_the_closest_point_and_writes_it(tmp_path):
     ({"eval": str(REPO / "models" / "data" / "digits_eval_nchw.npz")}, InputDataError, "has no array for input"),
     ({"min_cosine": 0.9}, OptionError, "--max-drop"),  # labeled --eval: the top-1 drop is the bound
     ({"eval": CALIB}, OptionError, "--eval is the --calib data"),
+    ({"finetune": {"data": CALIB, "budget_s": 60}}, OptionError, "same choice"),  # seconds trained vary with load
     ({"study": "/nonexistent/folder/study.db"}, OptionError, "cannot be opened"),
     ({"study": "nosuchdb://x"}, OptionError, "cannot be opened"),
 ])

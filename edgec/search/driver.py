@@ -198,6 +198,10 @@ def _problem(model: str | Path, target: str, out: Path, options: OptimizeOptions
         return None if path is None else str(Path(path).resolve())
 
     finetune = {**options.finetune, "data": absolute(options.finetune["data"])} if options.finetune else {}
+    if finetune.get("budget_s") is not None:
+        raise OptionError("A fine-tuning time budget (budget_s) makes a candidate's weights depend on the machine's load, "
+                          "so a search with the same seed and study would not make the same choice.",
+                          hint="Bound fine-tuning inside a search by epochs instead.")
     for name, path in (("--calib", options.calib), ("--finetune", finetune.get("data"))):
         if path is not None and absolute(path) == absolute(options.eval):
             raise OptionError(f"--eval is the {name} data: the search would judge candidates on samples they were fitted to.",
