@@ -65,8 +65,8 @@ Sections of the JSON:
   samples plus the other half (edgec/predict/evaluate.py); a pretrained model by the fit
   that did not see its zoo twin.
 * ``optimize``: ``edgec optimize`` (greedy, 40 trials at most, ``--max-drop 0.01`` on the
-  held-out split, ``--finetune`` on the digits training split with the ``finetune`` section's
-  schedule, which greedy turns on where one-shot moves lose too much) on the digits classifiers, on ``local`` (ort-x86) and ``emulated-a76``
+  held-out split, ``--finetune`` on the digits training split for ``OPTIMIZE_FINETUNE``'s 20
+  epochs, which greedy turns on where one-shot moves lose too much) on the digits classifiers, on ``local`` (ort-x86) and ``emulated-a76``
   (tflite-arm; skipped without the emulator), for ``--speedup 2``, ``--speedup 3`` and a size
   budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
   apart from the search (new runners in alternating rounds against the bench's own fp32
@@ -165,7 +165,7 @@ PREDICTOR_DEVICES = ("local", "emulated-a53", "emulated-a76")
 OPTIMIZE_DEVICES = {"local": ORT_TARGET, "emulated-a76": ARM_TARGET}  # device → the target whose artifacts it prices
 OPTIMIZE_TRIALS, OPTIMIZE_MAX_DROP, OPTIMIZE_REMEASURE_ROUNDS = 40, 0.01, 9
 # A candidate's fine-tuning: the digits schedule of FINETUNE_DIGITS bounded by epochs, not seconds (a
-# search must choose the same under any load); 20 epochs took 30 s (keras_cnn) to 2 min (mobilenetv2).
+# search must choose the same under any load); a candidate built so took 1–5 min on a loaded box (keras_cnn–mobilenetv2).
 OPTIMIZE_FINETUNE = {"epochs": 20, "lr": 3e-3, "patience": 20, "schedule": "cosine", "warmup": 0.05}
 SCALE_MODELS, SCALE_TRIALS, SCALE_BATCH, SCALE_DEVICE = ("mobilenetv2",), OPTIMIZE_TRIALS, 4, "emulated-a76"  # optimize's default trials
 
