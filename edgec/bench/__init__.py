@@ -67,8 +67,9 @@ Sections of the JSON:
 * ``optimize``: ``edgec optimize`` (greedy, 40 trials at most, ``--max-drop 0.01`` on the
   held-out split, ``--finetune`` on the digits training split for ``OPTIMIZE_FINETUNE``'s 20
   epochs, which greedy turns on where one-shot moves lose too much) on the digits
-  classifiers, on ``local`` (ort-x86) and ``emulated-a76`` (tflite-arm; skipped without the emulator), for ``--speedup 2``, ``--speedup 3`` and a size
-  budget of a third of the target's fp32 artifact: the chosen point, its cost re-measured
+  classifiers, on ``local`` (ort-x86) and ``emulated-a76`` (tflite-arm; skipped without the
+  emulator), for ``--speedup 2``, ``--speedup 3`` and a size budget of a third of the
+  target's fp32 artifact: the chosen point, its cost re-measured
   apart from the search (new runners in alternating rounds against the bench's own fp32
   build; instructions counted again), its top-1 drop, and the baselines the search ran:
   uniform-rate pruning at the chosen point's cost (and at its MACs) and int8 alone.
