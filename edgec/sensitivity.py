@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from edgec.analysis import parameter_count
 from edgec.model import to_bytes
 from edgec.passes.channel_pruning import ChannelPruning, ChannelPruningOptions, channel_groups
 from edgec.passes.channels import ChannelGraph
@@ -28,13 +29,13 @@ DEFAULT_RATES = (0.1, 0.2, 0.3, 0.5, 0.7)
 
 def sensitivity(model: ir.Model, samples: InputSet, calibration: InputSet, rates: Sequence[float] = DEFAULT_RATES,
                 importance: str = "l1", reconstruct: bool = False) -> dict[str, Any]:
-    """Per prunable group and rate: MACs removed and the output error it causes alone.
+    """Per prunable group and rate: MACs and parameters removed, and the output error it causes alone.
 
     ``samples`` measure the error (labels give the top-1 drop); ``calibration`` feeds
     activation importance and reconstruction. Channels are counted one by one (``round_to``
     1) so the curves show the group's own sensitivity."""
     reference = run_all(_runner(model), samples.batches)
-    groups = channel_groups(ChannelGraph(model.graph))
+    groups, params = channel_groups(ChannelGraph(model.graph)), parameter_count(model.graph)
     rows = []
     for group in (g for g in groups if g.classes):
         curve = []
@@ -44,7 +45,8 @@ def sensitivity(model: ir.Model, samples: InputSet, calibration: InputSet, rates
             result = ChannelPruning(options, calibration.batches if options.needs_data else (), "sensitivity")(model.clone())
             macs = result.details["macs"]
             point = {"rate": rate, "removed": result.details["groups"][0]["removed"],
-                     "mac_reduction": round(1 - macs["after"] / macs["before"], 6)}
+                     "mac_reduction": round(1 - macs["after"] / macs["before"], 6),
+                     "param_reduction": round(1 - parameter_count(result.model.graph) / params, 6) if params else 0.0}
             curve.append({**point, **_error(reference, run_all(_runner(result.model), samples.batches), samples.labels)})
         rows.append({"layers": group.names(), "channels": group.channels, "curve": curve})
     return {

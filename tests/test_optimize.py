@@ -122,6 +122,43 @@ def test_settings_keep_no_factorized_layer_float():
     assert space.settings({"precision": "fp32", "factorize:fc": 0.0, "float:fc": True, "float:head": True})["keep_float"] == []
 
 
+def test_fine_tuning_data_offers_the_rates_one_shot_damage_cuts():
+    from edgec.build import canonicalize, input_specs
+    from edgec.model import load
+    from edgec.search.space import build_space, pruning_sensitivity
+    from edgec.verify import load_inputs
+
+    model, _ = canonicalize(load(MLP), {})
+    report = pruning_sensitivity(model, load_inputs(CALIB, input_specs(model), limit=16))
+    for group in report["groups"]:  # every rate ruinous one-shot
+        group["curve"] = [{**point, "top1_drop": 0.5} for point in group["curve"]]
+
+    def pruning(finetune: bool) -> dict:
+        levels = build_space(model, report, 0.01, int8=True, keep_float=True, finetune=finetune).levels
+        return {name: values for name, values in levels.items() if name.startswith("prune:")}
+
+    assert pruning(finetune=False) == {}
+    offered = pruning(finetune=True)
+    assert offered and all(len(values) > 1 for values in offered.values())
+
+
+def test_a_size_budget_factorizes_the_layers_holding_the_weights():
+    from edgec.build import canonicalize
+    from edgec.model import load
+    from edgec.search.space import build_space
+
+    model, _ = canonicalize(load(REPO / "models" / "mobilenetv3.onnx"), {})
+    no_groups = {"samples": {"labeled": True}, "groups": []}
+
+    def factorized(budgets: Budgets) -> set[str]:
+        space = build_space(model, no_groups, 0.01, int8=True, keep_float=False, finetune=False, buys=budgets.buys())
+        return {name for name in space.levels if name.startswith("factorize:")}
+
+    head = "factorize:/head/head.0/Gemm"  # a fifth of the weights, under 1% of the MACs
+    assert head in factorized(Budgets(size_kb=50)) and head not in factorized(Budgets(speedup=2))
+    assert Budgets(speedup=2, size_kb=50).buys() == ("macs", "params")
+
+
 class _Toy:
     """Greedy's trials on a model of one pruning knob, without builds: each quarter pruned
     costs 2 points of top-1, half a point once fine-tuned, and saves 0.3 of the cost."""

@@ -45,6 +45,7 @@ from edgec.verify import InputSet, load_inputs, random_inputs
 
 CANDIDATE_MODULES = ("edgec.search.evaluate",)  # what a candidate's task imports, besides its backend
 SENSITIVITY_SAMPLES = 64  # calibration batches the space's sensitivity is measured on
+SENSITIVITY_FORMAT = 2  # of the cached sensitivity report: 2 added param_reduction
 DEFAULT_MAX_DROP, DEFAULT_MIN_COSINE = 0.01, 0.99
 
 
@@ -71,6 +72,11 @@ class Budgets:
                     "size_kb": result["size_bytes"] / 1024, "macs": result["macs"]}
         return {key: round(measured[key] / (1 if key == "speedup" else getattr(self, key)) - 1, 6)
                 for key in FLAGS if getattr(self, key) is not None}
+
+    def buys(self) -> tuple[str, ...]:
+        """What meets these budgets: fewer ``macs`` (latency, speed-up, MACs) and/or ``params`` (size)."""
+        kinds = {"latency_ms": "macs", "speedup": "macs", "macs": "macs", "size_kb": "params"}
+        return tuple(dict.fromkeys(kinds[key] for key in FLAGS if getattr(self, key) is not None))
 
     def to_dict(self) -> dict[str, float]:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -263,14 +269,15 @@ def _space(problem: Problem, target, allowed: float, options: OptimizeOptions) -
     warning), measured once per model and data: a resumed search reads it back."""
     canonical, _ = canonicalize(load(Path(problem.model)), dict(problem.input_shapes))
     identity = json.dumps([sha256(Path(problem.model)), problem.calib, problem.input_shapes, problem.images, problem.seed,
-                           SENSITIVITY_SAMPLES], default=str)
+                           SENSITIVITY_SAMPLES, SENSITIVITY_FORMAT], default=str)
     cached = Path(problem.work) / f"sensitivity-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.json"
     if cached.is_file():
         report = json.loads(cached.read_text())
     else:
         report = pruning_sensitivity(canonical, _calibration(problem, input_specs(canonical)))
         write_atomically(cached, write_json(report))
-    space = build_space(canonical, report, allowed, "int8" in target.criteria, target.backend == "ort", options.finetune is not None)
+    space = build_space(canonical, report, allowed, "int8" in target.criteria, target.backend == "ort", options.finetune is not None,
+                        options.budgets.buys())
     return space, report
 
 

@@ -10,11 +10,13 @@ A candidate's *settings* are plain data (JSON, and Optuna's parameters one to on
 
 The space starts from per-group pruning sensitivity (:mod:`edgec.sensitivity`, measured on
 the calibration samples, never on ``--eval``): a group whose pruning alone buys under
-``MIN_GROUP_SHARE`` of the MACs is left whole, and a group gets only the rates whose damage
-alone stays under ``SENSITIVITY_LIMIT`` times the allowed loss (and that the build's rounding
-of channel counts tells apart). The digits MobileNetV2 (ORT) keeps 8 of its 10 groups with
-1–3 levels each, 3 factorization knobs, precision and 2 float layers: 3·10⁶ points, which a
-greedy walk of single-level moves crosses in a few dozen builds.
+``MIN_GROUP_SHARE`` of the MACs (of the weights, for a size budget) is left whole, and a
+group gets only the rates whose damage alone stays under ``SENSITIVITY_LIMIT`` times the
+allowed loss and that the build's rounding of channel counts tells apart (with
+``--finetune`` data, every rate the rounding tells apart: training recovers much of the
+damage one-shot sensitivity measures). The digits MobileNetV2 (ORT) keeps 8 of its 10
+groups with 1–3 levels each, 3 factorization knobs, precision and 2 float layers: 3·10⁶
+points, which a greedy walk of single-level moves crosses in a few dozen builds.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,8 +40,8 @@ from edgec.verify import InputSet
 
 PRUNE_RATES = (0.25, 0.5, 0.75)  # levels a group may take (0 = whole); round_to 8 makes finer ones moot on small nets
 FACTORIZE_LEVELS = (0.3, 0.6)  # shares of a layer's MACs factorization may remove
-FACTORIZED_LAYERS = 3  # the largest layers by MACs get a factorization knob
-MIN_GROUP_SHARE = 0.01  # a group whose most aggressive rate removes less of the MACs stays whole
+FACTORIZED_LAYERS = 3  # the largest layers (by MACs, or weights for a size budget) get a factorization knob
+MIN_GROUP_SHARE = 0.01  # a group whose most aggressive rate removes less of the MACs (or weights) stays whole
 SENSITIVITY_LIMIT = 4.0  # rates whose damage alone exceeds this many times the allowed loss are not offered
 FACTORIZABLE = ("Conv", "Gemm", "MatMul")
 PROMISE_FLOOR = 1e-3  # damage added to every prediction, so harmless moves rank by what they buy
@@ -50,7 +53,7 @@ class Space:
     """The knobs and their levels; ``levels`` keys are Optuna parameter names."""
 
     levels: Mapping[str, tuple[Any, ...]]
-    # knob → level → (share of the model's MACs it removes, damage predicted alone): greedy's
+    # knob → level → (share of what the budgets buy it removes, damage predicted alone): greedy's
     # order of trying moves. Pruning's come from sensitivity; others are guesses (see build_space).
     predicted: Mapping[str, Mapping[Any, tuple[float, float]]] = dataclasses.field(default_factory=dict)
 
@@ -116,35 +119,62 @@ def pruning_sensitivity(model: ir.Model, calibration: InputSet) -> dict[str, Any
 
 
 def build_space(model: ir.Model, report: dict[str, Any], allowed_loss: float, int8: bool, keep_float: bool,
-                finetune: bool) -> Space:
+                finetune: bool, buys: tuple[str, ...] = ("macs",)) -> Space:
     """The space for ``model`` (canonical) from its pruning sensitivity ``report``.
 
     ``allowed_loss`` is the top-1 drop (labeled calibration) or 1 − cosine the user allows;
-    ``int8``: the target can quantize; ``keep_float``: its backend keeps single layers float."""
+    ``int8``: the target can quantize; ``keep_float``: its backend keeps single layers float;
+    ``finetune``: candidates may train, so no rate is cut for its one-shot damage (greedy
+    still tries the least damaging first). The cut had kept keras_cnn's search from the
+    rates that uniform pruning, fine-tuned, reached at a cost the search missed.
+    ``buys``: what the budgets are met with, ``macs`` (speed, MACs) and/or ``params`` (size):
+    the knobs go to the layers that hold most of it, and greedy's promise counts it."""
     levels: dict[str, tuple[Any, ...]] = {"precision": ("fp32", "int8") if int8 else ("fp32",)}
     predicted: dict[str, dict[Any, tuple[float, float]]] = {"precision": {"fp32": (0.0, 0.0), "int8": INT8_GUESS}}
-    key = "top1_drop" if report["samples"]["labeled"] else "relative_error"
-    removable = _removable(model)
-    for group in report["groups"]:
-        curve = [p for p in group["curve"] if p[key] <= SENSITIVITY_LIMIT * allowed_loss]
-        counts = [removable[group["layers"][0]](p["rate"]) for p in curve]
-        curve = [p for i, p in enumerate(curve) if counts[i] > max([0, *counts[:i]])]  # levels the build's rounding tells apart
-        if curve and max(p["mac_reduction"] for p in group["curve"]) >= MIN_GROUP_SHARE:
-            name = f"prune:{group['layers'][0]}"
-            levels[name] = (0.0, *(p["rate"] for p in curve))
-            predicted[name] = {0.0: (0.0, 0.0), **{p["rate"]: (p["mac_reduction"], max(p[key], 0.0)) for p in curve}}
-    layers = sorted((row for row in layer_table(model.graph) if row["op"] in FACTORIZABLE and row["macs"]),
-                    key=lambda row: (-row["macs"], row["name"]))
-    total = sum(row["macs"] for row in layers)
-    for row in layers[:FACTORIZED_LAYERS]:
-        name = f"factorize:{row['name']}"
-        levels[name] = (0.0, *FACTORIZE_LEVELS)  # damage unknown until built: guessed at the allowed loss
-        predicted[name] = {level: (level * row["macs"] / total, allowed_loss * level) for level in levels[name]}
-    if int8 and keep_float and layers:
+    limit = math.inf if finetune else SENSITIVITY_LIMIT * allowed_loss
+    for table in (_pruning_knobs(model, report, limit, buys), _factorization_knobs(model, allowed_loss, buys)):
+        predicted.update(table)
+        levels.update({name: tuple(shares) for name, shares in table.items()})
+    if int8 and keep_float and _mac_layers(model):
         levels.update({f"float:{name}": (False, True) for name in dict.fromkeys([_first_layer(model), _last_layer(model)]) if name})
     if finetune:
         levels["finetune"] = (False, True)
     return Space(levels, predicted)
+
+
+REDUCTIONS = {"macs": "mac_reduction", "params": "param_reduction"}  # what a budget buys → its key in sensitivity
+
+
+def _pruning_knobs(model: ir.Model, report: dict[str, Any], limit: float, buys: tuple[str, ...]
+                   ) -> dict[str, dict[float, tuple[float, float]]]:
+    """Group knob → rate → (share bought, damage alone): the rates whose damage stays within
+    ``limit`` and that the build's rounding tells apart, for groups that buy ``MIN_GROUP_SHARE``."""
+    key = "top1_drop" if report["samples"]["labeled"] else "relative_error"
+    removable, knobs = _removable(model), {}
+    for group in report["groups"]:
+        curve = [p for p in group["curve"] if p[key] <= limit]
+        counts = [removable[group["layers"][0]](p["rate"]) for p in curve]
+        curve = [p for i, p in enumerate(curve) if counts[i] > max([0, *counts[:i]])]
+        if curve and max(_bought(p, buys) for p in group["curve"]) >= MIN_GROUP_SHARE:
+            knobs[f"prune:{group['layers'][0]}"] = {0.0: (0.0, 0.0), **{p["rate"]: (_bought(p, buys), max(p[key], 0.0)) for p in curve}}
+    return knobs
+
+
+def _bought(point: Mapping[str, float], buys: tuple[str, ...]) -> float:
+    return sum(point[REDUCTIONS[kind]] for kind in buys)
+
+
+def _factorization_knobs(model: ir.Model, allowed_loss: float, buys: tuple[str, ...]) -> dict[str, dict[float, tuple[float, float]]]:
+    """Layer knob → level → (share bought, damage guessed at the allowed loss: unknown until
+    built) for the ``FACTORIZED_LAYERS`` layers holding most of what the budgets buy (a
+    classifier head holds a fifth of MobileNetV3's weights and under 1% of its MACs).
+    Factorizing a share of a layer's MACs removes that share of its weights too."""
+    rows = [row for row in layer_table(model.graph) if row["op"] in FACTORIZABLE and row["macs"]]
+    totals = {kind: sum(row[kind] for row in rows) or 1 for kind in buys}
+    shares = {row["name"]: sum(row[kind] / totals[kind] for kind in buys) for row in rows}
+    largest = sorted(shares, key=lambda name: (-shares[name], name))[:FACTORIZED_LAYERS]
+    return {f"factorize:{name}": {level: (level * shares[name], allowed_loss * level) for level in (0.0, *FACTORIZE_LEVELS)}
+            for name in largest}
 
 
 def _removable(model: ir.Model) -> dict[str, Callable[[float], int]]:
