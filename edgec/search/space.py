@@ -168,8 +168,9 @@ def _factorization_knobs(model: ir.Model, allowed_loss: float, buys: tuple[str, 
     """Layer knob → level → (share bought, damage guessed at the allowed loss: unknown until
     built) for the ``FACTORIZED_LAYERS`` layers holding most of what the budgets buy (a
     classifier head holds a fifth of MobileNetV3's weights and under 1% of its MACs).
-    Factorizing a share of a layer's MACs removes that share of its weights too."""
-    rows = [row for row in layer_table(model.graph) if row["op"] in FACTORIZABLE and row["macs"]]
+    Factorizing a share of a layer's MACs removes that share of its weights too; a MatMul of
+    two activations (attention) has none to factor."""
+    rows = [row for row in layer_table(model.graph) if row["op"] in FACTORIZABLE and row["macs"] and row["params"]]
     totals = {kind: sum(row[kind] for row in rows) or 1 for kind in buys}
     shares = {row["name"]: sum(row[kind] / totals[kind] for kind in buys) for row in rows}
     largest = sorted(shares, key=lambda name: (-shares[name], name))[:FACTORIZED_LAYERS]
