@@ -193,6 +193,18 @@ def test_timeout_stops_the_profile_and_cleans_up(board):
     assert _processes_inside(board.remote_tmp) == []  # the runner on the board stopped too
 
 
+def test_a_runner_slower_to_start_than_the_time_left_is_killed(board, tmp_path):
+    """The runner arms its own timer only once started (1 s at least): one that starts after
+    the profile has timed out would outlive it, unless the clean-up stops it."""
+    python = tmp_path / "slow-python"  # one process throughout: sleeps, then becomes the board's Python
+    python.write_text(f"#!{sys.executable}\nimport os, sys, time\ntime.sleep(8)\n"
+                      f"os.execv({sys.executable!r}, [{sys.executable!r}, *sys.argv[1:]])\n")
+    python.chmod(0o755)
+    _assert_fails(board.device(timeout_s=3, python=str(python)), "timeout", "timeout_s (3 s)")
+    assert list(board.remote_tmp.iterdir()) == []
+    assert _processes_inside(board.remote_tmp) == []
+
+
 
 def test_int8_speed_check_on_a_board_judges_by_latency(board, tmp_path):
     """--speed-check-on an SSH board: both artifacts are timed there in alternating rounds

@@ -34,6 +34,7 @@ from edgec.profile.transport import (
 )
 
 _CLEANUP_TIMEOUT_S = 30.0
+_PID_FILE = "runner.pid"  # the runner's PID on the board (the shell that writes it execs the runner)
 _SAFE_REMOTE_DIR = re.compile(r"/[A-Za-z0-9._/-]+")
 # ssh's own words for each failure it exits 255 with, checked in this order.
 _SSH_FAILURES = (
@@ -67,9 +68,9 @@ def run_ssh(device: Device, artifact: Path, settings: ProfileSettings, threads: 
         _copy(device, access, artifact, remote_dir, deadline)
         remaining = _remaining(device, deadline)
         runner = [python_of(device), RUNNER.name, *runner_arguments(staged_name(artifact), settings, threads),
-                  # The runner stops itself first, so no process outlives the profile on the board.
+                  # The runner stops itself first where the time left allows; the clean-up kills it otherwise.
                   "--timeout-s", f"{max(remaining - access.connect_timeout_s, 1.0):.0f}"]
-        line = f"cd {shlex.quote(remote_dir)} && exec {shlex.join(runner)}"
+        line = f"cd {shlex.quote(remote_dir)} && echo $$ > {_PID_FILE} && exec {shlex.join(runner)}"
         completed = run_with_timeout(device, _ssh_command(access, line), remaining)
         if completed.returncode == _SSH_EXIT_FAILURE:
             _raise_ssh_failure(device, completed)
@@ -131,10 +132,16 @@ def _copy(device: Device, access: SshAccess, artifact: Path, remote_dir: str, de
 
 
 def _remove_remote_dir(access: SshAccess, remote_dir: str) -> None:
-    """Best effort with its own short timeout: the profile's own error is the one to report."""
+    """Stop the runner if it still runs, then remove the folder. A runner told to stop
+    itself within 1 s outlives a profile that timed out with less left (CI under load saw
+    one); the PID is killed only while that process still works in the folder, so a
+    reused PID is safe. Best effort with its own short timeout: the profile's own error is
+    the one to report."""
+    folder = shlex.quote(remote_dir)
+    line = (f'pid=$(cat {folder}/{_PID_FILE} 2>/dev/null) && [ "$(readlink /proc/$pid/cwd)" = "$(cd {folder} && pwd -P)" ] '
+            f'&& kill -9 $pid; rm -rf -- {folder}')
     try:
-        subprocess.run(_ssh_command(access, f"rm -rf -- {shlex.quote(remote_dir)}"), capture_output=True,
-                       timeout=_CLEANUP_TIMEOUT_S, check=False)
+        subprocess.run(_ssh_command(access, line), capture_output=True, timeout=_CLEANUP_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         pass
 
