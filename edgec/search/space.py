@@ -134,7 +134,7 @@ def build_space(model: ir.Model, report: dict[str, Any], allowed_loss: float, in
     limit = math.inf if finetune else SENSITIVITY_LIMIT * allowed_loss
     for table in (_pruning_knobs(model, report, limit, buys), _factorization_knobs(model, allowed_loss, buys)):
         predicted.update(table)
-        levels.update({name: tuple(shares) for name, shares in table.items()})
+        levels.update({name: tuple(by_level) for name, by_level in table.items()})  # the levels, in order
     if int8 and keep_float and _mac_layers(model):
         levels.update({f"float:{name}": (False, True) for name in dict.fromkeys([_first_layer(model), _last_layer(model)]) if name})
     if finetune:
