@@ -160,26 +160,27 @@ def test_a_size_budget_factorizes_the_layers_holding_the_weights():
 
 
 class _Toy:
-    """Greedy's trials on a model of one pruning knob, without builds: each quarter pruned
-    costs 2 points of top-1, half a point once fine-tuned, and saves 0.3 of the cost."""
+    """Greedy's trials on a model of pruning knobs, without builds: ``q`` quarters pruned (over
+    all groups) cost ``lost(q)`` of top-1 one-shot (``tuned(q)`` once fine-tuned) and save ``saves·q`` of the cost."""
 
-    def __init__(self):
+    def __init__(self, tuned=lambda q: 0.005 * q, saves=0.3, lost=lambda q: 0.02 * q, trials=20):
         self.runs: list[dict] = []
+        self.tuned, self.saves, self.lost, self.trials = tuned, saves, lost, trials
 
     def run(self, params):
         self.runs.append(dict(params))
-        rate = params["prune:a"]
-        return {"params": dict(params), "trial": len(self.runs), "loss": rate * (0.02 if params.get("finetune") else 0.08),
-                "relative_cost": 1.0 - 1.2 * rate}
+        quarters = sum(rate for name, rate in params.items() if name.startswith("prune:")) * 4
+        return {"params": dict(params), "trial": len(self.runs), "loss": (self.tuned if params.get("finetune") else self.lost)(quarters),
+                "relative_cost": 1.0 - self.saves * quarters}
 
     def run_batch(self, proposals):
         return [self.run(params) for params in proposals]
 
     def left(self):
-        return len(self.runs) < 20
+        return len(self.runs) < self.trials
 
     def room(self, wanted):
-        return min(wanted, 20 - len(self.runs))
+        return min(wanted, self.trials - len(self.runs))
 
 
 ONE_SHOT, FINE_TUNED = ({"prune:a": rate, "finetune": tuned} for rate, tuned in ((0.25, False), (0.25, True)))
@@ -199,9 +200,43 @@ def test_greedy_fine_tunes_only_where_one_shot_moves_lose_accuracy(finetune, all
 
     levels = {"prune:a": (0.0, 0.25, 0.5), **({"finetune": (False, True)} if finetune else {})}
     space, toy = Space(levels, {"prune:a": {0.0: (0, 0), 0.25: (0.25, 0.005), 0.5: (0.5, 0.01)}}), _Toy()
-    run_greedy(toy, space.start(), space.neighbours, space.promise, allowed, lambda r: max(r["relative_cost"] - budget, 0.0),
-               space.recovered)
+    run_greedy(toy, space, allowed, lambda r: max(r["relative_cost"] - budget, 0.0))
     assert toy.runs == runs
+
+
+def test_a_fine_tuned_walk_jumps_every_least_pruned_group_at_once():
+    from edgec.search.space import Space
+    from edgec.search.strategies import run_greedy
+
+    knobs = ("prune:a", "prune:b", "prune:c")
+    levels = {**{name: (0.0, 0.25, 0.5) for name in knobs}, "finetune": (False, True)}
+    space = Space(levels, {name: {0.0: (0, 0), 0.25: (0.25, 0.02), 0.5: (0.5, 0.04)} for name in knobs})
+    assert space.jump({**space.start(), "prune:a": 0.25}) == {**dict.fromkeys(knobs, 0.25), "finetune": True}
+    assert space.jump({**space.start(), "prune:a": 0.25, "prune:b": 0.25}) is None  # one knob behind: a single move
+    assert Space({name: levels[name] for name in knobs}).jump(space.start()) is None  # no data to train on
+
+    toy = _Toy(tuned=lambda q: 0.00075 * q, saves=0.1)
+    run_greedy(toy, space, 0.01, lambda r: max(r["relative_cost"] - 0.45, 0.0))
+    one_shot = [{**space.start(), name: 0.25} for name in knobs]  # each loses 2 points
+    assert toy.runs[:5] == [space.start(), *one_shot, {**space.start(), **dict.fromkeys(knobs, 0.25), "finetune": True}]
+    assert toy.runs[8] == {**dict.fromkeys(knobs, 0.5), "finetune": True}  # the fine-tuned walk's first jump, and the last point
+    assert len(toy.runs) == 12 and toy.run(toy.runs[8])["relative_cost"] <= 0.45
+
+
+def test_a_one_shot_walk_too_slow_for_the_trials_left_goes_fine_tuned_at_once():
+    from edgec.search.space import Space
+    from edgec.search.strategies import run_greedy
+
+    knobs = ("prune:a", "prune:b", "prune:c", "prune:d")
+    levels = {**{name: (0.0, 0.25, 0.5) for name in knobs}, "finetune": (False, True)}
+    space = Space(levels, {name: {0.0: (0, 0), 0.25: (0.25, 0.002), 0.5: (0.5, 0.008)} for name in knobs})
+    # one-shot, every quarter holds alone and two together barely do: a step buys 0.05, and 0.25 is left
+    toy = _Toy(lost=lambda q: 0.002 * q * q, tuned=lambda q: 0.0002 * q * q, saves=0.05)
+    run_greedy(toy, space, 0.01, lambda r: max(r["relative_cost"] - 0.7, 0.0))
+    first = {**space.start(), "prune:a": 0.25}
+    assert toy.runs[1] == first and not any(run["finetune"] for run in toy.runs[:6])
+    assert toy.runs[6] == {**dict.fromkeys(knobs, 0.25), "finetune": True}  # 5 steps would not fit in 14 trials: the jump
+    assert all(run["finetune"] for run in toy.runs[6:]) and min(toy.run(run)["relative_cost"] for run in list(toy.runs)) <= 0.7
 
 
 def test_time_budget_stops_after_the_reference(tmp_path):

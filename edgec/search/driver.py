@@ -238,7 +238,7 @@ def _run_strategy(trials: _Trials, options: OptimizeOptions) -> None:
     space = trials.space
     if options.strategy == "greedy":
         shortfall = lambda r: sum(max(v, 0.0) for v in options.budgets.violations(r).values())  # noqa: E731
-        run_greedy(trials, space.start(), space.neighbours, space.promise, trials.allowed, shortfall, space.recovered)
+        run_greedy(trials, space, trials.allowed, shortfall)
         return
     run_sampler(trials, options.batch)
 

@@ -96,6 +96,18 @@ class Space:
         share = table[following][0] - table[now][0]
         return share / (table[following][1] + PROMISE_FLOOR)
 
+    def jump(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Greedy's jump from ``params``: every pruning knob at the lowest level any of them
+        is at turned one level further (uniform pruning's step for the least pruned
+        groups), fine-tuned. None without data to train on (one-shot, such a step loses
+        what fine-tuning wins back) or where it moves fewer than two knobs (it is then one
+        of the single moves)."""
+        behind = {name: values.index(params[name]) for name, values in self.levels.items()
+                  if name.startswith("prune:") and values.index(params[name]) + 1 < len(values)}
+        floor = min(behind.values(), default=0)
+        raised = {name: self.levels[name][floor + 1] for name, index in behind.items() if index == floor}
+        return {**params, **raised, "finetune": True} if "finetune" in self.levels and len(raised) > 1 else None
+
     def recovered(self, params: Mapping[str, Any]) -> dict[str, Any] | None:
         """``params`` with fine-tuning turned on (greedy's recovery from a step that lost too
         much accuracy), or None where it is on already or there is no data to train on."""

@@ -8,14 +8,20 @@ settings:
   each of the ``GREEDY_PROPOSALS`` most promising knobs one level further, measure them, and
   move to the proposal that buys the most cost per unit of accuracy lost while accuracy
   holds (or to all the good proposals at once, when that measures better); stop once every
-  budget is met. Promise is MACs removed (or the cost int8 saves)
-  over the damage sensitivity predicts, so cheap, harmless moves are measured first. With
-  ``--finetune`` data, a step whose every shrinking proposal loses too much accuracy is
-  measured again with fine-tuning on, and the walk goes on fine-tuned from the best of those
-  that hold (NetAdapt's short-term fine-tuning, paid for only where one-shot compression
-  stops): training is the slowest part of a build, so no candidate trains that need not. A
-  walk that met the budgets one-shot with some accuracy lost builds its last point once more,
-  fine-tuned (NetAdapt's long-term fine-tuning).
+  budget is met. Promise is MACs removed (or the cost int8 saves) over the damage
+  sensitivity predicts, so cheap, harmless moves are measured first. With ``--finetune``
+  data, a step whose every shrinking proposal loses too much accuracy is measured again
+  with fine-tuning on, and the walk goes on fine-tuned from the best of those that hold
+  (NetAdapt's short-term fine-tuning, paid for only where one-shot compression stops):
+  training is the slowest part of a build, so no candidate trains that need not. The walk
+  also goes fine-tuned where one-shot steps creep: when steps the size of the last one
+  would need more trials than are left. From then on, each step also measures the jump:
+  every least pruned group one level further at once, fine-tuned. Uniform pruning takes
+  such steps, and fine-tuned they reach budgets that single moves creep towards (a
+  MobileNetV2 walk spent 29 builds on 0.56 → 0.48 of fp32 one-shot and ran out of trials
+  at 0.43; its uniform level, fine-tuned, cost 0.31 at 0.7 points). A walk that met the
+  budgets one-shot with some accuracy lost builds its last point once more, fine-tuned
+  (NetAdapt's long-term fine-tuning).
 * ``evolutionary`` — Optuna's NSGA-II on (cost, loss) with the budgets as constraints.
 * ``bayesian`` — Optuna's TPE on the same two objectives and constraints.
 * ``random`` — Optuna's random sampler, the baseline a search must beat.
@@ -23,13 +29,15 @@ settings:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import optuna
 
 STRATEGIES = ("greedy", "evolutionary", "bayesian", "random")
-GREEDY_PROPOSALS = 4  # knobs measured per greedy step
+GREEDY_PROPOSALS = 4  # single moves measured per greedy step, beside the jump
+JUMP = "uniform"  # the jump's name among the knobs (Space.jump)
 
 
 class Trials(Protocol):
@@ -43,6 +51,20 @@ class Trials(Protocol):
     def left(self) -> bool: ...
 
     def room(self, wanted: int) -> int: ...
+
+
+class Moves(Protocol):
+    """What greedy walks (:class:`edgec.search.space.Space`): settings as Optuna parameters."""
+
+    def start(self) -> dict[str, Any]: ...
+
+    def neighbours(self, params: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]: ...
+
+    def promise(self, name: str, params: Mapping[str, Any]) -> float: ...
+
+    def jump(self, params: Mapping[str, Any]) -> dict[str, Any] | None: ...
+
+    def recovered(self, params: Mapping[str, Any]) -> dict[str, Any] | None: ...
 
 
 def sampler(strategy: str, seed: int, trials: int, constraints: Callable[[optuna.trial.FrozenTrial], list[float]]
@@ -61,34 +83,50 @@ def run_sampler(trials: Trials, batch: int) -> None:
         trials.run_batch([None] * trials.room(batch))
 
 
-def run_greedy(trials: Trials, start: Mapping[str, Any], moves: Callable[[Mapping[str, Any]], list[tuple[str, dict[str, Any]]]],
-               promise: Callable[[str, Mapping[str, Any]], float], allowed_loss: float,
-               shortfall: Callable[[dict[str, Any]], float],
-               recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None] = lambda params: None) -> None:
-    """NetAdapt-style shrinking from ``start`` (see the module docstring). Progress is
-    ``shortfall``: how far a result is over the budgets, so a size budget is bought with what
-    shrinks the file and a speed-up with what the device runs faster. A knob whose move did
-    not lower it (factorizing a small layer adds kernels; int8 on a CPU without 8-bit dot
-    products) is not proposed again: its promise was wrong here. ``recovered``: the same
-    parameters with accuracy recovery (fine-tuning) turned on, None where it is on or not offered."""
-    current, useless = trials.run(start), set()
+def run_greedy(trials: Trials, space: Moves, allowed_loss: float, shortfall: Callable[[dict[str, Any]], float]) -> None:
+    """NetAdapt-style shrinking from ``space.start()`` (see the module docstring). Progress
+    is ``shortfall``: how far a result is over the budgets, so a size budget is bought with
+    what shrinks the file and a speed-up with what the device runs faster. A knob whose move
+    did not lower it (factorizing a small layer adds kernels; int8 on a CPU without 8-bit
+    dot products) is not proposed again: its promise was wrong here."""
+    current, useless, pace = trials.run(space.start()), set(), math.inf
     while "error" not in current and shortfall(current) > 0 and trials.left():
-        ranked = sorted(((promise(name, current["params"]), name, params) for name, params in moves(current["params"])
-                         if name not in useless), key=lambda m: -m[0])
         measured, lossy = [], []
-        proposals = [m for m in ranked if m[0] > 0][:trials.room(GREEDY_PROPOSALS)]
-        for (_, name, _), result in zip(proposals, trials.run_batch([params for _, _, params in proposals])):
+        params = current["params"]
+        if _out_of_reach(trials, shortfall(current), pace):
+            params = space.recovered(params) or params  # one-shot steps creep: fine-tuned from here
+        proposals = _proposals(trials, space, params, useless)
+        for (name, _), result in zip(proposals, trials.run_batch([params for _, params in proposals])):
             if "error" in result or shortfall(result) >= shortfall(current):
                 useless.add(name)
             else:
                 (measured if result["loss"] <= allowed_loss else lossy).append(result)
         if not measured:
-            measured = _recovering(trials, current, lossy, recovered, allowed_loss, shortfall)
+            measured = _recovering(trials, current, lossy, space, allowed_loss, shortfall)
         if not measured:
             return
         best = max(measured, key=lambda r: ((shortfall(current) - shortfall(r)) / max(r["loss"] - current["loss"], 1e-3), -r["trial"]))
-        current = _combined(trials, current, measured, best, allowed_loss, shortfall)
-    _fine_tuned_at_last(trials, current, recovered, shortfall)
+        before, current = shortfall(current), _combined(trials, current, measured, best, allowed_loss, shortfall)
+        pace = before - shortfall(current)
+    _fine_tuned_at_last(trials, current, space.recovered, shortfall)
+
+
+def _out_of_reach(trials: Trials, shortfall: float, pace: float) -> bool:
+    """Whether steps that close ``pace`` of the shortfall each (the last step's) would need
+    more trials than are left: then the walk goes fine-tuned at once, where steps are bigger."""
+    needed = math.ceil(shortfall / pace * (GREEDY_PROPOSALS + 1)) if pace > 0 else 0  # a step: the moves, then all at once
+    return trials.room(needed) < needed
+
+
+def _proposals(trials: Trials, space: Moves, params: Mapping[str, Any], useless: set[str]) -> list[tuple[str, dict[str, Any]]]:
+    """One step's moves from ``params``, by name: once the walk is fine-tuned, the jump
+    first; then the ``GREEDY_PROPOSALS`` most promising single moves (those that shrink the model)."""
+    jump = space.jump(params) if space.recovered(params) is None and JUMP not in useless else None
+    ranked = sorted(((space.promise(name, params), name, moved) for name, moved in space.neighbours(params)
+                     if name not in useless), key=lambda m: -m[0])
+    singles = [(name, moved) for promise, name, moved in ranked if promise > 0]
+    moves = ([(JUMP, jump)] if jump else []) + singles[:GREEDY_PROPOSALS]
+    return moves[:trials.room(len(moves))]
 
 
 def _fine_tuned_at_last(trials: Trials, current: dict[str, Any], recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None],
@@ -101,12 +139,14 @@ def _fine_tuned_at_last(trials: Trials, current: dict[str, Any], recovered: Call
         trials.run(final)
 
 
-def _recovering(trials: Trials, current: dict[str, Any], lossy: list[dict[str, Any]],
-                recovered: Callable[[Mapping[str, Any]], dict[str, Any] | None], allowed_loss: float,
+def _recovering(trials: Trials, current: dict[str, Any], lossy: list[dict[str, Any]], space: Moves, allowed_loss: float,
                 shortfall: Callable[[dict[str, Any]], float]) -> list[dict[str, Any]]:
-    """The proposals that lost too much accuracy, measured again with recovery on: those that
-    now hold accuracy and still fall shorter of the budgets than ``current``."""
-    retries = [params for params in (recovered(r["params"]) for r in lossy) if params is not None][:trials.room(GREEDY_PROPOSALS)]
+    """The jump from ``current`` (one-shot until now), and the proposals that lost too much
+    accuracy measured again with recovery on: those that now hold accuracy and still fall
+    shorter of the budgets than ``current``."""
+    jump = space.jump(current["params"]) if space.recovered(current["params"]) is not None else None
+    retries = [params for params in (jump, *(space.recovered(r["params"]) for r in lossy)) if params is not None]
+    retries = retries[:trials.room(GREEDY_PROPOSALS)]
     return [r for r in trials.run_batch(retries) if "error" not in r and r["loss"] <= allowed_loss
             and shortfall(r) < shortfall(current)] if retries else []
 
@@ -121,6 +161,6 @@ def _combined(trials: Trials, current: dict[str, Any], measured: list[dict[str, 
     params = dict(current["params"])
     for result in measured:
         params.update({k: v for k, v in result["params"].items() if v != current["params"][k]})
-    together = trials.run(params)
+    together = next((r for r in measured if r["params"] == params), None) or trials.run(params)  # the jump may be all of them
     fits = "error" not in together and together["loss"] <= allowed_loss
     return together if fits and shortfall(together) < shortfall(best) else best
