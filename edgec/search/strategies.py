@@ -92,10 +92,10 @@ def run_greedy(trials: Trials, space: Moves, allowed_loss: float, shortfall: Cal
     current, useless, pace = trials.run(space.start()), set(), math.inf
     while "error" not in current and shortfall(current) > 0 and trials.left():
         measured, lossy = [], []
-        params = current["params"]
+        origin = current["params"]
         if _out_of_reach(trials, shortfall(current), pace):
-            params = space.recovered(params) or params  # one-shot steps creep: fine-tuned from here
-        proposals = _proposals(trials, space, params, useless)
+            origin = space.recovered(origin) or origin  # one-shot steps creep: fine-tuned from here
+        proposals = _proposals(trials, space, origin, useless)
         for (name, _), result in zip(proposals, trials.run_batch([params for _, params in proposals])):
             if "error" in result or shortfall(result) >= shortfall(current):
                 useless.add(name)
