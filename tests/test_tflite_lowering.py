@@ -202,6 +202,15 @@ def batched_matmul_attention(g):
 
 
 @case
+def einsum_attention(g):
+    """MaxViT's and many transformers' exports: Einsum, with spaces and a constant operand."""
+    q = g.op("Einsum", ["x", g.weight(16, 16)], equation="b i d, d e -> b i e")
+    heads = g.op("Reshape", [q, g.const(np.array([1, 8, 2, 8], np.int64))])
+    scores = g.op("Einsum", [heads, heads], equation="b i h d, b j h d -> b h i j")
+    return g.model({"x": [1, 8, 16]}, {g.op("Softmax", [scores], axis=-1): [1, 2, 8, 8]})
+
+
+@case
 def resize_nearest_and_align_corners(g):
     c = conv(g, "x", 3, 4)
     a = g.op("Resize", [c, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")

@@ -1,4 +1,4 @@
-"""Gemm and MatMul → Keras Dense where the weight is constant, batched matmul otherwise."""
+"""Gemm and MatMul → Keras Dense where the weight is constant, batched matmul otherwise; Einsum."""
 
 from __future__ import annotations
 
@@ -40,3 +40,10 @@ def matmul(ctx, a, b):
     if isinstance(b, np.ndarray) and b.ndim == 2 and is_tensor(a):
         return _dense(ctx, a, b, None)
     return tf.linalg.matmul(a, b)
+
+
+@rule("Einsum")
+def einsum(ctx, *inputs, equation):
+    """TensorFlow's converter unfolds an einsum into the TFLite kernels it needs (BATCH_MATMUL,
+    TRANSPOSE, RESHAPE); ONNX spells the same equations, with spaces allowed."""
+    return tf.einsum(equation.replace(" ", ""), *inputs)
