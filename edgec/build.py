@@ -158,7 +158,7 @@ def _verify(reference: Runner, lowered: Lowered, target: Target, precision: str,
     with progress.stage(f"Verifying against the {against} model"):
         verification = verify_bytes(reference, lowered, target, options, criterion(target, precision, options), samples.held_out)
     if not verification.passed:
-        raise verification_error(verification, fp32_instead_of_int8=precision != (options.precision or target.precision))
+        raise verification_error(verification, precision, fp32_instead_of_int8=precision != (options.precision or target.precision))
     return verification
 
 

@@ -81,8 +81,9 @@ def test_calibration_data_verifies_where_random_noise_would_fail(tmp_path):
     assert result.report["calibration"]["batches"] == 12 and result.verification.passed
     noise = tmp_path / "noise.npz"
     np.savez(noise, x=np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32))
-    with pytest.raises(VerificationError, match="cosine"):
+    with pytest.raises(VerificationError, match="cosine") as failure:
         build(path, "ort-arm", tmp_path / "noise-out", BuildOptions(precision="int8", calib=calib, inputs=str(noise), speed_check=False))
+    assert "calibrate on samples like the verification inputs" in failure.value.hint
 
 
 def test_densenet_search_only_keeps_steps_that_help_and_reports_float_macs(tmp_path):

@@ -55,7 +55,7 @@ def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, crit
     return compare(source, artifact, inputs, criterion)
 
 
-def verification_error(v: Verification, fp32_instead_of_int8: bool = False) -> VerificationError:
+def verification_error(v: Verification, precision: str, fp32_instead_of_int8: bool = False) -> VerificationError:
     failed = next(o for o in v.outputs if not o.passed)
     shipped = (" The speed check built fp32 because int8 was not faster, and fp32 is held to the fp32 "
                "criterion; --no-speed-check keeps int8.") if fp32_instead_of_int8 else ""
@@ -64,5 +64,12 @@ def verification_error(v: Verification, fp32_instead_of_int8: bool = False) -> V
         f"{failed.max_abs_error:.3g} (max |reference| {failed.max_abs_reference:.3g}, relative "
         f"{failed.relative_error:.3g}) and cosine {failed.cosine:.4f}; required: {v.criterion.describe()}; "
         f"nothing was written.{shipped}",
-        hint="Relax --tolerance / --min-cosine if this error is acceptable, or report the model as a lowering bug.",
+        hint=INT8_MISMATCH_HINT if precision == "int8" else LOWERING_MISMATCH_HINT,
     )
+
+
+LOWERING_MISMATCH_HINT = "Relax --tolerance / --min-cosine if this error is acceptable, or report the model as a lowering bug."
+# The int8 ranges and the layers kept float were chosen on the calibration samples, so an int8
+# artifact that misses on other inputs is most often calibrated on data unlike them.
+INT8_MISMATCH_HINT = ("The int8 ranges and the layers kept float were chosen on the calibration samples (--calib): calibrate on "
+                      "samples like the verification inputs, build --precision fp32, or relax --min-cosine if this error is acceptable.")
