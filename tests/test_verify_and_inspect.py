@@ -19,7 +19,8 @@ from edgec.cli import app
 from edgec.errors import EdgecWarning, InputDataError, TargetError
 from edgec.runtime import TensorSpec, open_runner
 from edgec.targets import known_targets, load_target
-from edgec.verify import load_inputs, random_inputs
+from edgec.stages.source import source_runner
+from edgec.verify import Criterion, OutputComparison, float_noise, load_inputs, random_inputs, run_all
 
 SPEC = [TensorSpec("x", (2, 3), np.dtype(np.float32))]
 
@@ -262,3 +263,31 @@ def test_cli_rejects_a_malformed_image_range(tmp_path):
     result = CliRunner().invoke(app, ["build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out"), "--image-range", "0"])
     assert result.exit_code == 2 and "--image-range takes two numbers" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tolerance, noise, passes", [
+    (1e-4, None, False),  # 3e-4 off, nothing measured: the fixed bound
+    (1e-4, 2e-4, True),  # within twice what the reference moves by itself
+    (1e-4, 1e-4, False),  # twice that is 2e-4, still short
+    (0.0, 2e-4, False),  # --tolerance 0 still asks for an exact match
+])
+def test_fp32_criterion_stretches_to_the_references_own_float_noise(tolerance, noise, passes):
+    off = OutputComparison("y", [4], 3e-4, 1.0, 3e-4, 1e-4, 1.0, False, float_noise=noise)
+    assert Criterion(tolerance=tolerance).accepts(off, model_scale=1.0) is passes
+
+
+def test_float_noise_is_measured_on_the_source_and_reported(tmp_path):
+    """A fp32 build runs the source a second time with ONNX Runtime's graph optimizations on
+    (fused Conv + Add sums in another order) and reports each output's noise."""
+    g = GraphBuilder()
+    y = g.op("Add", [g.op("Conv", ["x", g.weight(8, 3, 3, 3)], pads=[1, 1, 1, 1]), g.weight(1, 8, 1, 1)])
+    path = save(g.model({"x": [1, 3, 8, 8]}, {g.op("Relu", [y]): [1, 8, 8, 8]}), tmp_path)
+    source = source_runner(path)
+    assert source.reordered()._optimization == "all"
+    inputs = random_inputs(source.inputs, seed=0)
+    noise = float_noise(source, inputs, run_all(source, inputs.batches))
+    assert list(noise) == [o.name for o in source.outputs] and 0 <= min(noise.values()) < 1e-5
+    report = build(path, "tflite-x86", tmp_path / "out", BuildOptions()).report
+    assert report["verification"]["outputs"][0]["float_noise"] == pytest.approx(next(iter(noise.values())))
+    int8 = build(path, "tflite-x86", tmp_path / "int8", BuildOptions(precision="int8", min_cosine=0.0, speed_check=False)).report
+    assert "float_noise" not in int8["verification"]["outputs"][0]  # a cosine criterion has no use for it

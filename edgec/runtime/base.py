@@ -44,6 +44,11 @@ class Runner(abc.ABC):
         """Run once; ``feeds`` maps every input name to an array of the input's shape."""
         return self._run(self._checked(feeds))
 
+    def reordered(self) -> Runner | None:
+        """The same model computed in another float32 summation order, or None where this
+        runtime has no second one: how far float arithmetic alone moves the outputs."""
+        return None
+
     def _checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [s.name for s in self.inputs if s.name not in feeds]
         if missing:

@@ -63,6 +63,7 @@ class OrtRunner(Runner):
         ``user_file``: the model is this file of the user's, so a node ORT cannot run is the
         model's fault (an ``EdgecError``); otherwise it is edgec's own and ORT's error goes on."""
         self.user_file = user_file
+        self._model, self._threads, self._optimization = model, threads, optimization
         source = model if isinstance(model, bytes) else str(model)
         options = session_options(threads, optimization)
         if profile_prefix is not None:
@@ -74,6 +75,12 @@ class OrtRunner(Runner):
             raise _load_error(exc, model, f"'{user_file}'" if user_file else "the model") from exc
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
+
+    def reordered(self) -> OrtRunner:
+        """Graph optimizations on where they were off (and off where on): fused kernels sum in
+        another order."""
+        other = "disabled" if self._optimization != "disabled" else "all"
+        return OrtRunner(self._model, self._threads, other, user_file=self.user_file)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.outputs]
