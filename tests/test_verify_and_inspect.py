@@ -265,14 +265,15 @@ def test_cli_rejects_a_malformed_image_range(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("tolerance, noise, passes", [
-    (1e-4, None, False),  # 3e-4 off, nothing measured: the fixed bound
-    (1e-4, 2e-4, True),  # within twice what the reference moves by itself
-    (1e-4, 1e-4, False),  # twice that is 2e-4, still short
-    (0.0, 2e-4, False),  # --tolerance 0 still asks for an exact match
+@pytest.mark.parametrize("tolerance, error, noise, passes", [
+    (1e-4, 3e-4, None, False),  # nothing measured: the fixed bound
+    (1e-4, 3e-4, 2e-4, True),  # within twice what the reference moves by itself
+    (1e-4, 3e-4, 1e-4, False),  # twice that is 2e-4, still short
+    (0.0, 3e-4, 2e-4, False),  # --tolerance 0 still asks for an exact match
+    (1e-4, 5e-2, 0.2, False),  # a chaotic reference stretches the bound only to 1e-2
 ])
-def test_fp32_criterion_stretches_to_the_references_own_float_noise(tolerance, noise, passes):
-    off = OutputComparison("y", [4], 3e-4, 1.0, 3e-4, 1e-4, 1.0, False, float_noise=noise)
+def test_fp32_criterion_stretches_to_the_references_own_float_noise(tolerance, error, noise, passes):
+    off = OutputComparison("y", [4], error, 1.0, error, error / 3, 1.0, False, float_noise=noise)
     assert Criterion(tolerance=tolerance).accepts(off, model_scale=1.0) is passes
 
 
@@ -291,3 +292,14 @@ def test_float_noise_is_measured_on_the_source_and_reported(tmp_path):
     assert report["verification"]["outputs"][0]["float_noise"] == pytest.approx(next(iter(noise.values())))
     int8 = build(path, "tflite-x86", tmp_path / "int8", BuildOptions(precision="int8", min_cosine=0.0, speed_check=False)).report
     assert "float_noise" not in int8["verification"]["outputs"][0]  # a cosine criterion has no use for it
+
+
+def test_a_chaotic_reference_is_named_instead_of_a_lowering_bug():
+    from edgec.stages.verify import verification_error
+    from edgec.verify import Verification
+
+    off = OutputComparison("y", [4], 0.1, 1.0, 0.1, 0.03, 0.99, False, float_noise=0.2)
+    verification = Verification(False, Criterion(tolerance=1e-4), {}, "onnxruntime", "litert", [off])
+    assert "numerically unstable" in verification_error(verification, "fp32").hint
+    off.float_noise = 1e-6
+    assert "lowering bug" in verification_error(verification, "fp32").hint

@@ -12,7 +12,7 @@ from edgec.runtime import Runner, compare_threads, open_runner
 from edgec.stages.context import BuildOptions
 from edgec.stages.data import verification_inputs
 from edgec.targets import Target
-from edgec.verify import Criterion, InputSet, Verification, compare
+from edgec.verify import FLOAT_NOISE_LIMIT, Criterion, InputSet, OutputComparison, Verification, compare
 
 def open_artifact(directory: Path, lowered: Lowered, target: Target, threads: int) -> Runner:
     """A runner on the primary artifact, written to a scratch ``directory``. edgec made the
@@ -64,8 +64,18 @@ def verification_error(v: Verification, precision: str, fp32_instead_of_int8: bo
         f"{failed.max_abs_error:.3g} (max |reference| {failed.max_abs_reference:.3g}, relative "
         f"{failed.relative_error:.3g}) and cosine {failed.cosine:.4f}; required: {v.criterion.describe()}; "
         f"nothing was written.{shipped}",
-        hint=INT8_MISMATCH_HINT if precision == "int8" else LOWERING_MISMATCH_HINT,
+        hint=_hint(failed, v.criterion, precision),
     )
+
+
+def _hint(failed: OutputComparison, chosen: Criterion, precision: str) -> str:
+    if precision == "int8":
+        return INT8_MISMATCH_HINT
+    if chosen.tolerance and (failed.float_noise or 0) > FLOAT_NOISE_LIMIT:
+        return (f"ONNX Runtime itself moves this output by {failed.float_noise:.3g} (relative) between its graph "
+                "optimizations on and off: the model is numerically unstable on these inputs, so no artifact can "
+                "match it closely. Verify on real samples (--inputs), or relax --tolerance.")
+    return LOWERING_MISMATCH_HINT
 
 
 LOWERING_MISMATCH_HINT = "Relax --tolerance / --min-cosine if this error is acceptable, or report the model as a lowering bug."
