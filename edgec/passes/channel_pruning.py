@@ -347,17 +347,17 @@ def _next_blocks(groups: list[Group], scores: dict[int, float], counts: list[int
 def _macs(graph: ChannelGraph, removed: set[int]) -> int:
     """The model's MACs with ``removed`` gone: each layer's count scales with the fraction of
     its input and output channels kept (only output channels for depthwise convs)."""
-    total = 0
+    total, masks = 0, graph.masks(removed)
     for node in graph.graph:
         counter = MAC_COUNTERS.get(node.op_type)
         macs = counter(node) if counter is not None else None
         if macs is None:
             continue
         fraction = 1.0
-        out_keep = graph.keep(node.outputs[0], removed)
+        out_keep = masks.get(node.outputs[0])
         if out_keep is not None:
             fraction *= out_keep.mean()
-        in_keep = graph.keep(node.inputs[0], removed)
+        in_keep = masks.get(node.inputs[0])
         if in_keep is not None and attr(node, "group", 1) == 1:
             fraction *= in_keep.mean()
         total += round(macs * fraction)

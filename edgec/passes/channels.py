@@ -68,6 +68,7 @@ class ChannelGraph:
         self.parent: list[int] = [FIXED]
         self.why: dict[int, str] = {}  # atom → why it was met with a fixed position (first reason wins)
         self.dims: dict[ir.Value, Dim] = {}
+        self._roots: dict[ir.Value, np.ndarray] = {}  # class root of each channel position, until a union
         self.sources: list[Source] = []
         self.owner: list[int] = [-1]  # atom → index of its source
         for node in graph:
@@ -111,6 +112,7 @@ class ChannelGraph:
                 continue
             low, high = min(rx, ry), max(rx, ry)  # FIXED (0) stays the root of its class
             self.parent[high] = low
+            self._roots.clear()
 
     def freeze(self, value: ir.Value | None, reason: str) -> None:
         dim = self.dims.get(value) if value is not None else None
@@ -123,6 +125,7 @@ class ChannelGraph:
 
     def label(self, value: ir.Value, axis: int, atoms: np.ndarray) -> None:
         self.dims[value] = Dim(axis, np.asarray(atoms, dtype=np.int64))
+        self._roots.pop(value, None)
 
     def frozen(self, atom: int) -> bool:
         return self.find(atom) == FIXED
@@ -132,27 +135,39 @@ class ChannelGraph:
         return sorted({self.why[a] for a in atoms if a in self.why})
 
     # -- pruning -------------------------------------------------------------------------
+    def roots(self, value: ir.Value) -> np.ndarray:
+        """The class root of each position of ``value``'s channel axis (which must have one).
+
+        Kept until the next union: a search for removal counts asks for every tensor's
+        positions hundreds of times (DenseNet-121: 528,000 times, 153 million finds)."""
+        if value not in self._roots:
+            self._roots[value] = np.array([self.find(a) for a in self.dims[value].atoms.tolist()], dtype=np.int64)
+        return self._roots[value]
+
     def keep(self, value: ir.Value, removed: set[int]) -> np.ndarray | None:
         """Which positions of ``value``'s channel axis stay, or None if it has no channel axis."""
-        dim = self.dims.get(value)
-        if dim is None:
+        if value not in self.dims:
             return None
-        roots = np.array([self.find(a) for a in dim.atoms.tolist()], dtype=np.int64)
-        return ~np.isin(roots, list(removed)) if removed else np.ones(len(roots), dtype=bool)
+        return ~np.isin(self.roots(value), list(removed)) if removed else np.ones(len(self.dims[value].atoms), dtype=bool)
+
+    def masks(self, removed: set[int]) -> dict[ir.Value, np.ndarray]:
+        """:meth:`keep` of every tensor with a channel axis, from one lookup of ``removed``."""
+        gone = np.zeros(len(self.parent), dtype=bool)
+        gone[list(removed)] = True
+        return {value: ~gone[self.roots(value)] for value in self.dims}
 
     def spare_emptied(self, removed: set[int], priority: Callable[[int], float]) -> set[int]:
         """``removed`` minus, for each tensor it would leave with no channel at all (a split
         part, a slice), the class among them that ranks highest by ``priority``."""
         removed = set(removed)
-        for value, dim in self.dims.items():
-            mask = self.keep(value, removed)
-            if len(mask) and not mask.any():
-                removed.discard(max({self.find(a) for a in dim.atoms.tolist()}, key=priority))
+        for value, mask in self.masks(removed).items():  # sparing only brings channels back:
+            if len(mask) and not mask.any() and not self.keep(value, removed).any():  # recheck the empty ones
+                removed.discard(max(set(self.roots(value).tolist()), key=priority))
         return removed
 
     def apply(self, removed: set[int]) -> None:
         """Remove the classes whose roots are ``removed``: constants first, then shapes."""
-        keep = {value: self.keep(value, removed) for value in self.dims}
+        keep = self.masks(removed)
         for node in list(self.graph):
             rule = RULES.get(node.op_type)
             if rule is not None and rule.prune is not None:
