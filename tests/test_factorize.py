@@ -179,6 +179,18 @@ def test_data_aware_is_no_worse_than_plain_on_calibration_data():
     assert errors[1] < errors[0], errors
 
 
+@pytest.mark.parametrize("kernel", [(7, 1), (1, 7), (3, 3)])
+def test_spatial_fits_with_data_on_one_sided_kernels(kernel):
+    """Inception-v3's 7x1 convs split into a 7x1 and a 1x1: the data-aware fit read that
+    as an svd and crashed on mismatched shapes (224 features against 32)."""
+    g = GraphBuilder(seed=3)
+    kh, kw = kernel
+    y = g.op("Conv", ["x", g.weight(16, 8, kh, kw), g.weight(16)], name="layer", pads=[kh // 2, kw // 2] * 2)
+    proto = g.model({"x": [1, 8, 10, 10]}, {y: [1, 16, 10, 10]})
+    record = _factorize(proto, _samples(), method="spatial", rank=2).details["layers"]["layer"]
+    assert record["method"] == "spatial" and record["output_error"]["data_aware"] <= record["output_error"]["plain"]
+
+
 def _output_error(proto, model, samples) -> float:
     factorized = to_proto(model)
     diffs = [run_ort(factorized, s)[0] - run_ort(proto, s)[0] for s in samples]

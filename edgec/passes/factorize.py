@@ -294,17 +294,19 @@ def _spatial(layer: Layer, ranks: tuple[int, ...]) -> Factors:
     return Factors((first,), last, (1, kw))
 
 
-def _patch_map(factors: Factors, kernel: tuple[int, int]) -> np.ndarray:
-    """``M`` (``[m, in·kh·kw]``): what the leading layers compute from one input patch."""
+def _patch_map(factors: Factors) -> np.ndarray:
+    """``M`` (``[m, in·kh·kw]``): what the leading layers compute from one input patch.
+
+    One leading layer is a ``kh×1`` conv whose output ``B`` reads over ``kw`` columns
+    (spatial; svd is the 1×1, 1×1 case): feature ``(k, j)`` is vertical filter ``k`` at
+    column ``j``. Telling spatial apart by a last kernel wider than 1 missed the 7×1 convs
+    of Inception-v3, whose split ends in a 1×1."""
     leading = factors.leading
-    if factors.last_kernel != (1, 1):  # spatial: feature (k, j) is the vertical filter k at column j
-        first = leading[0][:, :, :, 0]  # [r, in, kh]
-        kw = kernel[1]
-        return np.einsum("kci,jJ->kjciJ", first, np.eye(kw)).reshape(first.shape[0] * kw, -1)
-    composed = leading[0][:, :, 0, 0]  # [r1, in]: a 1x1 (svd's first layer, tucker's first)
     if len(leading) == 1:
-        return composed
-    core = leading[1]  # tucker: core[r2, r1, kh, kw] after the 1x1
+        first, kw = leading[0][:, :, :, 0], factors.last_kernel[1]  # [r, in, kh]
+        return np.einsum("kci,jJ->kjciJ", first, np.eye(kw)).reshape(first.shape[0] * kw, -1)
+    composed = leading[0][:, :, 0, 0]  # [r1, in]: tucker's first layer, a 1x1
+    core = leading[1]  # core[r2, r1, kh, kw] after it
     return np.einsum("rskl,si->rikl", core, composed).reshape(core.shape[0], -1)
 
 
@@ -323,13 +325,13 @@ def _fit(layer: Layer, method: str, ranks: tuple[int, ...]) -> Fit:
     layer refit by least squares against the original layer's outputs, in square-root form
     ``min ‖C^½ Mᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
-    features = layer.seen(_patch_map(plain, layer.weight.shape[2:]))
+    features = layer.seen(_patch_map(plain))
     plain_error = layer.squared_error(plain.last @ features)
     if layer.inputs is None:
         return Fit(plain, plain_error, {})
     if method == "svd":
         aware = _svd_whitened(layer, ranks)
-        aware_error = layer.squared_error(aware.last @ layer.seen(_patch_map(aware, (1, 1))))
+        aware_error = layer.squared_error(aware.last @ layer.seen(_patch_map(aware)))
     else:
         aware = dataclasses.replace(plain, last=least_squares(features.T, layer.seen_weight.T).T)
         aware_error = layer.squared_error(aware.last @ features)
@@ -713,21 +715,20 @@ def _asymmetric_fit(layer: Layer, candidate: Candidate, reached: np.ndarray, wan
     seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached), len(reached)))
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
     start = _svd_whitened(seen, ranks) if method == "svd" else plain
-    kernel = layer.weight.shape[2:]
     prior = np.sqrt(len(reached) * seen.inputs.ridge) * np.eye(len(layer.matrix.T))
     inputs, targets = np.vstack([reached, prior]), np.vstack([wanted, prior @ layer.matrix.T])
-    aware = dataclasses.replace(start, last=least_squares(inputs @ _patch_map(start, kernel).T, targets).T)
+    aware = dataclasses.replace(start, last=least_squares(inputs @ _patch_map(start).T, targets).T)
     reference = max(float(np.sum(wanted ** 2)), 1e-300)
 
     def squared_error(factors: Factors) -> float:
-        return float(np.sum((reached @ (factors.last @ _patch_map(factors, kernel)).T - wanted) ** 2)) / reference
+        return float(np.sum((reached @ (factors.last @ _patch_map(factors)).T - wanted) ** 2)) / reference
 
     errors = {"plain": squared_error(plain), "data_aware": squared_error(aware)}
     return Fit(aware if errors["data_aware"] <= errors["plain"] else plain, min(errors.values()), errors)
 
 
 def _record(layer: Layer, candidate: Candidate, fit: Fit) -> dict[str, Any]:
-    approximation = fit.factors.last @ _patch_map(fit.factors, layer.weight.shape[2:])
+    approximation = fit.factors.last @ _patch_map(fit.factors)
     record = {
         "method": candidate.method,
         "ranks": list(candidate.ranks),
