@@ -8,6 +8,8 @@ extra outputs; the model itself is never changed.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -24,9 +26,13 @@ def activations(model: ir.Model, values: Iterable[ir.Value], batches: Sequence[S
     tensor), keyed by value name."""
     wanted = {value.name: value for value in values}
     runner = OrtRunner(_exposing(model, wanted.values()), optimization="disabled")
-    for batch in batches:
-        everything = {**batch, **runner.run(batch)}
-        yield {name: everything[name] for name in wanted}
+    workers = max(min(len(batches), os.cpu_count() or 1), 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:  # single-threaded sessions, one per core
+        for start in range(0, len(batches), workers):  # a chunk at a time: memory stays bounded
+            chunk = batches[start:start + workers]
+            for batch, outputs in zip(chunk, pool.map(runner.run, chunk)):
+                everything = {**batch, **outputs}
+                yield {name: everything[name] for name in wanted}
 
 
 def capture(model: ir.Model, values: Iterable[ir.Value], batches: Sequence[Sample]) -> dict[str, np.ndarray]:
