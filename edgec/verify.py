@@ -283,9 +283,10 @@ class Criterion:
     would loosen the criterion of the model's largest output itself (and ``--tolerance 0``
     asks for an exact match).
 
-    A nonzero ``tolerance`` also stretches to ``FLOAT_NOISE_MULTIPLE`` times the output's
+    A nonzero ``tolerance`` also stretches to ``float_noise_multiple`` times the output's
     ``float_noise``: how far the reference itself moves when ONNX Runtime sums in another
-    order (graph optimizations on instead of off). Deep nets of large activations move more
+    order (graph optimizations on instead of off); a tolerance the user chose is kept as
+    given (``float_noise_multiple`` None). Deep nets of large activations move more
     than any fixed bound: a torchvision EfficientNet-B0, 30% channel-pruned, moves 1.1e-3
     between the two, and its TFLite artifact, at 4.7e-4 from the reference, is closer to it
     than ONNX Runtime's own optimized run, not wrong.
@@ -294,6 +295,12 @@ class Criterion:
     tolerance: float | None = None
     min_cosine: float | None = None
     noise_floor: float | None = None
+    float_noise_multiple: float | None = FLOAT_NOISE_MULTIPLE
+
+    @property
+    def stretches(self) -> bool:
+        """Whether the tolerance stretches to the reference's own float noise."""
+        return bool(self.tolerance and self.float_noise_multiple)
 
     @property
     def floor(self) -> float | None:
@@ -306,8 +313,8 @@ class Criterion:
         if self.floor is not None and c.max_abs_error <= self.floor * model_scale:
             return True
         allowed = self.tolerance
-        if allowed and c.float_noise:
-            allowed = max(allowed, min(FLOAT_NOISE_MULTIPLE * c.float_noise, FLOAT_NOISE_LIMIT))
+        if self.stretches and c.float_noise:
+            allowed = max(allowed, min(self.float_noise_multiple * c.float_noise, FLOAT_NOISE_LIMIT))
         within = allowed is None or c.relative_error <= allowed
         return within and (self.min_cosine is None or c.cosine >= self.min_cosine)
 
@@ -317,12 +324,13 @@ class Criterion:
         text = ", ".join(parts) or "none"
         if self.floor is not None:
             text += f" (or abs err ≤ {self.floor:g} × the model's largest |output|)"
-        if self.tolerance:
-            text += f" (or rel err ≤ {FLOAT_NOISE_MULTIPLE:g} × the reference's own float noise, up to {FLOAT_NOISE_LIMIT:g})"
+        if self.stretches:
+            text += f" (or rel err ≤ {self.float_noise_multiple:g} × the reference's own float noise, up to {FLOAT_NOISE_LIMIT:g})"
         return text
 
     def to_dict(self) -> dict[str, float]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return data if self.stretches else {k: v for k, v in data.items() if k != "float_noise_multiple"}
 
 
 @dataclasses.dataclass
@@ -368,7 +376,7 @@ def compare(source: Runner, artifact: Runner, inputs: InputSet, criterion: Crite
     _check_signatures(source, artifact)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both runtimes release the GIL while they run
         ref, got = pool.map(lambda runner: run_all(runner, inputs.batches), (source, artifact))
-    noise = float_noise(source, inputs, ref) if criterion.tolerance else {}
+    noise = float_noise(source, inputs, ref) if criterion.stretches else {}
     outputs = compare_outputs(ref, got, inputs.labels, criterion, noise)
     return Verification(
         passed=all(o.passed for o in outputs),

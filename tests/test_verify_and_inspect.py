@@ -20,6 +20,7 @@ from edgec.errors import EdgecWarning, InputDataError, TargetError
 from edgec.runtime import TensorSpec, open_runner
 from edgec.targets import known_targets, load_target
 from edgec.stages.source import source_runner
+from edgec.stages.verify import criterion
 from edgec.verify import Criterion, OutputComparison, float_noise, load_inputs, random_inputs, run_all
 
 SPEC = [TensorSpec("x", (2, 3), np.dtype(np.float32))]
@@ -275,6 +276,14 @@ def test_cli_rejects_a_malformed_image_range(tmp_path):
 def test_fp32_criterion_stretches_to_the_references_own_float_noise(tolerance, error, noise, passes):
     off = OutputComparison("y", [4], error, 1.0, error, error / 3, 1.0, False, float_noise=noise)
     assert Criterion(tolerance=tolerance).accepts(off, model_scale=1.0) is passes
+    assert not Criterion(tolerance=tolerance, float_noise_multiple=None).accepts(off, model_scale=1.0)  # --tolerance
+
+
+def test_a_users_tolerance_is_kept_as_given():
+    target = load_target("tflite-x86")
+    assert criterion(target, "fp32", BuildOptions()).stretches
+    chosen = criterion(target, "fp32", BuildOptions(tolerance=1e-3))
+    assert not chosen.stretches and "float_noise_multiple" not in chosen.to_dict()
 
 
 def test_float_noise_is_measured_on_the_source_and_reported(tmp_path):

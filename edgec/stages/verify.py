@@ -34,8 +34,8 @@ def write_primary(directory: Path, lowered: Lowered) -> Path:
 def criterion(target: Target, precision: str, options: BuildOptions) -> Criterion:
     """The target's verification criterion for ``precision``, with the user's overrides."""
     chosen = target.criteria[precision]
-    if options.tolerance is not None:
-        chosen = dataclasses.replace(chosen, tolerance=options.tolerance)
+    if options.tolerance is not None:  # the user's bound, as given
+        chosen = dataclasses.replace(chosen, tolerance=options.tolerance, float_noise_multiple=None)
     if options.min_cosine is not None:
         chosen = dataclasses.replace(chosen, min_cosine=options.min_cosine)
     return chosen
@@ -71,7 +71,7 @@ def verification_error(v: Verification, precision: str, fp32_instead_of_int8: bo
 def _hint(failed: OutputComparison, chosen: Criterion, precision: str) -> str:
     if precision == "int8":
         return INT8_MISMATCH_HINT
-    if chosen.tolerance and (failed.float_noise or 0) > FLOAT_NOISE_LIMIT:
+    if chosen.stretches and (failed.float_noise or 0) > FLOAT_NOISE_LIMIT:
         return (f"ONNX Runtime itself moves this output by {failed.float_noise:.3g} (relative) between its graph "
                 "optimizations on and off: the model is numerically unstable on these inputs, so no artifact can "
                 "match it closely. Verify on real samples (--inputs), or relax --tolerance.")
