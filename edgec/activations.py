@@ -2,8 +2,8 @@
 
 Data-aware passes (bias correction, reconstruction after pruning, data-aware factorization)
 need what flows into and out of particular layers on real samples. They get it by running a
-copy of the model, in ONNX Runtime with graph optimizations off, with those tensors exposed as
-extra outputs; the model itself is never changed.
+copy of the model, in ONNX Runtime with graph optimizations off, with those tensors as its
+outputs and only the nodes they need; the model itself is never changed.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def capture(model: ir.Model, values: Iterable[ir.Value], batches: Sequence[Sampl
 def _exposing(model: ir.Model, values: Iterable[ir.Value]) -> bytes:
     """The model with ``values`` (all but graph inputs) as its outputs and only the nodes they
     need: ONNX Runtime runs every node whatever outputs are asked for, and pruning's layer by
-    layer re-fit asks for each layer's input in turn (half a DenseNet-121 on average)."""
+    layer re-fit asks for each layer's input in turn."""
     proto = to_proto(model)
     inputs = {v.name for v in model.graph.inputs}
     wanted = {v.name: v for v in values if v.name not in inputs} or {v.name: v for v in model.graph.outputs}

@@ -442,7 +442,7 @@ def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, criteri
     if ref64.shape != got64.shape:
         return OutputComparison(name, list(ref.shape[1:]), float("inf"), _max_abs(ref64), float("inf"), float("inf"), 0.0, False)
     diff = np.abs(ref64 - got64)
-    max_err = _max_error(ref64, got64)
+    max_err = _max_error(diff, ref64, got64)
     scale = _max_abs(ref64)
     comparison = OutputComparison(
         name=name,
@@ -460,17 +460,17 @@ def _compare_output(name: str, ref: np.ndarray, got: np.ndarray, labels, criteri
     return comparison
 
 
-def _max_error(ref64: np.ndarray, got64: np.ndarray) -> float:
-    """The largest absolute difference; infinite where either side is not finite."""
+def _max_error(diff: np.ndarray, ref64: np.ndarray, got64: np.ndarray) -> float:
+    """The largest of ``diff`` (``|ref64 − got64|``); infinite where either side is not finite."""
     if not np.isfinite(got64).all() or not np.isfinite(ref64).all():
         return float("inf")
-    return float(np.abs(ref64 - got64).max()) if ref64.size else 0.0
+    return float(diff.max()) if diff.size else 0.0
 
 
 def _relative_error(ref: np.ndarray, other: np.ndarray) -> float:
     """Max abs difference over max |ref| (the absolute difference where ref is all zero)."""
     ref64, other64 = ref.astype(np.float64), other.astype(np.float64)
-    error, scale = _max_error(ref64, other64), _max_abs(ref64)
+    error, scale = _max_error(np.abs(ref64 - other64), ref64, other64), _max_abs(ref64)
     return error / scale if scale > 0 else error
 
 
