@@ -211,6 +211,27 @@ def einsum_attention(g):
 
 
 @case
+def attention_nan_guard_and_gather_nd(g):
+    """torch.onnx (dynamo) attention: a fully masked softmax row is guarded by
+    Where(IsNaN); BERT's mask and pooler index with GatherND (negative indices allowed)."""
+    scores = g.op("Softmax", [g.op("MatMul", ["x", g.op("Transpose", ["x"], perm=[0, 2, 1])])], axis=-1)
+    guarded = g.op("Where", [g.op("IsNaN", [scores]), g.const(np.zeros(1, np.float32)), scores])
+    rows = g.op("GatherND", [guarded, g.const(np.array([[0, 3], [0, -1]], np.int64))])
+    batched = g.op("GatherND", ["x", g.const(np.array([[[2], [-3]]], np.int64))], batch_dims=1)
+    return g.model({"x": [1, 8, 16]}, {rows: [2, 8], batched: [1, 2, 16]})
+
+
+@case
+def group_norm_as_instance_norm(g):
+    """PyTorch's GroupNorm(2, 8): Reshape to groups, InstanceNormalization, Reshape back, affine."""
+    grouped = g.op("Reshape", [conv(g, "x", 3, 8), g.const(np.array([1, 2, -1], np.int64))])
+    normed = g.op("InstanceNormalization", [grouped, g.const(np.ones(2, np.float32)), g.const(np.zeros(2, np.float32))], epsilon=1e-5)
+    back = g.op("Reshape", [normed, g.const(np.array([1, 8, 8, 8], np.int64))])
+    affine = g.op("Add", [g.op("Mul", [back, g.weight(8, 1, 1)]), g.weight(8, 1, 1)])
+    return image_model(g, conv(g, affine, 8, 4), [1, 4, 8, 8])
+
+
+@case
 def resize_nearest_and_align_corners(g):
     c = conv(g, "x", 3, 4)
     a = g.op("Resize", [c, "", g.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")

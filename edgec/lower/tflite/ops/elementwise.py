@@ -102,6 +102,13 @@ for _op, _fn in {
     _unary_rule(_op, _fn)
 
 
+@rule("IsNaN")
+def is_nan(ctx, x):
+    """NaN is the one value unequal to itself: TFLite has no IS_NAN kernel but has NOT_EQUAL.
+    (Attention exporters guard softmax rows that were fully masked this way.)"""
+    return tf.math.not_equal(x, x)
+
+
 @rule("Reciprocal")
 def reciprocal(ctx, x):
     return 1.0 / x

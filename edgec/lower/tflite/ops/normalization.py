@@ -1,4 +1,4 @@
-"""Softmax family, LayerNormalization and reductions."""
+"""Softmax family, LayerNormalization, InstanceNormalization and reductions."""
 
 from __future__ import annotations
 
@@ -32,6 +32,21 @@ def layer_normalization(ctx, x, scale, bias=None, *, axis=-1, epsilon=1e-5, stas
     layer.set_weights([np.broadcast_to(gamma, normalized_shape).astype(np.float32),
                        np.broadcast_to(beta, normalized_shape).astype(np.float32)])
     return y
+
+
+@rule("InstanceNormalization")
+def instance_normalization(ctx, x, scale, bias, *, epsilon=1e-5):
+    """Each channel of each sample normalized over its spatial axes, in the ONNX layout
+    (channels at axis 1). PyTorch's GroupNorm exports as this between two Reshapes."""
+    rank = len(ctx.in_shape(0))
+    per_channel = (-1,) + (1,) * (rank - 2)
+    gamma = ctx.require_constant(scale, "scale").reshape(per_channel)
+    beta = ctx.require_constant(bias, "bias").reshape(per_channel)
+    axes = list(range(2, rank))
+    mean = tf.math.reduce_mean(x, axis=axes, keepdims=True)
+    centred = x - mean
+    variance = tf.math.reduce_mean(tf.math.square(centred), axis=axes, keepdims=True)
+    return centred * tf.math.rsqrt(variance + epsilon) * gamma.astype(x.dtype.as_numpy_dtype) + beta.astype(x.dtype.as_numpy_dtype)
 
 
 def _axes(ctx, axes_input, axes_attr, rank):

@@ -1,5 +1,5 @@
 """Shape and data movement: Reshape/Flatten/Squeeze/Unsqueeze, Transpose, Concat, Split,
-Slice, Gather, Pad, Expand, Tile, Shape. Every output shape is static (canonicalization
+Slice, Gather, GatherND, Pad, Expand, Tile, Shape. Every output shape is static (canonicalization
 guarantees it), so reshapes use the inferred shape instead of re-deriving ONNX's rules."""
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ def gather(ctx, data, indices, *, axis=0):
     if isinstance(indices, np.ndarray):
         indices = np.where(indices < 0, indices + ctx.in_shape(0)[axis], indices)
     return tf.gather(data, indices, axis=axis)
+
+
+@rule("GatherND")
+def gather_nd(ctx, data, indices, *, batch_dims=0):
+    if isinstance(indices, np.ndarray):  # ONNX allows negative indices, TFLite does not
+        sizes = np.array(ctx.in_shape(0)[batch_dims:batch_dims + indices.shape[-1]])
+        indices = np.where(indices < 0, indices + sizes, indices)
+    return tf.gather_nd(data, indices, batch_dims=batch_dims)
 
 
 @rule("Pad")
