@@ -201,3 +201,16 @@ def test_identity_returning_an_outer_value_from_a_branch_is_kept(tmp_path):
     proto.ir_version = 8
     model, _ = canonical(proto, tmp_path)
     assert_same_outputs(proto, model)
+
+
+def test_unnamed_and_repeated_node_names_become_unique(tmp_path):
+    """Passes name the nodes they add after the node they replace, and errors name nodes."""
+    g = GraphBuilder()
+    y = g.op("Neg", [g.op("Tanh", [g.op("Sigmoid", [g.op("Relu", ["x"], name="kept")])])])
+    proto = g.model({"x": [1, 4]}, {y: [1, 4]})
+    for node, name in zip(proto.graph.node, ["kept", "", "twice", "twice"]):
+        node.name = name
+    model, _ = canonical(proto, tmp_path)
+    names = [n.name for n in model.graph]
+    assert names[0] == "kept" and names[2] == "twice"
+    assert all(names) and len(set(names)) == len(names), names

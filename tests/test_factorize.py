@@ -294,3 +294,14 @@ def test_factorize_then_prune_then_int8_gives_a_valid_model(tmp_path):
     assert passes["factorize"]["modified"] and passes["channel-pruning"]["modified"], passes.keys()
     assert result.report["compression"]["mac_reduction"] > 0.15
     onnx.checker.check_model(onnx.load(tmp_path / "out" / "model.compressed.onnx"), full_check=True)
+
+
+def test_a_model_with_unnamed_nodes_factorizes(tmp_path):
+    """Hand-written graphs and torch.onnx's dynamo exports leave nodes unnamed; their
+    factors once shared one name ("_svd0") and ONNX Runtime refused the model."""
+    proto = _net()
+    for node in proto.graph.node:
+        node.name = ""
+    options = BuildOptions(recipe=[Step("factorize", {"mac_reduction": 0.3, "data_aware": False})])
+    result = build(save(proto, tmp_path), "ort-x86", tmp_path / "out", options)
+    assert result.verification.passed and result.report["compression"]["mac_reduction"] >= 0.3

@@ -177,12 +177,16 @@ def _pin_example(shape: ir.Shape | None) -> str:
 
 
 class UniqueNames(ir.passes.InPlacePass):
-    """Give each value, in subgraphs too, a name no other value of the model has.
+    """Give each value, in subgraphs too, a name no other value of the model has, and each
+    node a non-empty name no other node has.
 
     An ``If``'s two branches may reuse each other's names (each is its own scope; onnxsim's
     output of a Silero VAD does), but onnx's shape inference keeps the values it propagates in
     one table for the whole model and fails on the second ("Data for input 0 already exists").
-    The main graph's inputs, outputs and initializers keep their names.
+    The main graph's inputs, outputs and initializers keep their names. Nodes may come unnamed
+    (hand-written graphs, nodes onnxsim creates for torch.onnx's dynamo exports), while passes
+    name what they add after the node they replace and errors name the node: an unnamed node
+    takes its first output's name. Named nodes keep theirs, so ``--keep-float`` still finds them.
     """
 
     name = "unique-names"
@@ -206,9 +210,28 @@ class UniqueNames(ir.passes.InPlacePass):
         def enter(subgraph: ir.Graph) -> None:
             settle([*subgraph.inputs, *subgraph.initializers.values()])
 
-        for node in ir.traversal.RecursiveGraphIterator(graph, enter_graph=enter):
+        nodes = list(ir.traversal.RecursiveGraphIterator(graph, enter_graph=enter))
+        for node in nodes:
             settle(node.outputs)
-        return PassOutcome(model, bool(renamed), {"renamed": len(renamed)})
+        named_nodes = _name_nodes(nodes)
+        return PassOutcome(model, bool(renamed or named_nodes), {"renamed": len(renamed), "nodes_named": len(named_nodes)})
+
+
+def _name_nodes(nodes: Sequence[ir.Node]) -> list[str]:
+    """Unnamed or repeated node names made unique; the new names."""
+    used = {n.name for n in nodes if n.name}
+    taken: set[str] = set()
+    named = []
+    for node in nodes:
+        if node.name and node.name not in taken:
+            taken.add(node.name)
+            continue
+        base = node.name or next((v.name for v in node.outputs if v.name), node.op_type)
+        node.name = base if base not in used else _unused_name(base, used)
+        used.add(node.name)
+        taken.add(node.name)
+        named.append(node.name)
+    return named
 
 
 def _unused_name(name: str, used: set[str]) -> str:
