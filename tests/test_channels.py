@@ -285,3 +285,16 @@ def test_unreachable_mac_target_is_an_error():
     (prune,) = make_passes([Step("prune", {"mac_reduction": 0.9, "reconstruct": False, "importance": "l2"})], _calibration)
     with pytest.raises(RecipeError, match="at most"):
         prune(ir.serde.deserialize_model(b.model({X: [1, 3, 8, 8]}, {out: None})))
+
+
+def test_gelu_tanh_form_with_pow_keeps_the_mlp_hidden_channels_prunable():
+    """GPT-2's MLP: c_fc → 0.5·h·(1 + tanh(√(2/π)·(h + 0.044715·h³))) → c_proj, h³ as Pow."""
+    b = GraphBuilder()
+    h = b.op("Add", [b.op("MatMul", [X, b.weight(8, 16)]), b.weight(16)])
+    cubed = b.op("Mul", [b.op("Pow", [h, b.const(np.array(3.0, np.float32))]), b.const(np.array(0.044715, np.float32))])
+    inner = b.op("Mul", [b.op("Add", [h, cubed]), b.const(np.array(0.7978846, np.float32))])
+    one_plus = b.op("Add", [b.op("Tanh", [inner]), b.const(np.array(1.0, np.float32))])
+    gelu = b.op("Mul", [b.op("Mul", [h, b.const(np.array(0.5, np.float32))]), one_plus])
+    out = b.op("MatMul", [gelu, b.weight(16, 8)])
+    pruned, _ = prune_some(b.model({X: [1, 4, 8]}, {out: None}))
+    assert shapes(pruned)[gelu] == [1, 4, 8]

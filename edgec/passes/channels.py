@@ -610,9 +610,10 @@ def _reshape_prune(node: ir.Node, edit: Edit) -> None:
 PASSTHROUGH_OPS = (
     "Relu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Celu", "Tanh",
     "Softplus", "Softsign", "Erf", "Neg", "Abs", "Exp", "Gelu", "Mish", "Identity", "Dropout",
+    "Sqrt", "Reciprocal", "Log", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast", "ThresholdedRelu", "Shrink",
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
 )
-BROADCAST_OPS = ("Add", "Sub", "Mul", "Div", "PRelu", "Max", "Min", "Sum")
+BROADCAST_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min", "Sum")  # Pow: GELU's tanh form (GPT-2)
 
 RULES: dict[str, ChannelRule] = {
     "Conv": ChannelRule(_conv_propagate, _conv_prune),
