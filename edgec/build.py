@@ -156,7 +156,7 @@ def _verify(reference: Runner, lowered: Lowered, target: Target, precision: str,
             against: str, progress: Progress) -> Verification:
     """The artifact against its reference (the ``against`` model: source, compressed or fine-tuned); a failure raises."""
     with progress.stage(f"Verifying against the {against} model"):
-        verification = verify_bytes(reference, lowered, target, options, criterion(target, precision, options), samples.held_out)
+        verification = verify_bytes(reference, lowered, target, options, criterion(target, precision, options), samples.verify_on)
     if not verification.passed:
         raise verification_error(verification, precision, fp32_instead_of_int8=precision != (options.precision or target.precision))
     return verification

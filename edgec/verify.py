@@ -50,10 +50,12 @@ class InputSet:
 
 
 def random_inputs(specs: Sequence[TensorSpec], seed: int = 0, count: int = DEFAULT_RANDOM_SAMPLES) -> InputSet:
-    """Seeded standard-normal floats (integers in [0, 2), booleans at random) per input."""
+    """Seeded standard-normal floats (integers in [0, 2), or below an index input's
+    ``index_limit``; booleans at random) per input."""
     rng = np.random.default_rng(seed)
     batches = [{s.name: _random_array(rng, s) for s in specs} for _ in range(count)]
-    return InputSet(batches, f"random (seed {seed}, {count} batches)")
+    indices = "".join(f"; {s.name} below {s.index_limit}" for s in specs if s.index_limit)
+    return InputSet(batches, f"random (seed {seed}, {count} batches{indices})")
 
 
 def _random_array(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
@@ -62,7 +64,7 @@ def _random_array(rng: np.random.Generator, spec: TensorSpec) -> np.ndarray:
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype == np.bool_:
         return rng.random(shape) < 0.5
-    return rng.integers(0, 2, size=shape).astype(spec.dtype)
+    return rng.integers(0, spec.index_limit or 2, size=shape).astype(spec.dtype)
 
 
 def _static(spec: TensorSpec) -> tuple[int, ...]:

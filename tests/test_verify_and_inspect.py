@@ -64,6 +64,24 @@ def test_random_inputs_are_seeded():
     assert not np.array_equal(a.batches[0]["x"], random_inputs(SPEC, seed=8).batches[0]["x"])
 
 
+def test_random_token_ids_span_the_vocabulary_they_index(tmp_path):
+    """Token ids (cast and reshaped on the way, as exporters do) drawn in [0, 2) would check
+    two rows of an embedding table; a mask that indexes nothing stays 0/1."""
+    g = GraphBuilder()
+    ids = g.op("Reshape", [g.op("Cast", ["ids"], to=7), g.const(np.array([1, 16], np.int64))])
+    embedded = g.op("Gather", [g.weight(50, 8), ids])
+    y = g.op("Mul", [embedded, g.op("Unsqueeze", [g.op("Cast", ["mask"], to=1), g.const(np.array([2], np.int64))])])
+    proto = g.model({"ids": [1, 16], "mask": [1, 16]}, {y: [1, 16, 8]})
+    for value in proto.graph.input:
+        value.type.tensor_type.elem_type = 7  # int64
+    result = build(save(proto, tmp_path), "tflite-arm", tmp_path / "out", BuildOptions(seed=3))
+    assert result.verification.passed
+    assert result.report["verification"]["inputs"]["source"] == "random (seed 3, 4 batches; ids below 50)"
+    batches = random_inputs([TensorSpec("ids", (1, 16), np.dtype(np.int64), 50), TensorSpec("m", (1, 16), np.dtype(np.int64))])
+    ids, mask = (np.stack([b[name] for b in batches.batches]) for name in ("ids", "m"))
+    assert ids.max() > 40 and ids.min() >= 0 and set(np.unique(mask)) == {0, 1}
+
+
 def _classifier(tmp_path):
     g = GraphBuilder()
     c = g.op("Relu", [g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1])])

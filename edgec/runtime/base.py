@@ -23,6 +23,8 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: np.dtype
+    # An integer input that indexes a table (token ids into an embedding): its values are < this.
+    index_limit: int | None = None
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype)}

@@ -45,7 +45,7 @@ def compress(model: ir.Model, stem: str, steps: Sequence[Step], samples: Samples
     after = summarize(model)
     with progress.stage("Measuring the compressed model against the source"):
         compressed = OrtRunner(to_bytes(model), threads=1, optimization="disabled")
-        error = compare(source, compressed, verification_inputs(compressed, options, samples.held_out), Criterion())
+        error = compare(source, compressed, verification_inputs(compressed, options, samples.verify_on), Criterion())
     report = {"compression": {
         "steps": [s.to_dict() for s in steps],
         "macs": {"before": before["macs"], "after": after["macs"]},

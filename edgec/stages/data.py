@@ -28,13 +28,16 @@ class Samples:
     def __init__(self, model: ir.Model, options: BuildOptions):
         self._load = functools.cache(functools.partial(calibration_sets, model, options))
         self._holds_back = bool(options.calib and not options.inputs)
+        self._specs, self._seed = input_specs(model), options.seed
 
     def calibration(self) -> InputSet:
         return self._load()[0]
 
     @property
-    def held_out(self) -> InputSet | None:
-        return self._load()[1] if self._holds_back else None
+    def verify_on(self) -> InputSet:
+        """Without --inputs: the calibration samples held back, else seeded random inputs made
+        from the model's own inputs (token ids then span the vocabulary they index)."""
+        return self._load()[1] if self._holds_back else random_inputs(self._specs, seed=self._seed)
 
 
 def calibration_sets(model: ir.Model, options: BuildOptions) -> tuple[InputSet, InputSet | None]:
@@ -76,11 +79,11 @@ def _subset(samples: InputSet, indices: Sequence[int], source: str) -> InputSet:
     return InputSet([samples.batches[i] for i in indices], source, labels)
 
 
-def verification_inputs(artifact: Runner, options: BuildOptions, held_out: InputSet | None = None) -> InputSet:
-    """``--inputs``; else the calibration samples held back for verification; else seeded random data."""
+def verification_inputs(artifact: Runner, options: BuildOptions, fallback: InputSet | None = None) -> InputSet:
+    """``--inputs``; else ``fallback`` (a build's :attr:`Samples.verify_on`); else seeded random data."""
     # The artifact's specs are static and named as in the source, so data is made from them.
     if options.inputs:
         return load_inputs(options.inputs, artifact.inputs, limit=options.max_samples, images=options.images)
-    if held_out is not None:
-        return _subset(held_out, range(min(options.max_samples or len(held_out.batches), len(held_out.batches))), held_out.source)
+    if fallback is not None:
+        return _subset(fallback, range(min(options.max_samples or len(fallback.batches), len(fallback.batches))), fallback.source)
     return random_inputs(artifact.inputs, seed=options.seed)

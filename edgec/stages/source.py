@@ -36,8 +36,28 @@ def _check_runs(source: Runner, model: ir.Model, seed: int) -> Runner:
 
 
 def input_specs(model: ir.Model) -> list[TensorSpec]:
-    """The (static, canonical) inputs of ``model`` as runners describe them."""
-    return [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy()) for v in model.graph.inputs]
+    """The (static, canonical) inputs of ``model`` as runners describe them, with the number
+    of rows of the table an integer input indexes (so random token ids cover a vocabulary)."""
+    return [TensorSpec(v.name, tuple(v.shape.numpy()), v.dtype.numpy(), _index_limit(v)) for v in model.graph.inputs]
+
+
+# Ops an index passes through unchanged on its way to a Gather (casts and reshapes of token ids).
+INDEX_CARRIERS = frozenset({"Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _index_limit(value: ir.Value) -> int | None:
+    """The fewest rows among the constant tables ``value`` indexes as a Gather's indices, or
+    None if it indexes none: any value below that is a valid index for every such Gather."""
+    limits = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type in INDEX_CARRIERS and use.idx == 0 and len(node.outputs) == 1:
+            limits.append(_index_limit(node.outputs[0]))
+        elif node.op_type == "Gather" and use.idx == 1 and node.inputs[0].const_value is not None:
+            axis = node.attributes.get_int("axis", 0)
+            limits.append(node.inputs[0].const_value.shape[axis])
+    found = [limit for limit in limits if limit]
+    return min(found) if found else None
 
 
 def canonicalize(

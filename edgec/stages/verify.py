@@ -42,16 +42,17 @@ def criterion(target: Target, precision: str, options: BuildOptions) -> Criterio
 
 
 def verify_bytes(reference: Runner, lowered: Lowered, target: Target, options: BuildOptions, criterion: Criterion,
-                 held_out: InputSet | None = None) -> Verification:
+                 fallback: InputSet | None = None) -> Verification:
     """Write the primary artifact to a scratch file and compare it with the reference model."""
     with tempfile.TemporaryDirectory(prefix="edgec-verify-") as tmp:
         artifact = open_artifact(Path(tmp), lowered, target, threads=compare_threads(Path(lowered.primary).suffix))
-        return verify_runners(reference, artifact, options, criterion, held_out)
+        return verify_runners(reference, artifact, options, criterion, fallback)
 
 
 def verify_runners(source: Runner, artifact: Runner, options: BuildOptions, criterion: Criterion,
-                   held_out: InputSet | None = None) -> Verification:
-    inputs = verification_inputs(artifact, options, held_out)
+                   fallback: InputSet | None = None) -> Verification:
+    """``fallback``: what to verify on without --inputs (see :func:`verification_inputs`)."""
+    inputs = verification_inputs(artifact, options, fallback)
     return compare(source, artifact, inputs, criterion)
 
 
