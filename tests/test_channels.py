@@ -298,3 +298,16 @@ def test_gelu_tanh_form_with_pow_keeps_the_mlp_hidden_channels_prunable():
     out = b.op("MatMul", [gelu, b.weight(16, 8)])
     pruned, _ = prune_some(b.model({X: [1, 4, 8]}, {out: None}))
     assert shapes(pruned)[gelu] == [1, 4, 8]
+
+
+def test_a_branch_joining_a_frozen_stream_is_told_why():
+    """GPT-2's MLP output joins a residual stream frozen earlier: its group once listed no
+    reason, since reasons were kept only where a position met a fixed one directly."""
+    b = GraphBuilder()
+    stream = conv(b, X, 3, 4)
+    frozen = b.op("Softmax", [stream], axis=1, name="channel_softmax")
+    joined = b.op("Add", [stream, conv(b, X, 3, 4)])
+    out = conv(b, joined, 4, 2)
+    groups = channel_groups(ChannelGraph(ir.serde.deserialize_model(b.model({X: [1, 3, 8, 8]}, {frozen: None, out: None})).graph))
+    stream_group, branch, _ = groups
+    assert not branch.classes and branch.reasons == stream_group.reasons == ["Softmax 'channel_softmax' has no channel rule"]

@@ -60,13 +60,26 @@ class Source:
         return np.arange(self.first, self.first + self.count)
 
 
+def _find(parent: list[int], atom: int) -> int:
+    """Union-find root of ``atom`` in ``parent``, compressing the path."""
+    root = atom
+    while parent[root] != root:
+        root = parent[root]
+    while parent[atom] != root:
+        parent[atom], atom = root, parent[atom]
+    return root
+
+
 class ChannelGraph:
     """Atoms, their union-find classes, and the channel axis of every labeled tensor."""
 
     def __init__(self, graph: ir.Graph):
         self.graph = graph
         self.parent: list[int] = [FIXED]
-        self.why: dict[int, str] = {}  # atom → why it was met with a fixed position (first reason wins)
+        # The same unions without the fixed atom: which atoms were coupled, frozen or not, so a
+        # layer coupled to a frozen one (a residual branch) is told the frozen one's reason.
+        self.coupled: list[int] = [FIXED]
+        self.why: dict[int, set[str]] = {}  # coupled class root → why it met a fixed position
         self.dims: dict[ir.Value, Dim] = {}
         self._roots: dict[ir.Value, np.ndarray] = {}  # class root of each channel position, until a union
         self.sources: list[Source] = []
@@ -86,6 +99,7 @@ class ChannelGraph:
         (-1: positions no layer computes, e.g. padding, which cost and score nothing)."""
         first = len(self.parent)
         self.parent.extend(range(first, first + count))
+        self.coupled.extend(range(first, first + count))
         self.owner.extend([owner] * count)
         return np.arange(first, first + count, dtype=np.int64)
 
@@ -95,24 +109,29 @@ class ChannelGraph:
         return atoms
 
     def find(self, atom: int) -> int:
-        root = atom
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[atom] != root:
-            self.parent[atom], atom = root, self.parent[atom]
-        return root
+        return _find(self.parent, atom)
 
     def unite(self, a: np.ndarray, b: np.ndarray, reason: str) -> None:
         """Couple position by position; a class that meets the fixed atom records ``reason``."""
         for x, y in zip(a.tolist(), b.tolist()):
             if FIXED in (x, y) and x != y:
-                self.why.setdefault(x or y, reason)
+                self.why.setdefault(_find(self.coupled, x or y), {reason})
+            elif FIXED not in (x, y):
+                self._couple(x, y)
             rx, ry = self.find(x), self.find(y)
             if rx == ry:
                 continue
             low, high = min(rx, ry), max(rx, ry)  # FIXED (0) stays the root of its class
             self.parent[high] = low
             self._roots.clear()
+
+    def _couple(self, x: int, y: int) -> None:
+        rx, ry = _find(self.coupled, x), _find(self.coupled, y)
+        if rx != ry:
+            low, high = min(rx, ry), max(rx, ry)
+            self.coupled[high] = low
+            if high in self.why:
+                self.why[low] = self.why.get(low, set()) | self.why.pop(high)
 
     def freeze(self, value: ir.Value | None, reason: str) -> None:
         dim = self.dims.get(value) if value is not None else None
@@ -131,8 +150,10 @@ class ChannelGraph:
         return self.find(atom) == FIXED
 
     def frozen_reasons(self, atoms: Iterable[int]) -> list[str]:
-        """Why these atoms' classes are frozen, as recorded where each met a fixed position."""
-        return sorted({self.why[a] for a in atoms if a in self.why})
+        """Why these atoms' classes are frozen: the reasons recorded where any atom coupled
+        with them met a fixed position."""
+        roots = {_find(self.coupled, a) for a in atoms}
+        return sorted(set().union(*(self.why.get(r, set()) for r in roots)))
 
     # -- pruning -------------------------------------------------------------------------
     def roots(self, value: ir.Value) -> np.ndarray:
