@@ -127,19 +127,26 @@ def _ridge(features: int, rows: int) -> float:
 @dataclasses.dataclass(frozen=True)
 class InputMoments:
     """The second moment ``C`` of a layer's ``rows`` im2col rows plus a ridge
-    (:func:`_ridge`), as square roots: ``root`` with ``root·rootᵀ = C`` (symmetric) and its
-    inverse, and the ridge itself (as a share of ``trace(C)``/features, ``scale``)."""
+    (:func:`_ridge`), as a square root: ``root`` with ``root·rootᵀ = C``, and the ridge itself
+    (as a share of ``trace(C)``/features, ``scale``).
+
+    Any such root serves: ``‖W·root‖`` is the error on the inputs whichever it is, and the
+    best rank-r ``W`` for them is ``[W·root]_r·root⁻¹``. The Cholesky factor is a tenth of
+    the cost of the symmetric root's eigendecomposition (ResNet-18's 4608-feature convs:
+    0.3 s instead of 3 s each)."""
 
     root: np.ndarray
-    inverse_root: np.ndarray
     ridge: float
 
     @classmethod
     def of(cls, moment: np.ndarray, rows: int) -> InputMoments:
-        values, vectors = np.linalg.eigh(moment)
-        ridge = _ridge(len(values), rows) * max(values.mean(), 1e-30)
-        values = np.maximum(values, 0) + ridge
-        return cls((vectors * np.sqrt(values)) @ vectors.T, (vectors / np.sqrt(values)) @ vectors.T, ridge)
+        features = len(moment)
+        ridge = _ridge(features, rows) * max(float(np.trace(moment)) / features, 1e-30)
+        return cls(np.linalg.cholesky(moment + ridge * np.eye(features)), ridge)
+
+    @functools.cached_property
+    def inverse_root(self) -> np.ndarray:
+        return np.linalg.inv(self.root)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,6 +160,7 @@ class Layer:
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
     inputs: InputMoments | None = None
+    _seen_full: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -173,8 +181,29 @@ class Layer:
         return self.positions * self.matrix.size
 
     def seen(self, matrix: np.ndarray) -> np.ndarray:
-        """``matrix·C^½``: a weight as the calibration inputs see it (itself without data)."""
+        """``matrix·root`` (``root·rootᵀ = C``): a weight as the calibration inputs see it (itself without data)."""
         return matrix if self.inputs is None else matrix @ self.inputs.root
+
+    def seen_patch_map(self, method: str, factors: Factors) -> np.ndarray:
+        """:meth:`seen` of the factors' patch map (:func:`_patch_map`), from one product per
+        layer and method instead of one per candidate rank (ResNet-18: 800 products with
+        4608-feature moments). A rank-r svd or spatial map is the first rows of the full-rank
+        one; tucker2's is its core times the first rows of ``U_inᵀ ⊗ I`` (the leading 1x1)."""
+        if self.inputs is None:
+            return _patch_map(factors)
+        if method not in self._seen_full:
+            self._seen_full[method] = self.seen(self._full_patch_map(method))
+        full = self._seen_full[method]
+        if method == "tucker2":
+            core = factors.leading[1]
+            return core.reshape(len(core), -1) @ full[: core[0].size]
+        return full[: factors.last.shape[1]]
+
+    def _full_patch_map(self, method: str) -> np.ndarray:
+        if method == "tucker2":
+            u_in = self.channel_modes[0][0]
+            return np.kron(u_in.T, np.eye(math.prod(self.weight.shape[2:])))
+        return _patch_map(DECOMPOSITIONS[method].factor(self, DECOMPOSITIONS[method].full_ranks(self)))
 
     @functools.cached_property
     def seen_weight(self) -> np.ndarray:
@@ -325,13 +354,13 @@ def _fit(layer: Layer, method: str, ranks: tuple[int, ...]) -> Fit:
     layer refit by least squares against the original layer's outputs, in square-root form
     ``min ‖C^½ Mᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
-    features = layer.seen(_patch_map(plain))
+    features = layer.seen_patch_map(method, plain)
     plain_error = layer.squared_error(plain.last @ features)
     if layer.inputs is None:
         return Fit(plain, plain_error, {})
     if method == "svd":
         aware = _svd_whitened(layer, ranks)
-        aware_error = layer.squared_error(aware.last @ layer.seen(_patch_map(aware)))
+        aware_error = 1.0 - float(_cumulative_energy(layer.whitened_svd[1])[ranks[0] - 1])  # the SVD's tail
     else:
         aware = dataclasses.replace(plain, last=least_squares(features.T, layer.seen_weight.T).T)
         aware_error = layer.squared_error(aware.last @ features)
