@@ -160,10 +160,21 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as exc:
-        raise ModelCheckError(
-            f"ONNX checker rejected '{path}': {_first_line(exc)}",
-            hint="The exporter produced an invalid graph; re-export it or fix the named node.",
-        ) from exc
+        raise ModelCheckError(f"ONNX checker rejected '{path}': {_first_line(exc)}", hint=_check_hint(proto)) from exc
+
+
+# TensorFlow function calls a converter left in the graph instead of inlining them.
+TF_FUNCTION_CALLS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
+def _check_hint(proto: onnx.ModelProto) -> str:
+    call = next((n for n in proto.graph.node if n.op_type in TF_FUNCTION_CALLS), None)
+    if call is None:
+        return "The exporter produced an invalid graph; re-export it or fix the named node."
+    return (f"Node '{call.name}' is a TensorFlow function call ({call.op_type}) the converter did not "
+            "inline: tf2onnx leaves functions compiled with XLA as calls, and tf_keras compiles every "
+            "Conv2D with groups > 1 (ConvNeXt's and RegNet's) that way. Re-export with those layers "
+            "rebuilt without XLA (a DepthwiseConv2D for groups == channels, per-group Conv2Ds otherwise).")
 
 
 def _upgrade_opset(proto: onnx.ModelProto, path: Path) -> onnx.ModelProto:

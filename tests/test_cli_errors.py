@@ -72,6 +72,18 @@ def test_model_failing_the_checker(tmp_path):
                           tmp_path / "out", "ONNX checker rejected", "undefined")
 
 
+def test_a_tensorflow_function_call_left_by_tf2onnx_is_explained(tmp_path):
+    """tf2onnx leaves tf_keras' XLA-compiled grouped convolutions as PartitionedCall nodes."""
+    call = helper.make_node("PartitionedCall", ["x"], ["y"], name="stage_0/depthwise_conv/PartitionedCall")
+    graph = helper.make_graph([call], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    path = tmp_path / "keras.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    _assert_clean_failure(_cli("build", str(path), "-t", "tflite-arm", "-o", str(tmp_path / "out")),
+                          tmp_path / "out", "ONNX checker rejected", "stage_0/depthwise_conv/PartitionedCall",
+                          "groups > 1", "DepthwiseConv2D")
+
+
 def test_unsupported_op_names_op_node_target_and_suggests_ort(tmp_path):
     g = GraphBuilder()
     y = g.op("Det", ["x"], name="determinant")
