@@ -135,3 +135,19 @@ def test_where_is_recorded_innermost_and_left_off_user_errors(mark):
     with pytest.raises(ModelLoadError) as user, crash.at("stage", "outer"):
         raise ModelLoadError("bad file")
     assert crash.where(user.value) is None
+
+
+def test_onnx_runtime_refusing_a_model_edgec_made_in_memory_is_a_bug(tmp_path):
+    """A pass's model that ORT refuses (once: two factors both named '_svd0') is edgec's
+    bug; the same bytes as a file on disk may be anyone's and stay a load error."""
+    from edgec.runtime.ort import OrtRunner
+
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("Relu", ["x"], name="twin")], name="twin")
+    proto = g.model({"x": [1, 4]}, {y: [1, 4]})
+    assert [n.name for n in proto.graph.node] == ["twin", "twin"]
+    with pytest.raises(Exception, match="same node name") as info:
+        OrtRunner(proto.SerializeToString())
+    assert not isinstance(info.value, ModelLoadError)
+    with pytest.raises(ModelLoadError, match="same node name"):
+        OrtRunner(save(proto, tmp_path))

@@ -61,7 +61,8 @@ class OrtRunner(Runner):
         """``profile_prefix``: turn on ORT's profiler, which writes its trace to
         ``<profile_prefix>_<date>.json`` when ``session.end_profiling()`` is called.
         ``user_file``: the model is this file of the user's, so a node ORT cannot run is the
-        model's fault (an ``EdgecError``); otherwise it is edgec's own and ORT's error goes on."""
+        model's fault (an ``EdgecError``); otherwise it is edgec's own and ORT's error goes on,
+        also when ORT refuses to load model bytes edgec made (a file on disk may be anyone's)."""
         self.user_file = user_file
         self._model, self._threads, self._optimization = model, threads, optimization
         source = model if isinstance(model, bytes) else str(model)
@@ -72,6 +73,8 @@ class OrtRunner(Runner):
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            if user_file is None and isinstance(model, bytes) and missing_op(exc, _nodes(model)) is None:
+                raise  # a model edgec made in memory (a pass's, a capture's): edgec's bug, not the user's file
             raise _load_error(exc, model, f"'{user_file}'" if user_file else "the model") from exc
         self.inputs = [_spec(i) for i in self.session.get_inputs()]
         self.outputs = [_spec(o) for o in self.session.get_outputs()]
