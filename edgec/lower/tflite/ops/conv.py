@@ -73,10 +73,13 @@ def conv(ctx, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kerne
     b = None if b is None else ctx.require_constant(b, "bias")
     geometry = _geometry(ctx, kernel_shape or w.shape[2:], strides, dilations)
     _, _, kernel, strides_, dilations_ = geometry
-    if max(strides_) > 1 and max(dilations_) > 1:
-        ctx.unsupported("strided and dilated at once, which TFLite convolutions do not support")
     layers_ = _layers(ctx, w.ndim)
-    x, padding = _padded(ctx, x, auto_pad, pads, geometry, layers_)
+    out_steps = None
+    if max(strides_) > 1 and max(dilations_) > 1:
+        x, dilations_, out_steps = _strided_dilated(ctx, x, auto_pad, pads, geometry, layers_)
+        strides_, padding = [1] * len(strides_), "valid"
+    else:
+        x, padding = _padded(ctx, x, auto_pad, pads, geometry, layers_)
     cin, cout = ctx.in_shape(0)[-1], w.shape[0]
     common = dict(strides=strides_, padding=padding, dilation_rate=dilations_, use_bias=b is not None, name=ctx.name())
     to_keras = (*range(2, w.ndim), 1, 0)  # [O, I, k...] → [k..., I, O]
@@ -89,7 +92,29 @@ def conv(ctx, x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, kerne
         kernel_w = w.transpose(to_keras)
     y = layer(x)
     layer.set_weights([kernel_w] + ([b] if b is not None else []))
-    return y
+    return y if out_steps is None else _every(y, out_steps)
+
+
+def _strided_dilated(ctx, x, auto_pad, pads, geometry, layers_):
+    """TFLite convolutions take a stride or a dilation, not both (SKNet's, DeepLab's convs).
+
+    Along an axis, output i reads padded input s·i + d·k. Where s divides d those are every
+    s-th position, so the conv runs dilated d/s over the input sampled every s (no extra work);
+    otherwise it runs at stride 1 and its output is sampled every s. Both are exact.
+    Returns (padded, sampled input; the layer's dilations; output steps)."""
+    spatial_in, spatial_out, kernel, strides, dilations = geometry
+    per_axis = onnx_pads(auto_pad, pads, spatial_in, spatial_out, kernel, strides, dilations)
+    if any(max(p) > 0 for p in per_axis):
+        x = _zero_pad(ctx, x, per_axis, layers_)
+    in_steps = [s if d % s == 0 else 1 for s, d in zip(strides, dilations)]
+    return _every(x, in_steps), [d // i for d, i in zip(dilations, in_steps)], [s // i for s, i in zip(strides, in_steps)]
+
+
+def _every(x, steps):
+    """x sampled every steps[a] positions along each spatial axis (a STRIDED_SLICE)."""
+    if max(steps) == 1:
+        return x
+    return x[(slice(None), *(slice(None, None, step) for step in steps), slice(None))]
 
 
 @rule("ConvTranspose", domain=CL_DOMAIN)
