@@ -67,11 +67,15 @@ def layernorm_tokens(g):
     return g.model({"x": [1, 8, 16]}, {y: [1, 8, 32]})
 
 
+def exported_gelu(g, h):
+    """GELU as the TorchScript exporter writes it: h · (1 + erf(h / √2)) · ½."""
+    erf = g.op("Erf", [g.op("Div", [h, g.const(np.array(1.4142135, np.float32))])])
+    return g.op("Mul", [g.op("Mul", [h, g.op("Add", [erf, g.const(np.array(1.0, np.float32))])]), g.const(np.array(0.5, np.float32))])
+
+
 @case
 def erf_gelu(g):
-    h = g.op("MatMul", ["x", g.weight(16, 16, scale=1.0)])
-    erf = g.op("Erf", [g.op("Div", [h, g.const(np.array(1.4142135, np.float32))])])
-    y = g.op("Mul", [g.op("Mul", [h, g.op("Add", [erf, g.const(np.array(1.0, np.float32))])]), g.const(np.array(0.5, np.float32))])
+    y = exported_gelu(g, g.op("MatMul", ["x", g.weight(16, 16, scale=1.0)]))
     return g.model({"x": [1, 8, 16]}, {y: [1, 8, 16]})
 
 
@@ -112,6 +116,15 @@ def grouped_conv(g):
 def depthwise_multiplier_and_dilation(g):
     d = conv(g, conv(g, "x", 3, 4), 4, 8, group=4)
     return image_model(g, g.op("Conv", [d, g.weight(4, 8, 3, 3)], pads=[2, 2, 2, 2], dilations=[2, 2]), [1, 4, 8, 8])
+
+
+@case
+def strided_and_dilated(g):
+    """SKNet's 3×3 branch (stride 2, dilation 2: runs on every other input position) and a
+    depthwise 3×2 conv whose stride does not divide its dilation (stride 1 conv, sampled)."""
+    sk = conv(g, conv(g, "x", 3, 4), 4, 8, pads=[2, 2, 2, 2], strides=[2, 2], dilations=[2, 2])
+    dw = g.op("Conv", [sk, g.weight(8, 1, 3, 2)], group=8, pads=[3, 1, 2, 0], strides=[2, 3], dilations=[3, 2])
+    return image_model(g, dw, [1, 8, 2, 1])
 
 
 @case
@@ -249,9 +262,12 @@ def test_pattern_lowers_exactly(name, tmp_path):
     lower(CASES[name](GraphBuilder()), tmp_path)
 
 
-def test_conv_chain_has_no_transpose_and_nhwc_io(tmp_path):
+@pytest.mark.parametrize("activation", ["relu", "exported_gelu"])
+def test_conv_chain_has_no_transpose_and_nhwc_io(activation, tmp_path):
+    """Also GELU, which edgec fuses from the exporters' erf form before the layout pass."""
     g = GraphBuilder()
-    y = conv(g, g.op("Relu", [conv(g, "x", 3, 8)]), 8, 4)
+    h = conv(g, "x", 3, 8)
+    y = conv(g, g.op("Relu", [h]) if activation == "relu" else exported_gelu(g, h), 8, 4)
     report = lower(image_model(g, y, [1, 4, 8, 8]), tmp_path)
     assert "TRANSPOSE" not in report["lowering"]["tflite_ops"]
     assert report["lowering"]["io"]["inputs"][0]["perm"] == [0, 2, 3, 1]

@@ -43,6 +43,7 @@ from edgec.graph import (
     sole_consumer,
     take_name,
 )
+from edgec.passes.fuse import FUSED_DOMAIN
 from edgec.passes.pipeline import PassOutcome
 
 CL_DOMAIN = "edgec.channels_last"
@@ -371,8 +372,13 @@ def _push_down(graph: ir.Graph, node: ir.Node, p: Perm, rule: PushRule, rewrite:
     _transpose_outputs(graph, node, rewrite.out_perms)
 
 
+# Ops edgec fuses before layout (the exporters' erf GELU after a conv: RepViT, FastViT) move
+# with their data like the standard op they compute.
+_RULES_BY_DOMAIN = {"": PUSH_RULES, "ai.onnx": PUSH_RULES, FUSED_DOMAIN: {"Gelu": PUSH_RULES["Gelu"]}}
+
+
 def _rule_for(node: ir.Node) -> PushRule | None:
-    return PUSH_RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    return _RULES_BY_DOMAIN.get(node.domain, {}).get(node.op_type)
 
 
 def _try_push_down(graph: ir.Graph, node: ir.Node) -> bool:
