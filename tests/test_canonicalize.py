@@ -11,6 +11,7 @@ from edgec import model as edgec_model
 from edgec.errors import DynamicShapeError, EdgecWarning, ModelCheckError
 from edgec.passes.canonicalize import (
     DefaultBatchSize,
+    DropBroadcastExpand,
     FixInputShapes,
     FoldBatchNorm,
     RequireStaticInputs,
@@ -214,3 +215,18 @@ def test_unnamed_and_repeated_node_names_become_unique(tmp_path):
     names = [n.name for n in model.graph]
     assert names[0] == "kept" and names[2] == "twice"
     assert all(names) and len(set(names)) == len(names), names
+
+
+def test_expand_before_an_op_that_broadcasts_anyway_is_dropped(tmp_path):
+    """PyTorch's ``x * gate.expand_as(x)``; an Expand that sets the result's shape stays."""
+    g = GraphBuilder()
+    x = g.op("Conv", ["x", g.weight(4, 3, 3, 3)], pads=[1, 1, 1, 1])
+    gate = g.op("Sigmoid", [g.op("GlobalAveragePool", [x])])
+    gated = g.op("Mul", [x, g.op("Expand", [gate, g.const(np.array([1, 4, 8, 8], np.int64))])])
+    other = g.op("Relu", [gate])
+    grown = g.op("Add", [other, g.op("Expand", [other, g.const(np.array([1, 4, 8, 8], np.int64))])])
+    proto = g.model({"x": [1, 3, 8, 8]}, {gated: [1, 4, 8, 8], grown: [1, 4, 8, 8]})
+    model, records = canonical(proto, tmp_path)
+    assert [n.op_type for n in model.graph].count("Expand") == 1
+    assert len(next(r for r in records if r.name == DropBroadcastExpand.name).details["dropped"]) == 1
+    assert_same_outputs(proto, model)

@@ -21,7 +21,7 @@ from onnx_ir.passes import common as ir_common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from edgec.errors import DynamicShapeError, ModelCheckError
-from edgec.graph import attr, constant, replace_initializer_data, set_bias, sole_consumer, take_name
+from edgec.graph import attr, constant, replace_initializer_data, set_bias, sole_consumer, static_shape, take_name
 from edgec.model import to_proto
 from edgec.passes.pipeline import PassOutcome
 from edgec.quiet import silenced
@@ -461,6 +461,48 @@ def _fold_bias(graph, node, index, scale, shift, dtype) -> None:
 _BN_FOLDERS = {"Conv": _fold_into_conv, "ConvTranspose": _fold_into_conv_transpose, "Gemm": _fold_into_gemm}
 
 
+# Ops that broadcast all their inputs against each other (numpy rules).
+_BROADCASTING = frozenset("Add Sub Mul Div Pow Max Min Sum Mean Mod Where Equal Less Greater LessOrEqual "
+                          "GreaterOrEqual And Or Xor BitShift".split())
+
+
+class DropBroadcastExpand(ir.passes.InPlacePass):
+    """``a * Expand(g, shape(a))`` → ``a * g``: the op broadcasts the gate anyway.
+
+    PyTorch's ``x * gate.expand_as(x)`` (ECA, SK and split-attention gates) exports an Expand
+    that writes the [N,C,1,1] gate out at full size, hides its shape from the layout pass (a
+    TRANSPOSE pair around every gate) and is an op channel pruning has no rule for."""
+
+    name = "drop-broadcast-expand"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        dropped = [n.name for n in list(model.graph) if n.op_type == "Expand" and _drop_expand(n)]
+        return PassOutcome(model, bool(dropped), {"dropped": dropped})
+
+
+def _drop_expand(expand: ir.Node) -> bool:
+    expanded, source = expand.outputs[0], expand.inputs[0]
+    uses = list(expanded.uses())
+    if not uses or expanded.is_graph_output() or not all(_broadcasts_anyway(user, expanded, source) for user, _ in uses):
+        return False
+    for user, index in uses:
+        user.replace_input_with(index, source)
+    return True
+
+
+def _broadcasts_anyway(user: ir.Node, expanded: ir.Value, source: ir.Value) -> bool:
+    """``user`` gives the same result with ``source`` in place of its expansion."""
+    if user.op_type not in _BROADCASTING or user.domain not in ("", "ai.onnx"):
+        return False
+    shapes = [static_shape(source if v is expanded else v) if v is not None else None for v in user.inputs]
+    if any(s is None for s in shapes) or static_shape(expanded) is None:
+        return False
+    try:
+        return np.broadcast_shapes(*shapes) == np.broadcast_shapes(*(static_shape(v) for v in user.inputs))
+    except ValueError:
+        return False
+
+
 class IdentityElimination(ir_common.IdentityEliminationPass):
     """onnx-ir's identity elimination, keeping the Identity nodes it would break the graph
     removing: one that returns, as a graph output, a value defined in another graph (an
@@ -496,6 +538,7 @@ def canonicalize_passes(input_shapes: InputShapes | None = None) -> list[ir.pass
         Simplify(),
         UniqueNames(),
         FoldBatchNorm(),
+        DropBroadcastExpand(),
         *cleanup_passes(),
         InferShapes(),
     ]
