@@ -75,6 +75,16 @@ def _squeeze_excite(g):
     return g.op("Mul", [c, gate]), [1, 8, 8, 8]
 
 
+def _eca_gate(g):
+    """timm's ECA: a 1-D conv across the pooled channels, broadcast back by ``expand_as``."""
+    c = conv(g, "x", 3, 8)
+    pooled = g.op("Reshape", [g.op("GlobalAveragePool", [c]), g.const(np.array([1, 1, 8], np.int64))])
+    mixed = g.op("Sigmoid", [g.op("Conv", [pooled, g.weight(1, 1, 3)], pads=[1, 1])])
+    gate = g.op("Reshape", [mixed, g.const(np.array([1, 8, 1, 1], np.int64))])
+    gated = g.op("Mul", [c, g.op("Expand", [gate, g.const(np.array([1, 8, 8, 8], np.int64))])])
+    return conv(g, gated, 8, 4), [1, 4, 8, 8]
+
+
 def _concat_split_slice(g):
     a, b = conv(g, "x", 3, 4), conv(g, "x", 3, 6)
     cat = g.op("Concat", [a, b], axis=1)
@@ -126,6 +136,7 @@ ZERO_TRANSPOSE_PATTERNS = {
     "residual_bn_flatten_gemm": _residual,
     "normalized_input": _normalized_input,
     "squeeze_excite": _squeeze_excite,
+    "eca_gate": _eca_gate,
     "concat_split_slice": _concat_split_slice,
     "softmax_channels_reduce": _softmax_and_reduce,
     "explicit_pad_pool": _explicit_pad_and_pool,
@@ -167,6 +178,23 @@ def test_channel_shuffle_stays_exact(tmp_path):
     proto = g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]})
     model, _ = channels_last(proto, tmp_path)
     assert_exact(proto, model)
+
+
+def test_a_small_gate_follows_the_data_it_scales(tmp_path):
+    """SKNet's selective kernel: two branches stacked on a new radix axis, scaled by a softmax
+    gate over that axis, summed. The stack stays channels-last; only the gate is transposed."""
+    g = GraphBuilder()
+    branches = [g.op("Unsqueeze", [conv(g, "x", 3, 8, k=k), g.const(np.array([1], np.int64))]) for k in (1, 3)]
+    stacked = g.op("Concat", branches, axis=1)
+    pooled = g.op("GlobalAveragePool", [g.op("ReduceSum", [stacked, g.const(np.array([1], np.int64))], keepdims=0)])
+    logits = g.op("Reshape", [g.op("Conv", [pooled, g.weight(16, 8, 1, 1)]), g.const(np.array([1, 2, 8, 1, 1], np.int64))])
+    scaled = g.op("Mul", [stacked, g.op("Softmax", [logits], axis=1)])
+    y = conv(g, g.op("ReduceSum", [scaled, g.const(np.array([1], np.int64))], keepdims=0), 8, 4)
+    proto = g.model({"x": [1, 3, 8, 8]}, {y: [1, 4, 8, 8]})
+    model, _ = channels_last(proto, tmp_path)
+    assert_exact(proto, model)
+    moved = [int(np.prod([int(d) for d in n.inputs[0].shape.dims])) for n in model.graph if n.op_type == "Transpose"]
+    assert moved and max(moved) <= 16, moved
 
 
 def test_op_without_layout_rule_is_wrapped_not_converted(tmp_path):

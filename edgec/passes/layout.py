@@ -343,14 +343,54 @@ def _broadcast_constant(array: np.ndarray, p: Perm) -> np.ndarray:
 
 
 def _layout_inputs_ok(node: ir.Node, rule: PushRule, p: Perm) -> bool:
+    """Every other layout input can follow: a constant (re-laid out) or a computed tensor
+    that is cheap to transpose beside the data that moves (a gate: squeeze-excite, ECA, SK)."""
+    moving = _moving_sizes(node, rule, p)
     for i in rule.layout_inputs(node):
         v = node.inputs[i] if i < len(node.inputs) else None
         if v is None or _perm_of(v) == p:
             continue
         data = constant(v)
-        if data is None or data.ndim > len(p) or (not rule.broadcast and data.ndim != len(p)):
+        if data is None:
+            if not _follows_cheaply(v.shape, inverse(p), moving):
+                return False
+        elif data.ndim > len(p) or (not rule.broadcast and data.ndim != len(p)):
             return False
     return True
+
+
+# A computed input follows a pushed transpose when it is this many times smaller than the
+# data that stops being transposed (the gate of an SK or split-attention block: 1/(H·W)).
+_CHEAP_FOLLOWER = 8
+
+
+def _moving_sizes(node: ir.Node, rule: PushRule, p: Perm) -> list[int]:
+    """Sizes of the inputs transposed by ``p`` that really move data (not reshapes)."""
+    sources = [node.inputs[i].producer().inputs[0] for i in rule.layout_inputs(node)
+               if i < len(node.inputs) and _perm_of(node.inputs[i]) == p]
+    return [_size(x.shape) for x in sources if x.shape is not None and x.shape.is_static()
+            and not _moves_only_unit_axes(x.shape, p)]
+
+
+def _follows_cheaply(shape: ir.Shape | None, perm: Perm, moving: list[int]) -> bool:
+    """Transposing a tensor of ``shape`` costs little beside pushing real moves of ``moving``
+    sizes: a reshape, or a tensor far smaller. Never for unit moves alone, so two gates never
+    trade their transposes back and forth."""
+    if not moving or shape is None or not shape.is_static() or shape.rank() != len(perm):
+        return False
+    return _moves_only_unit_axes(shape, perm) or _size(shape) * _CHEAP_FOLLOWER <= min(moving)
+
+
+def _size(shape: ir.Shape) -> int:
+    return int(np.prod([int(d) for d in shape.dims]))
+
+
+def _moves_only_unit_axes(shape: ir.Shape | None, perm: Perm) -> bool:
+    """Transposing a tensor of ``shape`` by ``perm`` keeps its data in order: a reshape."""
+    if shape is None or not shape.is_static() or shape.rank() != len(perm):
+        return False
+    moved = [i for i in perm if shape[i] != 1]
+    return moved == sorted(moved)
 
 
 def _push_down(graph: ir.Graph, node: ir.Node, p: Perm, rule: PushRule, rewrite: Rewrite) -> None:
@@ -360,6 +400,10 @@ def _push_down(graph: ir.Graph, node: ir.Node, p: Perm, rule: PushRule, rewrite:
             continue
         if _perm_of(v) == p:
             node.replace_input_with(i, v.producer().inputs[0])
+        elif constant(v) is None:
+            follow = _new_transpose(v, inverse(p))  # small, or a reshape once the pass ends
+            graph.insert_before(node, follow)
+            node.replace_input_with(i, follow.outputs[0])
         else:
             moved = _broadcast_constant(constant(v), p)
             node.replace_input_with(i, add_initializer(graph, moved, f"{v.name}_cl"))
@@ -556,12 +600,7 @@ def _absorb_output(graph: ir.Graph, index: int) -> bool:
 
 def _unit_transpose_as_reshape(graph: ir.Graph, node: ir.Node) -> bool:
     """A transpose that only moves size-1 axes is a (free) reshape."""
-    shape = node.inputs[0].shape
-    perm = _perm_of(node.outputs[0])
-    if shape is None or not shape.is_static():
-        return False
-    moved = [i for i in perm if shape[i] != 1]
-    if moved != sorted(moved):
+    if not _moves_only_unit_axes(node.inputs[0].shape, _perm_of(node.outputs[0])):
         return False
     target = add_initializer(graph, np.array([int(d) for d in node.outputs[0].shape.dims], np.int64), "unit_reshape")
     reshape = ir.node("Reshape", [node.inputs[0], target])
