@@ -13,6 +13,7 @@ from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.layout import (
     CHANNELS_LAST_OPS,
     CL_DOMAIN,
+    FUSED_CHANNELS_LAST_OPS,
     LAYOUT_PERM,
     ChannelsLast,
     compose,
@@ -231,5 +232,5 @@ def test_four_dimensional_output_is_stored_channels_last(tmp_path):
 def test_every_channels_last_op_has_a_tflite_rule():
     from edgec.lower.tflite.registry import lookup
 
-    missing = [op for op in CHANNELS_LAST_OPS if lookup(CL_DOMAIN, op) is None]
+    missing = [op for op in [*CHANNELS_LAST_OPS, *FUSED_CHANNELS_LAST_OPS] if lookup(CL_DOMAIN, op) is None]
     assert missing == []

@@ -234,14 +234,18 @@ def attention_nan_guard_and_gather_nd(g):
     return g.model({"x": [1, 8, 16]}, {rows: [2, 8], batched: [1, 2, 16]})
 
 
+def exported_group_norm(g, x, groups=2):
+    """PyTorch's GroupNorm(groups, 8) on [1, 8, 8, 8]: Reshape to groups, InstanceNormalization
+    (here with a scale and bias per group too), Reshape back, affine."""
+    grouped = g.op("Reshape", [x, g.const(np.array([1, groups, -1], np.int64))])
+    normed = g.op("InstanceNormalization", [grouped, g.const(np.linspace(0.5, 1.5, groups).astype(np.float32)), g.weight(groups)], epsilon=1e-5)
+    back = g.op("Reshape", [normed, g.const(np.array([1, 8, 8, 8], np.int64))])
+    return g.op("Add", [g.op("Mul", [back, g.weight(8, 1, 1)]), g.weight(8, 1, 1)])
+
+
 @case
 def group_norm_as_instance_norm(g):
-    """PyTorch's GroupNorm(2, 8): Reshape to groups, InstanceNormalization, Reshape back, affine."""
-    grouped = g.op("Reshape", [conv(g, "x", 3, 8), g.const(np.array([1, 2, -1], np.int64))])
-    normed = g.op("InstanceNormalization", [grouped, g.const(np.ones(2, np.float32)), g.const(np.zeros(2, np.float32))], epsilon=1e-5)
-    back = g.op("Reshape", [normed, g.const(np.array([1, 8, 8, 8], np.int64))])
-    affine = g.op("Add", [g.op("Mul", [back, g.weight(8, 1, 1)]), g.weight(8, 1, 1)])
-    return image_model(g, conv(g, affine, 8, 4), [1, 4, 8, 8])
+    return image_model(g, conv(g, exported_group_norm(g, conv(g, "x", 3, 8)), 8, 4), [1, 4, 8, 8])
 
 
 @case
@@ -262,12 +266,14 @@ def test_pattern_lowers_exactly(name, tmp_path):
     lower(CASES[name](GraphBuilder()), tmp_path)
 
 
-@pytest.mark.parametrize("activation", ["relu", "exported_gelu"])
-def test_conv_chain_has_no_transpose_and_nhwc_io(activation, tmp_path):
-    """Also GELU, which edgec fuses from the exporters' erf form before the layout pass."""
+BETWEEN_CONVS = {"relu": lambda g, h: g.op("Relu", [h]), "exported_gelu": exported_gelu, "exported_group_norm": exported_group_norm}
+
+
+@pytest.mark.parametrize("between", sorted(BETWEEN_CONVS))
+def test_conv_chain_has_no_transpose_and_nhwc_io(between, tmp_path):
+    """Also with GELU and GroupNorm, which edgec fuses from the exporters' forms first."""
     g = GraphBuilder()
-    h = conv(g, "x", 3, 8)
-    y = conv(g, g.op("Relu", [h]) if activation == "relu" else exported_gelu(g, h), 8, 4)
+    y = conv(g, BETWEEN_CONVS[between](g, conv(g, "x", 3, 8)), 8, 4)
     report = lower(image_model(g, y, [1, 4, 8, 8]), tmp_path)
     assert "TRANSPOSE" not in report["lowering"]["tflite_ops"]
     assert report["lowering"]["io"]["inputs"][0]["perm"] == [0, 2, 3, 1]

@@ -5,16 +5,21 @@ backends with a GELU kernel (TFLite) run it as one op, and backends without an E
 could not run the spelled-out form at all. The fused node lives in the ``edgec`` domain
 because the standard ``Gelu`` op needs opset 20, and raising a model's opset would change the
 meaning of its other ops.
+
+PyTorch writes GroupNorm as ``Reshape(N, G, -1) → InstanceNormalization → Reshape back``
+(then the affine Mul and Add). Those Reshapes mix channels with pixels, so in channels-last
+form each one needs a full TRANSPOSE pair; fused, the group norm runs channels-last itself.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as ir_common
 
-from edgec.graph import constant, sole_consumer, take_name
+from edgec.graph import add_initializer, attr, constant, sole_consumer, static_shape, take_name
 from edgec.passes.pipeline import PassOutcome
 
 FUSED_DOMAIN = "edgec"
@@ -76,15 +81,7 @@ def _fuse_gelu(graph: ir.Graph, erf: ir.Node) -> bool:
     out_node = _gelu_output(x, sole_consumer(erf.outputs[0]).outputs[0])
     if out_node is None:
         return False
-    gelu = ir.node("Gelu", [x], domain=FUSED_DOMAIN, name=f"{erf.name}_gelu")
-    result = gelu.outputs[0]
-    result.dtype, result.shape = out_node.outputs[0].dtype, out_node.outputs[0].shape
-    graph.insert_after(out_node, gelu)
-    old = out_node.outputs[0]
-    was_output = old.is_graph_output()
-    old.replace_all_uses_with(result, replace_graph_outputs=True)
-    if was_output:
-        take_name(result, old, graph)
+    _replace_output(graph, out_node, ir.node("Gelu", [x], domain=FUSED_DOMAIN, name=f"{erf.name}_gelu"))
     return True
 
 
@@ -100,3 +97,62 @@ class FuseGelu(ir.passes.InPlacePass):
             ir_common.RemoveUnusedNodesPass()(model)
         return PassOutcome(model, bool(fused), {"fused": len(fused)})
 
+
+
+def _group_norm_parts(norm: ir.Node) -> tuple[ir.Value, int, ir.Node] | None:
+    """(x, groups, final Reshape) when ``norm`` is the InstanceNormalization of a GroupNorm:
+    x [N, C, *S] (1-D or 2-D S, as convolutions have) reshaped to [N, G, K] with G dividing C,
+    and reshaped back to x's shape."""
+    grouped, into = norm.inputs[0], norm.inputs[0].producer()
+    back = sole_consumer(norm.outputs[0])
+    if into is None or into.op_type != "Reshape" or back is None or back.op_type != "Reshape":
+        return None
+    x = into.inputs[0]
+    shape, grouped_shape = static_shape(x), static_shape(grouped)
+    if shape is None or grouped_shape is None or len(shape) not in (3, 4) or len(grouped_shape) != 3 or static_shape(back.outputs[0]) != shape:
+        return None
+    groups = grouped_shape[1]
+    if grouped_shape[0] != shape[0] or groups < 1 or shape[1] % groups:
+        return None
+    return x, groups, back
+
+
+def _fuse_group_norm(graph: ir.Graph, norm: ir.Node) -> bool:
+    parts = _group_norm_parts(norm)
+    scale, bias = constant(norm.inputs[1]), constant(norm.inputs[2])
+    if parts is None or scale is None or bias is None:
+        return False
+    x, groups, back = parts
+    per_group = static_shape(x)[1] // groups
+    fused = ir.node("GroupNorm", [x, *(add_initializer(graph, np.repeat(v.reshape(-1), per_group).astype(v.dtype), f"{norm.name}_{kind}")
+                                      for v, kind in ((scale, "scale"), (bias, "bias")))],
+                    attributes={"num_groups": groups, "epsilon": float(attr(norm, "epsilon", 1e-5))},
+                    domain=FUSED_DOMAIN, name=f"{norm.name}_group_norm")
+    _replace_output(graph, back, fused)
+    return True
+
+
+def _replace_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> None:
+    """``new_node`` computes what ``old_node`` did: insert it after, move every use over."""
+    result, old = new_node.outputs[0], old_node.outputs[0]
+    result.dtype, result.shape = old.dtype, old.shape
+    graph.insert_after(old_node, new_node)
+    was_output = old.is_graph_output()
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    if was_output:
+        take_name(result, old, graph)
+
+
+class FuseGroupNorm(ir.passes.InPlacePass):
+    """``Reshape → InstanceNormalization → Reshape`` (PyTorch's GroupNorm) → ``edgec::GroupNorm``,
+    per-channel scale and bias (the group's, repeated), which runs in either layout."""
+
+    name = "fuse-group-norm"
+
+    def call(self, model: ir.Model) -> PassOutcome:
+        fused = [n.name for n in list(model.graph) if n.op_type == "InstanceNormalization" and n.graph is not None
+                 and _fuse_group_norm(model.graph, n)]
+        if fused:
+            model.opset_imports.setdefault(FUSED_DOMAIN, 1)
+            ir_common.RemoveUnusedNodesPass()(model)
+        return PassOutcome(model, bool(fused), {"fused": len(fused)})

@@ -110,6 +110,13 @@ CHANNELS_LAST_OPS: dict[str, Callable[[ir.Node], bool]] = {
     "DepthToSpace": lambda n: _rank_in(4)(n) and attr(n, "mode", "DCR") == "DCR",
     "SpaceToDepth": _rank_in(4),
 }
+# Ops of edgec's fused domain that run channels-last too (the lowering needs a rule for each).
+FUSED_CHANNELS_LAST_OPS: dict[str, Callable[[ir.Node], bool]] = {"GroupNorm": _rank_in(3, 4)}
+_CHANNELS_LAST_BY_DOMAIN = {"": CHANNELS_LAST_OPS, "ai.onnx": CHANNELS_LAST_OPS, FUSED_DOMAIN: FUSED_CHANNELS_LAST_OPS}
+
+
+def _runs_channels_last(node: ir.Node) -> bool:
+    return _CHANNELS_LAST_BY_DOMAIN.get(node.domain, {}).get(node.op_type, lambda _: False)(node)
 
 
 # --- layout rules: how an op consumes transposed inputs --------------------------------------
@@ -671,7 +678,7 @@ class ChannelsLast(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassOutcome:
         graph = model.graph
-        wrapped = [n for n in list(graph) if n.domain in ("", "ai.onnx") and CHANNELS_LAST_OPS.get(n.op_type, lambda _: False)(n)]
+        wrapped = [n for n in list(graph) if _runs_channels_last(n)]
         if not wrapped:
             return PassOutcome(model, False, {"channels_last_ops": 0, "transposes": len(_transposes(graph))})
         model.opset_imports[CL_DOMAIN] = 1
@@ -715,7 +722,7 @@ def expand_channels_last(model: ir.Model) -> ir.Model:
         into = _new_transpose(node.inputs[0], to_channels_first(rank))
         graph.insert_before(node, into)
         node.replace_input_with(0, into.outputs[0])
-        node.domain = ""
+        node.domain = FUSED_DOMAIN if node.op_type in FUSED_CHANNELS_LAST_OPS else ""
         node.version = None
         _transpose_outputs(graph, node, [to_channels_last(rank)])
     copy.opset_imports.pop(CL_DOMAIN, None)

@@ -32,7 +32,7 @@ from edgec.lower.tflite.prelu import shared_slope_prelu_as_leaky_relu
 from edgec.lower.tflite.ranges import learned_ranges, refine_ranges
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
-from edgec.passes.fuse import FuseGelu
+from edgec.passes.fuse import FuseGelu, FuseGroupNorm
 from edgec.passes.layout import ChannelsLast
 from edgec.passes.pipeline import PassRecord, Pipeline
 from edgec.memo import Recent, fingerprint
@@ -55,7 +55,7 @@ ALWAYS_INT8 = MAC_OPS | {"QUANTIZE", "DEQUANTIZE"}
 
 def prepare(model: ir.Model) -> tuple[ir.Model, list]:
     """The ONNX passes that put a canonical model into the form the Keras rules expect."""
-    return Pipeline([FuseGelu(), DecomposeBatchNorm(), ChannelsLast(), *cleanup_passes()])(model)
+    return Pipeline([FuseGelu(), FuseGroupNorm(), DecomposeBatchNorm(), ChannelsLast(), *cleanup_passes()])(model)
 
 
 @dataclasses.dataclass(frozen=True)

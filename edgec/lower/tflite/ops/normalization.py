@@ -8,6 +8,7 @@ import tf_keras as keras
 
 from edgec.graph import normalize_axes
 from edgec.lower.tflite.registry import rule
+from edgec.passes.layout import CL_DOMAIN
 
 
 @rule("Softmax")
@@ -42,11 +43,25 @@ def instance_normalization(ctx, x, scale, bias, *, epsilon=1e-5):
     per_channel = (-1,) + (1,) * (rank - 2)
     gamma = ctx.require_constant(scale, "scale").reshape(per_channel)
     beta = ctx.require_constant(bias, "bias").reshape(per_channel)
-    axes = list(range(2, rank))
-    mean = tf.math.reduce_mean(x, axis=axes, keepdims=True)
-    centred = x - mean
+    return _normalized(x, list(range(2, rank)), epsilon) * gamma.astype(x.dtype.as_numpy_dtype) + beta.astype(x.dtype.as_numpy_dtype)
+
+
+@rule("GroupNorm", domain=CL_DOMAIN)
+def group_norm(ctx, x, scale, bias, *, num_groups, epsilon=1e-5):
+    """edgec's fused GroupNorm on channels-last data [N, *S, C]: the channels split into
+    [G, C/G] on the last axes, each group normalized over its pixels and its channels."""
+    shape = ctx.in_shape(0)
+    grouped = tf.reshape(x, [*shape[:-1], num_groups, shape[-1] // num_groups])
+    normed = tf.reshape(_normalized(grouped, [*range(1, len(shape) - 1), len(shape)], epsilon), shape)
+    dtype = x.dtype.as_numpy_dtype
+    return normed * ctx.require_constant(scale, "scale").astype(dtype) + ctx.require_constant(bias, "bias").astype(dtype)
+
+
+def _normalized(x, axes, epsilon):
+    """(x − mean) / sqrt(variance + epsilon) over ``axes``."""
+    centred = x - tf.math.reduce_mean(x, axis=axes, keepdims=True)
     variance = tf.math.reduce_mean(tf.math.square(centred), axis=axes, keepdims=True)
-    return centred * tf.math.rsqrt(variance + epsilon) * gamma.astype(x.dtype.as_numpy_dtype) + beta.astype(x.dtype.as_numpy_dtype)
+    return centred * tf.math.rsqrt(variance + epsilon)
 
 
 def _axes(ctx, axes_input, axes_attr, rank):
