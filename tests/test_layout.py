@@ -86,6 +86,20 @@ def _eca_gate(g):
     return conv(g, gated, 8, 4), [1, 4, 8, 8]
 
 
+def _tokens_and_back(g):
+    """Attention over a feature map (ViT patches, hybrid nets): ``flatten(2).transpose(1, 2)``
+    to tokens, a linear layer, and back to a map for the next conv."""
+    tokens = g.op("Transpose", [g.op("Reshape", [conv(g, "x", 3, 8), g.const(np.array([1, 8, 64], np.int64))])], perm=[0, 2, 1])
+    mapped = g.op("Transpose", [g.op("MatMul", [tokens, g.weight(8, 8)])], perm=[0, 2, 1])
+    return conv(g, g.op("Reshape", [mapped, g.const(np.array([1, 8, 8, 8], np.int64))]), 8, 4), [1, 4, 8, 8]
+
+
+def _radix_split(g):
+    """ResNeSt's split attention: the channels split into radix × channels and summed."""
+    split = g.op("Reshape", [conv(g, "x", 3, 8), g.const(np.array([1, 2, 4, 8, 8], np.int64))])
+    return conv(g, g.op("ReduceSum", [split, g.const(np.array([1], np.int64))], keepdims=0), 4, 4), [1, 4, 8, 8]
+
+
 def _concat_split_slice(g):
     a, b = conv(g, "x", 3, 4), conv(g, "x", 3, 6)
     cat = g.op("Concat", [a, b], axis=1)
@@ -138,6 +152,8 @@ ZERO_TRANSPOSE_PATTERNS = {
     "normalized_input": _normalized_input,
     "squeeze_excite": _squeeze_excite,
     "eca_gate": _eca_gate,
+    "tokens_and_back": _tokens_and_back,
+    "radix_split": _radix_split,
     "concat_split_slice": _concat_split_slice,
     "softmax_channels_reduce": _softmax_and_reduce,
     "explicit_pad_pool": _explicit_pad_and_pool,
@@ -196,6 +212,17 @@ def test_a_small_gate_follows_the_data_it_scales(tmp_path):
     assert_exact(proto, model)
     moved = [int(np.prod([int(d) for d in n.inputs[0].shape.dims])) for n in model.graph if n.op_type == "Transpose"]
     assert moved and max(moved) <= 16, moved
+
+
+@pytest.mark.parametrize("shape", [[1, 8, 64], [1, 2, 4, 8, 8], [1, 8, 8, 2, 4], [1, 64, 8], [8, 64], [1, 1, 8, 64, 1], [4, 2, 8, 8]])
+def test_a_reshape_after_a_conv_stays_exact(shape, tmp_path):
+    """Reshapes that keep the transposed axes in groups take the transpose past them; the
+    others ([1, 64, 8] mixes channels with rows) keep it in front. Both compute the same."""
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("Reshape", [conv(g, "x", 3, 8), g.const(np.array(shape, np.int64))])])
+    proto = g.model({"x": [1, 3, 8, 8]}, {y: shape})
+    model, _ = channels_last(proto, tmp_path)
+    assert_exact(proto, model)
 
 
 def test_op_without_layout_rule_is_wrapped_not_converted(tmp_path):

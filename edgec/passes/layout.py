@@ -41,6 +41,7 @@ from edgec.graph import (
     is_constant,
     normalize_axes,
     sole_consumer,
+    static_shape,
     take_name,
 )
 from edgec.passes.fuse import FUSED_DOMAIN
@@ -252,6 +253,63 @@ def _gather_rewrite(node: ir.Node, p: Perm) -> Rewrite | None:
     return Rewrite([out], attrs={"axis": p[axis]})
 
 
+def _reshape_rewrite(node: ir.Node, p: Perm) -> Rewrite | None:
+    """A Reshape that splits or merges only axes the transpose keeps together and in order
+    reshapes the source into those groups, in the source's order, and transposes the groups
+    after: conv features to tokens and back (``flatten(2).transpose(1, 2)``, attention over
+    feature maps) then need no TRANSPOSE of their own."""
+    y, z = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if y is None or z is None or len(y) != len(p) or 0 in z or constant(node.inputs[1]) is None:
+        return None
+    groups = _reshape_groups(y, z)
+    source = [j for j in range(len(p)) if y[p.index(j)] != 1]  # the source's non-unit axes, in order
+    if groups is None:
+        return None
+    starts = []
+    for y_axes, _ in groups:
+        at = [source.index(p[k]) for k in y_axes]
+        if at != list(range(at[0], at[0] + len(at))):
+            return None
+        starts.append(at[0])
+    placed = _leading_units(z) + [axis for _, z_axes in sorted(zip(starts, _with_units(groups, z))) for axis in z_axes]
+    shape = np.array([z[axis] for axis in placed], dtype=np.int64)
+    return Rewrite([tuple(placed.index(axis) for axis in range(len(z)))], const_inputs={1: shape})
+
+
+def _leading_units(z: Sequence[int]) -> list[int]:
+    """z's unit axes before its first larger one (the batch): they stay in front."""
+    return list(range(next((k for k, d in enumerate(z) if d != 1), len(z))))
+
+
+def _with_units(groups: list[tuple[list[int], list[int]]], z: Sequence[int]) -> list[list[int]]:
+    """Each group's z axes, with the unit axes between groups joining the group after them
+    (the ones after the last group joining it), so they travel with their neighbours."""
+    lead = len(_leading_units(z))
+    ends = [max(z_axes) for _, z_axes in groups]
+    return [[k for k in range(ends[g - 1] + 1 if g else lead, ends[g] + 1 if g < len(groups) - 1 else len(z))]
+            for g in range(len(groups))]
+
+
+def _reshape_groups(y: Sequence[int], z: Sequence[int]) -> list[tuple[list[int], list[int]]] | None:
+    """The reshape y → z as (y axes, z axes) groups of equal size, unit axes left out."""
+    ys, zs = [k for k in range(len(y)) if y[k] != 1], [k for k in range(len(z)) if z[k] != 1]
+    groups, i, j = [], 0, 0
+    while i < len(ys) and j < len(zs):
+        group, size_y, size_z = ([ys[i]], [zs[j]]), y[ys[i]], z[zs[j]]
+        i, j = i + 1, j + 1
+        while size_y != size_z:
+            if size_y < size_z and i < len(ys):
+                group[0].append(ys[i])
+                size_y, i = size_y * y[ys[i]], i + 1
+            elif size_z < size_y and j < len(zs):
+                group[1].append(zs[j])
+                size_z, j = size_z * z[zs[j]], j + 1
+            else:
+                return None
+        groups.append(group)
+    return groups if i == len(ys) and j == len(zs) else None
+
+
 def _split_inputs(node: ir.Node) -> Sequence[int]:
     return (0,)
 
@@ -281,6 +339,7 @@ PUSH_RULES: dict[str, PushRule] = {
     "Squeeze": PushRule(_first_input, _squeeze_rewrite),
     "Unsqueeze": PushRule(_first_input, _unsqueeze_rewrite),
     "Gather": PushRule(_first_input, _gather_rewrite),
+    "Reshape": PushRule(_first_input, _reshape_rewrite),
 }
 
 
