@@ -225,6 +225,25 @@ def test_a_reshape_after_a_conv_stays_exact(shape, tmp_path):
     assert_exact(proto, model)
 
 
+def test_attention_over_a_feature_map_keeps_its_one_transpose(tmp_path):
+    """Visformer's attention: qkv = conv → reshape [1, 3, heads, d, HW] → permute → q, k, v.
+    Pushed past the Reshape, the conv's transpose would merge with the permute and then be
+    split three ways in front of the MatMuls (heads and tokens swapped: not foldable)."""
+    g = GraphBuilder()
+    qkv = g.op("Reshape", [conv(g, "x", 3, 24, k=1), g.const(np.array([1, 3, 2, 4, 64], np.int64))])
+    heads = g.op("Transpose", [qkv], perm=[1, 0, 2, 4, 3])
+    q, k, v = (g.op("Squeeze", [part, g.const(np.array([0], np.int64))])
+               for part in g.op("Split", [heads, g.const(np.array([1, 1, 1], np.int64))], n_out=3, axis=0))
+    scores = g.op("Softmax", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])], axis=-1)
+    y = g.op("MatMul", [scores, v])
+    proto = g.model({"x": [1, 3, 8, 8]}, {y: [1, 2, 64, 4]})
+    model, _ = channels_last(proto, tmp_path)
+    assert_exact(proto, model)
+    costly = [n for n in model.graph if n.op_type == "Transpose"
+              and tuple(n.attributes["perm"].value) != (0, 1, 3, 2)]  # the k transpose folds into BATCH_MATMUL
+    assert len(costly) <= 2, [n.attributes["perm"].value for n in costly]
+
+
 def test_op_without_layout_rule_is_wrapped_not_converted(tmp_path):
     g = GraphBuilder()
     c = conv(g, "x", 3, 4)

@@ -257,14 +257,16 @@ def _reshape_rewrite(node: ir.Node, p: Perm) -> Rewrite | None:
     """A Reshape that splits or merges only axes the transpose keeps together and in order
     reshapes the source into those groups, in the source's order, and transposes the groups
     after: conv features to tokens and back (``flatten(2).transpose(1, 2)``, attention over
-    feature maps) then need no TRANSPOSE of their own."""
+    feature maps) then need no TRANSPOSE of their own. Only where, followed down, it cancels
+    or merges: split up it would cost more (attention's q, k and v: three transposes for one,
+    none of them foldable into the MatMul)."""
     y, z = static_shape(node.inputs[0]), static_shape(node.outputs[0])
     if y is None or z is None or len(y) != len(p) or 0 in z or constant(node.inputs[1]) is None:
         return None
     groups = _reshape_groups(y, z)
-    source = [j for j in range(len(p)) if y[p.index(j)] != 1]  # the source's non-unit axes, in order
     if groups is None:
         return None
+    source = [j for j in range(len(p)) if y[p.index(j)] != 1]  # the source's non-unit axes, in order
     starts = []
     for y_axes, _ in groups:
         at = [source.index(p[k]) for k in y_axes]
@@ -272,8 +274,49 @@ def _reshape_rewrite(node: ir.Node, p: Perm) -> Rewrite | None:
             return None
         starts.append(at[0])
     placed = _leading_units(z) + [axis for _, z_axes in sorted(zip(starts, _with_units(groups, z))) for axis in z_axes]
-    shape = np.array([z[axis] for axis in placed], dtype=np.int64)
-    return Rewrite([tuple(placed.index(axis) for axis in range(len(z)))], const_inputs={1: shape})
+    after = tuple(placed.index(axis) for axis in range(len(z)))
+    left, met = _after_push(node.outputs[0], after, _LOOKAHEAD)
+    if left > 1 or (left == 1 and not met):
+        return None  # past a Reshape a transpose is no smaller: push it only to cancel or merge
+    return Rewrite([after], const_inputs={1: np.array([z[axis] for axis in placed], dtype=np.int64)})
+
+
+# How many ops down a transpose pushed past a Reshape is followed to count what it becomes.
+_LOOKAHEAD = 8
+
+
+def _after_push(value: ir.Value, perm: Perm, depth: int) -> tuple[int, int]:
+    """(left, met) for a transpose by ``perm`` pushed down from ``value`` as far as it goes:
+    how many transposes it leaves at the ends of its paths, and how many of the graph's
+    costly transposes it merges with on the way."""
+    if value.shape is None:
+        return 1, 0
+    if _moves_only_unit_axes(ir.Shape([value.shape[i] for i in inverse(perm)]), perm):
+        return 0, 0  # nothing left to move: a reshape
+    if value.is_graph_output() or depth == 0:
+        return 1, 0
+    left = met = 0
+    for user, _ in value.uses():
+        rule = _rule_for(user)
+        if user.op_type == "Transpose" and user.domain in ("", "ai.onnx"):
+            own = _perm_of(user.outputs[0])
+            below = _after_push(user.outputs[0], compose(perm, own), depth - 1)
+            left, met = left + below[0], met + below[1] + (0 if _free_in_matmul(user.outputs[0], own) else 1)
+        elif rule is not None and (rewrite := rule.rewrite(user, perm)) is not None:
+            for out, out_perm in zip(user.outputs, rewrite.out_perms):
+                if out.uses() or out.is_graph_output():
+                    below = _after_push(out, out_perm, depth - 1)
+                    left, met = left + below[0], met + below[1]
+        else:
+            left += 0 if _free_in_matmul(value, perm) else 1
+    return left, met
+
+
+def _free_in_matmul(value: ir.Value, perm: Perm) -> bool:
+    """A transpose of the last two axes read only by MatMul: TFLite folds it into the
+    BATCH_MATMUL (adjoint flags), so it costs nothing."""
+    swap = tuple(range(len(perm) - 2)) + (len(perm) - 1, len(perm) - 2)
+    return len(perm) >= 2 and tuple(perm) == swap and all(user.op_type == "MatMul" for user, _ in value.uses())
 
 
 def _leading_units(z: Sequence[int]) -> list[int]:
