@@ -494,11 +494,12 @@ def _broadcasts_anyway(user: ir.Node, expanded: ir.Value, source: ir.Value) -> b
     """``user`` gives the same result with ``source`` in place of its expansion."""
     if user.op_type not in _BROADCASTING or user.domain not in ("", "ai.onnx"):
         return False
-    shapes = [static_shape(source if v is expanded else v) if v is not None else None for v in user.inputs]
-    if any(s is None for s in shapes) or static_shape(expanded) is None:
+    before = [static_shape(v) if v is not None else None for v in user.inputs]
+    after = [static_shape(source) if v is expanded else shape for v, shape in zip(user.inputs, before)]
+    if None in before or None in after:
         return False
     try:
-        return np.broadcast_shapes(*shapes) == np.broadcast_shapes(*(static_shape(v) for v in user.inputs))
+        return np.broadcast_shapes(*after) == np.broadcast_shapes(*before)
     except ValueError:
         return False
 

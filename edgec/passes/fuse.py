@@ -92,11 +92,15 @@ class FuseGelu(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> PassOutcome:
         fused = [n.name for n in list(model.graph) if n.op_type == "Erf" and n.graph is not None and _fuse_gelu(model.graph, n)]
-        if fused:
-            model.opset_imports.setdefault(FUSED_DOMAIN, 1)
-            ir_common.RemoveUnusedNodesPass()(model)
-        return PassOutcome(model, bool(fused), {"fused": len(fused)})
+        return _outcome(model, fused)
 
+
+def _outcome(model: ir.Model, fused: list[str]) -> PassOutcome:
+    """Declare the fused domain and drop the nodes the fused ones replaced."""
+    if fused:
+        model.opset_imports.setdefault(FUSED_DOMAIN, 1)
+        ir_common.RemoveUnusedNodesPass()(model)
+    return PassOutcome(model, bool(fused), {"fused": len(fused)})
 
 
 def _group_norm_parts(norm: ir.Node) -> tuple[ir.Value, int, ir.Node] | None:
@@ -124,7 +128,7 @@ def _fuse_group_norm(graph: ir.Graph, norm: ir.Node) -> bool:
         return False
     x, groups, back = parts
     per_group = static_shape(x)[1] // groups
-    fused = ir.node("GroupNorm", [x, *(add_initializer(graph, np.repeat(v.reshape(-1), per_group).astype(v.dtype), f"{norm.name}_{kind}")
+    fused = ir.node("GroupNorm", [x, *(add_initializer(graph, np.repeat(v.reshape(-1), per_group), f"{norm.name}_{kind}")
                                       for v, kind in ((scale, "scale"), (bias, "bias")))],
                     attributes={"num_groups": groups, "epsilon": float(attr(norm, "epsilon", 1e-5))},
                     domain=FUSED_DOMAIN, name=f"{norm.name}_group_norm")
@@ -145,14 +149,12 @@ def _replace_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> No
 
 class FuseGroupNorm(ir.passes.InPlacePass):
     """``Reshape → InstanceNormalization → Reshape`` (PyTorch's GroupNorm) → ``edgec::GroupNorm``,
-    per-channel scale and bias (the group's, repeated), which runs in either layout."""
+    with per-channel scale and bias (the group's, repeated), which the layout pass then runs
+    channels-last."""
 
     name = "fuse-group-norm"
 
     def call(self, model: ir.Model) -> PassOutcome:
         fused = [n.name for n in list(model.graph) if n.op_type == "InstanceNormalization" and n.graph is not None
                  and _fuse_group_norm(model.graph, n)]
-        if fused:
-            model.opset_imports.setdefault(FUSED_DOMAIN, 1)
-            ir_common.RemoveUnusedNodesPass()(model)
-        return PassOutcome(model, bool(fused), {"fused": len(fused)})
+        return _outcome(model, fused)

@@ -297,9 +297,8 @@ def _after_push(value: ir.Value, perm: Perm, depth: int) -> tuple[int, int]:
         return 1, 0
     left = met = 0
     for user, _ in value.uses():
-        rule = _rule_for(user)
-        if user.op_type == "Transpose" and user.domain in ("", "ai.onnx"):
-            own = _perm_of(user.outputs[0])
+        rule, own = _rule_for(user), _perm_of(user.outputs[0])
+        if own is not None:
             below = _after_push(user.outputs[0], compose(perm, own), depth - 1)
             left, met = left + below[0], met + below[1] + (0 if _free_in_matmul(user.outputs[0], own) else 1)
         elif rule is not None and (rewrite := rule.rewrite(user, perm)) is not None:
