@@ -39,9 +39,14 @@ def least_squares(a: np.ndarray, b: np.ndarray, ridge: float = 1e-6) -> np.ndarr
     are constant on the calibration data (dead ReLUs) from making the system singular.
     """
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    gram = a64.T @ a64
-    gram[np.diag_indices_from(gram)] += ridge * max(float(np.mean(np.diag(gram))), 1e-12)
-    return np.linalg.solve(gram, a64.T @ b64)
+    return ridge_solve(a64.T @ a64, a64.T @ b64, ridge)
+
+
+def ridge_solve(gram: np.ndarray, rhs: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """:func:`least_squares` from ``gram = aᵀa`` and ``rhs = aᵀb``, for callers that have
+    those without the rows (``gram`` is not modified)."""
+    scale = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+    return np.linalg.solve(gram + scale * np.eye(len(gram)), rhs)
 
 
 def _conv_patches(node: ir.Node, x: np.ndarray) -> np.ndarray:

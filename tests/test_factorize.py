@@ -3,6 +3,7 @@ skipped layers untouched, data-aware fits no worse than plain, clear errors, and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,7 +19,9 @@ from edgec.cli import app
 from edgec.errors import RecipeError
 from edgec.graph import constant
 from edgec.model import check, to_proto
-from edgec.passes.factorize import DECOMPOSITIONS, Factorize, FactorizeOptions, _layer, _replace
+from edgec.passes.factorize import (DECOMPOSITIONS, Candidate, Factorize, FactorizeOptions, InputMoments, _asymmetric_fit, _fit, _layer,
+                                    _patch_map, _replace, _RowProducts, _svd_whitened)
+from edgec.refit import least_squares, patches
 from edgec.recipe import Step, make_passes
 
 
@@ -73,6 +76,81 @@ def test_full_rank_factorization_is_exact_and_valid(method, make):
     want, got = run_ort(proto, feeds)[0], run_ort(factorized, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     assert summarize(model)["macs"] == DECOMPOSITIONS[method].macs(layer, DECOMPOSITIONS[method].full_ranks(layer))
+
+
+def _spatial_7x1(g):
+    return g.op("Conv", ["x", g.weight(6, 5, 7, 1)], name="layer", pads=[3, 0, 3, 0]), {"x": [2, 5, 9, 4]}
+
+
+def _spatial_1x7(g):
+    return g.op("Conv", ["x", g.weight(6, 5, 1, 7)], name="layer", pads=[0, 3, 0, 3]), {"x": [2, 5, 4, 9]}
+
+
+FIT_CASES = CASES + [("spatial", _spatial_7x1), ("spatial", _spatial_1x7)]
+
+
+def _layer_and_rows(make):
+    g = GraphBuilder(seed=1)
+    y, inputs = make(g)
+    proto = g.model(inputs, {y: None})
+    node = next(n for n in ir.serde.deserialize_model(proto).graph if n.name == "layer")
+    return _layer(node), patches(node, random_feeds(proto)["x"]).astype(np.float64)
+
+
+@pytest.mark.parametrize("data", [False, True])
+@pytest.mark.parametrize("method, make", FIT_CASES, ids=[f"{m}-{f.__name__[1:]}" for m, f in FIT_CASES])
+def test_candidate_errors_from_moments_are_those_of_the_weights_seen_by_the_inputs(method, make, data):
+    """Candidates are measured from the layer's moments in the patch map's coordinates; they
+    must give what the definition gives: ``ε² = ‖(W − B·M)·root‖² / ‖W·root‖²`` (``root``
+    the identity without data), the refit being least squares on ``M·root``."""
+    layer, rows = _layer_and_rows(make)
+    if data:
+        layer = dataclasses.replace(layer, inputs=InputMoments.of(rows.T @ rows / len(rows), len(rows)))
+    root = layer.inputs.root if data else np.eye(layer.matrix.shape[1])
+    seen = layer.matrix @ root
+
+    def error(factors):
+        return np.sum((seen - factors.last @ _patch_map(factors) @ root) ** 2) / np.sum(seen ** 2)
+
+    for ranks in DECOMPOSITIONS[method].ranks(layer, 1):
+        fit, plain = _fit(layer, method, ranks), DECOMPOSITIONS[method].factor(layer, ranks)
+        assert fit.error == pytest.approx(error(fit.factors), rel=1e-6, abs=1e-12)
+        if data:
+            refit = dataclasses.replace(plain, last=least_squares((_patch_map(plain) @ root).T, seen.T).T)
+            aware = _svd_whitened(layer, ranks) if method == "svd" else refit
+            assert fit.errors["plain"] == pytest.approx(error(plain), rel=1e-6, abs=1e-12)
+            assert fit.errors["data_aware"] == pytest.approx(error(aware), rel=1e-6, abs=1e-12)
+
+
+@pytest.mark.parametrize("method, make", FIT_CASES, ids=[f"{m}-{f.__name__[1:]}" for m, f in FIT_CASES])
+def test_asymmetric_refit_is_ridge_least_squares_on_the_rows(method, make):
+    """The final fit adds the ridge's rows ``√(n·ridge)·I`` (asking for ``W``) to the normal
+    equations instead of stacking them under the data rows: the same solution."""
+    layer, rows = _layer_and_rows(make)
+    rng = np.random.default_rng(5)
+    reached = rows + 0.1 * rng.standard_normal(rows.shape)
+    wanted = rows @ layer.matrix.T
+    ranks = DECOMPOSITIONS[method].ranks(layer, 1)[0]
+    fit = _asymmetric_fit(layer, Candidate(method, ranks, 0, 0.0), reached, wanted)
+    moments = InputMoments.of(reached.T @ reached / len(reached), len(reached))
+    start = (_svd_whitened(dataclasses.replace(layer, inputs=moments), ranks) if method == "svd"
+             else DECOMPOSITIONS[method].factor(layer, ranks))
+    prior = np.sqrt(len(reached) * moments.ridge) * np.eye(len(layer.matrix.T))
+    inputs, targets = np.vstack([reached, prior]), np.vstack([wanted, prior @ layer.matrix.T])
+    expected = least_squares(inputs @ _patch_map(start).T, targets).T
+    error = np.sum((reached @ (expected @ _patch_map(start)).T - wanted) ** 2) / np.sum(wanted ** 2)
+    assert fit.errors["data_aware"] == pytest.approx(error, rel=1e-6, abs=1e-12)
+
+
+def test_input_moments_count_every_row_whatever_the_blocks():
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 5)) for n in (2, 1, 4, 3)]
+    total = _RowProducts(5)
+    for block in blocks:
+        total.add(block)
+    rows = np.concatenate(blocks)
+    moments = total.moments()
+    np.testing.assert_allclose(moments.moment - moments.ridge * np.eye(5), rows.T @ rows / len(rows), rtol=1e-12)
 
 
 def _assert_declared_shapes_are_inferred(proto: onnx.ModelProto) -> None:

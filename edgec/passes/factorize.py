@@ -61,7 +61,7 @@ from edgec.graph import add_initializer, attr, constant, static_shape, take_name
 from edgec.model import to_proto
 from edgec.passes.layers import LayerSelection, select_layers
 from edgec.passes.pipeline import PassOutcome
-from edgec.refit import least_squares, patches
+from edgec.refit import patches, ridge_solve
 from edgec.verify import Sample
 from edgec.weights import weight_view
 
@@ -115,34 +115,36 @@ class FactorizeOptions:
 # Layers as weights, shapes and input statistics
 
 
-def _ridge(features: int, rows: int) -> float:
-    """How much of the identity (relative to C's mean eigenvalue) is added to ``C``: a
-    layer seen on few rows per input (a squeeze-excitation conv at 1x1, a classifier on one
-    row per sample) is fitted mostly to its weights, one seen on many mostly to its data.
-    Without it, 24 photos fitted selfie_segmentation's 96-input SE convs exactly and gave
-    them weights 25 times off."""
-    return max(1e-3, features / rows)
+def _ridge(trace: float, features: int, rows: int) -> float:
+    """How much of the identity is added to ``C`` (of trace ``trace``): ``max(1e-3,
+    features / rows)`` of its mean eigenvalue. A layer seen on few rows per input (a
+    squeeze-excitation conv at 1x1, a classifier on one row per sample) is fitted mostly to
+    its weights, one seen on many mostly to its data. Without it, 24 photos fitted
+    selfie_segmentation's 96-input SE convs exactly and gave them weights 25 times off."""
+    return max(1e-3, features / rows) * max(trace / features, 1e-30)
 
 
 @dataclasses.dataclass(frozen=True)
 class InputMoments:
-    """The second moment ``C`` of a layer's ``rows`` im2col rows plus a ridge
-    (:func:`_ridge`), as a square root: ``root`` with ``root·rootᵀ = C``, and the ridge itself
-    (as a share of ``trace(C)``/features, ``scale``).
+    """The second moment ``C`` of a layer's im2col rows plus a ridge (:func:`_ridge`):
+    ``moment`` is ``C + ridge·I``, ``ridge`` the ridge itself."""
 
-    Any such root serves: ``‖W·root‖`` is the error on the inputs whichever it is, and the
-    best rank-r ``W`` for them is ``[W·root]_r·root⁻¹``. The Cholesky factor is a tenth of
-    the cost of the symmetric root's eigendecomposition (ResNet-18's 4608-feature convs:
-    0.3 s instead of 3 s each)."""
-
-    root: np.ndarray
+    moment: np.ndarray
     ridge: float
 
     @classmethod
     def of(cls, moment: np.ndarray, rows: int) -> InputMoments:
-        features = len(moment)
-        ridge = _ridge(features, rows) * max(float(np.trace(moment)) / features, 1e-30)
-        return cls(np.linalg.cholesky(moment + ridge * np.eye(features)), ridge)
+        ridge = _ridge(float(np.trace(moment)), len(moment), rows)
+        return cls(moment + ridge * np.eye(len(moment)), ridge)
+
+    @functools.cached_property
+    def root(self) -> np.ndarray:
+        """A square root, ``root·rootᵀ = moment``, for the whitened SVD. Any root serves:
+        ``‖W·root‖`` is the error on the inputs whichever it is, and the best rank-r ``W``
+        for them is ``[W·root]_r·root⁻¹``. The Cholesky factor is a tenth of the cost of
+        the symmetric root's eigendecomposition (ResNet-18's 4608-feature convs: 0.3 s
+        instead of 3 s each)."""
+        return np.linalg.cholesky(self.moment)
 
     @functools.cached_property
     def inverse_root(self) -> np.ndarray:
@@ -160,7 +162,7 @@ class Layer:
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
     inputs: InputMoments | None = None
-    _seen_full: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _map_moments: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -172,6 +174,10 @@ class Layer:
         return self.weight.shape[2:] == (1, 1)
 
     @property
+    def taps(self) -> int:
+        return math.prod(self.weight.shape[2:])
+
+    @property
     def positions(self) -> int:
         """Output positions: batch × spatial (or leading) dimensions."""
         return math.prod(self.y_shape) // self.weight.shape[0]
@@ -180,39 +186,54 @@ class Layer:
     def macs(self) -> int:
         return self.positions * self.matrix.size
 
-    def seen(self, matrix: np.ndarray) -> np.ndarray:
-        """``matrix·root`` (``root·rootᵀ = C``): a weight as the calibration inputs see it (itself without data)."""
-        return matrix if self.inputs is None else matrix @ self.inputs.root
-
-    def seen_patch_map(self, method: str, factors: Factors) -> np.ndarray:
-        """:meth:`seen` of the factors' patch map (:func:`_patch_map`), from one product per
-        layer and method instead of one per candidate rank (ResNet-18: 800 products with
-        4608-feature moments). A rank-r svd or spatial map is the first rows of the full-rank
-        one; tucker2's is its core times the first rows of ``U_inᵀ ⊗ I`` (the leading 1x1)."""
-        if self.inputs is None:
-            return _patch_map(factors)
-        if method not in self._seen_full:
-            self._seen_full[method] = self.seen(self._full_patch_map(method))
-        full = self._seen_full[method]
-        if method == "tucker2":
-            core = factors.leading[1]
-            return core.reshape(len(core), -1) @ full[: core[0].size]
-        return full[: factors.last.shape[1]]
-
-    def _full_patch_map(self, method: str) -> np.ndarray:
-        if method == "tucker2":
-            u_in = self.channel_modes[0][0]
-            return np.kron(u_in.T, np.eye(math.prod(self.weight.shape[2:])))
-        return _patch_map(DECOMPOSITIONS[method].factor(self, DECOMPOSITIONS[method].full_ranks(self)))
+    def weighted(self, matrix: np.ndarray) -> np.ndarray:
+        """``matrix·C``: a map of the patch as the calibration inputs weigh it (itself without data)."""
+        return matrix if self.inputs is None else matrix @ self.inputs.moment
 
     @functools.cached_property
-    def seen_weight(self) -> np.ndarray:
-        return self.seen(self.matrix)
+    def reference(self) -> float:
+        """``tr(W·C·Wᵀ)``, the layer's squared output on the inputs: what ``ε²`` is relative to."""
+        return max(float(np.sum(self.weighted(self.matrix) * self.matrix)), 1e-300)
 
-    def squared_error(self, seen_approximation: np.ndarray) -> float:
-        """``ε²`` of an approximation given as :meth:`seen` would show it."""
-        reference = max(float(np.sum(self.seen_weight ** 2)), 1e-300)
-        return float(np.sum((self.seen_weight - seen_approximation) ** 2)) / reference
+    def feature_moments(self, method: str, ranks: tuple[int, ...], factors: Factors) -> tuple[np.ndarray, np.ndarray]:
+        """``(F·C·Fᵀ, F·C·Wᵀ)`` for the features ``F`` feeding the factors' last layer.
+
+        ``F`` is a prefix of the method's full-rank patch map ``M`` (svd, spatial: a rank-r
+        map is the first rows of the full one) or a mix of one (tucker2: its core times the
+        first rows of ``U_inᵀ ⊗ I``), so every candidate's error and refit come from
+        :meth:`map_moments` and products no wider than ``F``, never with the ``in·kh·kw``
+        features (SelecSLS-42b: 8640 and 9216)."""
+        gram, cross = self.map_moments(method, DECOMPOSITIONS[method].map_rows(self, ranks))
+        if method != "tucker2":
+            return gram, cross
+        core = factors.leading[1]
+        mixing = core.reshape(len(core), -1)
+        return mixing @ gram @ mixing.T, mixing @ cross
+
+    def map_moments(self, method: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(M·C·Mᵀ, M·C·Wᵀ)`` for the first ``rows`` of the method's full-rank patch map
+        ``M``: the leading blocks of the widest computed so far."""
+        cached = self._map_moments.get(method)
+        if cached is None or len(cached[1]) < rows:
+            self._map_moments[method] = self._moments_of_map(method, rows)
+        gram, cross = self._map_moments[method]
+        return gram[:rows, :rows], cross[:rows]
+
+    def _moments_of_map(self, method: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        full = DECOMPOSITIONS[method].factor(self, DECOMPOSITIONS[method].full_ranks(self))
+        filters = full.first_filters[: rows // full.repeats]
+        if self.inputs is None:
+            weighted = np.kron(filters, np.eye(full.repeats))  # M
+        else:
+            weighted = _kron_times(filters, full.repeats, self.inputs.moment)  # M·C
+        return _kron_times(filters, full.repeats, weighted.T), weighted @ self.matrix.T
+
+    def squared_error(self, last: np.ndarray, moments: tuple[np.ndarray, np.ndarray]) -> float:
+        """``ε²`` of ``B·F`` from ``F``'s :meth:`feature_moments`:
+        ``tr(W·C·Wᵀ) − 2·tr(B·F·C·Wᵀ) + tr(B·F·C·Fᵀ·Bᵀ)`` over the first term."""
+        gram, cross = moments
+        error = self.reference - 2 * float(np.sum(last * cross.T)) + float(np.sum((last @ gram) * last))
+        return max(error, 0.0) / self.reference
 
     @functools.cached_property
     def svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -220,7 +241,8 @@ class Layer:
 
     @functools.cached_property
     def whitened_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return np.linalg.svd(self.seen_weight, full_matrices=False)
+        """SVD of ``W·root``: the weight as the calibration inputs see it."""
+        return np.linalg.svd(self.matrix @ self.inputs.root, full_matrices=False)
 
     @functools.cached_property
     def arranged_svd(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -234,6 +256,12 @@ class Layer:
         out, inp = self.weight.shape[:2]
         u_in, s_in, _ = np.linalg.svd(self.weight.transpose(1, 0, 2, 3).reshape(inp, -1), full_matrices=False)
         return (u_in, s_in), self.svd[:2]
+
+    @functools.cached_property
+    def full_core(self) -> np.ndarray:
+        """Tucker-2's core at full ranks: a core at ranks (r_in, r_out) is its leading block."""
+        (u_in, _), (u_out, _) = self.channel_modes
+        return np.einsum("oikl,or,is->rskl", self.weight, u_out, u_in, optimize=True)
 
 
 def _layer(node: ir.Node) -> Layer | str:
@@ -262,14 +290,36 @@ def _layer(node: ir.Node) -> Layer | str:
 
 def _with_input_moments(model: ir.Model, layers: Sequence[Layer], batches: Sequence[Sample]) -> list[Layer]:
     """``layers`` with the second moment of their im2col rows over ``batches``."""
-    sums = [0.0] * len(layers)
-    rows = [0] * len(layers)
+    sums = [_RowProducts(layer.matrix.shape[1]) for layer in layers]
     for values in activations(model, [layer.node.inputs[0] for layer in layers], batches):
-        for i, layer in enumerate(layers):
-            x = patches(layer.node, values[layer.node.inputs[0].name]).astype(np.float64)
-            sums[i] = sums[i] + x.T @ x
-            rows[i] += x.shape[0]
-    return [dataclasses.replace(layer, inputs=InputMoments.of(total / n, n)) for layer, total, n in zip(layers, sums, rows)]
+        for total, layer in zip(sums, layers):
+            total.add(patches(layer.node, values[layer.node.inputs[0].name]).astype(np.float64))
+    return [dataclasses.replace(layer, inputs=total.moments()) for layer, total in zip(layers, sums)]
+
+
+class _RowProducts:
+    """``Σ xᵀx`` over row blocks at least as tall as they are wide: one product per block,
+    not one per batch (a 8640-feature conv seen on 49 rows per sample spent most of its time
+    writing an 8640² sum per sample)."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.total, self.rows, self.pending = width, np.zeros((width, width)), 0, []
+
+    def add(self, rows: np.ndarray) -> None:
+        self.pending.append(rows)
+        if sum(map(len, self.pending)) >= self.width:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            block = np.concatenate(self.pending)
+            self.total += block.T @ block
+            self.rows += len(block)
+            self.pending = []
+
+    def moments(self) -> InputMoments:
+        self._flush()
+        return InputMoments.of(self.total / self.rows, self.rows)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,6 +337,16 @@ class Factors:
     def kernels(self) -> list[np.ndarray]:
         out = self.last.shape[0]
         return [*self.leading, self.last.reshape(out, -1, *self.last_kernel)]
+
+    @property
+    def first_filters(self) -> np.ndarray:
+        """The first layer's filters as rows: ``[r, in·kh₁·kw₁]``."""
+        return self.leading[0].reshape(len(self.leading[0]), -1)
+
+    @property
+    def repeats(self) -> int:
+        """At how many positions of the patch the layers after the first read its output."""
+        return math.prod(self.last_kernel) * math.prod(math.prod(k.shape[2:]) for k in self.leading[1:])
 
 
 def _split(u: np.ndarray, s: np.ndarray, vt: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
@@ -309,9 +369,7 @@ def _svd_whitened(layer: Layer, ranks: tuple[int, ...]) -> Factors:
 def _tucker2(layer: Layer, ranks: tuple[int, ...]) -> Factors:
     r_in, r_out = ranks
     (u_in, _), (u_out, _) = layer.channel_modes
-    u_in, u_out = u_in[:, :r_in], u_out[:, :r_out]
-    core = np.einsum("oikl,or,is->rskl", layer.weight, u_out, u_in, optimize=True)
-    return Factors((u_in.T[:, :, None, None], core), u_out, (1, 1))
+    return Factors((u_in[:, :r_in].T[:, :, None, None], layer.full_core[:r_out, :r_in]), u_out[:, :r_out], (1, 1))
 
 
 def _spatial(layer: Layer, ranks: tuple[int, ...]) -> Factors:
@@ -326,17 +384,23 @@ def _spatial(layer: Layer, ranks: tuple[int, ...]) -> Factors:
 def _patch_map(factors: Factors) -> np.ndarray:
     """``M`` (``[m, in·kh·kw]``): what the leading layers compute from one input patch.
 
-    One leading layer is a ``kh×1`` conv whose output ``B`` reads over ``kw`` columns
-    (spatial; svd is the 1×1, 1×1 case): feature ``(k, j)`` is vertical filter ``k`` at
-    column ``j``. Telling spatial apart by a last kernel wider than 1 missed the 7×1 convs
-    of Inception-v3, whose split ends in a 1×1."""
-    leading = factors.leading
-    if len(leading) == 1:
-        first, kw = leading[0][:, :, :, 0], factors.last_kernel[1]  # [r, in, kh]
-        return np.einsum("kci,jJ->kjciJ", first, np.eye(kw)).reshape(first.shape[0] * kw, -1)
-    composed = leading[0][:, :, 0, 0]  # [r1, in]: tucker's first layer, a 1x1
-    core = leading[1]  # core[r2, r1, kh, kw] after it
-    return np.einsum("rskl,si->rikl", core, composed).reshape(core.shape[0], -1)
+    The first layer's filters ``L`` are applied at every position of the patch the later
+    layers read (:attr:`Factors.repeats`), so the first layer alone is ``L ⊗ I``: spatial's
+    ``kh×1`` filter ``k`` at column ``j`` is feature ``(k, j)`` (svd is the 1×1, 1×1 case);
+    tucker2's 1x1 runs at every tap of its core, which then mixes those features. Telling
+    spatial apart by a last kernel wider than 1 missed the 7×1 convs of Inception-v3,
+    whose split ends in a 1×1."""
+    patch_map = np.kron(factors.first_filters, np.eye(factors.repeats))
+    for kernel in factors.leading[1:]:  # tucker2's core
+        patch_map = kernel.reshape(len(kernel), -1) @ patch_map
+    return patch_map
+
+
+def _kron_times(filters: np.ndarray, repeats: int, rows: np.ndarray) -> np.ndarray:
+    """``(filters ⊗ I_repeats)·rows`` without the Kronecker product, ``repeats`` times fewer
+    products: the first layer's map applied to a matrix with one row per patch feature."""
+    by_position = rows.reshape(filters.shape[1], repeats, -1)
+    return np.tensordot(filters, by_position, axes=1).reshape(len(filters) * repeats, -1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,19 +415,20 @@ class Fit:
 
 def _fit(layer: Layer, method: str, ranks: tuple[int, ...]) -> Fit:
     """Plain factors, and with data the data-aware ones (svd: whitened; others: the last
-    layer refit by least squares against the original layer's outputs, in square-root form
-    ``min ‖C^½ Mᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
+    layer refit by least squares against the original layer's outputs, from the features'
+    moments: ``min ‖C^½ Fᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
-    features = layer.seen_patch_map(method, plain)
-    plain_error = layer.squared_error(plain.last @ features)
+    moments = layer.feature_moments(method, ranks, plain)
+    plain_error = layer.squared_error(plain.last, moments)
     if layer.inputs is None:
         return Fit(plain, plain_error, {})
     if method == "svd":
         aware = _svd_whitened(layer, ranks)
         aware_error = 1.0 - float(_cumulative_energy(layer.whitened_svd[1])[ranks[0] - 1])  # the SVD's tail
     else:
-        aware = dataclasses.replace(plain, last=least_squares(features.T, layer.seen_weight.T).T)
-        aware_error = layer.squared_error(aware.last @ features)
+        gram, cross = moments
+        aware = dataclasses.replace(plain, last=ridge_solve(gram, cross).T)
+        aware_error = layer.squared_error(aware.last, moments)
     errors = {"plain": plain_error, "data_aware": aware_error}
     return Fit(aware if aware_error <= plain_error else plain, min(plain_error, aware_error), errors)
 
@@ -458,6 +523,7 @@ def _spatial_wiring(node: ir.Node) -> list[dict[str, list[int]]]:
 class Method:
     applies: Callable[[Layer], bool]
     full_ranks: Callable[[Layer], tuple[int, ...]]  # exact at these ranks
+    map_rows: Callable[[Layer, tuple[int, ...]], int]  # rows of the full-rank patch map the features use
     ranks: Callable[[Layer, int], list[tuple[int, ...]]]
     factor: Callable[[Layer, tuple[int, ...]], Factors]
     macs: Callable[[Layer, tuple[int, ...]], int]
@@ -465,10 +531,12 @@ class Method:
 
 
 DECOMPOSITIONS: dict[str, Method] = {
-    "svd": Method(lambda layer: layer.pointwise, _svd_full, _single_ranks(_svd_full), _svd, _svd_macs, _svd_wiring),
-    "tucker2": Method(lambda layer: not layer.pointwise, _tucker2_full, _tucker2_ranks, _tucker2, _tucker2_macs,
-                      _tucker2_wiring),
-    "spatial": Method(lambda layer: not layer.pointwise, _spatial_full, _single_ranks(_spatial_full), _spatial,
+    "svd": Method(lambda layer: layer.pointwise, _svd_full, lambda layer, ranks: ranks[0], _single_ranks(_svd_full),
+                  _svd, _svd_macs, _svd_wiring),
+    "tucker2": Method(lambda layer: not layer.pointwise, _tucker2_full, lambda layer, ranks: ranks[0] * layer.taps,
+                      _tucker2_ranks, _tucker2, _tucker2_macs, _tucker2_wiring),
+    "spatial": Method(lambda layer: not layer.pointwise, _spatial_full,
+                      lambda layer, ranks: ranks[0] * layer.weight.shape[3], _single_ranks(_spatial_full), _spatial,
                       _spatial_macs, _spatial_wiring),
 }
 
@@ -502,12 +570,13 @@ def _candidates(layer: Layer, settings: FactorizeOptions) -> list[Candidate]:
                    if settings.method != "auto" or m == name]
     else:
         options = [(m, r) for m in _methods_for(layer, settings.method) for r in DECOMPOSITIONS[m].ranks(layer, settings.round_to)]
-    candidates = []
-    for method, ranks in options:
-        macs = DECOMPOSITIONS[method].macs(layer, ranks)
-        if macs < layer.macs:
-            candidates.append(Candidate(method, ranks, macs, _fit(layer, method, ranks).error))
-    return candidates
+    affordable = [(m, r) for m, r in options if DECOMPOSITIONS[m].macs(layer, r) < layer.macs]
+    widest = {}
+    for method, ranks in affordable:
+        widest[method] = max(widest.get(method, 0), DECOMPOSITIONS[method].map_rows(layer, ranks))
+    for method, rows in widest.items():  # one product with the moments per method, at its widest candidate
+        layer.map_moments(method, rows)
+    return [Candidate(m, r, DECOMPOSITIONS[m].macs(layer, r), _fit(layer, m, r).error) for m, r in affordable]
 
 
 def _cheapest(candidates: Sequence[Candidate], max_error: float) -> Candidate | None:
@@ -739,20 +808,27 @@ def _asymmetric_fit(layer: Layer, candidate: Candidate, reached: np.ndarray, wan
     """The candidate's plain factors, and data-aware ones fitted on the rows that reach the
     layer (svd: whitened by their moments) with the last layer refit to map them onto the
     original outputs ``wanted``, held near the weights by the same ridge as the moments
-    (rows of ``√(n·ridge)·I`` asking for ``W`` itself); ``ε²`` of both measured on the data rows."""
+    (as if rows ``√(n·ridge)·I`` asked for ``W`` itself: added to the normal equations, since
+    those rows outnumber the data's in a wide layer); ``ε²`` of both measured on the data rows."""
     method, ranks = candidate.method, candidate.ranks
-    seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached), len(reached)))
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
-    start = _svd_whitened(seen, ranks) if method == "svd" else plain
-    prior = np.sqrt(len(reached) * seen.inputs.ridge) * np.eye(len(layer.matrix.T))
-    inputs, targets = np.vstack([reached, prior]), np.vstack([wanted, prior @ layer.matrix.T])
-    aware = dataclasses.replace(start, last=least_squares(inputs @ _patch_map(start).T, targets).T)
+    if method == "svd":
+        seen = dataclasses.replace(layer, inputs=InputMoments.of(reached.T @ reached / len(reached), len(reached)))
+        start, ridge = _svd_whitened(seen, ranks), seen.inputs.ridge
+    else:
+        start, ridge = plain, _ridge(float(np.sum(reached ** 2)) / len(reached), reached.shape[1], len(reached))
+    patch_map = _patch_map(start)
+    features = reached @ patch_map.T
+    prior = len(reached) * ridge
+    gram = features.T @ features + prior * (patch_map @ patch_map.T)
+    aware = dataclasses.replace(start, last=ridge_solve(gram, features.T @ wanted + prior * (patch_map @ layer.matrix.T)).T)
     reference = max(float(np.sum(wanted ** 2)), 1e-300)
 
-    def squared_error(factors: Factors) -> float:
-        return float(np.sum((reached @ (factors.last @ _patch_map(factors)).T - wanted) ** 2)) / reference
+    def squared_error(factors: Factors, features: np.ndarray) -> float:
+        return float(np.sum((features @ factors.last.T - wanted) ** 2)) / reference
 
-    errors = {"plain": squared_error(plain), "data_aware": squared_error(aware)}
+    plain_features = features if start is plain else reached @ _patch_map(plain).T
+    errors = {"plain": squared_error(plain, plain_features), "data_aware": squared_error(aware, features)}
     return Fit(aware if errors["data_aware"] <= errors["plain"] else plain, min(errors.values()), errors)
 
 
