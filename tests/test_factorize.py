@@ -383,3 +383,19 @@ def test_a_model_with_unnamed_nodes_factorizes(tmp_path):
     options = BuildOptions(recipe=[Step("factorize", {"mac_reduction": 0.3, "data_aware": False})])
     result = build(save(proto, tmp_path), "ort-x86", tmp_path / "out", options)
     assert result.verification.passed and result.report["compression"]["mac_reduction"] >= 0.3
+
+
+def test_map_moments_are_computed_once_when_the_map_has_fewer_rows_than_asked(monkeypatch):
+    """A 3x3 conv with one output has 9 input modes for 16 channels: asking for 16 must not
+    recompute the moments at every candidate."""
+    from edgec.passes import factorize
+
+    g = GraphBuilder(seed=1)
+    y = g.op("Conv", ["x", g.weight(1, 16, 3, 3)], name="layer", pads=[1, 1, 1, 1])
+    node = next(n for n in ir.serde.deserialize_model(g.model({"x": [1, 16, 6, 6]}, {y: None})).graph if n.name == "layer")
+    layer, calls = _layer(node), []
+    original = factorize.Layer._moments_of_map
+    monkeypatch.setattr(factorize.Layer, "_moments_of_map", lambda self, *a: calls.append(a) or original(self, *a))
+    for _ in range(3):
+        gram, cross = layer.map_moments("tucker2", 16 * 9)
+    assert len(calls) == 1 and gram.shape == (9 * 9, 9 * 9) and cross.shape == (81, 1)

@@ -162,7 +162,7 @@ class Layer:
     x_shape: tuple[int, ...]
     y_shape: tuple[int, ...]
     inputs: InputMoments | None = None
-    _map_moments: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _map_moments: dict[str, tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -213,10 +213,9 @@ class Layer:
     def map_moments(self, method: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(M·C·Mᵀ, M·C·Wᵀ)`` for the first ``rows`` of the method's full-rank patch map
         ``M``: the leading blocks of the widest computed so far."""
-        cached = self._map_moments.get(method)
-        if cached is None or len(cached[1]) < rows:
-            self._map_moments[method] = self._moments_of_map(method, rows)
-        gram, cross = self._map_moments[method]
+        if self._map_moments.get(method, (0,))[0] < rows:  # rows asked for, not rows there: a map may have fewer
+            self._map_moments[method] = (rows, *self._moments_of_map(method, rows))
+        _, gram, cross = self._map_moments[method]
         return gram[:rows, :rows], cross[:rows]
 
     def _moments_of_map(self, method: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
