@@ -13,6 +13,7 @@ import onnx_ir as ir
 import pytest
 from helpers import GraphBuilder, random_feeds, run_ort
 
+from edgec.analysis import layer_table
 from edgec.errors import EdgecWarning, RecipeError
 from edgec.graph import attr
 from edgec.model import to_proto
@@ -225,12 +226,18 @@ def _calibration(count: int = 16) -> InputSet:
     return InputSet([{X: rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(count)], "random")
 
 
+def _counted_macs(model: ir.Model) -> int:
+    return sum(row["macs"] for row in layer_table(model.graph))
+
+
 def test_mac_target_round_to_and_reconstruction():
     proto = _residual_net()
     passes = make_passes([Step("prune", {"mac_reduction": 0.3, "round_to": 4})], _calibration)
     result = passes[0](ir.serde.deserialize_model(proto))
     macs = result.details["macs"]
     assert 1 - macs["after"] / macs["before"] >= 0.3
+    # the search's count from kept channel fractions is the pruned model's own count
+    assert (macs["before"], macs["after"]) == (_counted_macs(ir.from_proto(proto)), _counted_macs(result.model))
     assert all((g["channels"] - g["removed"]) % 4 == 0 for g in result.details["groups"])
     refits = result.details["reconstruction"]
     assert refits and all(r["error_after"] <= r["error_before"] for r in refits)

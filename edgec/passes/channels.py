@@ -82,6 +82,7 @@ class ChannelGraph:
         self.why: dict[int, set[str]] = {}  # coupled class root → why it met a fixed position
         self.dims: dict[ir.Value, Dim] = {}
         self._roots: dict[ir.Value, np.ndarray] = {}  # class root of each channel position, until a union
+        self._all_roots: tuple[list[ir.Value], np.ndarray, np.ndarray] | None = None  # the same, end to end
         self.sources: list[Source] = []
         self.owner: list[int] = [-1]  # atom → index of its source
         for node in graph:
@@ -124,6 +125,7 @@ class ChannelGraph:
             low, high = min(rx, ry), max(rx, ry)  # FIXED (0) stays the root of its class
             self.parent[high] = low
             self._roots.clear()
+            self._all_roots = None
 
     def _couple(self, x: int, y: int) -> None:
         rx, ry = _find(self.coupled, x), _find(self.coupled, y)
@@ -145,6 +147,7 @@ class ChannelGraph:
     def label(self, value: ir.Value, axis: int, atoms: np.ndarray) -> None:
         self.dims[value] = Dim(axis, np.asarray(atoms, dtype=np.int64))
         self._roots.pop(value, None)
+        self._all_roots = None
 
     def frozen(self, atom: int) -> bool:
         return self.find(atom) == FIXED
@@ -181,10 +184,31 @@ class ChannelGraph:
         """``removed`` minus, for each tensor it would leave with no channel at all (a split
         part, a slice), the class among them that ranks highest by ``priority``."""
         removed = set(removed)
-        for value, mask in self.masks(removed).items():  # sparing only brings channels back:
-            if len(mask) and not mask.any() and not self.keep(value, removed).any():  # recheck the empty ones
+        for value in self._emptied(removed):  # sparing only brings channels back: recheck the empty ones
+            if not self.keep(value, removed).any():
                 removed.discard(max(set(self.roots(value).tolist()), key=priority))
         return removed
+
+    def kept_counts(self, roots: np.ndarray, starts: np.ndarray, removed: set[int]) -> np.ndarray:
+        """Per segment of ``roots`` (class roots end to end, segments beginning at ``starts``,
+        none empty), how many positions ``removed`` leaves: one lookup for many tensors."""
+        gone = np.zeros(len(self.parent), dtype=bool)
+        gone[list(removed)] = True
+        return np.add.reduceat(~gone[roots], starts, dtype=np.int64)
+
+    def _emptied(self, removed: set[int]) -> list[ir.Value]:
+        """The labeled tensors with channels that ``removed`` leaves with none, in label order."""
+        if self._all_roots is None:
+            values = [v for v, dim in self.dims.items() if len(dim.atoms)]
+            self._all_roots = values, *self.concatenated_roots(values)
+        values, roots, starts = self._all_roots
+        return [v for v, kept in zip(values, self.kept_counts(roots, starts, removed)) if not kept] if values else []
+
+    def concatenated_roots(self, values: list[ir.Value]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`roots` of ``values`` end to end, and where each begins."""
+        parts = [self.roots(v) for v in values]
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64), starts
 
     def apply(self, removed: set[int]) -> None:
         """Remove the classes whose roots are ``removed``: constants first, then shapes."""
