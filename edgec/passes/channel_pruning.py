@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from edgec.activations import capture
+from edgec.activations import Walk, capture
 from edgec.analysis import MAC_COUNTERS
 from edgec.checks import above, at_least
 from edgec.errors import EdgecWarning, RecipeError
@@ -395,7 +395,8 @@ def _reconstruct(original: ir.Model, pruned: ir.Model, kept_outputs: dict[ir.Nod
     if not pairs:
         return []
     targets = capture(original, [old.outputs[0] for old, _ in pairs], batches)
-    return [_refit(new, targets[old.outputs[0].name], kept_outputs[new], pruned, batches) for old, new in pairs]
+    walk = Walk(pruned, batches, [new for _, new in pairs])
+    return [_refit(new, walk.input_of(new), targets[old.outputs[0].name], kept_outputs[new], pruned) for old, new in pairs]
 
 
 def _lost_inputs(old: ir.Node, new: ir.Node) -> bool:
@@ -403,10 +404,9 @@ def _lost_inputs(old: ir.Node, new: ir.Node) -> bool:
     return constant(old.inputs[1]).shape[axis] != constant(new.inputs[1]).shape[axis]
 
 
-def _refit(node: ir.Node, target: np.ndarray, kept: np.ndarray | None, model: ir.Model, batches: list[Sample]) -> dict:
-    """Least-squares re-fit of ``node`` (in ``model``) toward the original layer's outputs
-    ``target``, restricted to the output channels ``kept``."""
-    x = capture(model, [node.inputs[0]], batches)[node.inputs[0].name]
+def _refit(node: ir.Node, x: np.ndarray, target: np.ndarray, kept: np.ndarray | None, model: ir.Model) -> dict:
+    """Least-squares re-fit of ``node`` (in ``model``, reading ``x``) toward the original
+    layer's outputs ``target``, restricted to the output channels ``kept``."""
     rows, wanted = patches(node, x), output_rows(node, target)
     if kept is not None:
         wanted = wanted[:, kept]
