@@ -122,6 +122,19 @@ def test_candidate_errors_from_moments_are_those_of_the_weights_seen_by_the_inpu
             assert fit.errors["data_aware"] == pytest.approx(error(aware), rel=1e-6, abs=1e-12)
 
 
+def test_tucker2_core_moments_in_any_order_are_the_core_times_the_map_moments():
+    """Core moments grow with r_in from the last ones computed; asked for smaller, again or
+    out of order, they must still be ``K·G·Kᵀ`` and ``K·X`` of that r_in's core."""
+    layer, rows = _layer_and_rows(_kxk)
+    layer = dataclasses.replace(layer, inputs=InputMoments.of(rows.T @ rows / len(rows), len(rows)))
+    for r_in in (2, 5, 3, 3, 6, 1, 6):
+        mixing = layer.full_core[:, :r_in].reshape(len(layer.full_core), -1)
+        gram, cross = layer.map_moments("tucker2", mixing.shape[1])
+        got_gram, got_cross = layer.core_moments(r_in)
+        np.testing.assert_allclose(got_gram, mixing @ gram @ mixing.T, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got_cross, mixing @ cross, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("method, make", FIT_CASES, ids=[f"{m}-{f.__name__[1:]}" for m, f in FIT_CASES])
 def test_asymmetric_refit_is_ridge_least_squares_on_the_rows(method, make):
     """The final fit adds the ridge's rows ``√(n·ridge)·I`` (asking for ``W``) to the normal

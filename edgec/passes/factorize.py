@@ -163,6 +163,7 @@ class Layer:
     y_shape: tuple[int, ...]
     inputs: InputMoments | None = None
     _map_moments: dict[str, tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _core_moments: list[tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list, init=False, repr=False)
 
     @property
     def matrix(self) -> np.ndarray:
@@ -195,7 +196,7 @@ class Layer:
         """``tr(W·C·Wᵀ)``, the layer's squared output on the inputs: what ``ε²`` is relative to."""
         return max(float(np.sum(self.weighted(self.matrix) * self.matrix)), 1e-300)
 
-    def feature_moments(self, method: str, ranks: tuple[int, ...], factors: Factors) -> tuple[np.ndarray, np.ndarray]:
+    def feature_moments(self, method: str, ranks: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
         """``(F·C·Fᵀ, F·C·Wᵀ)`` for the features ``F`` feeding the factors' last layer.
 
         ``F`` is a prefix of the method's full-rank patch map ``M`` (svd, spatial: a rank-r
@@ -203,12 +204,34 @@ class Layer:
         first rows of ``U_inᵀ ⊗ I``), so every candidate's error and refit come from
         :meth:`map_moments` and products no wider than ``F``, never with the ``in·kh·kw``
         features (SelecSLS-42b: 8640 and 9216)."""
-        gram, cross = self.map_moments(method, DECOMPOSITIONS[method].map_rows(self, ranks))
-        if method != "tucker2":
-            return gram, cross
-        core = factors.leading[1]
-        mixing = core.reshape(len(core), -1)
-        return mixing @ gram @ mixing.T, mixing @ cross
+        if method == "tucker2":
+            r_in, r_out = ranks
+            gram, cross = self.core_moments(r_in)
+            return gram[:r_out, :r_out], cross[:r_out]
+        return self.map_moments(method, DECOMPOSITIONS[method].map_rows(self, ranks))
+
+    def core_moments(self, r_in: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(K·G·Kᵀ, K·X)`` for ``K``, the full Tucker-2 core's first ``r_in`` input channels
+        (all its output channels, flattened), and ``(G, X)`` the patch map's
+        :meth:`map_moments`. A core at ``(r_in, r_out)`` is ``K``'s first r_out rows, so its
+        features' moments are leading blocks of these.
+
+        The candidates come by growing ``r_in``, and each extends the last one by its new
+        columns of ``K``: the products for all of them cost about one at the widest, where
+        one per candidate, each as wide as its own ``r_in``, cost several times that."""
+        mixing = self.full_core[:, :r_in].reshape(len(self.full_core), -1)
+        gram, cross = self.map_moments("tucker2", mixing.shape[1])
+        last = self._core_moments[-1] if self._core_moments and self._core_moments[-1][0] <= r_in else None
+        if last is not None and last[0] == r_in:
+            return last[1:]
+        done = 0 if last is None else self.full_core[:, :last[0]].shape[1] * self.taps
+        old, new = mixing[:, :done], mixing[:, done:]
+        side = old @ (gram[:done, done:] @ new.T)
+        mixed_gram, mixed_cross = new @ gram[done:, done:] @ new.T + side + side.T, new @ cross[done:]
+        if last is not None:
+            mixed_gram, mixed_cross = mixed_gram + last[1], mixed_cross + last[2]
+        self._core_moments[:] = [(r_in, mixed_gram, mixed_cross)]
+        return mixed_gram, mixed_cross
 
     def map_moments(self, method: str, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """``(M·C·Mᵀ, M·C·Wᵀ)`` for the first ``rows`` of the method's full-rank patch map
@@ -417,7 +440,7 @@ def _fit(layer: Layer, method: str, ranks: tuple[int, ...]) -> Fit:
     layer refit by least squares against the original layer's outputs, from the features'
     moments: ``min ‖C^½ Fᵀ Bᵀ − C^½ Wᵀ‖``, the same as over all the calibration rows)."""
     plain = DECOMPOSITIONS[method].factor(layer, ranks)
-    moments = layer.feature_moments(method, ranks, plain)
+    moments = layer.feature_moments(method, ranks)
     plain_error = layer.squared_error(plain.last, moments)
     if layer.inputs is None:
         return Fit(plain, plain_error, {})
