@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -317,3 +319,13 @@ def _calibration_file(tmp_path):
     path = tmp_path / "calib.npz"
     np.savez(path, x=np.random.default_rng(1).standard_normal((16, 3, 8, 8)).astype(np.float32))
     return path
+
+
+def test_commands_import_ort_quantization_only_to_quantize(tmp_path):
+    """ONNX Runtime's quantization package imports torch wherever torch is installed (3-5 s):
+    an fp32 build, `edgec profile` or `edgec inspect` must not pay for it."""
+    probe = ("import sys, edgec.cli, edgec.lower.tflite; from edgec.build import BuildOptions, build; "
+             f"build({str(REPO / 'models' / 'mlp.onnx')!r}, 'ort-x86', {str(tmp_path / 'out')!r}, BuildOptions()); "
+             "print(sorted(m for m in ('onnxruntime.quantization', 'torch') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
+    assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout

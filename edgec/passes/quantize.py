@@ -21,16 +21,12 @@ import os
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationMethod, QuantType
-from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorData, TensorsData, create_calibrator
-from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
-from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType, load_model_with_shape_infer
 
 from edgec.analysis import int8_coverage, layer_table
 from edgec.activations import activations
@@ -46,17 +42,23 @@ from edgec.runtime.ort import OrtRunner, session_options
 from edgec.verify import Criterion, InputSet, OutputComparison, compare_outputs, cosine, run_all
 from edgec.weights import quantize_dequantize, weight_from_view, weight_view
 
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "percentile": CalibrationMethod.Percentile,
-    "entropy": CalibrationMethod.Entropy,
-    "mse": CalibrationMethod.MinMax,  # the bounds of the histograms edgec.ranges chooses in
+# ONNX Runtime's quantization package is imported where it is used: importing it imports torch
+# whenever torch is installed (through onnxruntime.tools), 3-5 s that every edgec command
+# (this module comes with the targets) paid, int8 or not.
+if TYPE_CHECKING:
+    from onnxruntime.quantization.calibrate import CalibrationDataReader, TensorsData
+
+CALIBRATION_METHODS = {  # ORT's CalibrationMethod members
+    "minmax": "MinMax",
+    "percentile": "Percentile",
+    "entropy": "Entropy",
+    "mse": "MinMax",  # the bounds of the histograms edgec.ranges chooses in
 }
 SENSITIVITY_SAMPLES = 4  # batches the most sensitive tensors' sensitivity is measured on
 COARSE_SAMPLES = 1  # batches every tensor is first measured on, to find the most sensitive
 REFINED = 16  # the most sensitive tensors by the first measurement, measured again on all
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
-_TYPES = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}  # ORT's QuantType members
 # Ops ONNX Runtime runs in integer (QLinear*/QGemm kernels, or moves int8 data unchanged).
 DEFAULT_OP_TYPES = (
     "Conv", "Gemm", "MatMul", "Add", "Mul", "Relu", "Clip", "MaxPool", "AveragePool",
@@ -112,7 +114,9 @@ class QuantScheme:
     @property
     def weight_qmax(self) -> int:
         """Largest integer weight: ORT's reduced range is [-64, 64], the full one [-127, 127]."""
-        return int(get_qmin_qmax_for_qType(_TYPES[self.weights].tensor_type, self.reduce_range, symmetric=True)[1])
+        from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
+
+        return int(get_qmin_qmax_for_qType(_quant_type(self.weights).tensor_type, self.reduce_range, symmetric=True)[1])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,12 +270,24 @@ def _check_names(model: onnx.ModelProto, names: Sequence[str]) -> None:
         )
 
 
-class _Reader(CalibrationDataReader):
-    def __init__(self, batches: Sequence[Mapping[str, np.ndarray]]):
-        self._batches = iter(batches)
+def _quant_type(name: str):
+    from onnxruntime.quantization import QuantType
 
-    def get_next(self):
-        return next(self._batches, None)
+    return getattr(QuantType, _TYPES[name])
+
+
+def _reader(batches: Sequence[Mapping[str, np.ndarray]]) -> CalibrationDataReader:
+    """``batches`` as the reader ORT's calibrators pull them from."""
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(batches)
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    return Reader()
 
 
 _RANGES: Recent[TensorsData] = Recent(4)
@@ -291,6 +307,8 @@ def calibrate(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]
 def with_ranges(calibrated: TensorsData, ranges: Sequence[tuple[str, float, float]]) -> tuple[TensorsData, int]:
     """``calibrated`` with the ranges given (quantization-aware training's) in place of those
     calibrated for the same tensors; and how many of them it had."""
+    from onnxruntime.quantization.calibrate import TensorData
+
     known = {name: (low, high) for name, low, high in ranges if name in calibrated.data}
     for name, (low, high) in known.items():
         calibrated.data[name] = TensorData(lowest=np.float32(low), highest=np.float32(high))
@@ -303,6 +321,9 @@ RANGE_SAMPLES = 32  # calibration batches histogrammed for error-minimizing ("ms
 def _least_error(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], bounds: TensorsData) -> TensorsData:
     """Each tensor's range of least squared quantization error (``edgec.ranges``), searched
     within its min/max ``bounds``."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
     graph = ir.serde.deserialize_model(model).graph
     values = {v.name: v for v in graph.inputs} | {v.name: v for node in graph for v in node.outputs}
     names = [name for name in bounds if name in values]
@@ -316,6 +337,9 @@ def _least_error(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarr
 
 def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]], scheme: QuantScheme) -> TensorsData:
     """ORT's calibrators work on files; they live in a private temporary directory."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
     options = {"symmetric": False}
     if scheme.method == "percentile":
         options["percentile"] = scheme.percentile
@@ -324,9 +348,9 @@ def _calibrated(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarra
         onnx.save_model(model, path)
         calibrator = create_calibrator(
             path, list(scheme.op_types), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=CALIBRATION_METHODS[scheme.method], extra_options=options,
+            calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[scheme.method]), extra_options=options,
         )
-        calibrator.collect_data(_Reader(batches))
+        calibrator.collect_data(_reader(batches))
         ranges = calibrator.compute_data()
     return _least_error(model, batches, ranges) if scheme.method == "mse" else ranges
 
@@ -338,12 +362,14 @@ def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, ke
 
     ``shaped`` is the model after ``with_shapes`` (ORT's quantizer needs every value's type).
     """
+    from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
+
     model = onnx.ModelProto()
     model.CopyFrom(shaped)  # the quantizer edits its model in place
     with captured_stderr():
         quantizer = QDQQuantizer(
-            model, scheme.per_channel, scheme.reduce_range, _TYPES[scheme.weights],
-            _TYPES[scheme.activations], ranges, [], list(keep_float), list(scheme.op_types),
+            model, scheme.per_channel, scheme.reduce_range, _quant_type(scheme.weights),
+            _quant_type(scheme.activations), ranges, [], list(keep_float), list(scheme.op_types),
             {"WeightSymmetric": True, "ActivationSymmetric": False},
         )
         quantizer.quantize_model()
@@ -355,6 +381,8 @@ def to_qdq(shaped: onnx.ModelProto, ranges: TensorsData, scheme: QuantScheme, ke
 
 def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with ONNX shape inference's value infos, the way ORT's quantizer loads it."""
+    from onnxruntime.quantization.quant_utils import load_model_with_shape_infer
+
     with tempfile.TemporaryDirectory(prefix="edgec-quant-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, path)
@@ -576,6 +604,8 @@ class Ranking:
 
 def _activation_grid(ranges: TensorsData, tensor: str, scheme: QuantScheme) -> tuple[float, np.ndarray]:
     """(scale, zero point) ORT's QDQ gives ``tensor`` from its calibrated range."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp
+
     low, high = (float(np.asarray(v).reshape(-1)[0]) for v in ranges.data[tensor].range_value)
     dtype = np.uint8 if scheme.activations == "uint8" else np.int8
     info = np.iinfo(dtype)
