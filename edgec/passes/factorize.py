@@ -163,6 +163,7 @@ class Layer:
     y_shape: tuple[int, ...]
     inputs: InputMoments | None = None
     _map_moments: dict[str, tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    # The latest core_moments only (r_in, gram, cross), in a list since the dataclass is frozen.
     _core_moments: list[tuple[int, np.ndarray, np.ndarray]] = dataclasses.field(default_factory=list, init=False, repr=False)
 
     @property
@@ -224,7 +225,7 @@ class Layer:
         last = self._core_moments[-1] if self._core_moments and self._core_moments[-1][0] <= r_in else None
         if last is not None and last[0] == r_in:
             return last[1:]
-        done = 0 if last is None else self.full_core[:, :last[0]].shape[1] * self.taps
+        done = 0 if last is None else min(last[0], self.full_core.shape[1]) * self.taps  # columns of K extended
         old, new = mixing[:, :done], mixing[:, done:]
         side = old @ (gram[:done, done:] @ new.T)
         mixed_gram, mixed_cross = new @ gram[done:, done:] @ new.T + side + side.T, new @ cross[done:]
