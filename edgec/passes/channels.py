@@ -176,8 +176,7 @@ class ChannelGraph:
 
     def masks(self, removed: set[int]) -> dict[ir.Value, np.ndarray]:
         """:meth:`keep` of every tensor with a channel axis, from one lookup of ``removed``."""
-        gone = np.zeros(len(self.parent), dtype=bool)
-        gone[list(removed)] = True
+        gone = self._gone(removed)
         return {value: ~gone[self.roots(value)] for value in self.dims}
 
     def spare_emptied(self, removed: set[int], priority: Callable[[int], float]) -> set[int]:
@@ -192,9 +191,13 @@ class ChannelGraph:
     def kept_counts(self, roots: np.ndarray, starts: np.ndarray, removed: set[int]) -> np.ndarray:
         """Per segment of ``roots`` (class roots end to end, segments beginning at ``starts``,
         none empty), how many positions ``removed`` leaves: one lookup for many tensors."""
+        return np.add.reduceat(~self._gone(removed)[roots], starts, dtype=np.int64)
+
+    def _gone(self, removed: set[int]) -> np.ndarray:
+        """Per atom, whether it is a root in ``removed``: one lookup array for many tensors."""
         gone = np.zeros(len(self.parent), dtype=bool)
         gone[list(removed)] = True
-        return np.add.reduceat(~gone[roots], starts, dtype=np.int64)
+        return gone
 
     def _emptied(self, removed: set[int]) -> list[ir.Value]:
         """The labeled tensors with channels that ``removed`` leaves with none, in label order."""

@@ -202,8 +202,8 @@ class Layer:
 
         ``F`` is a prefix of the method's full-rank patch map ``M`` (svd, spatial: a rank-r
         map is the first rows of the full one) or a mix of one (tucker2: its core times the
-        first rows of ``U_inᵀ ⊗ I``), so every candidate's error and refit come from
-        :meth:`map_moments` and products no wider than ``F``, never with the ``in·kh·kw``
+        first rows of ``U_inᵀ ⊗ I``, from :meth:`core_moments`), so every candidate's error and
+        refit come from :meth:`map_moments` and products no wider than ``F``, never with the ``in·kh·kw``
         features (SelecSLS-42b: 8640 and 9216)."""
         if method == "tucker2":
             r_in, r_out = ranks
