@@ -369,3 +369,25 @@ def test_int8_calibration_feeds_each_input_by_name(tmp_path):
     with pytest.warns(EdgecWarning, match="Calibrating with random inputs"):
         result = build(path, "tflite-x86", tmp_path / "out", options)
     assert result.verification.outputs[0].cosine >= 0.99
+
+
+def test_conversion_skips_the_savedmodel_and_writes_the_signature(tmp_path, monkeypatch):
+    """The converter runs on the frozen function, not a SavedModel written and read back
+    (half of a small model's conversion time); the file still has the ``serving_default``
+    signature runners find I/O by, and outputs named by their keys, with two outputs of
+    different shapes in the right places."""
+    from ai_edge_litert import schema_py_generated as tfl_schema
+    from tensorflow.python.saved_model import save as saved_model
+
+    saves, original = [], saved_model.save
+    monkeypatch.setattr(saved_model, "save", lambda *args, **kwargs: saves.append(args) or original(*args, **kwargs))
+    result = build(save(CASES["multiple_outputs"](GraphBuilder()), tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(seed=3))
+    assert result.verification.passed and not saves
+    model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(result.artifacts[0].read_bytes()), 0)
+    graph, (signature,) = model.subgraphs[0], model.signatureDefs
+    assert signature.signatureKey == b"serving_default"
+    assert [e.tensorIndex for e in signature.inputs] == list(graph.inputs)
+    assert [e.tensorIndex for e in signature.outputs] == list(graph.outputs)
+    assert [e.name for e in signature.outputs] == [graph.tensors[i].name for i in graph.outputs]
+    keys = {e["key"] for e in result.report["lowering"]["io"]["outputs"]}
+    assert {e.name.decode() for e in signature.outputs} == keys and len(keys) == 2
