@@ -31,7 +31,7 @@ from edgec.stages.data import Samples
 from edgec.stages.int8 import lower_int8
 from edgec.stages.profile import profile_artifact
 from edgec.stages.report import build_report
-from edgec.stages.source import canonicalize, input_specs, load_source
+from edgec.stages.source import canonicalize, check_runs, input_specs, load_source
 from edgec.stages.verify import criterion, verification_error, verify_bytes
 from edgec.targets import Target, load_target, same_arch
 from edgec.verify import Verification
@@ -121,8 +121,9 @@ def _check_speed_device(device: Device | None, target: Target) -> None:
 
 
 def _build(path: Path, target: Target, out: OutputDir, options: BuildOptions, progress: Progress) -> BuildResult:
-    model, records, source = load_source(path, options.input_shapes, options.seed, progress)
+    model, records, source = load_source(path, options.input_shapes, progress)
     samples = Samples(model, options)
+    check_runs(source, samples.first_verified(), progress)
     int8 = target.quantize if (options.precision or target.precision) == "int8" else None
     compressed = compress(model, path.stem, options.recipe, samples, source, options, progress, int8) if options.recipe else None
     if compressed:

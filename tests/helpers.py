@@ -52,6 +52,23 @@ class GraphBuilder:
         return model
 
 
+def binary_op(op_type: str, elem_type: int, out_elem_type: int | None = None) -> onnx.ModelProto:
+    """``q = op_type(x, d)`` on two inputs of shape [1, 6] and type ``elem_type``."""
+    graph = helper.make_graph(
+        [helper.make_node(op_type, ["x", "d"], ["q"], name=op_type.lower())], op_type.lower(),
+        [helper.make_tensor_value_info(name, elem_type, [1, 6]) for name in ("x", "d")],
+        [helper.make_tensor_value_info("q", out_elem_type or elem_type, [1, 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+# Signs in every combination (integer Div: truncation and floor division disagree on the negative ones).
+DIVIDENDS, DIVISORS, QUOTIENTS = [[7, -7, 7, -7, 100, -1]], [[2, 2, -2, -2, 7, 3]], [[3, -3, -3, 3, 14, 0]]
+
+
 def save(model: onnx.ModelProto, directory: Path, name: str = "model") -> Path:
     path = Path(directory) / f"{name}.onnx"
     onnx.save(model, path)

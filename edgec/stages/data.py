@@ -28,7 +28,7 @@ class Samples:
     def __init__(self, model: ir.Model, options: BuildOptions):
         self._load = functools.cache(functools.partial(calibration_sets, model, options))
         self._holds_back = bool(options.calib and not options.inputs)
-        self._specs, self._seed = input_specs(model), options.seed
+        self._specs, self._options = input_specs(model), options
 
     def calibration(self) -> InputSet:
         return self._load()[0]
@@ -37,7 +37,13 @@ class Samples:
     def verify_on(self) -> InputSet:
         """Without --inputs: the calibration samples held back, else seeded random inputs made
         from the model's own inputs (token ids then span the vocabulary they index)."""
-        return self._load()[1] if self._holds_back else random_inputs(self._specs, seed=self._seed)
+        return self._load()[1] if self._holds_back else random_inputs(self._specs, seed=self._options.seed)
+
+    def first_verified(self) -> InputSet:
+        """The first batch the artifact will be verified on (``verification_inputs``)."""
+        if self._options.inputs:
+            return load_inputs(self._options.inputs, self._specs, limit=1, images=self._options.images)
+        return _subset(self.verify_on, [0], self.verify_on.source)
 
 
 def calibration_sets(model: ir.Model, options: BuildOptions) -> tuple[InputSet, InputSet | None]:

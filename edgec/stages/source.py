@@ -7,32 +7,43 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from edgec.errors import ModelCheckError
 from edgec.model import load, load_proto
 from edgec.passes.canonicalize import canonicalize_passes
 from edgec.passes.pipeline import PassRecord, Pipeline
-from edgec.runtime import Runner, TensorSpec
+from edgec.runtime import TensorSpec
 from edgec.runtime.ort import OrtRunner
 from edgec.stages.context import Progress, SilentProgress
-from edgec.verify import random_inputs
+from edgec.verify import InputSet
 
 
-def load_source(path: Path, input_shapes: Mapping[str, Sequence[int]], seed: int,
-                progress: Progress) -> tuple[ir.Model, list[PassRecord], Runner]:
+def load_source(path: Path, input_shapes: Mapping[str, Sequence[int]],
+                progress: Progress) -> tuple[ir.Model, list[PassRecord], OrtRunner]:
     """The user's model, canonicalized (with the records of what that did), and the
-    reference: the user's own file in ONNX Runtime, checked to run."""
+    reference: the user's own file in ONNX Runtime (``check_runs`` runs it first)."""
     with progress.stage(f"Loading {path.name}"):
         model = load(path)
     model, records = canonicalize(model, input_shapes, progress)
+    return model, records, source_runner(path)
+
+
+def check_runs(source: OrtRunner, inputs: InputSet, progress: Progress) -> None:
+    """Run the first batch of ``inputs`` (the first the artifact is verified on) through the
+    source model. A model the ONNX checker passes can still hold a node ONNX Runtime refuses
+    (a Conv with group 0, a Gemm bias that does not broadcast) or crashes on (an integer
+    division by a zero of the data): the model's fault or its data's, to be said before any
+    lowering, and a crash must not take edgec with it, so the batch runs in a child first."""
     with progress.stage("Running the source model once in ONNX Runtime"):
-        return model, records, _check_runs(source_runner(path), model, seed)
-
-
-def _check_runs(source: Runner, model: ir.Model, seed: int) -> Runner:
-    """``source``, once it ran the first random verification batch: a model the ONNX checker
-    passes can still hold a node ONNX Runtime refuses (a Conv with group 0, a Gemm bias that
-    does not broadcast), and that is the model's fault, to be said before any lowering."""
-    source.run(random_inputs(input_specs(model), seed=seed, count=1).batches[0])
-    return source
+        batch = inputs.batches[0]
+        crashed = source.crash_signal(batch)
+        if crashed is not None:
+            raise ModelCheckError(
+                f"ONNX Runtime crashed ({crashed.name}) running '{source.user_file}' on the first batch of "
+                f"{inputs.source}, the data the artifact is verified on.",
+                hint="Give inputs the model accepts with --inputs (random integer inputs are 0 or 1, and a "
+                     "division by 0 traps); if it crashes on real data too, the model or ONNX Runtime has a bug to report.",
+            )
+        source.run(batch)
 
 
 def input_specs(model: ir.Model) -> list[TensorSpec]:
@@ -68,7 +79,7 @@ def canonicalize(
         return Pipeline(canonicalize_passes(input_shapes), observer=progress.pass_done)(model)
 
 
-def source_runner(path: Path) -> Runner:
+def source_runner(path: Path) -> OrtRunner:
     """The reference: the user's own file in ONNX Runtime with graph optimizations off."""
     proto = load_proto(path)
     return OrtRunner(proto.SerializeToString(), threads=1, optimization="disabled", user_file=path.name)
