@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import GraphBuilder, save
+from helpers import DIVIDENDS, DIVISORS, QUOTIENTS, GraphBuilder, binary_op, save
+from onnx import TensorProto, helper
 
 from edgec.build import BuildOptions, build
 from edgec.errors import EdgecWarning
 from edgec.lower.tflite import to_keras
 from edgec.lower.tflite.registry import supported_ops
+from edgec.runtime import open_runner
 
 
 def lower(proto, tmp_path, target="tflite-x86"):
@@ -391,3 +393,32 @@ def test_conversion_skips_the_savedmodel_and_writes_the_signature(tmp_path, monk
     assert [e.name for e in signature.outputs] == [graph.tensors[i].name for i in graph.outputs]
     keys = {e["key"] for e in result.report["lowering"]["io"]["outputs"]}
     assert {e.name.decode() for e in signature.outputs} == keys and len(keys) == 2
+
+
+def _run_integer_op(tmp_path, op_type: str, elem_type: int, out_elem_type: int | None = None) -> np.ndarray:
+    """``op_type`` on DIVIDENDS and DIVISORS (as ``elem_type``) built for TFLite, run on them."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    feeds = {"x": np.array(DIVIDENDS).astype(dtype), "d": np.array(DIVISORS).astype(dtype)}  # uint8 wraps the negatives
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    result = build(save(binary_op(op_type, elem_type, out_elem_type), tmp_path), "tflite-x86", tmp_path / "out",
+                   BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+    return open_runner(result.artifacts[0]).run(feeds)["q"]
+
+
+@pytest.mark.parametrize("elem_type", [TensorProto.INT32, TensorProto.INT8])
+def test_integer_div_truncates_toward_zero(elem_type, tmp_path):
+    """ONNX's integer Div truncates (7 / -2 = -3); the rule divided in float, and TFLite has
+    no DIV kernel for int8 (computed in int32)."""
+    quotient = _run_integer_op(tmp_path, "Div", elem_type)
+    assert quotient.dtype == helper.tensor_dtype_to_np_dtype(elem_type) and quotient.tolist() == QUOTIENTS
+
+
+@pytest.mark.parametrize("op_type", ["Equal", "Greater", "LessOrEqual"])
+@pytest.mark.parametrize("elem_type", [TensorProto.UINT8, TensorProto.INT8])
+def test_narrow_integer_comparisons_compute_in_int32(op_type, elem_type, tmp_path):
+    """The converter refused int8 comparisons, and LiteRT aborted the process running a uint8
+    EQUAL (ONNX's node tests)."""
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    x, d = np.array(DIVIDENDS).astype(dtype), np.array(DIVISORS).astype(dtype)
+    expected = {"Equal": np.equal, "Greater": np.greater, "LessOrEqual": np.less_equal}[op_type](x, d)
+    assert _run_integer_op(tmp_path, op_type, elem_type, TensorProto.BOOL).tolist() == expected.tolist()

@@ -42,14 +42,49 @@ def _broadcast_rule(op_type: str, layer_cls, tf_fn):
 _broadcast_rule("Add", keras.layers.Add, tf.math.add)
 _broadcast_rule("Sub", keras.layers.Subtract, tf.math.subtract)
 _broadcast_rule("Mul", keras.layers.Multiply, tf.math.multiply)
-_broadcast_rule("Div", None, tf.math.divide)
-_broadcast_rule("Equal", None, tf.math.equal)
-_broadcast_rule("Less", None, tf.math.less)
-_broadcast_rule("LessOrEqual", None, tf.math.less_equal)
-_broadcast_rule("Greater", None, tf.math.greater)
-_broadcast_rule("GreaterOrEqual", None, tf.math.greater_equal)
 _broadcast_rule("And", None, tf.math.logical_and)
 _broadcast_rule("Or", None, tf.math.logical_or)
+
+# TFLite's DIV and comparisons have no kernels for these (the converter refuses int8 EQUAL,
+# and LiteRT aborts the process running a uint8 one): they compute in int32, exactly.
+_NARROW_INTEGERS = (tf.int8, tf.uint8, tf.int16, tf.uint16)
+
+
+def _widened(x):
+    """A narrow-integer tensor or constant as int32; anything else as it is."""
+    if is_tensor(x):
+        return tf.cast(x, tf.int32) if x.dtype in _NARROW_INTEGERS else x
+    narrow = isinstance(x, np.ndarray) and tf.as_dtype(x.dtype) in _NARROW_INTEGERS
+    return x.astype(np.int32) if narrow else x
+
+
+def _comparison_rule(op_type: str, tf_fn):
+    @rule(op_type)
+    def lower(ctx, a, b):
+        a, b = _const_as(a, b), _const_as(b, a)
+        return tf_fn(_widened(a), _widened(b))
+
+    lower.__name__ = op_type.lower()
+    return lower
+
+
+_comparison_rule("Equal", tf.math.equal)
+_comparison_rule("Less", tf.math.less)
+_comparison_rule("LessOrEqual", tf.math.less_equal)
+_comparison_rule("Greater", tf.math.greater)
+_comparison_rule("GreaterOrEqual", tf.math.greater_equal)
+
+
+@rule("Div")
+def div(ctx, a, b):
+    """Integer Div truncates toward zero; ``tf.math.divide`` would divide in float instead."""
+    a, b = _const_as(a, b), _const_as(b, a)
+    dtype = ctx.out_dtype(0)
+    if not dtype.is_integer:
+        return tf.math.divide(a, b)
+    if dtype in _NARROW_INTEGERS:
+        return tf.cast(tf.truncatediv(_widened(a), _widened(b)), dtype)
+    return tf.truncatediv(a, b)
 
 
 def _variadic_rule(op_type: str, layer_cls, tf_fn):
