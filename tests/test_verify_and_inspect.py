@@ -330,3 +330,18 @@ def test_a_chaotic_reference_is_named_instead_of_a_lowering_bug():
     assert "numerically unstable" in verification_error(verification, "fp32").hint
     off.float_noise = 1e-6
     assert "lowering bug" in verification_error(verification, "fp32").hint
+
+
+def test_the_same_infinities_and_nans_on_both_sides_match():
+    """A masked attention score is -inf in the source and in a faithful artifact: that is a
+    match, and the finite rest is compared as usual; an infinity on one side only is not."""
+    from edgec.verify import compare_outputs
+
+    ref = np.array([[[0.5, -np.inf, 2.0, np.nan]]], np.float32)
+    strict = Criterion(tolerance=1e-4)
+    same, = compare_outputs({"scores": ref}, {"scores": ref + np.float32(1e-6)}, None, strict)
+    assert same.passed and same.max_abs_error == pytest.approx(1e-6, rel=0.1) and same.max_abs_reference == 2.0
+    off, = compare_outputs({"scores": ref}, {"scores": np.where(np.isinf(ref), 0, ref)}, None, strict)
+    assert not off.passed and off.max_abs_error == float("inf")
+    worse, = compare_outputs({"scores": ref}, {"scores": ref + np.float32(0.1)}, None, strict)
+    assert not worse.passed and worse.max_abs_error == pytest.approx(0.1, rel=0.01)
