@@ -152,6 +152,13 @@ def _check_external_location(base: Path, info, tensor_name: str, path: Path) -> 
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> None:
+    domains = sorted(o.domain for o in proto.opset_import if o.domain not in ("", "ai.onnx"))
+    if default_opset(proto) == 0 and domains:
+        raise ModelCheckError(
+            f"'{path}' imports no standard ONNX opset, only {', '.join(domains)}: edgec compiles graphs of standard "
+            "ONNX ops (for example ai.onnx.ml's classical models and ai.onnx.preview.training's optimizers are not).",
+            hint="Export the network itself as standard ONNX ops.",
+        )
     if default_opset(proto) < MIN_OPSET:
         raise ModelCheckError(
             f"'{path}' uses ONNX opset {default_opset(proto)}, older than edgec supports ({MIN_OPSET}).",

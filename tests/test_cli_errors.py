@@ -72,6 +72,17 @@ def test_model_failing_the_checker(tmp_path):
                           tmp_path / "out", "ONNX checker rejected", "undefined")
 
 
+def test_a_model_of_only_non_standard_domains_is_named_as_such(tmp_path):
+    """ai.onnx.ml and training models import no standard opset; the message said 'opset 0'."""
+    node = helper.make_node("Binarizer", ["x"], ["y"], domain="ai.onnx.ml", threshold=0.5)
+    graph = helper.make_graph([node], "ml", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("ai.onnx.ml", 1)])
+    model.ir_version = 8
+    result = _cli("build", str(save(model, tmp_path)), "-t", "ort-x86", "-o", str(tmp_path / "out"))
+    _assert_clean_failure(result, tmp_path / "out", "imports no standard ONNX opset, only ai.onnx.ml")
+
+
 def test_a_tensorflow_function_call_left_by_tf2onnx_is_explained(tmp_path):
     """tf2onnx leaves tf_keras' XLA-compiled grouped convolutions as PartitionedCall nodes."""
     call = helper.make_node("PartitionedCall", ["x"], ["y"], name="stage_0/depthwise_conv/PartitionedCall")
