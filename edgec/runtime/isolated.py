@@ -1,8 +1,8 @@
 """Run a model once in ONNX Runtime in a child process, to learn whether it crashes there.
 
-ONNX Runtime can die on a model instead of raising an error: an integer Div or Mod by zero
-in the data traps (SIGFPE), and so does Col2Im with a zero block size (ONNX's own node tests,
-fed edgec's random integers, which are 0 or 1). In edgec's process that ended the build with
+ONNX Runtime can die on a model instead of raising an error: an integer Div by a zero of the
+data traps (SIGFPE), and so does Col2Im with a zero block size (ONNX's own node tests, fed
+edgec's random integers, which are 0 or 1). In edgec's process that ended the build with
 "Floating point exception" and no word of what crashed. Run in a child first, a crash is
 seen as the signal that ended the child, and the caller can say what crashed and on what.
 
