@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import DIVIDENDS, DIVISORS, QUOTIENTS, GraphBuilder, binary_op, save
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from edgec.build import BuildOptions, build
 from edgec.errors import EdgecWarning
@@ -422,3 +422,22 @@ def test_narrow_integer_comparisons_compute_in_int32(op_type, elem_type, tmp_pat
     x, d = np.array(DIVIDENDS).astype(dtype), np.array(DIVISORS).astype(dtype)
     expected = {"Equal": np.equal, "Greater": np.greater, "LessOrEqual": np.less_equal}[op_type](x, d)
     assert _run_integer_op(tmp_path, op_type, elem_type, TensorProto.BOOL).tolist() == expected.tolist()
+
+
+def test_gather_counts_negative_indices_given_as_data_from_the_end(tmp_path):
+    """TFLite's GATHER stopped the run ('gather index out of bounds') on -1 from the data."""
+    g = GraphBuilder()
+    table = g.weight(5, 3)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [table, "ids"], ["rows"], axis=0)], "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [1, 4, 3])], g.initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    ids = np.array([[-1, 0, -5, 4]], np.int64)
+    np.savez(tmp_path / "ids.npz", ids=ids)
+    result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "ids.npz")))
+    rows = open_runner(result.artifacts[0]).run({"ids": ids})["rows"]
+    table_values = numpy_helper.to_array(g.initializers[0])
+    np.testing.assert_allclose(rows[0], table_values[[4, 0, 0, 4]], rtol=1e-6)

@@ -81,9 +81,13 @@ def slice_(ctx, x, starts, ends, axes=None, steps=None):
 
 @rule("Gather")
 def gather(ctx, data, indices, *, axis=0):
+    """ONNX counts negative indices from the end; TFLite's GATHER refuses them when it runs."""
     axis = normalize_axes([axis], len(ctx.in_shape(0)))[0]
+    size = ctx.in_shape(0)[axis]
     if isinstance(indices, np.ndarray):
-        indices = np.where(indices < 0, indices + ctx.in_shape(0)[axis], indices)
+        indices = np.where(indices < 0, indices + size, indices)
+    else:
+        indices = tf.where(indices < 0, indices + tf.constant(size, indices.dtype), indices)
     return tf.gather(data, indices, axis=axis)
 
 
