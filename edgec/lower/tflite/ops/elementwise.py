@@ -58,21 +58,15 @@ def _widened(x):
     return x.astype(np.int32) if narrow else x
 
 
-def _comparison_rule(op_type: str, tf_fn):
-    @rule(op_type)
-    def lower(ctx, a, b):
-        a, b = _const_as(a, b), _const_as(b, a)
-        return tf_fn(_widened(a), _widened(b))
-
-    lower.__name__ = op_type.lower()
-    return lower
+def _in_int32(tf_fn):
+    return lambda a, b: tf_fn(_widened(a), _widened(b))
 
 
-_comparison_rule("Equal", tf.math.equal)
-_comparison_rule("Less", tf.math.less)
-_comparison_rule("LessOrEqual", tf.math.less_equal)
-_comparison_rule("Greater", tf.math.greater)
-_comparison_rule("GreaterOrEqual", tf.math.greater_equal)
+_broadcast_rule("Equal", None, _in_int32(tf.math.equal))
+_broadcast_rule("Less", None, _in_int32(tf.math.less))
+_broadcast_rule("LessOrEqual", None, _in_int32(tf.math.less_equal))
+_broadcast_rule("Greater", None, _in_int32(tf.math.greater))
+_broadcast_rule("GreaterOrEqual", None, _in_int32(tf.math.greater_equal))
 
 
 @rule("Div")
