@@ -19,7 +19,7 @@ from helpers import GraphBuilder, save
 
 from edgec.build import build
 from edgec.errors import EdgecWarning, UnsupportedOpError
-from edgec.passes import canonicalize
+from edgec.passes import simplifier
 from edgec.targets import known_targets
 from edgec.verify import Criterion, compare_outputs
 
@@ -149,10 +149,10 @@ def test_noise_floor_is_relative_to_the_largest_output_of_the_model():
 def test_failing_simplifier_falls_back_with_a_note(tmp_path, monkeypatch):
     """onnxsim raising anything leaves the build to edgec's own folder; the ViT still lowers
     (its ConstantOfShape, which that folder leaves, is evaluated by the TFLite lowering)."""
-    def broken(proto):
-        raise IndexError("Input 371 is undefined!")
+    def broken(proto, tensor_size_threshold):
+        raise simplifier.SimplifierFailed("IndexError: Input 371 is undefined!")
 
-    monkeypatch.setattr(canonicalize, "_onnxsim", broken)
+    monkeypatch.setattr(simplifier, "simplify", broken)
     with pytest.warns(EdgecWarning, match=r"onnxsim could not simplify the model \(IndexError: Input 371"):
         result = build(VIT, "tflite-x86", tmp_path / "out")
     assert result.verification.passed

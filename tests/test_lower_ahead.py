@@ -37,7 +37,7 @@ def test_an_int8_conversion_started_ahead_gives_the_same_file(tmp_path, monkeypa
         assert started.exception() is None, "the worker process must have converted it"
         there = lower(model, target, "m", options)
         assert not ahead._pending
-        process = ahead._worker.process
+        process = ahead._worker.child.process
     assert process.poll() is not None, "the worker must be stopped with the build"
     assert there.files == here.files
 

@@ -9,54 +9,22 @@ deterministic, so the result is the same in either process; work that fails in t
 (or a worker that dies) is simply done again in the build's process, which then raises its
 error as it always did.
 
-The worker is a Python process running ``serve``, fed pickled calls on its stdin, not a
-``multiprocessing`` child: those import the caller's main module again, which runs a user's
-unguarded build script a second time.
+The worker is an ``edgec.child.BackgroundChild``: a child interpreter, fed pickled calls.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib
 import os
-import pickle
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
-_worker: _Worker | None = None
+from edgec.child import BackgroundChild
+
+_worker: BackgroundChild | None = None
 _pending: dict[str, concurrent.futures.Future] = {}
-
-
-class _Worker:
-    """A child interpreter that runs the calls it is sent one at a time, in order."""
-
-    def __init__(self, preload: str):
-        paths = [str(Path(__file__).resolve().parents[2]), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # this edgec, whatever put it on sys.path
-        serve = f"from {__name__} import serve; serve({preload!r})"
-        self.process = subprocess.Popen([sys.executable, "-c", serve], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        self.calls = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgec-ahead")  # waits for the child's replies
-
-    def submit(self, function: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        return self.calls.submit(self._call, function, args)
-
-    def _call(self, function: Callable[..., Any], args: tuple) -> Any:
-        pickle.dump((function, args), self.process.stdin)
-        self.process.stdin.flush()
-        ok, result, warned = pickle.load(self.process.stdout)  # EOFError when the child died
-        if not ok:
-            raise RuntimeError(f"in the worker process: {result}")
-        return result, warned
-
-    def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        self.calls.shutdown(wait=True, cancel_futures=True)  # the call in flight ends with the child's pipe
 
 
 @contextlib.contextmanager
@@ -67,7 +35,7 @@ def worker(preload: str) -> Iterator[None]:
     if _worker is not None or _cores() < 2:  # nested, or no second core to use
         yield
         return
-    _worker = _Worker(preload)
+    _worker = BackgroundChild(preload)
     try:
         yield
     finally:
@@ -104,30 +72,3 @@ def take(key: str) -> Any | None:
     for message in warned:  # said here, where the build's warnings are shown, as if the work ran here
         warnings.warn(message, stacklevel=2)
     return result
-
-
-def serve(preload: str) -> None:
-    """The worker's loop: a call from stdin, its pickled (ok, result or error, warnings) to
-    stdout. Ctrl-C reaches the worker too; the build says what it stopped, the worker nothing."""
-    with contextlib.suppress(KeyboardInterrupt):
-        _serve(preload)
-
-
-def _serve(preload: str) -> None:
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)  # stray prints go to stderr, not into the replies
-    importlib.import_module(preload)
-    requests = sys.stdin.buffer
-    while True:
-        try:
-            function, args = pickle.load(requests)
-        except EOFError:  # the build is done with this worker
-            return
-        try:
-            with warnings.catch_warnings(record=True) as warned:
-                warnings.simplefilter("always")
-                reply = (True, function(*args), [w.message for w in warned])
-        except Exception as exc:  # the build's process does the work again and reports its error
-            reply = (False, f"{type(exc).__name__}: {exc}", [])
-        pickle.dump(reply, replies)
-        replies.flush()

@@ -16,15 +16,14 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxsim
 from onnx_ir.passes import common as ir_common
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from edgec.errors import DynamicShapeError, ModelCheckError
 from edgec.graph import attr, constant, replace_initializer_data, set_bias, sole_consumer, static_shape, take_name
 from edgec.model import to_proto
+from edgec.passes import simplifier
 from edgec.passes.pipeline import PassOutcome
-from edgec.quiet import silenced
 
 InputShapes = Mapping[str, Sequence[int]]
 
@@ -347,23 +346,15 @@ class Simplify(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> PassOutcome:
         proto = to_proto(model)
         try:
-            simplified = _onnxsim(proto)
-        except Exception as exc:  # noqa: BLE001  onnxsim fails as anything from IndexError to RuntimeError
-            return _fold_instead(ir.serde.deserialize_model(proto), exc)
-        return PassOutcome(ir.serde.deserialize_model(simplified), True, {"simplifier": f"onnxsim {onnxsim.__version__}"})
+            simplified = simplifier.simplify(proto, tensor_size_threshold=f"{FOLD_OUTPUT_LIMIT * 4}B")  # float32 elements
+        except simplifier.SimplifierFailed as exc:
+            return _fold_instead(ir.serde.deserialize_model(proto), str(exc))
+        return PassOutcome(ir.serde.deserialize_model(simplified), True, {"simplifier": f"onnxsim {simplifier.VERSION}"})
 
 
-def _onnxsim(proto: onnx.ModelProto) -> onnx.ModelProto:
-    with silenced():  # onnxsim prints (rich in Python, iostream in C++); edgec's output is the user's
-        simplified, _ = onnxsim.simplify(
-            proto, skip_fuse_bn=True, tensor_size_threshold=f"{FOLD_OUTPUT_LIMIT * 4}B"  # float32 elements
-        )
-    return simplified
-
-
-def _fold_instead(model: ir.Model, exc: Exception) -> PassOutcome:
-    said = " ".join(str(exc).split())  # onnx's messages run over several lines
-    reason = f"{type(exc).__name__}: {said if len(said) <= 160 else said[:157] + '...'}"
+def _fold_instead(model: ir.Model, failure: str) -> PassOutcome:
+    said = " ".join(failure.split())  # onnx's messages run over several lines
+    reason = said if len(said) <= 160 else said[:157] + "..."
     folded = FoldConstants()(model)
     note = (f"onnxsim could not simplify the model ({reason}); edgec folded its constants with onnx's "
             "reference evaluator instead.")
