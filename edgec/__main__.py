@@ -1,4 +1,4 @@
-from edgec.cli import app
+from edgec.cli import main
 
-if __name__ == "__main__":  # not when a worker process (edgec.lower.ahead) imports the main module again
-    app(prog_name="edgec")
+if __name__ == "__main__":  # not when a child process imports the main module again
+    main()

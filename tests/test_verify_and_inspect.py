@@ -4,6 +4,7 @@ determinism of builds, and target files."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -141,6 +142,20 @@ def test_ort_builds_are_identical_across_processes(tmp_path):
     onnx_runner, ort_runner = (open_runner(tmp_path / "a" / f"mobilenetv3.{fmt}") for fmt in ("onnx", "ort"))
     feeds = random_inputs(onnx_runner.inputs).batches[0]
     np.testing.assert_array_equal(onnx_runner.run(feeds)["logits"], ort_runner.run(feeds)["logits"])
+
+
+def test_the_edgec_process_has_written_everything_when_it_ends(tmp_path):
+    """The command ends without tearing TensorFlow's modules down (``cli.main``): its piped
+    output, artifact and report are complete, and its scratch files are gone."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    done = subprocess.run([sys.executable, "-m", "edgec", "build", str(_classifier(tmp_path)), "-t", "tflite-x86",
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == 0, done.stderr
+    assert " ".join(done.stdout.split()).endswith(f"Report: {tmp_path / 'out' / 'report.json'}")  # rich wraps lines
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["verification"]["passed"]
+    assert open_runner(tmp_path / "out" / "model.tflite").inputs
+    assert list(scratch.iterdir()) == []
 
 
 def test_report_records_passes_io_and_artifacts(tmp_path):
