@@ -329,17 +329,22 @@ def verify(
 ) -> None:
     """Run SOURCE and ARTIFACT on the same inputs and compare their outputs."""
     from edgec.build import BuildOptions
-    from edgec.stages.source import source_runner
-    from edgec.stages.verify import verify_runners
     from edgec.runtime import open_runner
+    from edgec.stages.context import SilentProgress
+    from edgec.stages.data import verification_inputs
+    from edgec.stages.source import check_runs, source_runner
     from edgec.targets import DEFAULT_CRITERIA
+    from edgec.verify import compare
 
     options = BuildOptions(inputs=str(inputs) if inputs else None, max_samples=max_samples, seed=seed, tolerance=tolerance,
                            min_cosine=min_cosine, images=parse_image_preprocess(image_range, image_mean, image_std))
     given = tolerance is not None or min_cosine is not None
     criterion = DEFAULT_CRITERIA["fp32"]  # its noise floor stays under a given tolerance, as in build
     criterion = dataclasses.replace(criterion, tolerance=tolerance, min_cosine=min_cosine) if given else criterion
-    result = verify_runners(source_runner(source), open_runner(artifact), options, criterion).to_dict()
+    reference, built = source_runner(source), open_runner(artifact)
+    data = verification_inputs(built, options)
+    check_runs(reference, data, SilentProgress())  # as in build: a crash of ONNX Runtime becomes an error
+    result = compare(reference, built, data, criterion).to_dict()
     if as_json:
         out.print_json(data=result)
     else:

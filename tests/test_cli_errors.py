@@ -290,13 +290,18 @@ def test_gemm_bias_that_does_not_broadcast(tmp_path):
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 traps on an integer division by 0; arm64 gives 0")
 def test_onnx_runtime_crashing_on_the_data_is_an_error_not_a_dead_process(tmp_path):
     """Random integer inputs are 0 or 1, and ONNX Runtime's integer Div by 0 traps (SIGFPE),
-    which used to end edgec with no message; the same model with inputs it accepts builds."""
+    which used to end edgec build and edgec verify with no message; the same model with
+    inputs it accepts builds and verifies."""
     path = save(binary_op("Div", TensorProto.INT32), tmp_path)
     _assert_clean_failure(_cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "out")), tmp_path / "out",
                           "ONNX Runtime crashed (SIGFPE) running 'model.onnx' on the first batch of random (seed 0", "--inputs")
     np.savez(tmp_path / "inputs.npz", x=np.array(DIVIDENDS, np.int32), d=np.array(DIVISORS, np.int32))
     result = _cli("build", str(path), "-t", "ort-x86", "-o", str(tmp_path / "built"), "--inputs", str(tmp_path / "inputs.npz"))
     assert result.exit_code == 0, result.output
+    _assert_clean_failure(_cli("verify", str(path), str(tmp_path / "built" / "model.onnx")), tmp_path / "out",
+                          "ONNX Runtime crashed (SIGFPE) running 'model.onnx' on the first batch of random (seed 0")
+    verified = _cli("verify", str(path), str(tmp_path / "built" / "model.onnx"), "--inputs", str(tmp_path / "inputs.npz"))
+    assert verified.exit_code == 0, verified.output
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
