@@ -441,3 +441,17 @@ def test_gather_counts_negative_indices_given_as_data_from_the_end(tmp_path):
     rows = open_runner(result.artifacts[0]).run({"ids": ids})["rows"]
     table_values = numpy_helper.to_array(g.initializers[0])
     np.testing.assert_allclose(rows[0], table_values[[4, 0, 0, 4]], rtol=1e-6)
+
+
+def test_outputs_without_elements_are_read_as_empty(tmp_path):
+    """An input without elements split in parts (ONNX's node tests): LiteRT refuses to hand
+    out a tensor it allocated no memory for ("Invalid tensor size"), which made verification
+    an internal error."""
+    g = GraphBuilder()
+    top, bottom = g.op("Split", ["x", g.const(np.array([1, 1], np.int64))], n_out=2, axis=0)
+    model = g.model({"x": [2, 0]}, {top: [1, 0], bottom: [1, 0]})
+    np.savez(tmp_path / "x.npz", x=np.zeros((2, 0), np.float32))
+    result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "x.npz")))
+    assert result.verification.passed
+    outputs = open_runner(result.artifacts[0]).run({"x": np.zeros((2, 0), np.float32)})
+    assert outputs[top].shape == outputs[bottom].shape == (1, 0)

@@ -94,7 +94,7 @@ class LiteRTRunner(Runner):
         for b in self._in:
             self.interpreter.set_tensor(b.index, b.quantize(np.ascontiguousarray(feeds[b.name].transpose(b.perm))))
         self.interpreter.invoke()
-        return {b.name: b.dequantize(self.interpreter.get_tensor(b.index)).transpose(b.inverse) for b in self._out}
+        return {b.name: b.dequantize(b.read(self.interpreter)).transpose(b.inverse) for b in self._out}
 
 
 class _Binding:
@@ -104,7 +104,7 @@ class _Binding:
     def __init__(self, entry: dict, details: dict):
         self.name = entry["name"]
         self.index = details["index"]
-        native_shape = tuple(int(d) for d in details["shape"])
+        native_shape = self.native_shape = tuple(int(d) for d in details["shape"])
         self.perm = tuple(entry.get("perm", range(len(native_shape))))
         self.inverse = tuple(int(i) for i in np.argsort(self.perm))
         source_shape = tuple(native_shape[i] for i in self.inverse)
@@ -114,6 +114,13 @@ class _Binding:
         self.quantized = "perm" in entry and self.native_dtype.kind in "iu" and self.scale > 0
         dtype = np.dtype(np.float32) if self.quantized else self.native_dtype
         self.spec = TensorSpec(self.name, source_shape, dtype)
+
+    def read(self, interpreter: Interpreter) -> np.ndarray:
+        """The tensor's value. LiteRT hands out no tensor without elements (a Split into
+        zero-size parts): "Invalid tensor size", as its data pointer is null."""
+        if 0 in self.native_shape:
+            return np.zeros(self.native_shape, self.native_dtype)
+        return interpreter.get_tensor(self.index)
 
     def quantize(self, array: np.ndarray) -> np.ndarray:
         if not self.quantized:
