@@ -41,13 +41,15 @@ class ChildCrashed(Exception):
 
 
 class ChildInterpreter:
-    """A child interpreter importing module ``preload`` at start, running the calls it is sent in order."""
+    """A child interpreter importing module ``preload`` at start, running the calls it is sent
+    in order; ``quiet``: what it writes to stderr (native libraries' chatter) is dropped."""
 
-    def __init__(self, preload: str):
+    def __init__(self, preload: str, quiet: bool = False):
         paths = [str(Path(__file__).resolve().parents[1]), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}  # this edgec, whatever put it on sys.path
         serve_ = f"from {__name__} import serve; serve({preload!r})"
-        self.process = subprocess.Popen([sys.executable, "-c", serve_], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.process = subprocess.Popen([sys.executable, "-c", serve_], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL if quiet else None, env=env)
         self._lock = threading.Lock()
 
     def call(self, function: Callable[..., Any], *args: Any) -> tuple[Any, list[Warning]]:
@@ -85,7 +87,7 @@ def shared() -> ChildInterpreter:
     global _shared
     with _sharing:
         if _shared is None or not _shared.alive():
-            _shared = ChildInterpreter(__name__)
+            _shared = ChildInterpreter(__name__, quiet=True)  # the caller reports what went wrong
             atexit.register(_shared.stop)
         return _shared
 

@@ -1,0 +1,46 @@
+"""``make bench``'s node_tests section: every one of ONNX's operator tests (1,615 in the
+pinned onnx wheel, about a minute per target) builds for tflite-x86 and ort-x86 without a
+crash, a timeout or an internal error. Among them are tests that once killed edgec or ended
+in an internal error: an integer Div and a uint8 Equal (on tflite-x86), a Gather with
+negative indices as data, a Split of an input without elements, a Shape past its end."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgec.bench.node_tests import BAD_OUTCOMES, node_test_dirs, summary, sweep
+
+# name → outcome on (tflite-x86, ort-x86)
+CHOSEN = {
+    "test_relu": ("matches", "matches"),
+    "test_div_uint8": ("matches", "matches"),
+    "test_equal_uint8": ("matches", "matches"),
+    "test_equal_string": ("skipped", "skipped"),
+    "test_gather_negative_indices": ("matches", "matches"),
+    "test_split_zero_size_splits_opset18": ("matches", "matches"),
+    "test_col2im": ("refused", "matches"),  # no TFLite rule
+    "test_conv_with_strides_padding": ("refused", "matches"),  # TFLite needs a constant weight
+    "test_shape_start_greater_than_end": ("refused", "refused"),  # opset 24: ONNX Runtime 1.23 refuses it
+}
+TARGETS = ("tflite-x86", "ort-x86")
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def swept(request, tmp_path_factory):
+    work = tmp_path_factory.mktemp(request.param)
+    return request.param, sweep(request.param, node_test_dirs(), work), work
+
+
+def test_no_node_test_crashes_times_out_or_ends_in_an_internal_error(swept):
+    target, rows, work = swept
+    found = summary(rows)
+    assert found["tests"] == len(node_test_dirs()) > 1000
+    assert {o: found[o] for o in BAD_OUTCOMES if o in found} == {}, target
+    assert found["outcomes"]["matches"] > 400 and found["largest_relative_deviation"] <= 1e-3
+    assert list(work.iterdir()) == [], "each test's build folder is removed after it"
+
+
+def test_chosen_node_tests_end_as_they_should(swept):
+    target, rows, _ = swept
+    got = {r["test"]: r["outcome"] for r in rows if r["test"] in CHOSEN}
+    assert got == {name: outcomes[TARGETS.index(target)] for name, outcomes in CHOSEN.items()}
