@@ -263,6 +263,12 @@ def depth_to_space(g):
     return image_model(g, g.op("DepthToSpace", [conv(g, "x", 3, 8)], blocksize=2, mode="DCR"), [1, 2, 16, 16])
 
 
+@case
+def pixel_shuffle(g):
+    """PyTorch's PixelShuffle exports as DepthToSpace in CRD mode."""
+    return image_model(g, g.op("DepthToSpace", [conv(g, "x", 3, 18)], blocksize=3, mode="CRD"), [1, 2, 24, 24])
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pattern_lowers_exactly(name, tmp_path):
     lower(CASES[name](GraphBuilder()), tmp_path)
@@ -455,3 +461,44 @@ def test_outputs_without_elements_are_read_as_empty(tmp_path):
     assert result.verification.passed
     outputs = open_runner(result.artifacts[0]).run({"x": np.zeros((2, 0), np.float32)})
     assert outputs[top].shape == outputs[bottom].shape == (1, 0)
+
+
+ONE_INPUT_OPS = {  # op → attributes; each built on [1, 3, 8, 8] and verified against ONNX Runtime
+    "Mish": {}, "Selu": {"alpha": 1.5, "gamma": 1.1}, "Celu": {"alpha": 0.7}, "ThresholdedRelu": {"alpha": 0.3},
+    "Shrink": {"bias": 0.2, "lambd": 0.4}, "Softsign": {},
+}
+REDUCE_OPS = ("ReduceL1", "ReduceLogSumExp")
+
+
+@pytest.mark.parametrize("op_type", sorted(ONE_INPUT_OPS) + [f"{op}-keepdims-{k}" for op in REDUCE_OPS for k in (0, 1)])
+def test_activations_and_reductions_lower_exactly(op_type, tmp_path):
+    """Ops that had no TFLite rule (Mish is YOLOv4's activation; the reductions are sums of
+    |x| and a log-sum-exp shifted by the maximum)."""
+    g = GraphBuilder()
+    op, _, keepdims = op_type.partition("-keepdims-")
+    if keepdims:
+        y = g.op(op, ["x", g.const(np.array([1, 3], np.int64))], keepdims=int(keepdims))
+        shape = [1, 1, 8, 1] if keepdims == "1" else [1, 8]
+    else:
+        y, shape = g.op(op, ["x"], **ONE_INPUT_OPS[op]), [1, 3, 8, 8]
+    lower(g.model({"x": [1, 3, 8, 8]}, {y: shape}, opset=18), tmp_path)
+
+
+@pytest.mark.parametrize(("fmod", "elem_type", "expected"), [
+    (0, TensorProto.INT32, [[1, 1, -1, -1, 2, 2]]),  # the divisor's sign
+    (1, TensorProto.INT32, [[1, -1, 1, -1, 2, -1]]),  # the dividend's
+    (1, TensorProto.FLOAT, [[1, -1, 1, -1, 2, -1]]),  # floats take fmod=1 only
+])
+def test_mod_takes_the_sign_fmod_asks_for(fmod, elem_type, expected, tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Mod", ["x", "d"], ["q"], name="mod", fmod=fmod)], "mod",
+        [helper.make_tensor_value_info(name, elem_type, [1, 6]) for name in ("x", "d")],
+        [helper.make_tensor_value_info("q", elem_type, [1, 6])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    feeds = {"x": np.array(DIVIDENDS).astype(dtype), "d": np.array(DIVISORS).astype(dtype)}
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+    assert open_runner(result.artifacts[0]).run(feeds)["q"].tolist() == expected

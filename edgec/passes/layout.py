@@ -108,7 +108,7 @@ CHANNELS_LAST_OPS: dict[str, Callable[[ir.Node], bool]] = {
     "GlobalAveragePool": _rank_in(3, 4),
     "GlobalMaxPool": _rank_in(3, 4),
     "Resize": _spatial_resize,
-    "DepthToSpace": lambda n: _rank_in(4)(n) and attr(n, "mode", "DCR") == "DCR",
+    "DepthToSpace": _rank_in(4),
     "SpaceToDepth": _rank_in(4),
 }
 # Ops of edgec's fused domain that run channels-last too (the lowering needs a rule for each).

@@ -63,6 +63,37 @@ def softplus(ctx, x):
     return keras.layers.Activation("softplus", name=ctx.name())(x)
 
 
+@rule("Mish")
+def mish(ctx, x):
+    return x * tf.math.tanh(tf.math.softplus(x))
+
+
+@rule("Selu")
+def selu(ctx, x, *, alpha=1.67326319217681884765625, gamma=1.05070102214813232421875):
+    return gamma * (tf.nn.relu(x) + alpha * (tf.math.exp(tf.math.minimum(x, 0.0)) - 1.0))
+
+
+@rule("Celu")
+def celu(ctx, x, *, alpha=1.0):
+    return tf.nn.relu(x) + tf.math.minimum(alpha * (tf.math.exp(x / alpha) - 1.0), 0.0)
+
+
+@rule("ThresholdedRelu")
+def thresholded_relu(ctx, x, *, alpha=1.0):
+    return tf.where(x > alpha, x, tf.zeros_like(x))
+
+
+@rule("Shrink")
+def shrink(ctx, x, *, bias=0.0, lambd=0.5):
+    zero = tf.zeros_like(x)
+    return tf.where(x > lambd, x - tf.cast(bias, x.dtype), tf.where(x < -lambd, x + tf.cast(bias, x.dtype), zero))
+
+
+@rule("Softsign")
+def softsign(ctx, x):
+    return x / (1.0 + tf.math.abs(x))
+
+
 @rule("HardSigmoid")
 def hard_sigmoid(ctx, x, *, alpha=0.2, beta=0.5):
     # clip(a*x + b, 0, 1) = relu6(6a*x + 6b) / 6: the converter fuses the relu6 into the add.

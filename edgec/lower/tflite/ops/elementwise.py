@@ -44,6 +44,7 @@ _broadcast_rule("Sub", keras.layers.Subtract, tf.math.subtract)
 _broadcast_rule("Mul", keras.layers.Multiply, tf.math.multiply)
 _broadcast_rule("And", None, tf.math.logical_and)
 _broadcast_rule("Or", None, tf.math.logical_or)
+_broadcast_rule("Xor", None, tf.math.not_equal)  # of booleans
 
 # TFLite's DIV and comparisons have no kernels for these (the converter refuses int8 EQUAL,
 # and LiteRT aborts the process running a uint8 one): they compute in int32, exactly.
@@ -79,6 +80,22 @@ def div(ctx, a, b):
     if dtype in _NARROW_INTEGERS:
         return tf.cast(tf.truncatediv(_widened(a), _widened(b)), dtype)
     return tf.truncatediv(a, b)
+
+
+@rule("Mod")
+def mod(ctx, a, b, *, fmod=0):
+    """``fmod=0``: the remainder takes the divisor's sign (FLOOR_MOD); ``fmod=1``: the
+    dividend's, as C's fmod, ``a − b·trunc(a / b)``."""
+    a, b = _widened(_const_as(a, b)), _widened(_const_as(b, a))
+    dtype = ctx.out_dtype(0)
+    if not fmod:
+        remainder = tf.math.floormod(a, b)
+    elif dtype.is_integer:
+        remainder = a - b * tf.truncatediv(a, b)
+    else:
+        quotient = a / b
+        remainder = a - b * (tf.math.sign(quotient) * tf.math.floor(tf.math.abs(quotient)))
+    return tf.cast(remainder, dtype) if dtype in _NARROW_INTEGERS else remainder
 
 
 def _variadic_rule(op_type: str, layer_cls, tf_fn):
@@ -151,6 +168,11 @@ def where(ctx, condition, a, b):
 @rule("Cast")
 def cast(ctx, x, *, saturate=1, to):
     return tf.cast(x, tf_dtype(ir.DataType(to)))
+
+
+@rule("CastLike")
+def cast_like(ctx, x, like, *, saturate=1):
+    return tf.cast(x, ctx.out_dtype(0))
 
 
 @rule("Identity")

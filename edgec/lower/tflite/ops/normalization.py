@@ -78,7 +78,17 @@ _REDUCERS = {
     "ReduceSumSquare": lambda x, axis, keepdims: tf.math.reduce_sum(tf.math.square(x), axis=axis, keepdims=keepdims),
     "ReduceL2": lambda x, axis, keepdims: tf.math.sqrt(
         tf.math.reduce_sum(tf.math.square(x), axis=axis, keepdims=keepdims)),
+    "ReduceL1": lambda x, axis, keepdims: tf.math.reduce_sum(tf.math.abs(x), axis=axis, keepdims=keepdims),
+    "ReduceLogSum": lambda x, axis, keepdims: tf.math.log(tf.math.reduce_sum(x, axis=axis, keepdims=keepdims)),
+    "ReduceLogSumExp": lambda x, axis, keepdims: _log_sum_exp(x, axis, keepdims),
 }
+
+
+def _log_sum_exp(x, axis, keepdims):
+    """log Σ exp(x), shifted by the largest x so exp cannot overflow (TFLite has no kernel for it)."""
+    top = tf.stop_gradient(tf.math.reduce_max(x, axis=axis, keepdims=True))
+    total = tf.math.log(tf.math.reduce_sum(tf.math.exp(x - top), axis=axis, keepdims=True)) + top
+    return total if keepdims else tf.squeeze(total, axis=axis)
 
 
 def _reduce_rule(op_type: str, fn):

@@ -121,9 +121,20 @@ def resize(ctx, x, roi=None, scales=None, sizes=None, *, antialias=0, axes=None,
 
 @rule("DepthToSpace", domain=CL_DOMAIN)
 def depth_to_space(ctx, x, *, blocksize, mode="DCR"):
-    if mode != "DCR":
-        ctx.unsupported(f"mode '{mode}' (TFLite's DEPTH_TO_SPACE is DCR)")
-    return tf.nn.depth_to_space(x, blocksize)
+    if mode == "DCR":
+        return tf.nn.depth_to_space(x, blocksize)
+    if mode != "CRD":
+        ctx.unsupported(f"mode '{mode}'")
+    return _column_row_depth_to_space(x, ctx.in_shape(0), blocksize)
+
+
+def _column_row_depth_to_space(x, shape, b: int):
+    """CRD (PyTorch's PixelShuffle), which reads channel ``c·b² + i·b + j`` into block offset
+    (i, j) where TFLite's DCR reads channel ``(i·b + j)·C + c``: one 5-D transpose, the
+    (N·H, W, C, b, b) view to (N·H, b, W, b, C)."""
+    n, h, w, depth = shape
+    blocks = tf.reshape(x, (n * h, w, depth // (b * b), b, b))
+    return tf.reshape(tf.transpose(blocks, (0, 3, 1, 4, 2)), (n, h * b, w * b, depth // (b * b)))
 
 
 @rule("SpaceToDepth", domain=CL_DOMAIN)
