@@ -502,3 +502,45 @@ def test_mod_takes_the_sign_fmod_asks_for(fmod, elem_type, expected, tmp_path):
     np.savez(tmp_path / "inputs.npz", **feeds)
     result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
     assert open_runner(result.artifacts[0]).run(feeds)["q"].tolist() == expected
+
+
+def test_onnx_group_normalization_runs_channels_last(tmp_path):
+    """ONNX's GroupNormalization op (opset 21) becomes edgec's fused GroupNorm, which runs
+    channels-last: no TRANSPOSE."""
+    g = GraphBuilder()
+    normed = g.op("GroupNormalization", [conv(g, "x", 3, 8), g.const(np.linspace(0.5, 1.5, 8).astype(np.float32)),
+                                         g.weight(8)], num_groups=2, epsilon=1e-5)
+    y = conv(g, normed, 8, 4)
+    graph = helper.make_graph(g.nodes, "gn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 4, 8, 8])], g.initializers,
+                              value_info=[helper.make_tensor_value_info(normed, TensorProto.FLOAT, [1, 8, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 8  # onnx's shape inference gives GroupNormalization's output a type but no shape: declared here
+    report = lower(model, tmp_path)
+    assert "TRANSPOSE" not in report["lowering"]["tflite_ops"]
+
+
+@pytest.mark.parametrize("name", ["gather_elements", "trilu", "hardmax", "lrn"])
+def test_more_ops_lower_exactly(name, tmp_path):
+    """Ops the node-test sweep found without a rule: torch.gather's GatherElements (indices
+    as data, negative ones counted from the end), Trilu (causal masks), Hardmax and AlexNet's LRN."""
+    g = GraphBuilder()
+    if name == "gather_elements":
+        graph = helper.make_graph([helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5]),
+                                   helper.make_tensor_value_info("i", TensorProto.INT64, [2, 3])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        feeds = {"x": np.arange(10, dtype=np.float32).reshape(2, 5), "i": np.array([[0, -1, 2], [4, 4, -5]], np.int64)}
+        np.savez(tmp_path / "inputs.npz", **feeds)
+        result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+        assert open_runner(result.artifacts[0]).run(feeds)["y"].tolist() == [[0, 4, 2], [9, 9, 5]]
+        return
+    if name == "trilu":
+        y, shape = g.op("Trilu", ["x", g.const(np.array(-1, np.int64))], upper=0), [1, 3, 8, 8]
+    elif name == "hardmax":
+        y, shape = g.op("Hardmax", ["x"], axis=1), [1, 3, 8, 8]
+    else:
+        y, shape = g.op("LRN", [conv(g, "x", 3, 8)], size=5, alpha=1e-2, beta=0.75, bias=2.0), [1, 8, 8, 8]
+    lower(g.model({"x": [1, 3, 8, 8]}, {y: shape}), tmp_path)

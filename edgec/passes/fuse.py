@@ -127,12 +127,29 @@ def _fuse_group_norm(graph: ir.Graph, norm: ir.Node) -> bool:
     if parts is None or scale is None or bias is None:
         return False
     x, groups, back = parts
-    per_group = static_shape(x)[1] // groups
-    fused = ir.node("GroupNorm", [x, *(add_initializer(graph, np.repeat(v.reshape(-1), per_group), f"{norm.name}_{kind}")
-                                      for v, kind in ((scale, "scale"), (bias, "bias")))],
-                    attributes={"num_groups": groups, "epsilon": float(attr(norm, "epsilon", 1e-5))},
-                    domain=FUSED_DOMAIN, name=f"{norm.name}_group_norm")
-    _replace_output(graph, back, fused)
+    _replace_output(graph, back, _group_norm(graph, norm, x, groups, (scale, bias), static_shape(x)[1] // groups))
+    return True
+
+
+def _group_norm(graph: ir.Graph, norm: ir.Node, x: ir.Value, groups: int, affine: tuple[np.ndarray, np.ndarray],
+                repeat: int) -> ir.Node:
+    """``edgec::GroupNorm`` of ``x`` with ``norm``'s epsilon; scale and bias (``affine``) each
+    value repeated ``repeat`` times, to one per channel."""
+    scale, bias = (add_initializer(graph, np.repeat(v.reshape(-1), repeat).astype(np.float32), f"{norm.name}_{kind}")
+                   for v, kind in zip(affine, ("scale", "bias")))
+    return ir.node("GroupNorm", [x, scale, bias], attributes={"num_groups": groups, "epsilon": float(attr(norm, "epsilon", 1e-5))},
+                   domain=FUSED_DOMAIN, name=f"{norm.name}_group_norm")
+
+
+def _from_group_normalization(graph: ir.Graph, node: ir.Node) -> bool:
+    """ONNX's own GroupNormalization op → ``edgec::GroupNorm``. Its scale and bias are per
+    channel, as the fused node's (opset 21; the checker refuses opset 18's per-group form)."""
+    x, scale, bias = node.inputs[0], constant(node.inputs[1]), constant(node.inputs[2])
+    shape, groups = static_shape(x), attr(node, "num_groups", 0)
+    if (shape is None or len(shape) not in (3, 4) or scale is None or bias is None or not groups or shape[1] % groups
+            or scale.size != shape[1] or bias.size != shape[1]):
+        return False
+    _replace_output(graph, node, _group_norm(graph, node, x, groups, (scale, bias), 1))
     return True
 
 
@@ -148,13 +165,14 @@ def _replace_output(graph: ir.Graph, old_node: ir.Node, new_node: ir.Node) -> No
 
 
 class FuseGroupNorm(ir.passes.InPlacePass):
-    """``Reshape → InstanceNormalization → Reshape`` (PyTorch's GroupNorm) → ``edgec::GroupNorm``,
-    with per-channel scale and bias (the group's, repeated), which the layout pass then runs
-    channels-last."""
+    """``Reshape → InstanceNormalization → Reshape`` (PyTorch's GroupNorm), and ONNX's own
+    ``GroupNormalization``, → ``edgec::GroupNorm``, with per-channel scale and bias (a group's
+    repeated), which the layout pass then runs channels-last."""
 
     name = "fuse-group-norm"
 
     def call(self, model: ir.Model) -> PassOutcome:
-        fused = [n.name for n in list(model.graph) if n.op_type == "InstanceNormalization" and n.graph is not None
-                 and _fuse_group_norm(model.graph, n)]
+        fused = [n.name for n in list(model.graph) if n.graph is not None and n.domain in ("", "ai.onnx") and (
+            (n.op_type == "InstanceNormalization" and _fuse_group_norm(model.graph, n))
+            or (n.op_type == "GroupNormalization" and _from_group_normalization(model.graph, n)))]
         return _outcome(model, fused)

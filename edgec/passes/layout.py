@@ -110,6 +110,7 @@ CHANNELS_LAST_OPS: dict[str, Callable[[ir.Node], bool]] = {
     "Resize": _spatial_resize,
     "DepthToSpace": _rank_in(4),
     "SpaceToDepth": _rank_in(4),
+    "LRN": _rank_in(4),
 }
 # Ops of edgec's fused domain that run channels-last too (the lowering needs a rule for each).
 FUSED_CHANNELS_LAST_OPS: dict[str, Callable[[ir.Node], bool]] = {"GroupNorm": _rank_in(3, 4)}

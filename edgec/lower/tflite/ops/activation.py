@@ -94,6 +94,13 @@ def softsign(ctx, x):
     return x / (1.0 + tf.math.abs(x))
 
 
+@rule("Hardmax")
+def hardmax(ctx, x, *, axis=-1):
+    """1 at the first largest value along ``axis``, 0 elsewhere."""
+    axis = axis % len(ctx.in_shape(0))
+    return tf.one_hot(tf.math.argmax(x, axis=axis), ctx.in_shape(0)[axis], axis=axis, dtype=x.dtype)
+
+
 @rule("HardSigmoid")
 def hard_sigmoid(ctx, x, *, alpha=0.2, beta=0.5):
     # clip(a*x + b, 0, 1) = relu6(6a*x + 6b) / 6: the converter fuses the relu6 into the add.

@@ -46,6 +46,16 @@ def instance_normalization(ctx, x, scale, bias, *, epsilon=1e-5):
     return _normalized(x, list(range(2, rank)), epsilon) * gamma.astype(x.dtype.as_numpy_dtype) + beta.astype(x.dtype.as_numpy_dtype)
 
 
+@rule("LRN", domain=CL_DOMAIN)
+def local_response_norm(ctx, x, *, size, alpha=1e-4, beta=0.75, bias=1.0):
+    """AlexNet's and GoogLeNet's LRN across channels, TFLite's LOCAL_RESPONSE_NORMALIZATION:
+    ONNX divides alpha by the window's size, TF does not. An even window is off-centre in
+    ONNX and centred in TF."""
+    if size % 2 == 0:
+        ctx.unsupported(f"an even window (size {size}), which TFLite cannot place as ONNX does")
+    return tf.nn.local_response_normalization(x, depth_radius=(size - 1) // 2, bias=bias, alpha=alpha / size, beta=beta)
+
+
 @rule("GroupNorm", domain=CL_DOMAIN)
 def group_norm(ctx, x, scale, bias, *, num_groups, epsilon=1e-5):
     """edgec's fused GroupNorm on channels-last data [N, *S, C]: the channels split into

@@ -99,6 +99,31 @@ def gather_nd(ctx, data, indices, *, batch_dims=0):
     return tf.gather_nd(data, indices, batch_dims=batch_dims)
 
 
+@rule("GatherElements")
+def gather_elements(ctx, data, indices, *, axis=0):
+    """``torch.gather``: out[i] = data[i with axis coordinate indices[i]], as a GATHER_ND over
+    every index's full coordinates (all but the axis's are the index's own position)."""
+    shape = ctx.in_shape(1)
+    axis = normalize_axes([axis], len(shape))[0]
+    size = ctx.in_shape(0)[axis]
+    grid = np.indices(shape, dtype=np.int32)
+    if isinstance(indices, np.ndarray):
+        grid[axis] = np.where(indices < 0, indices + size, indices)
+        return tf.gather_nd(data, np.moveaxis(grid, 0, -1))
+    index = tf.cast(indices, tf.int32)
+    index = tf.where(index < 0, index + size, index)
+    return tf.gather_nd(data, tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1))
+
+
+@rule("Trilu")
+def trilu(ctx, x, k=None, *, upper=1):
+    """The upper (or lower) triangle of the last two axes, from diagonal ``k``; zeros elsewhere."""
+    rows, cols = ctx.in_shape(0)[-2:]
+    diagonal = 0 if k is None else int(ctx.require_constant(k, "k").reshape(-1)[0])
+    keep = (np.triu if upper else np.tril)(np.ones((rows, cols), bool), diagonal)
+    return tf.where(keep, x, tf.zeros_like(x))
+
+
 @rule("Pad")
 def pad(ctx, x, pads, constant_value=None, axes=None, *, mode="constant"):
     rank = len(ctx.in_shape(0))
