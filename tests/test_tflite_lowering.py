@@ -544,3 +544,25 @@ def test_more_ops_lower_exactly(name, tmp_path):
     else:
         y, shape = g.op("LRN", [conv(g, "x", 3, 8)], size=5, alpha=1e-2, beta=0.75, bias=2.0), [1, 8, 8, 8]
     lower(g.model({"x": [1, 3, 8, 8]}, {y: shape}), tmp_path)
+
+
+def test_slice_assignment_and_scatter_with_constant_indices_lower_exactly(tmp_path):
+    """``y[..., :2] = sigmoid(y[..., :2]) * 2`` exports as ScatterND (YOLO-style heads), and
+    ``torch.scatter`` as ScatterElements: with constant indices, the cells written are known."""
+    g = GraphBuilder()
+    head = g.op("Slice", ["x", g.const(np.array([0], np.int64)), g.const(np.array([2], np.int64)), g.const(np.array([2], np.int64))])
+    updates = g.op("Mul", [g.op("Sigmoid", [head]), g.const(np.array(2.0, np.float32))])
+    cells = np.stack(np.meshgrid([0], range(4), range(2), indexing="ij"), axis=-1).astype(np.int64)  # [1, 4, 2, 3]
+    assigned = g.op("ScatterND", ["x", g.const(cells), updates])
+    scattered = g.op("ScatterElements", [assigned, g.const(np.array([[[1, -1]] * 4], np.int64)), g.weight(1, 4, 2)], axis=2)
+    lower(g.model({"x": [1, 4, 6]}, {scattered: [1, 4, 6]}), tmp_path)
+
+
+def test_rms_normalization_lowers_exactly(tmp_path):
+    g = GraphBuilder()
+    normed = g.op("RMSNormalization", ["x", g.const(np.linspace(0.5, 1.5, 16).astype(np.float32))], axis=-1, epsilon=1e-6)
+    graph = helper.make_graph(g.nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+                              [helper.make_tensor_value_info(normed, TensorProto.FLOAT, [1, 8, 16])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    lower(model, tmp_path)

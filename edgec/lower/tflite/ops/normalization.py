@@ -21,6 +21,15 @@ def log_softmax(ctx, x, *, axis=-1):
     return tf.nn.log_softmax(x, axis=axis)
 
 
+@rule("RMSNormalization")
+def rms_normalization(ctx, x, scale, *, axis=-1, epsilon=1e-5, stash_type=1):
+    """x / sqrt(mean(x²) + epsilon) · scale over the axes from ``axis`` on (opset 23; LLaMA's norm)."""
+    rank = len(ctx.in_shape(0))
+    axes = list(range(normalize_axes([axis], rank)[0], rank))
+    scale = scale.astype(x.dtype.as_numpy_dtype) if isinstance(scale, np.ndarray) else scale
+    return x * tf.math.rsqrt(tf.math.reduce_mean(tf.math.square(x), axis=axes, keepdims=True) + epsilon) * scale
+
+
 @rule("LayerNormalization")
 def layer_normalization(ctx, x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):
     rank = len(ctx.in_shape(0))

@@ -115,6 +115,49 @@ def gather_elements(ctx, data, indices, *, axis=0):
     return tf.gather_nd(data, tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1))
 
 
+@rule("ScatterND")
+def scatter_nd(ctx, data, indices, updates, *, reduction="none"):
+    """``data`` with ``updates`` written at ``indices`` (a slice assignment ``x[..., :2] = y``
+    exports as this): SCATTER_ND of the updates into zeros, SELECT_V2 where one landed."""
+    if reduction != "none":
+        ctx.unsupported(f"reduction '{reduction}'")
+    sizes = ctx.in_shape(0)[:ctx.in_shape(1)[-1]]
+    if isinstance(indices, np.ndarray):
+        return _scattered(ctx, data, np.where(indices < 0, indices + np.array(sizes), indices).astype(np.int32), updates)
+    index = tf.cast(indices, tf.int32)
+    return _scattered(ctx, data, tf.where(index < 0, index + np.array(sizes, np.int32), index), updates)
+
+
+@rule("ScatterElements")
+def scatter_elements(ctx, data, indices, updates, *, axis=0, reduction="none"):
+    """``torch.scatter``: the update at position i goes to i with its axis coordinate from indices."""
+    if reduction != "none":
+        ctx.unsupported(f"reduction '{reduction}'")
+    shape = ctx.in_shape(1)
+    axis = normalize_axes([axis], len(shape))[0]
+    size = ctx.in_shape(0)[axis]
+    grid = np.indices(shape, dtype=np.int32)
+    if isinstance(indices, np.ndarray):
+        grid[axis] = np.where(indices < 0, indices + size, indices)
+        return _scattered(ctx, data, np.moveaxis(grid, 0, -1), updates)
+    index = tf.cast(indices, tf.int32)
+    index = tf.where(index < 0, index + size, index)
+    return _scattered(ctx, data, tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1), updates)
+
+
+def _scattered(ctx, data, coordinates, updates):
+    """``data`` where ``coordinates`` (non-negative, int32, last axis indexing data's first axes) got ``updates``."""
+    shape = ctx.in_shape(0)
+    updates = tf.cast(updates, ctx.out_dtype(0))
+    placed = tf.scatter_nd(coordinates, updates, shape)
+    if isinstance(coordinates, np.ndarray):
+        hit = np.zeros(shape, bool)
+        hit[tuple(coordinates.reshape(-1, coordinates.shape[-1]).T)] = True
+    else:
+        hit = tf.scatter_nd(coordinates, tf.ones_like(updates, tf.int32), shape) > 0
+    return tf.where(hit, placed, data)
+
+
 @rule("Trilu")
 def trilu(ctx, x, k=None, *, upper=1):
     """The upper (or lower) triangle of the last two axes, from diagonal ``k``; zeros elsewhere."""
