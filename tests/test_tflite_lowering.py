@@ -317,6 +317,18 @@ def test_unsupported_resize_mode_is_reported(tmp_path):
     assert info.value.node_name == "bicubic_up"
 
 
+def test_a_resize_by_scales_given_as_data_says_so(tmp_path):
+    """It was "no TFLite rule for this op" (the channels-last rule exists; this one cannot be channels-last)."""
+    from edgec.errors import UnsupportedOpError
+
+    g = GraphBuilder()
+    y = g.op("Resize", ["x", "", "scales"], mode="nearest")
+    model = g.model({"x": [1, 3, 8, 8], "scales": [4]}, {y: [1, 3, 16, 16]})
+    np.savez(tmp_path / "inputs.npz", x=np.ones((1, 3, 8, 8), np.float32), scales=np.array([1, 1, 2, 2], np.float32))
+    with pytest.raises(UnsupportedOpError, match="its scales is computed at run time; TFLite needs it constant"):
+        build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pattern_lowers_to_int8(name, tmp_path):
     """Full-integer where TFLite has int8 kernels; every output keeps its direction (cosine).

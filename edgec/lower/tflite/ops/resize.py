@@ -119,6 +119,20 @@ def resize(ctx, x, roi=None, scales=None, sizes=None, *, antialias=0, axes=None,
     return Resize2D(sizes_out, method, *variant, name=ctx.name())(x)
 
 
+@rule("Resize")
+def resize_left_channels_first(ctx, x, roi=None, scales=None, sizes=None, **attributes):
+    """A Resize the layout pass did not make channels-last: the reason TFLite cannot take it."""
+    rank = len(ctx.in_shape(0))
+    if rank != 4:
+        ctx.unsupported(f"a {rank}-D resize (TFLite resizes 4-D images)")
+    for name, value in (("scales", scales), ("sizes", sizes)):
+        if value is not None and not isinstance(value, np.ndarray):
+            ctx.unsupported(f"its {name} is computed at run time; TFLite needs it constant")
+    if tuple(ctx.in_shape(0)[:2]) != tuple(ctx.out_shape(0)[:2]):
+        ctx.unsupported("it resizes the batch or channel axis (TFLite resizes height and width)")
+    ctx.unsupported("it could not be run channels-last")
+
+
 @rule("DepthToSpace", domain=CL_DOMAIN)
 def depth_to_space(ctx, x, *, blocksize, mode="DCR"):
     if mode == "DCR":
