@@ -21,6 +21,18 @@ CHOSEN = {
     "test_col2im": ("refused", "matches"),  # no TFLite rule
     "test_conv_with_strides_padding": ("refused", "matches"),  # TFLite needs a constant weight
     "test_shape_start_greater_than_end": ("refused", "refused"),  # opset 24: ONNX Runtime 1.23 refuses it
+    # TFLite rules added from the sweep's refusals
+    "test_depthtospace_crd_mode_example": ("matches", "matches"),
+    "test_gather_elements_negative_indices": ("matches", "matches"),
+    "test_scatternd": ("matches", "matches"),
+    "test_scatter_elements_with_negative_indices": ("matches", "matches"),
+    "test_rms_normalization_4d_axis1": ("matches", "matches"),
+    "test_mish": ("matches", "matches"),
+    "test_hardmax_one_hot": ("matches", "matches"),
+    "test_lrn": ("matches", "matches"),
+    "test_acosh": ("matches", "matches"),
+    "test_reversesequence_batch": ("matches", "matches"),
+    "test_eyelike_with_dtype": ("refused", "matches"),  # a constant output: nothing for TFLite to compute
 }
 TARGETS = ("tflite-x86", "ort-x86")
 

@@ -532,7 +532,7 @@ def test_onnx_group_normalization_runs_channels_last(tmp_path):
     assert "TRANSPOSE" not in report["lowering"]["tflite_ops"]
 
 
-@pytest.mark.parametrize("name", ["gather_elements", "trilu", "hardmax", "lrn"])
+@pytest.mark.parametrize("name", ["gather_elements", "trilu", "hardmax", "lrn", "eye_like"])
 def test_more_ops_lower_exactly(name, tmp_path):
     """Ops the node-test sweep found without a rule: torch.gather's GatherElements (indices
     as data, negative ones counted from the end), Trilu (causal masks), Hardmax and AlexNet's LRN."""
@@ -553,6 +553,9 @@ def test_more_ops_lower_exactly(name, tmp_path):
         y, shape = g.op("Trilu", ["x", g.const(np.array(-1, np.int64))], upper=0), [1, 3, 8, 8]
     elif name == "hardmax":
         y, shape = g.op("Hardmax", ["x"], axis=1), [1, 3, 8, 8]
+    elif name == "eye_like":
+        square = g.op("Reshape", ["x", g.const(np.array([24, 8], np.int64))])
+        y, shape = g.op("Add", [square, g.op("EyeLike", [square], k=1)]), [24, 8]
     else:
         y, shape = g.op("LRN", [conv(g, "x", 3, 8)], size=5, alpha=1e-2, beta=0.75, bias=2.0), [1, 8, 8, 8]
     lower(g.model({"x": [1, 3, 8, 8]}, {y: shape}), tmp_path)

@@ -148,6 +148,26 @@ for _op, _fn in {
     _unary_rule(_op, _fn)
 
 
+# TFLite has SIN, COS, EXP, LOG, SQRT and ATAN2 kernels; the rest of ONNX's trigonometry is
+# written with them.
+def _root_one_minus_square(x):
+    return tf.math.sqrt(1.0 - tf.math.square(x))
+
+
+for _op, _fn in {
+    "Tan": lambda x: tf.math.sin(x) / tf.math.cos(x),
+    "Atan": lambda x: tf.math.atan2(x, tf.ones_like(x)),
+    "Asin": lambda x: tf.math.atan2(x, _root_one_minus_square(x)),
+    "Acos": lambda x: tf.math.atan2(_root_one_minus_square(x), x),
+    "Sinh": lambda x: (tf.math.exp(x) - tf.math.exp(-x)) * 0.5,
+    "Cosh": lambda x: (tf.math.exp(x) + tf.math.exp(-x)) * 0.5,
+    "Asinh": lambda x: tf.math.sign(x) * tf.math.log(tf.math.abs(x) + tf.math.sqrt(tf.math.square(x) + 1.0)),
+    "Acosh": lambda x: tf.math.log(x + tf.math.sqrt(tf.math.square(x) - 1.0)),
+    "Atanh": lambda x: 0.5 * tf.math.log((1.0 + x) / (1.0 - x)),
+}.items():
+    _unary_rule(_op, _fn)
+
+
 @rule("IsNaN")
 def is_nan(ctx, x):
     """NaN is the one value unequal to itself: TFLite has no IS_NAN kernel but has NOT_EQUAL.

@@ -158,6 +158,19 @@ def _scattered(ctx, data, coordinates, updates):
     return tf.where(hit, placed, data)
 
 
+@rule("EyeLike")
+def eye_like(ctx, x, *, dtype=None, k=0):
+    """A constant: ones on diagonal ``k`` of a matrix shaped like ``x``."""
+    rows, cols = ctx.out_shape(0)
+    return np.eye(rows, cols, k, dtype=ctx.out_dtype(0).as_numpy_dtype)
+
+
+@rule("ReverseSequence")
+def reverse_sequence(ctx, x, lengths, *, batch_axis=1, time_axis=0):
+    """Each batch entry's first ``lengths[b]`` steps reversed (tf2onnx writes bidirectional RNNs so)."""
+    return tf.reverse_sequence(x, tf.cast(lengths, tf.int32), seq_axis=time_axis, batch_axis=batch_axis)
+
+
 @rule("Trilu")
 def trilu(ctx, x, k=None, *, upper=1):
     """The upper (or lower) triangle of the last two axes, from diagonal ``k``; zeros elsewhere."""
