@@ -33,6 +33,10 @@ CHOSEN = {
     "test_acosh": ("matches", "matches"),
     "test_reversesequence_batch": ("matches", "matches"),
     "test_eyelike_with_dtype": ("refused", "matches"),  # a constant output: nothing for TFLite to compute
+    "test_attention_4d_attn_mask_bool": ("matches", "matches"),
+    # ONNX Runtime 1.23's grouped-query Attention is not ONNX's (its own output differs from the
+    # expected one); the TFLite artifact gives the expected one, so it fails verification against ORT
+    "test_attention_3d_gqa": ("verification", "differs"),
 }
 TARGETS = ("tflite-x86", "ort-x86")
 

@@ -581,3 +581,25 @@ def test_rms_normalization_lowers_exactly(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     lower(model, tmp_path)
+
+
+@pytest.mark.parametrize("form", ["4d-bool-mask-causal-cache", "3d-float-mask-softcap"])
+def test_attention_op_lowers_exactly(form, tmp_path):
+    """ONNX's Attention op (opset 23): heads split from 3-D inputs, a key/value cache in front,
+    boolean or additive masks (a constant one too), the causal triangle, softcap."""
+    g = GraphBuilder()
+    if form.startswith("4d"):
+        inputs = {"q": [1, 2, 4, 8], "k": [1, 2, 4, 8], "v": [1, 2, 4, 8], "past_key": [1, 2, 3, 8], "past_value": [1, 2, 3, 8]}
+        mask = g.const(np.tril(np.ones((4, 7), bool), k=4))
+        node = helper.make_node("Attention", ["q", "k", "v", mask, "past_key", "past_value"], ["y", "present_key", "present_value"],
+                                is_causal=1)
+        outputs = {"y": [1, 2, 4, 8], "present_key": [1, 2, 7, 8], "present_value": [1, 2, 7, 8]}
+    else:
+        inputs = {"q": [1, 4, 12], "k": [1, 6, 12], "v": [1, 6, 12], "mask": [4, 6]}
+        node = helper.make_node("Attention", ["q", "k", "v", "mask"], ["y"], q_num_heads=3, kv_num_heads=3, softcap=2.0, scale=0.3)
+        outputs = {"y": [1, 4, 12]}
+    graph = helper.make_graph([node], "attention", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    lower(model, tmp_path)
