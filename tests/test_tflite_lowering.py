@@ -603,3 +603,37 @@ def test_attention_op_lowers_exactly(form, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     model.ir_version = 10
     lower(model, tmp_path)
+
+
+@pytest.mark.parametrize(("interleaved", "rotated"), [(0, 0), (1, 0), (0, 4), (1, 4)])
+def test_rotary_embedding_lowers_exactly(interleaved, rotated, tmp_path):
+    """RotaryEmbedding (opset 23) on [B, S, hidden] with constant caches read at position ids
+    given as data; a partial rotation (ONNX Runtime 1.23 refuses one) against onnx's reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    from edgec.lower import lower as lower_model
+    from edgec.model import load
+    from edgec.runtime.litert import LiteRTRunner
+    from edgec.stages.source import canonicalize
+    from edgec.targets import load_target
+
+    g = GraphBuilder()
+    half = (rotated or 8) // 2
+    angles = np.outer(np.arange(10), 1.0 / 100 ** (np.arange(half) / half)).astype(np.float32)
+    node = helper.make_node("RotaryEmbedding", ["x", g.const(np.cos(angles)), g.const(np.sin(angles)), "ids"], ["y"],
+                            num_heads=2, interleaved=interleaved, rotary_embedding_dim=rotated)
+    graph = helper.make_graph([node], "rope", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 16]),
+                                                helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16])], g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    feeds = {"x": np.random.default_rng(0).standard_normal((1, 4, 16)).astype(np.float32), "ids": np.array([[3, 4, 5, 9]], np.int64)}
+    if not rotated:
+        np.savez(tmp_path / "inputs.npz", **feeds)
+        result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+        assert result.verification.passed and result.verification.outputs[0].relative_error <= 1e-5
+        return
+    canonical, _ = canonicalize(load(save(model, tmp_path)), {})
+    lowered = lower_model(canonical, load_target("tflite-x86"), "m")
+    got = LiteRTRunner(lowered.files[lowered.primary]).run(feeds)["y"]
+    np.testing.assert_allclose(got, ReferenceEvaluator(model).run(None, feeds)[0], atol=1e-6)

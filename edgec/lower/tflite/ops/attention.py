@@ -1,4 +1,5 @@
-"""ONNX's Attention op (opset 23) as the matmuls, masks and softmax it stands for.
+"""ONNX's Attention op (opset 23) as the matmuls, masks and softmax it stands for; and its
+RotaryEmbedding (position embedding of the same transformer blocks).
 
 Follows the spec's reference: 3-D inputs split into heads, the key/value cache concatenated
 in front, K and V heads repeated for grouped-query attention, Q and K each scaled by the
@@ -75,3 +76,39 @@ def _bias(mask, causal: bool, q_length: int, kv_length: int, past: int, dtype):
         padding = np.full((*additive.shape[:-1], short), -np.inf, np.float32)
         additive = np.concatenate([additive, padding], -1) if isinstance(additive, np.ndarray) else tf.concat([additive, padding], -1)
     return additive if triangle is None else additive + triangle
+
+
+@rule("RotaryEmbedding")
+def rotary_embedding(ctx, x, cos_cache, sin_cache, position_ids=None, *, interleaved=0, num_heads=0, rotary_embedding_dim=0):
+    """Rotary position embedding (opset 23): the first ``rotary_embedding_dim`` features of each
+    head rotated pairwise (halves, or even/odd pairs when ``interleaved``) by the cached angles."""
+    shape = ctx.in_shape(0)
+    if len(shape) == 4:
+        heads = tf.transpose(x, (0, 2, 1, 3))  # [B, S, H, D]
+    else:
+        if not num_heads:
+            ctx.unsupported("3-D input without num_heads")
+        heads = tf.reshape(x, (shape[0], shape[1], num_heads, shape[2] // num_heads))
+    size = int(heads.shape[3])
+    rotated_size = rotary_embedding_dim or size
+    cos, sin = (_at_positions(cache, position_ids) for cache in (cos_cache, sin_cache))
+    cos, sin = tf.expand_dims(cos, 2), tf.expand_dims(sin, 2)
+    part = heads[..., :rotated_size]
+    first, second = (part[..., 0::2], part[..., 1::2]) if interleaved else tf.split(part, 2, axis=-1)
+    real, imaginary = cos * first - sin * second, sin * first + cos * second
+    if interleaved:
+        turned = tf.reshape(tf.stack([real, imaginary], axis=-1), part.shape)
+    else:
+        turned = tf.concat([real, imaginary], axis=-1)
+    if rotated_size < size:
+        turned = tf.concat([turned, heads[..., rotated_size:]], axis=-1)
+    return tf.reshape(turned, shape) if len(shape) == 3 else tf.transpose(turned, (0, 2, 1, 3))
+
+
+def _at_positions(cache, position_ids):
+    """The cache's rows at ``position_ids`` ([B, S, D/2]); without ids, the cache is already per position."""
+    if position_ids is None:
+        return cache
+    if isinstance(position_ids, np.ndarray) and isinstance(cache, np.ndarray):
+        return cache[position_ids]
+    return tf.gather(cache, position_ids if not isinstance(position_ids, np.ndarray) else position_ids.astype(np.int32))
