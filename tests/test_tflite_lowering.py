@@ -637,3 +637,16 @@ def test_rotary_embedding_lowers_exactly(interleaved, rotated, tmp_path):
     lowered = lower_model(canonical, load_target("tflite-x86"), "m")
     got = LiteRTRunner(lowered.files[lowered.primary]).run(feeds)["y"]
     np.testing.assert_allclose(got, ReferenceEvaluator(model).run(None, feeds)[0], atol=1e-6)
+
+
+@pytest.mark.parametrize(("mode", "padding_mode", "align_corners"), [("linear", "zeros", 0), ("linear", "border", 1), ("nearest", "zeros", 1)])
+def test_grid_sample_lowers_exactly(mode, padding_mode, align_corners, tmp_path):
+    """GridSample (spatial transformers, flow warping) of a conv's output at points given as data."""
+    g = GraphBuilder()
+    y = g.op("GridSample", [conv(g, "x", 3, 4), "grid"], mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    model = g.model({"x": [1, 3, 8, 8], "grid": [1, 5, 6, 2]}, {y: [1, 4, 5, 6]}, opset=20)
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "grid": rng.uniform(-1.2, 1.2, (1, 5, 6, 2)).astype(np.float32)}
+    np.savez(tmp_path / "inputs.npz", **feeds)
+    result = build(save(model, tmp_path), "tflite-x86", tmp_path / "out", BuildOptions(inputs=str(tmp_path / "inputs.npz")))
+    assert result.verification.passed and result.verification.outputs[0].relative_error <= 1e-4

@@ -133,6 +133,51 @@ def resize_left_channels_first(ctx, x, roi=None, scales=None, sizes=None, **attr
     ctx.unsupported("it could not be run channels-last")
 
 
+@rule("GridSample")
+def grid_sample(ctx, x, grid, *, align_corners=0, mode="linear", padding_mode="zeros"):
+    """Sampling [N, C, H, W] at the grid's (x, y) points in [-1, 1] (spatial transformers, flow
+    warping) as GATHER_NDs of the pixels around each point: bilinear weights of four, or the
+    nearest one (ties to even, as PyTorch)."""
+    if len(ctx.in_shape(0)) != 4:
+        ctx.unsupported("volumetric (5-D) sampling")
+    if mode not in ("linear", "bilinear", "nearest") or padding_mode not in ("zeros", "border"):
+        ctx.unsupported(f"mode '{mode}' with padding_mode '{padding_mode}'")
+    batch, _, height, width = ctx.in_shape(0)
+    pixels = tf.transpose(x, (0, 2, 3, 1))
+    along = {axis: _denormalized(grid[..., axis], size, bool(align_corners), padding_mode) for axis, size in ((0, width), (1, height))}
+    images = np.broadcast_to(np.arange(batch, dtype=np.int32).reshape(-1, 1, 1), ctx.in_shape(1)[:3])
+
+    def at(row, column):
+        return _pixel(pixels, images, row, column, height, width, padding_mode)
+
+    if mode == "nearest":
+        sampled = at(tf.math.round(along[1]), tf.math.round(along[0]))
+    else:
+        left, top = tf.math.floor(along[0]), tf.math.floor(along[1])
+        right_share, bottom_share = tf.expand_dims(along[0] - left, -1), tf.expand_dims(along[1] - top, -1)
+        upper = at(top, left) * (1.0 - right_share) + at(top, left + 1.0) * right_share
+        lower = at(top + 1.0, left) * (1.0 - right_share) + at(top + 1.0, left + 1.0) * right_share
+        sampled = upper * (1.0 - bottom_share) + lower * bottom_share
+    return tf.transpose(sampled, (0, 3, 1, 2))
+
+
+def _denormalized(normalized, size: int, align_corners: bool, padding_mode: str):
+    """A grid coordinate in pixels; with border padding, clamped into the image."""
+    pixel = (normalized + 1.0) * (0.5 * (size - 1)) if align_corners else ((normalized + 1.0) * size - 1.0) * 0.5
+    return tf.clip_by_value(pixel, 0.0, size - 1.0) if padding_mode == "border" else pixel
+
+
+def _pixel(pixels, images, row, column, height: int, width: int, padding_mode: str):
+    """[N, Ho, Wo, C]: the pixel at (row, column) of each point; zeros outside unless border."""
+    rows, columns = tf.cast(row, tf.int32), tf.cast(column, tf.int32)
+    inside = None
+    if padding_mode == "zeros":
+        inside = tf.cast((rows >= 0) & (rows < height) & (columns >= 0) & (columns < width), pixels.dtype)
+    rows, columns = tf.clip_by_value(rows, 0, height - 1), tf.clip_by_value(columns, 0, width - 1)
+    values = tf.gather_nd(pixels, tf.stack([images, rows, columns], axis=-1))
+    return values if inside is None else values * tf.expand_dims(inside, -1)
+
+
 @rule("DepthToSpace", domain=CL_DOMAIN)
 def depth_to_space(ctx, x, *, blocksize, mode="DCR"):
     if mode == "DCR":
