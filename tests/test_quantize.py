@@ -329,3 +329,34 @@ def test_commands_import_ort_quantization_only_to_quantize(tmp_path):
              "print(sorted(m for m in ('onnxruntime.quantization', 'torch') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO)
     assert loaded.stdout.strip().splitlines()[-1] == "[]", loaded.stdout
+
+
+@pytest.mark.parametrize("zero", [np.uint8(128), np.int8(-3)])
+def test_the_arithmetic_probe_quantizes_as_quantize_linear_does(zero):
+    """Opset 23 models have no QuantizeLinear kernel in ONNX Runtime 1.23, so the precision
+    search's probe spells it out; both forms give the same grid, rounding ties to even."""
+    x = np.concatenate([np.linspace(-3, 3, 997), np.array([0.5, 1.5, -2.5, 40.0, -40.0])]).astype(np.float32).reshape(1, -1)
+    outputs = []
+    for arithmetic in (False, True):
+        nodes = quantize_module._fake_quant("x", 0.05, np.asarray(zero), arithmetic)
+        graph = onnx.helper.make_graph(nodes, "probe", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x.shape)],
+                                       [onnx.helper.make_tensor_value_info(nodes[-1].output[0], onnx.TensorProto.FLOAT, x.shape)])
+        model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 23 if arithmetic else 21)])
+        model.ir_version = 10
+        outputs.append(OrtRunner(model.SerializeToString(), threads=1).run({"x": x})[nodes[-1].output[0]])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_ops_touching_an_infinite_mask_stay_float_in_int8_tflite(tmp_path):
+    """A causal mask of -inf (ONNX's own Attention test, built int8 on its inputs) gave its
+    ops an int8 scale of ~1e36, and LiteRT's XNNPACK delegate aborted the process loading
+    the model; those ops now stay float."""
+    from edgec.bench.node_tests import _test_data, node_test_dirs
+
+    (test,) = node_test_dirs(["test_attention_4d_attn_mask_3d_causal"])[:1]
+    inputs, _, _ = _test_data(test)
+    np.savez(tmp_path / "inputs.npz", **inputs)
+    data = str(tmp_path / "inputs.npz")
+    result = build(test / "model.onnx", "tflite-x86", tmp_path / "out",
+                   BuildOptions(precision="int8", calib=data, inputs=data, speed_check=False, min_cosine=0.0))
+    assert result.report["lowering"]["kept_float_for_infinite_ranges"] >= 1 and result.verification.passed

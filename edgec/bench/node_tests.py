@@ -54,8 +54,9 @@ def node_test_dirs(only: Sequence[str] = ()) -> list[Path]:
     return sorted(d for d in root.iterdir() if d.is_dir() and (not only or any(s in d.name for s in only)))
 
 
-def sweep(target: str, tests: Sequence[Path], work: Path, workers: int | None = None) -> list[dict[str, Any]]:
-    """Every test of ``tests`` built for ``target`` (one row each, in order), ``workers`` at a time."""
+def sweep(target: str, tests: Sequence[Path], work: Path, workers: int | None = None, precision: str | None = None) -> list[dict[str, Any]]:
+    """Every test of ``tests`` built for ``target`` (one row each, in order), ``workers`` at a
+    time, at ``precision`` (the target's default when None; int8 calibrates on the test's inputs)."""
     work.mkdir(parents=True, exist_ok=True)
     queue = iter(list(enumerate(tests)))
     lock, rows = threading.Lock(), [None] * len(tests)
@@ -69,7 +70,7 @@ def sweep(target: str, tests: Sequence[Path], work: Path, workers: int | None = 
                 break
             if child is None or not child.alive():
                 child = ChildInterpreter(MODULE, quiet=True)
-            rows[item[0]] = _in_child(child, item[1], target, work)
+            rows[item[0]] = _in_child(child, item[1], target, work, precision)
         if child is not None:
             child.stop()
 
@@ -80,11 +81,11 @@ def sweep(target: str, tests: Sequence[Path], work: Path, workers: int | None = 
     return rows
 
 
-def _in_child(child: ChildInterpreter, test: Path, target: str, work: Path) -> dict[str, Any]:
+def _in_child(child: ChildInterpreter, test: Path, target: str, work: Path, precision: str | None) -> dict[str, Any]:
     timer = threading.Timer(TIMEOUT_S, child.stop)
     timer.start()
     try:
-        return child.call(run_test, str(test), target, str(work))[0]
+        return child.call(run_test, str(test), target, str(work), precision)[0]
     except ChildCrashed as exc:
         timed_out = not timer.is_alive()
         outcome = "timeout" if timed_out else "died"
@@ -96,7 +97,7 @@ def _in_child(child: ChildInterpreter, test: Path, target: str, work: Path) -> d
         timer.cancel()
 
 
-def run_test(test: str, target: str, work: str) -> dict[str, Any]:
+def run_test(test: str, target: str, work: str, precision: str | None = None) -> dict[str, Any]:
     """One test built for ``target`` under ``work`` (runs in a child; its folder is removed after)."""
     from edgec.build import BuildOptions, build
     from edgec.errors import EdgecError, VerificationError
@@ -110,7 +111,9 @@ def run_test(test: str, target: str, work: str) -> dict[str, Any]:
     inputs, expected, dynamic = data
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "inputs.npz", **inputs)
-    options = BuildOptions(inputs=str(folder / "inputs.npz"), input_shapes={k: inputs[k].shape for k in dynamic})
+    data_file = str(folder / "inputs.npz")
+    options = BuildOptions(inputs=data_file, input_shapes={k: inputs[k].shape for k in dynamic}, precision=precision,
+                           calib=data_file if precision == "int8" else None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -190,11 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target")
     parser.add_argument("--only", nargs="*", default=[], help="tests whose name contains any of these")
+    parser.add_argument("--precision", help="fp32, fp16 or int8 (calibrated on each test's inputs); the target's default otherwise")
     parser.add_argument("--work", default="build/node_tests")
     parser.add_argument("-o", "--output", default="build/node_tests.json")
     args = parser.parse_args(argv)
-    rows = sweep(args.target, node_test_dirs(args.only), Path(args.work) / args.target)
-    report = {"target": args.target, "summary": summary(rows), "rows": rows}
+    rows = sweep(args.target, node_test_dirs(args.only), Path(args.work) / args.target, precision=args.precision)
+    report = {"target": args.target, "precision": args.precision, "summary": summary(rows), "rows": rows}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["summary"], indent=2))

@@ -636,8 +636,9 @@ class _Probe:
         probe.CopyFrom(model)
         self.switches: dict[str, str] = {}
         inserted: dict[str, list[onnx.NodeProto]] = {}  # after the producer of each tensor
+        arithmetic = _opset(model) > LAST_QDQ_OPSET
         for tensor, (scale, zero) in activations.items():
-            inserted[tensor] = self._switch(probe, tensor, _fake_quant(tensor, scale, zero))
+            inserted[tensor] = self._switch(probe, tensor, _fake_quant(tensor, scale, zero, arithmetic))
         for tensor, (_, quantized) in weights.items():
             constant = onnx.helper.make_node("Constant", [], [f"{tensor}__q"], value=onnx.numpy_helper.from_array(quantized))
             inserted[tensor] = self._switch(probe, tensor, [constant])
@@ -693,17 +694,34 @@ class _Probe:
         return [np.concatenate([r[i].reshape(-1) for r in runs]).astype(np.float64) for i in range(len(self.outputs))]
 
 
-def _fake_quant(tensor: str, scale: float, zero: np.ndarray) -> list[onnx.NodeProto]:
-    """Nodes computing ``dequantize(quantize(t))`` with ``t``'s int8 grid."""
+# ONNX Runtime 1.23 has no QuantizeLinear kernel for opset 23 models ("NOT_IMPLEMENTED"):
+# their probes quantize with arithmetic instead.
+LAST_QDQ_OPSET = 21
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _fake_quant(tensor: str, scale: float, zero: np.ndarray, arithmetic: bool = False) -> list[onnx.NodeProto]:
+    """Nodes computing ``dequantize(quantize(t))`` with ``t``'s int8 grid: QuantizeLinear and
+    DequantizeLinear, or (``arithmetic``) what they compute, ``(clip(round(t / s) + z) − z) · s``."""
     prefix = f"{tensor}__probe"
-    constants = [
-        onnx.helper.make_node("Constant", [], [f"{prefix}_scale"], value=onnx.numpy_helper.from_array(np.asarray(scale, np.float32))),
-        onnx.helper.make_node("Constant", [], [f"{prefix}_zero"], value=onnx.numpy_helper.from_array(zero)),
-    ]
-    return constants + [
-        onnx.helper.make_node("QuantizeLinear", [tensor, f"{prefix}_scale", f"{prefix}_zero"], [f"{prefix}_q"]),
-        onnx.helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zero"], [f"{prefix}_dq"]),
-    ]
+    info = np.iinfo(zero.dtype)
+    values = {"scale": np.asarray(scale, np.float32), "zero": zero}
+    if arithmetic:
+        values = {"scale": values["scale"], "zero": np.asarray(zero, np.float32), "low": np.float32(info.min), "high": np.float32(info.max)}
+    constants = [onnx.helper.make_node("Constant", [], [f"{prefix}_{name}"], value=onnx.numpy_helper.from_array(np.asarray(value)))
+                 for name, value in values.items()]
+    if not arithmetic:
+        return constants + [
+            onnx.helper.make_node("QuantizeLinear", [tensor, f"{prefix}_scale", f"{prefix}_zero"], [f"{prefix}_q"]),
+            onnx.helper.make_node("DequantizeLinear", [f"{prefix}_q", f"{prefix}_scale", f"{prefix}_zero"], [f"{prefix}_dq"]),
+        ]
+    steps = [("Div", [tensor, "scale"], "scaled"), ("Round", ["scaled"], "rounded"), ("Add", ["rounded", "zero"], "shifted"),
+             ("Clip", ["shifted", "low", "high"], "q"), ("Sub", ["q", "zero"], "centred"), ("Mul", ["centred", "scale"], "dq")]
+    return constants + [onnx.helper.make_node(op, [name if name == tensor else f"{prefix}_{name}" for name in inputs], [f"{prefix}_{out}"])
+                        for op, inputs, out in steps]
 
 
 def _insert_after_producers(graph: onnx.GraphProto, inserted: dict[str, list[onnx.NodeProto]]) -> None:

@@ -29,7 +29,7 @@ from edgec.lower.tflite.convert import (add_metadata, float_op_histogram, intege
 from edgec.lower.tflite.keras_builder import KerasLowering, to_keras
 from edgec.lower.tflite.order import canonical
 from edgec.lower.tflite.prelu import shared_slope_prelu_as_leaky_relu
-from edgec.lower.tflite.ranges import learned_ranges, refine_ranges
+from edgec.lower.tflite.ranges import learned_ranges, refine_ranges, unbounded_ops
 from edgec.passes.canonicalize import cleanup_passes
 from edgec.passes.decompose import DecomposeBatchNorm
 from edgec.passes.fuse import FuseGelu, FuseGroupNorm
@@ -181,9 +181,11 @@ class _Int8:
     def __init__(self, calibrated: bytes, target: Target, options: LowerOptions, lowering: _Converted):
         self.calibrated, self.target, self.options, self.lowering = calibrated, target, options, lowering
         self.prelu_as_leaky_relu = 0  # shared-slope PReLUs run as int8 LEAKY_RELU instead of kept float
+        self.unbounded = unbounded_ops(calibrated)  # always float: an infinite range has no int8 scale
 
     def quantize(self, float_ops: set[str], float_nodes: set[str] = frozenset()) -> bytes:
-        return quantize_calibrated(self.calibrated, self.target.name, self.options.int8_io, sorted(float_ops), sorted(float_nodes))
+        return quantize_calibrated(self.calibrated, self.target.name, self.options.int8_io, sorted(float_ops),
+                                   sorted(set(float_nodes) | self.unbounded))
 
     def build(self, source: bytes, model: ir.Model) -> tuple[bytes, dict]:
         float_ops = self._xnnpack_float_ops()
@@ -196,6 +198,7 @@ class _Int8:
             "kept_float_for_xnnpack": sorted(float_ops),
             "prelu_as_leaky_relu": self.prelu_as_leaky_relu,
             "kept_float": len(kept),
+            "kept_float_for_infinite_ranges": len(self.unbounded),
             "search": steps,
             "placement": _placement(content),
             "int8_coverage": self._coverage(content, kept, steps, model),

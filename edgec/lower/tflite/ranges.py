@@ -105,6 +105,36 @@ def _float_interpreter(calibrated: bytes):
     return interpreter, interpreter.get_signature_runner()
 
 
+# Beyond this a value stands for infinity: the converter writes a mask's -inf as float32's
+# lowest number, and calibration records that as the tensor's minimum.
+UNBOUNDED = 1e30
+
+
+def unbounded_ops(calibrated: bytes) -> set[str]:
+    """The ops (by ``op_names``' name: their first output) reading or writing a float tensor
+    that reaches infinity (``UNBOUNDED``): a constant holding -inf (an attention mask), or a
+    calibrated range through it. Quantized, it gets a scale of ~1e36, and LiteRT's XNNPACK
+    delegate aborted the process loading the model (ONNX's causal Attention tests); those
+    ops stay float."""
+    model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
+    graph = model.subgraphs[0]
+    unbounded = {i for i, tensor in enumerate(graph.tensors) if _reaches_infinity(tensor, model.buffers[tensor.buffer].data)}
+    return {graph.tensors[op.outputs[0]].name.decode() for op in graph.operators if unbounded & {*op.inputs, *op.outputs}}
+
+
+def _reaches_infinity(tensor, data) -> bool:
+    """Whether a float tensor's constant values, or its calibrated range, reach ``UNBOUNDED``."""
+    if tensor.type != tfl_schema.TensorType.FLOAT32:
+        return False
+    if data is not None and len(data):
+        values = np.frombuffer(bytes(data), np.float32)
+    elif _calibrated(tensor):
+        values = np.array([tensor.quantization.min[0], tensor.quantization.max[0]], np.float32)
+    else:
+        return False
+    return bool(np.any(~np.isfinite(values) | (np.abs(values) >= UNBOUNDED)))
+
+
 def _calibrated(tensor) -> bool:
     q = tensor.quantization
     return q is not None and q.min is not None and len(q.min) == 1 and tensor.type == tfl_schema.TensorType.FLOAT32
