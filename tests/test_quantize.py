@@ -360,3 +360,16 @@ def test_ops_touching_an_infinite_mask_stay_float_in_int8_tflite(tmp_path):
     result = build(test / "model.onnx", "tflite-x86", tmp_path / "out",
                    BuildOptions(precision="int8", calib=data, inputs=data, speed_check=False, min_cosine=0.0))
     assert result.report["lowering"]["kept_float_for_infinite_ranges"] >= 1 and result.verification.passed
+
+
+@pytest.mark.skipif(not same_arch(platform.machine(), "x86_64"), reason="the speed check times tflite-x86 on an x86 host")
+def test_the_speed_check_times_on_the_builds_own_data(tmp_path):
+    """It timed both artifacts on random data, whose integers are 0 or 1: an integer Div
+    stopped LiteRT ("data[i] != 0 was not true"), an internal error."""
+    from helpers import DIVIDENDS, DIVISORS, binary_op
+
+    np.savez(tmp_path / "data.npz", x=np.array(DIVIDENDS, np.int32), d=np.array(DIVISORS, np.int32))
+    data = str(tmp_path / "data.npz")
+    result = build(save(binary_op("Div", onnx.TensorProto.INT32), tmp_path), "tflite-x86", tmp_path / "out",
+                   BuildOptions(precision="int8", calib=data, inputs=data))
+    assert result.report["int8"]["shipped"] in ("int8", "fp32") and result.report["speed_check"]["measured"]

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from edgec.profile.ops import profile_artifact, typical_runs
@@ -37,10 +39,12 @@ def kernel_family(op: str, conv_kind: str | None = None) -> str:
     return f"{family} ({conv_kind})" if conv_kind else family
 
 
-def kernel_times(path: Path, threads: int, runs: int = 20) -> dict[str, float]:
-    """Milliseconds per inference by kernel family; empty where the runtime cannot profile ops."""
-    runner = open_runner(path, threads=threads)
-    profiled = profile_artifact(path, threads, random_inputs(runner.inputs, count=1).batches[0], runs)
+def kernel_times(path: Path, threads: int, runs: int = 20, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Milliseconds per inference by kernel family (on ``feeds``, or random data); empty where
+    the runtime cannot profile ops."""
+    if feeds is None:
+        feeds = random_inputs(open_runner(path, threads=threads).inputs, count=1).batches[0]
+    profiled = profile_artifact(path, threads, dict(feeds), runs)
     if isinstance(profiled, str):
         return {}
     kinds = conv_kinds(path)
@@ -68,10 +72,11 @@ def conv_kinds(path: Path) -> dict[str, str]:
     return kinds
 
 
-def compare_kernels(fp32: Path, int8: Path, threads: int, runs: int = 20) -> list[dict[str, Any]]:
-    """Each kernel family's time in both artifacts (``runs`` profiled runs each), the families
-    int8 loses most on first."""
-    before, after = kernel_times(fp32, threads, runs), kernel_times(int8, threads, runs)
+def compare_kernels(fp32: Path, int8: Path, threads: int, runs: int = 20,
+                    feeds: Mapping[str, np.ndarray] | None = None) -> list[dict[str, Any]]:
+    """Each kernel family's time in both artifacts (``runs`` profiled runs each, on ``feeds``
+    or random data), the families int8 loses most on first."""
+    before, after = kernel_times(fp32, threads, runs, feeds), kernel_times(int8, threads, runs, feeds)
     rows = [{"kernel": k, "fp32_ms": round(before.get(k, 0.0), 4), "int8_ms": round(after.get(k, 0.0), 4)}
             for k in sorted(before.keys() | after.keys())]
     return sorted(rows, key=lambda r: (r["fp32_ms"] - r["int8_ms"], r["kernel"]))

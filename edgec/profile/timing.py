@@ -47,20 +47,23 @@ def measure(runner: Runner, feeds: Mapping[str, np.ndarray], warmup: int = 10, r
 
 
 def compare_latency(runners: dict[str, Runner | Callable[[], Runner]], runs: int, rounds: int = 5,
-                    budget_s: float | None = None, warmup: int = 10) -> dict[str, dict]:
+                    budget_s: float | None = None, warmup: int = 10, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Latency per runner over ``rounds`` alternating rounds of ``runs`` timed runs each (or as
     many as fit in ``budget_s`` per runner and round, at least 3), after ``warmup`` runs each round.
 
     ``best_median_ms`` (the lowest round median) is what ratios use: on a shared, noisy
     machine, interference only ever adds time, so the quietest round is the truest one.
-    Each runner gets seeded random data shaped for its own inputs (a foreign .tflite has its
-    own input names and layout). Where a factory is given instead of a runner, every round
+    Each runner gets ``feeds`` when given (edgec's artifacts all take the source's names and
+    layout; a build times on its own data, since random integers can divide by 0), else
+    seeded random data shaped for its own inputs (a foreign .tflite has its own input names
+    and layout). Where a factory is given instead of a runner, every round
     times a new instance: where a runtime puts one instance's buffers in memory moved
     LiteRT's latency by up to 8% here between two instances of the same file, a difference
     that repeating rounds on the same instances never averages out.
     """
     made = {name: r if isinstance(r, Runner) else r() for name, r in runners.items()}
-    feeds = {name: random_inputs(r.inputs, count=1).batches[0] for name, r in made.items()}
+    given = feeds
+    feeds = {name: dict(given) if given is not None else random_inputs(r.inputs, count=1).batches[0] for name, r in made.items()}
     medians: dict[str, list[float]] = {name: [] for name in runners}
     for round_index in range(rounds):
         for name, runner in runners.items():

@@ -60,7 +60,8 @@ def lower_int8(model: ir.Model, stem: str, target: Target, calibration: InputSet
                                                         int8_error={"without": errors["variant_0"], "with": errors["variant_1"]})
         built = lowered.details["int8_coverage"]
         if options.speed_check:
-            lowered, extra["speed_check"] = speed_check(model, target, stem, lowered, options.speed_device, progress)
+            lowered, extra["speed_check"] = speed_check(model, target, stem, lowered, options.speed_device, progress,
+                                                        calibration.batches[0] if calibration.batches else None)
     extra["int8"] = int8_summary(built, extra.get("speed_check", {}).get("shipped", "int8"), _goal(target, options))
     return lowered, records, extra
 

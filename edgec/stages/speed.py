@@ -6,9 +6,11 @@ import contextlib
 import platform
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from edgec.errors import EdgecWarning
@@ -21,10 +23,10 @@ from edgec.stages.verify import write_primary
 from edgec.targets import Target, same_arch
 
 def speed_check(model: ir.Model, target: Target, stem: str, int8: Lowered, device: Device | None,
-                progress: Progress) -> tuple[Lowered, dict[str, Any]]:
+                progress: Progress, feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Lowered, dict[str, Any]]:
     """``choose_faster``, shown as a stage when something is measured at all."""
     with progress.stage(_speed_check_stage(device)) if _measurable(target, device) else contextlib.nullcontext():
-        return choose_faster(model, target, stem, int8, device)
+        return choose_faster(model, target, stem, int8, device, feeds)
 
 
 def start_speed_check(model: ir.Model, target: Target, device: Device | None) -> None:
@@ -56,9 +58,10 @@ def _unmeasured(target: Target) -> dict[str, Any]:
     return {"shipped": "int8", "measured": False, "reason": f"{reason}; --speed-check-on DEVICE checks on one"}
 
 
-def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
-                  device: Device | None = None) -> tuple[Lowered, dict[str, Any]]:
+def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered, device: Device | None = None,
+                  feeds: Mapping[str, np.ndarray] | None = None) -> tuple[Lowered, dict[str, Any]]:
     """Keep the int8 artifact only if it is faster than fp32 here, or on ``device``; say which and why.
+    Here, both run on ``feeds`` (the build's own data; random integers can divide by 0).
 
     An emulated device is judged by instructions per inference (deterministic; its wall time
     is not latency). When fp32 wins here, both artifacts' kernels are profiled and the ones
@@ -70,13 +73,13 @@ def choose_faster(model: ir.Model, target: Target, stem: str, int8: Lowered,
     fp32 = lower(model, target, stem, LowerOptions("fp32"))
     with tempfile.TemporaryDirectory(prefix="edgec-speed-") as tmp:
         paths = {name: write_primary(Path(tmp) / name, lowered) for name, lowered in (("fp32", fp32), ("int8", int8))}
-        decision = _time_on_device(paths, device) if device else _time_here(paths, target)
+        decision = _time_on_device(paths, device) if device else _time_here(paths, target, feeds)
         unit = decision["metric"]
         if decision[f"int8_{unit}"] < decision[f"fp32_{unit}"]:
             return int8, {"shipped": "int8", **decision}
         if device is None:
             runs = max(3, min(HOST_SPEED_RUNS, int(HOST_SPEED_BUDGET_S * 1e3 / decision["fp32_ms"])))
-            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads, runs)
+            decision["kernels"] = compare_kernels(paths["fp32"], paths["int8"], target.threads, runs, feeds)
     _warn_fp32_shipped(decision)
     return fp32, {"shipped": "fp32", **decision}
 
@@ -102,10 +105,10 @@ DEVICE_SPEED_ROUNDS, DEVICE_SPEED_SETTINGS = 3, ProfileSettings(warmup=3, runs=2
 EMULATED_SPEED_SETTINGS = ProfileSettings(warmup=0, runs=1, ops=False)
 
 
-def _time_here(paths: dict[str, Path], target: Target) -> dict[str, Any]:
+def _time_here(paths: dict[str, Path], target: Target, feeds: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
     """Alternating rounds of both artifacts in this process, at the target's threads."""
     runners = {name: open_runner(path, threads=target.threads, options=target.runtime) for name, path in paths.items()}
-    latency = compare_latency(runners, HOST_SPEED_RUNS, HOST_SPEED_ROUNDS, HOST_SPEED_BUDGET_S, HOST_SPEED_WARMUP)
+    latency = compare_latency(runners, HOST_SPEED_RUNS, HOST_SPEED_ROUNDS, HOST_SPEED_BUDGET_S, HOST_SPEED_WARMUP, feeds)
     return {"measured": True, "on": "this host", "metric": "ms", "threads": target.threads,
             **{f"{name}_ms": round(latency[name]["best_median_ms"], 4) for name in paths}}
 

@@ -119,7 +119,8 @@ def unbounded_ops(calibrated: bytes) -> set[str]:
     model = tfl_schema.ModelT.InitFromPackedBuf(bytearray(calibrated), 0)
     graph = model.subgraphs[0]
     unbounded = {i for i, tensor in enumerate(graph.tensors) if _reaches_infinity(tensor, model.buffers[tensor.buffer].data)}
-    return {graph.tensors[op.outputs[0]].name.decode() for op in graph.operators if unbounded & {*op.inputs, *op.outputs}}
+    return {graph.tensors[op.outputs[0]].name.decode() for op in graph.operators or []
+            if unbounded & {*(op.inputs if op.inputs is not None else []), *op.outputs}}
 
 
 def _reaches_infinity(tensor, data) -> bool:
