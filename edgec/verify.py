@@ -101,7 +101,8 @@ def load_inputs(
     if limit is not None:
         count = min(count, limit)
         labels = None if labels is None else labels[: count * _batch(specs[0])]
-    batches = [{name: stack[i] for name, stack in stacks.items()} for i in range(count)]
+    # np.asarray: a scalar input's batch would be a numpy scalar, which ONNX Runtime's calibrators pass on as it refuses
+    batches = [{name: np.asarray(stack[i]) for name, stack in stacks.items()} for i in range(count)]
     return InputSet(batches, f"file {Path(path).name} ({count} batches)", labels)
 
 
@@ -210,6 +211,10 @@ def _as_stack(array: np.ndarray, spec: TensorSpec, where: str) -> np.ndarray:
     _check_values(array, spec, where)
     if tuple(array.shape) == shape:
         return array[None].astype(spec.dtype)
+    if not shape:  # a scalar input has no batch axis: one value per batch
+        if array.ndim != 1 or not len(array):
+            raise _shape_error(array, spec, where, "expected [N] (one value per batch, N ≥ 1) or a single value")
+        return array.astype(spec.dtype)
     per_sample = ", ".join(map(str, shape[1:]))
     if array.ndim != len(shape) or tuple(array.shape[1:]) != shape[1:]:
         raise _shape_error(array, spec, where, f"expected [N, {per_sample}] (N samples of shape "

@@ -373,3 +373,18 @@ def test_the_speed_check_times_on_the_builds_own_data(tmp_path):
     result = build(save(binary_op("Div", onnx.TensorProto.INT32), tmp_path), "tflite-x86", tmp_path / "out",
                    BuildOptions(precision="int8", calib=data, inputs=data))
     assert result.report["int8"]["shipped"] in ("int8", "fp32") and result.report["speed_check"]["measured"]
+
+
+def test_a_scalar_input_calibrates_for_onnx_runtime(tmp_path):
+    """A scalar input takes one value per batch ([N]; it had to be exactly one value), and its
+    batches are arrays: numpy scalars, ONNX Runtime's calibrators passed on to a session that
+    refuses them ("Unable to handle object of type numpy.float32")."""
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("Mul", [g.op("MatMul", ["x", g.weight(4, 4)]), "gain"])])
+    model = g.model({"x": [1, 4], "gain": []}, {y: [1, 4]})
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "data.npz", x=rng.standard_normal((8, 4)).astype(np.float32), gain=np.linspace(0.5, 2, 8).astype(np.float32))
+    data = str(tmp_path / "data.npz")
+    result = build(save(model, tmp_path), "ort-x86", tmp_path / "out", BuildOptions(precision="int8", calib=data, inputs=data,
+                                                                                   speed_check=False, min_cosine=0.0))
+    assert result.verification.passed
