@@ -82,7 +82,8 @@ Sections of the JSON:
   machine's CPUs (its start included): wall seconds of each, their ratio, and whether both
   chose the same settings.
 * ``node_tests``: ONNX's own operator tests (``edgec.bench.node_tests``, from the pinned onnx
-  wheel), each built for tflite-x86 and ort-x86 with its own inputs: how many give ONNX's
+  wheel), each built for tflite-x86 and ort-x86 with its own inputs, in fp32 and in int8
+  calibrated on them: how many give ONNX's
   expected outputs, are refused with a message (by error class), fail verification, and by
   name any that end in an internal error, a dead process or a timeout, which must be none.
 * ``summary``: the ratios those sections are read for.
@@ -517,13 +518,13 @@ class Bench:
         return {"model": entry["name"], "trials": search["trials"], "seconds": round(time.perf_counter() - start, 1),
                 "build_and_measure_seconds_median": float(np.median([c["seconds"] for c in built])), "failed": len(search["candidates"]) - len(built)}
 
-    def node_tests_row(self, target: str) -> dict:
-        """ONNX's node tests built for ``target`` (see ``edgec.bench.node_tests``)."""
+    def node_tests_row(self, target: str, precision: str) -> dict:
+        """ONNX's node tests built for ``target`` at ``precision`` (see ``edgec.bench.node_tests``)."""
         from edgec.bench import node_tests  # here: ``python -m edgec.bench.node_tests`` must find it unimported
 
         start = time.perf_counter()
-        rows = node_tests.sweep(target, node_tests.node_test_dirs(), self.work / "node_tests" / target)
-        return {"target": target, **node_tests.summary(rows), "seconds": round(time.perf_counter() - start, 1)}
+        rows = node_tests.sweep(target, node_tests.node_test_dirs(), self.work / "node_tests" / f"{target}-{precision}", precision=precision)
+        return {"target": target, "precision": precision, **node_tests.summary(rows), "seconds": round(time.perf_counter() - start, 1)}
 
     def scale_row(self, entry: dict) -> dict:
         """One search on each executor: wall time and the choice (see the module docstring)."""
@@ -728,8 +729,9 @@ def _summary(report: dict) -> dict:
         uniform = [r for r in optimized if r["met"] and isinstance(r["baselines"].get("uniform"), dict) and "loss" in r["baselines"]["uniform"]]
         summary["optimize_as_accurate_as_uniform"] = f"{sum(r['top1_drop'] <= r['baselines']['uniform']['loss'] for r in uniform)}/{len(uniform)}"
     for row in report.get("node_tests") or ():
-        summary[f"node_tests_{row['target']}_matching_expected"] = f"{row['outcomes'].get('matches', 0)}/{row['tests']}"
-        summary[f"node_tests_{row['target']}_internal_died_or_timed_out"] = sum(len(row.get(o, [])) for o in ("internal", "died", "timeout"))
+        key = f"node_tests_{row['target']}_{row['precision']}"
+        summary[f"{key}_matching_expected"] = f"{row['outcomes'].get('matches', 0)}/{row['tests']}"
+        summary[f"{key}_internal_died_or_timed_out"] = sum(len(row.get(o, [])) for o in ("internal", "died", "timeout"))
     if report["onnx2tf"] is not None:
         rows = report["onnx2tf"]
         summary["onnx2tf_converts"] = _converted(rows)
@@ -788,7 +790,7 @@ def run(bench: Bench, models: list[str] | None, targets: list[str], only: list[s
         "optimize": [(e, d) for e in digits for d in OPTIMIZE_DEVICES if d == "local" or _emulator_ready()],
         "optimize_time": [(e,) for e in digits],
         "scale": [(e,) for e in digits if e["name"] in SCALE_MODELS] if _emulator_ready() else None,
-        "node_tests": [(t,) for t in (TFLITE_TARGET, ORT_TARGET)],
+        "node_tests": [(t, p) for t in (TFLITE_TARGET, ORT_TARGET) for p in ("fp32", "int8")],
     }
     makers = {"results": bench.target_row, "tflite_int8": bench.int8_row, "ort_int8": bench.ort_int8_row,
               "int8_recovery": bench.recovery_row, "pruning": bench.pruning_row, "arm_int8_cost": bench.arm_cost_row,
