@@ -37,7 +37,8 @@ def attention(ctx, q, k, v, attn_mask=None, past_key=None, past_value=None, nonp
     y = tf.linalg.matmul(weights, values)
     if three_d:
         y = tf.reshape(tf.transpose(y, (0, 2, 1, 3)), ctx.out_shape(0))
-    recorded = {0: scores, 1: biased, 2: capped, 3: weights}.get(qk_matmul_output_mode)
+    # Mode 2 is after the softcap only where there is one (else mode 0's), as in ONNX's reference.
+    recorded = {0: scores, 1: biased, 2: capped if softcap > 0 else scores, 3: weights}.get(qk_matmul_output_mode)
     if recorded is None:
         ctx.unsupported(f"qk_matmul_output_mode {qk_matmul_output_mode}")
     return (y, present_key, present_value, recorded)[:len(ctx.node.outputs)]
