@@ -129,9 +129,11 @@ for _op, _fn in _REDUCERS.items():
 def _arg_rule(op_type: str, fn):
     @rule(op_type)
     def lower(ctx, x, *, axis=0, keepdims=1, select_last_index=0):
-        if select_last_index:
-            ctx.unsupported("select_last_index=1")
-        y = fn(x, axis=axis, output_type=tf.int64)
+        axis = normalize_axes([axis], len(ctx.in_shape(0)))[0]
+        if select_last_index:  # the first of the reversed axis, counted from the end
+            y = (ctx.in_shape(0)[axis] - 1) - fn(tf.reverse(x, [axis]), axis=axis, output_type=tf.int64)
+        else:
+            y = fn(x, axis=axis, output_type=tf.int64)
         return tf.expand_dims(y, axis) if keepdims else y
 
     lower.__name__ = op_type.lower()
