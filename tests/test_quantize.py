@@ -388,3 +388,14 @@ def test_a_scalar_input_calibrates_for_onnx_runtime(tmp_path):
     result = build(save(model, tmp_path), "ort-x86", tmp_path / "out", BuildOptions(precision="int8", calib=data, inputs=data,
                                                                                    speed_check=False, min_cosine=0.0))
     assert result.verification.passed
+
+
+def test_onnx_runtime_int8_of_an_opset_23_model_says_why_it_cannot(tmp_path):
+    """It failed on a QuantizeLinear node the user never wrote (ONNX Runtime 1.23 has no
+    kernel for opset 23's); TFLite builds it in int8."""
+    g = GraphBuilder()
+    y = g.op("Relu", [g.op("MatMul", ["x", g.weight(4, 4)])])
+    path = save(g.model({"x": [1, 4]}, {y: [1, 4]}, opset=23), tmp_path)
+    with pytest.raises(QuantizationError, match="has no int8 QuantizeLinear kernel for models past opset 21"):
+        build(path, "ort-x86", tmp_path / "ort", BuildOptions(precision="int8", speed_check=False))
+    assert build(path, "tflite-x86", tmp_path / "tflite", BuildOptions(precision="int8", speed_check=False)).verification.passed

@@ -205,6 +205,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> PassOutcome:
         source = ir.serde.serialize_model(model)
+        _refuse_newer_opset(source)
         _check_names(source, self.exclude)
         heads = [] if self.quantize_outputs else output_heads(source)
         ranges, learned = with_ranges(calibrate(source, self.calibration.batches, self.scheme), self.ranges)
@@ -243,6 +244,17 @@ class QuantizeStatic(ir.passes.FunctionalPass):
             },
         }
         return PassOutcome(ir.serde.deserialize_model(quantized), True, details)
+
+
+def _refuse_newer_opset(model: onnx.ModelProto) -> None:
+    """QDQ nodes take the model's opset, and ONNX Runtime has no QuantizeLinear kernel past
+    ``LAST_QDQ_OPSET``: say so before quantizing, not as a node the user never wrote."""
+    if _opset(model) > LAST_QDQ_OPSET:
+        raise QuantizationError(
+            f"The model uses ONNX opset {_opset(model)}; ONNX Runtime {ort.__version__} has no int8 QuantizeLinear kernel "
+            f"for models past opset {LAST_QDQ_OPSET}, so an int8 ONNX Runtime artifact cannot be built from it.",
+            hint=f"Build it with --precision fp32 for ONNX Runtime, build int8 for a TFLite target, or export at opset {LAST_QDQ_OPSET} or lower.",
+        )
 
 
 def head(inputs: InputSet, count: int) -> InputSet:
