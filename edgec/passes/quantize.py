@@ -205,7 +205,7 @@ class QuantizeStatic(ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> PassOutcome:
         source = ir.serde.serialize_model(model)
-        _refuse_newer_opset(source)
+        _refuse_newer_opset(source, self.scheme)
         _check_names(source, self.exclude)
         heads = [] if self.quantize_outputs else output_heads(source)
         ranges, learned = with_ranges(calibrate(source, self.calibration.batches, self.scheme), self.ranges)
@@ -246,10 +246,11 @@ class QuantizeStatic(ir.passes.FunctionalPass):
         return PassOutcome(ir.serde.deserialize_model(quantized), True, details)
 
 
-def _refuse_newer_opset(model: onnx.ModelProto) -> None:
+def _refuse_newer_opset(model: onnx.ModelProto, scheme: QuantScheme) -> None:
     """QDQ nodes take the model's opset, and ONNX Runtime has no QuantizeLinear kernel past
-    ``LAST_QDQ_OPSET``: say so before quantizing, not as a node the user never wrote."""
-    if _opset(model) > LAST_QDQ_OPSET:
+    ``LAST_QDQ_OPSET``: say so before quantizing, not as a node the user never wrote (a model
+    with nothing the scheme quantizes builds as it is)."""
+    if _opset(model) > LAST_QDQ_OPSET and any(node.op_type in scheme.op_types for node in model.graph.node):
         raise QuantizationError(
             f"The model uses ONNX opset {_opset(model)}; ONNX Runtime {ort.__version__} has no int8 QuantizeLinear kernel "
             f"for models past opset {LAST_QDQ_OPSET}, so an int8 ONNX Runtime artifact cannot be built from it.",
@@ -706,9 +707,10 @@ class _Probe:
         return [np.concatenate([r[i].reshape(-1) for r in runs]).astype(np.float64) for i in range(len(self.outputs))]
 
 
-# ONNX Runtime 1.23 has no QuantizeLinear kernel for opset 23 models ("NOT_IMPLEMENTED"):
-# their probes quantize with arithmetic instead.
-LAST_QDQ_OPSET = 21
+# A model's QuantizeLinear is the op's latest version at the model's opset: version 21 up to
+# opset 22, version 23 from opset 23, for which ONNX Runtime 1.23 has no kernel
+# ("NOT_IMPLEMENTED"). Probes of newer models quantize with arithmetic instead.
+LAST_QDQ_OPSET = 22
 
 
 def _opset(model: onnx.ModelProto) -> int:
