@@ -101,18 +101,24 @@ def gather_nd(ctx, data, indices, *, batch_dims=0):
 
 @rule("GatherElements")
 def gather_elements(ctx, data, indices, *, axis=0):
-    """``torch.gather``: out[i] = data[i with axis coordinate indices[i]], as a GATHER_ND over
-    every index's full coordinates (all but the axis's are the index's own position)."""
+    """``torch.gather``: out[i] = data[i with axis coordinate indices[i]], a GATHER_ND."""
+    return tf.gather_nd(data, _element_coordinates(ctx, indices, axis))
+
+
+def _element_coordinates(ctx, indices, axis: int):
+    """Each index's full coordinates into the data (input 0): its own position, with the
+    axis coordinate taken from ``indices`` (negative ones counted from the end); a constant
+    for constant indices."""
     shape = ctx.in_shape(1)
     axis = normalize_axes([axis], len(shape))[0]
     size = ctx.in_shape(0)[axis]
     grid = np.indices(shape, dtype=np.int32)
     if isinstance(indices, np.ndarray):
         grid[axis] = np.where(indices < 0, indices + size, indices)
-        return tf.gather_nd(data, np.moveaxis(grid, 0, -1))
+        return np.moveaxis(grid, 0, -1)
     index = tf.cast(indices, tf.int32)
     index = tf.where(index < 0, index + size, index)
-    return tf.gather_nd(data, tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1))
+    return tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1)
 
 
 @rule("ScatterND")
@@ -133,16 +139,7 @@ def scatter_elements(ctx, data, indices, updates, *, axis=0, reduction="none"):
     """``torch.scatter``: the update at position i goes to i with its axis coordinate from indices."""
     if reduction != "none":
         ctx.unsupported(f"reduction '{reduction}'")
-    shape = ctx.in_shape(1)
-    axis = normalize_axes([axis], len(shape))[0]
-    size = ctx.in_shape(0)[axis]
-    grid = np.indices(shape, dtype=np.int32)
-    if isinstance(indices, np.ndarray):
-        grid[axis] = np.where(indices < 0, indices + size, indices)
-        return _scattered(ctx, data, np.moveaxis(grid, 0, -1), updates)
-    index = tf.cast(indices, tf.int32)
-    index = tf.where(index < 0, index + size, index)
-    return _scattered(ctx, data, tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1), updates)
+    return _scattered(ctx, data, _element_coordinates(ctx, indices, axis), updates)
 
 
 def _scattered(ctx, data, coordinates, updates):
