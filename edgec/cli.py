@@ -735,8 +735,8 @@ def _by_kind(kernels: list[dict]) -> dict[tuple[str, str], list[dict]]:
 def main() -> None:
     """The ``edgec`` command (and ``python -m edgec``). Once a command is done (its files
     written, its output printed) the process ends without tearing down the modules it
-    imported: TensorFlow's teardown took 1.2-1.3 s of a 5 s TFLite build of the digits MLP.
-    Exit handlers still run (temporary files, child processes)."""
+    imported: TensorFlow's teardown took over a second (the digits MLP's TFLite build: 4.4-4.9 s
+    before, 3.4-3.7 s after). Exit handlers still run (temporary files, child processes)."""
     try:
         app(prog_name="edgec")
         code = 0
