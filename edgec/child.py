@@ -1,9 +1,10 @@
 """A child Python interpreter that runs edgec's module-level functions, one call at a time.
 
-Two uses: work started ahead on the second core (``edgec.lower.ahead``), and native code that
-can kill the process it runs in instead of raising (onnxsim segfaults on a ``Shape`` whose
-start is past its end): run there, a crash is the child's signal, which the caller turns into
-a message or a fallback, and edgec lives on.
+Its uses: work started ahead on the second core (``edgec.lower.ahead``), and work that can
+kill the process it runs in instead of raising (onnxsim segfaults on a ``Shape`` whose start
+is past its end; a build in ``edgec.bench.node_tests``): run there, a crash is the child's
+signal, which the caller turns into a message, a fallback or a recorded outcome, and edgec
+lives on.
 
 It is a Python process running ``serve``, fed pickled calls on its stdin, not a
 ``multiprocessing`` child: those import the caller's main module again, which runs a user's

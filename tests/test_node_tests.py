@@ -40,6 +40,7 @@ CHOSEN = {
     "test_gridsample_bilinear": ("matches", "matches"),
     "test_gridsample_nearest": ("matches", "matches"),
     "test_argmax_negative_axis_keepdims_example_select_last_index": ("matches", "matches"),
+    "test_dropout_default_mask": ("matches", "matches"),  # a graph output, so onnxsim leaves it
 }
 TARGETS = ("tflite-x86", "ort-x86")
 

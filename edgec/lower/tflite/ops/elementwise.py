@@ -198,3 +198,12 @@ def cast_like(ctx, x, like, *, saturate=1):
 @rule("Identity")
 def identity(ctx, x):
     return x
+
+
+@rule("Dropout")
+def dropout(ctx, x, ratio=None, training_mode=None, *, seed=None):
+    """Inference: the input as it is, and a mask that keeps everything. (onnxsim removes the
+    Dropouts it can; one that is a graph output stays.)"""
+    if training_mode is not None and not (isinstance(training_mode, np.ndarray) and not training_mode.any()):
+        ctx.unsupported("training mode (random dropping)")
+    return (x, tf.ones_like(x, dtype=tf.bool))[:len(ctx.node.outputs)]
