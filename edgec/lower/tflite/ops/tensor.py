@@ -83,19 +83,21 @@ def slice_(ctx, x, starts, ends, axes=None, steps=None):
 def gather(ctx, data, indices, *, axis=0):
     """ONNX counts negative indices from the end; TFLite's GATHER refuses them when it runs."""
     axis = normalize_axes([axis], len(ctx.in_shape(0)))[0]
-    size = ctx.in_shape(0)[axis]
+    return tf.gather(data, _from_the_end(indices, ctx.in_shape(0)[axis]), axis=axis)
+
+
+def _from_the_end(indices, sizes):
+    """Negative indices counted from the end of their axis (``sizes``: one size, or one per
+    entry of the indices' last axis), in the indices' own dtype: TFLite's kernels refuse them."""
     if isinstance(indices, np.ndarray):
-        indices = np.where(indices < 0, indices + size, indices)
-    else:
-        indices = tf.where(indices < 0, indices + tf.constant(size, indices.dtype), indices)
-    return tf.gather(data, indices, axis=axis)
+        return np.where(indices < 0, indices + np.asarray(sizes, indices.dtype), indices)
+    return tf.where(indices < 0, indices + tf.constant(sizes, indices.dtype), indices)
 
 
 @rule("GatherND")
 def gather_nd(ctx, data, indices, *, batch_dims=0):
     if isinstance(indices, np.ndarray):  # ONNX allows negative indices, TFLite does not
-        sizes = np.array(ctx.in_shape(0)[batch_dims:batch_dims + indices.shape[-1]])
-        indices = np.where(indices < 0, indices + sizes, indices)
+        indices = _from_the_end(indices, ctx.in_shape(0)[batch_dims:batch_dims + indices.shape[-1]])
     return tf.gather_nd(data, indices, batch_dims=batch_dims)
 
 
@@ -114,10 +116,9 @@ def _element_coordinates(ctx, indices, axis: int):
     size = ctx.in_shape(0)[axis]
     grid = np.indices(shape, dtype=np.int32)
     if isinstance(indices, np.ndarray):
-        grid[axis] = np.where(indices < 0, indices + size, indices)
+        grid[axis] = _from_the_end(indices, size)
         return np.moveaxis(grid, 0, -1)
-    index = tf.cast(indices, tf.int32)
-    index = tf.where(index < 0, index + size, index)
+    index = _from_the_end(tf.cast(indices, tf.int32), size)
     return tf.stack([index if d == axis else grid[d] for d in range(len(shape))], axis=-1)
 
 
@@ -128,10 +129,8 @@ def scatter_nd(ctx, data, indices, updates, *, reduction="none"):
     if reduction != "none":
         ctx.unsupported(f"reduction '{reduction}'")
     sizes = ctx.in_shape(0)[:ctx.in_shape(1)[-1]]
-    if isinstance(indices, np.ndarray):
-        return _scattered(ctx, data, np.where(indices < 0, indices + np.array(sizes), indices).astype(np.int32), updates)
-    index = tf.cast(indices, tf.int32)
-    return _scattered(ctx, data, tf.where(index < 0, index + np.array(sizes, np.int32), index), updates)
+    index = indices.astype(np.int32) if isinstance(indices, np.ndarray) else tf.cast(indices, tf.int32)
+    return _scattered(ctx, data, _from_the_end(index, sizes), updates)
 
 
 @rule("ScatterElements")
